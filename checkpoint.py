@@ -1,0 +1,83 @@
+"""Training checkpoints: written atomically, loadable by timm, resumable exactly.
+
+A checkpoint is a dict that `torch.load(weights_only=True)` accepts (tensors, numbers, strings, lists, dicts only),
+so timm's `load_checkpoint`/`create_model(checkpoint_path=...)` can read it: the weights sit under "model" (the
+unwrapped, un-compiled module's state dict), beside "optimizer", "scaler", "scheduler", "epoch" (the epoch to run
+next, or the one in progress), "step_in_epoch" (steps of that epoch already done), "global_step", "best_acc1",
+"config" and "rng" (one entry per rank: python, numpy, torch and device generator states).
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tools import atomicio
+
+LAST, BEST = "last.pth", "best.pth"
+
+
+def rng_state(device) -> dict:
+    """This process's generator states, in weights_only-loadable types (numpy's key array becomes a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"python": [version, list(py_state), py_gauss],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "device": device.rng_state()}
+
+
+def set_rng_state(state: dict, device) -> None:
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    device.set_rng_state(state["device"])
+
+
+def save(path: Path, state: dict) -> None:
+    """torch.save under a temporary name in the same folder, then rename: a crash mid-write leaves the previous
+    file intact."""
+    path = Path(path)
+    tmp = atomicio.temp_path(path)
+    try:
+        torch.save(state, tmp)
+        atomicio.finish_temp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_as(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of the finished file `src`, atomically. A hard link costs nothing and survives `src` being
+    replaced later (the link keeps the old inode); file systems without links get a byte copy."""
+    tmp = atomicio.temp_path(Path(dst))
+    try:
+        os.link(src, tmp)
+    except OSError:
+        atomicio.write_bytes(tmp, Path(src).read_bytes(), fsync=False)
+    atomicio.finish_temp(tmp, Path(dst))
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
+        raise ValueError(f"{path}: not a training checkpoint written by train.py (no 'model'/'global_step'); "
+                         f"use --pretrained for plain weights")
+    return state
+
+
+def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
+    """--resume PATH, or 'auto' = <output>/last.pth when a previous run left one (a fresh start otherwise)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = Path(output) / LAST
+        return last if last.is_file() else None
+    return Path(resume)

@@ -1,0 +1,171 @@
+"""The one typed config of a training run: `TrainConfig` holds every knob with its default and a one-line help; the
+command line is generated from it (`build_parser`), and the resolved values are written to `<output>/config.json`.
+
+The seed's Ascend ModelZoo flags keep their names and meaning (`--data_path --amp --addr --seed --workers/-j
+--learning-rate/--lr --momentum --weight-decay/--wd --print-freq/-p --device --dist-backend --epochs --batch-size/-b
+--gpu --rank --dist-url --multiprocessing-distributed --world-size`); docs/training.md says how the launch flags map
+onto torchrun.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message names the flag."""
+
+
+def knob(default, help: str, *aliases: str, choices=None, metavar=None, hidden: bool = False):
+    """A config field plus what its command-line flag needs: the help text, extra flag spellings, allowed values."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "hidden": hidden}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_path: str = knob(None, "shard folder written by tools/make_shards.py (synthetic backend: optional)",
+                          "--data-path")
+    backend: str = knob("host", "input pipeline (pipeline/): host = Pillow worker processes, dali, synthetic",
+                        choices=("host", "dali", "synthetic"))
+    workers: int = knob(4, "decode processes (host) or threads (dali) per rank", "-j")
+    img_size: int = knob(224, "train/eval resolution")
+    num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: 1000)")
+    on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",
+                         choices=("raise", "skip"))
+    batch_size: int = knob(256, "per-rank batch (under --multiprocessing-distributed: per node, as in the seed)", "-b")
+    val_batch_size: int = knob(0, "per-rank eval batch; 0 = --batch-size")
+    # model
+    model: str = knob("vit_base_patch32_224", "timm model name (built with pretrained=False: never downloads)")
+    pretrained: str = knob(None, "local checkpoint to start from (timm/torch state dict or our .pth); a head of "
+                                 "another class count is re-initialised", metavar="PATH")
+    drop_path: float = knob(0.0, "stochastic depth rate")
+    channels_last: bool = knob(False, "NHWC input images (the patch-embedding conv may run faster)")
+    compile: bool = knob(False, "torch.compile the model (first steps are slow: excluded from FPS)")
+    # optimisation
+    opt: str = knob("adamw", "optimizer; sgd is the seed's SGD with momentum", choices=("adamw", "sgd"))
+    lr: float = knob(1e-3, "peak learning rate (not scaled by batch size)", "--learning-rate")
+    momentum: float = knob(0.9, "SGD momentum")
+    weight_decay: float = knob(0.05, "decoupled (adamw) / L2 (sgd) weight decay; none on norms, biases, tokens",
+                               "--wd")
+    fused_opt: bool = knob(True, "fused optimizer kernels where the device has them (else foreach)")
+    epochs: int = knob(8, "training epochs")
+    warmup_epochs: float = knob(1.0, "linear LR warm-up length in epochs")
+    warmup_steps: int = knob(0, "linear LR warm-up length in steps; > 0 overrides --warmup-epochs")
+    min_lr: float = knob(1e-6, "LR at the end of the cosine decay")
+    label_smoothing: float = knob(0.1, "cross-entropy label smoothing")
+    clip_grad: float = knob(1.0, "clip the global gradient norm to this; 0 = off")
+    amp: str = knob("auto", "precision: auto (bf16 where supported, else fp16; fp32 on CPU), bf16, fp16, fp32; "
+                            "bare --amp = auto (the seed's switch), --no-amp = fp32", choices=AMP_MODES)
+    seed: int = knob(0, "seed: model init uses it as is, each rank's RNG seed + rank")
+    # run length
+    max_steps: int = knob(0, "stop after this many global steps (checkpoint, no eval); 0 = no limit")
+    steps_per_epoch: int = knob(0, "cap each epoch at this many steps (perf runs); 0 = the loader's length")
+    evaluate: bool = knob(False, "evaluate --pretrained/--resume weights on val and exit")
+    eval_freq: int = knob(1, "evaluate every N epochs (and after the last); 0 = never")
+    # output
+    output: str = knob("output/train", "run folder: config.json, env.json, metrics.jsonl, checkpoints, plots")
+    resume: str = knob(None, "checkpoint to continue from, or 'auto' = <output>/last.pth if present",
+                       metavar="PATH|auto")
+    save_checkpoints: bool = knob(True, "write last.pth (every epoch) and best.pth (best Acc@1)")
+    save_steps: int = knob(0, "also write last.pth every N global steps; 0 = only at epoch ends")
+    print_freq: int = knob(10, "log every N steps", "-p")
+    warmup_log_steps: int = knob(10, "steps left out of the mean img/s (compile, allocator and pipeline warm-up)")
+    plots: bool = knob(True, "write plots.png (loss, img/s, input wait) at the end")
+    # devices and launch (under torchrun its environment wins over --rank/--world-size/--addr/--dist-url)
+    device: str = knob("auto", "auto, gpu (= cuda), cuda, npu or cpu", choices=("auto", "gpu", "cuda", "npu", "cpu"))
+    gpu: int = knob(None, "device index for a single-process run (torchrun: LOCAL_RANK)")
+    dist_backend: str = knob(None, "process-group backend; default nccl (cuda), hccl (npu), gloo (cpu)")
+    dist_url: str = knob("env://", "rendezvous outside torchrun: env:// or tcp://HOST:PORT (sets MASTER_ADDR/PORT)")
+    addr: str = knob(None, "MASTER_ADDR outside torchrun (the seed's --addr)")
+    world_size: int = knob(1, "outside torchrun: processes in the job; with --multiprocessing-distributed: nodes")
+    rank: int = knob(0, "outside torchrun: this process's rank; with --multiprocessing-distributed: node rank")
+    multiprocessing_distributed: bool = knob(False, "the seed's launcher: spawn one process per device on this node "
+                                                    "(torchrun is preferred)")
+    nproc_per_node: int = knob(0, "processes --multiprocessing-distributed spawns; 0 = every visible device")
+    fail_at_step: int = knob(0, "TEST ONLY: raise after this global step, to exercise resume", hidden=True)
+
+    def validate(self) -> None:
+        positive = ("workers", "img_size", "batch_size", "epochs", "print_freq")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_classes", "val_batch_size", "max_steps", "steps_per_epoch", "eval_freq", "save_steps",
+                     "warmup_steps", "warmup_log_steps", "nproc_per_node", "lr", "weight_decay", "clip_grad",
+                     "warmup_epochs", "drop_path", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.backend != "synthetic" and not self.data_path:
+            raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use --backend synthetic)")
+        if self.evaluate and not (self.pretrained or self.resume):
+            raise ConfigError("--evaluate needs weights: give --pretrained PATH or --resume PATH")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def flag_name(field_name: str) -> str:
+    # data_path keeps the seed's underscore spelling; every other flag is dashed.
+    return field_name if field_name == "data_path" else field_name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated field by field from TrainConfig: one flag per knob, aliases from its metadata."""
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a timm ViT on webdataset shards "
+                                     "(single process, torchrun, or the seed's --multiprocessing-distributed).",
+                                     allow_abbrev=False)  # an abbreviation could silently bind to a new flag later
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        flags = [f"--{flag_name(f.name)}", *meta["aliases"]]
+        kw = {"dest": f.name, "default": f.default,
+              "help": argparse.SUPPRESS if meta["hidden"] else f"{meta['help']} (default: {f.default})"}
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
+        if f.name == "amp":
+            # The seed's bare `--amp` switched mixed precision on; here it takes an optional mode.
+            parser.add_argument(*flags, nargs="?", const="auto", **kw)
+            parser.add_argument("--no-amp", dest="amp", action="store_const", const="fp32",
+                                help="full fp32 (= --amp fp32)")
+        elif f.type in ("bool", bool):
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
+                                                                   else f.type.__name__]
+            parser.add_argument(*flags, **kw)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> a validated TrainConfig. Unknown flags and bad values exit with argparse's usage line (status 2)."""
+    parser = build_parser()
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def markdown_table() -> str:
+    """The flags table of docs/training.md, generated from TrainConfig so the two cannot drift."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["hidden"]:
+            continue
+        flags = ", ".join(f"`{x}`" for x in (f"--{flag_name(f.name)}", *f.metadata["aliases"]))
+        choices = f" ({'/'.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
+        rows.append(f"| {flags} | `{f.default}` | {f.metadata['help']}{choices} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

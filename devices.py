@@ -1,0 +1,133 @@
+"""The device layer: everything that differs between CUDA GPUs, Ascend NPUs and the CPU sits here, so the training loop
+calls `dev.autocast(...)`, `dev.synchronize()`, ... and never branches on the device kind. On the CPU most of these are
+do-nothing calls."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import torch
+
+# Dense bf16/fp16 tensor peak per chip, FLOP/s, from the vendors' data sheets; used for MFU only. A name not matched
+# here gets no MFU figure rather than a made-up one. Order matters: the first substring found in the device name wins.
+PEAK_FLOPS_16BIT = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+class DeviceError(RuntimeError):
+    """A device asked for that this machine or install cannot provide; the message says what is missing."""
+
+
+class Device:
+    """One accelerator kind (`cuda`, `npu`) or the CPU, bound to one index once `set_device` ran."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.index: int | None = None
+        self._mod = getattr(torch, kind) if kind != "cpu" else None  # torch.cuda / torch.npu (after torch_npu)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.kind, self.index) if self.index is not None else torch.device(self.kind)
+
+    @property
+    def dist_backend(self) -> str:
+        return {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}[self.kind]
+
+    def count(self) -> int:
+        return self._mod.device_count() if self._mod else 1
+
+    def set_device(self, index: int) -> None:
+        if self._mod is None:
+            return
+        if not 0 <= index < self.count():
+            raise DeviceError(f"{self.kind}:{index} asked for, but this machine has {self.count()} {self.kind} devices")
+        self.index = index
+        self._mod.set_device(index)
+
+    def name(self) -> str:
+        if self._mod is None:
+            return "cpu"
+        return self._mod.get_device_name(self.index or 0)
+
+    def supports_bf16(self) -> bool:
+        if self._mod is None:
+            return False  # CPU autocast to bf16 works, but is slower than fp32 on most CPUs (no AMX)
+        return bool(self._mod.is_bf16_supported())
+
+    def autocast(self, dtype: torch.dtype):
+        """Mixed precision context for the forward pass; a do-nothing context for fp32."""
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.kind, dtype=dtype)
+
+    def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; a disabled scaler passes every call straight through. torch_npu registers
+        # the npu kernels torch.amp.GradScaler uses, so one class serves all kinds.
+        return torch.amp.GradScaler(self.kind, enabled=enabled)
+
+    def synchronize(self) -> None:
+        if self._mod is not None:
+            self._mod.synchronize()
+
+    def memory_allocated(self) -> int:
+        return self._mod.memory_allocated() if self._mod else 0
+
+    def max_memory_allocated(self) -> int:
+        return self._mod.max_memory_allocated() if self._mod else 0
+
+    def peak_flops(self, dtype: torch.dtype) -> float | None:
+        """The chip's dense peak for `dtype`, or None where unknown (MFU is then omitted)."""
+        if self._mod is None or dtype not in (torch.bfloat16, torch.float16):
+            return None
+        name = self.name()
+        return next((peak for key, peak in PEAK_FLOPS_16BIT if key in name), None)
+
+    def manual_seed(self, seed: int) -> None:
+        if self._mod is not None:
+            self._mod.manual_seed(seed)
+
+    def rng_state(self) -> torch.Tensor | None:
+        return self._mod.get_rng_state() if self._mod else None
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        if self._mod is not None and state is not None:
+            self._mod.set_rng_state(state)
+
+
+def _npu_available() -> bool:
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError:
+        return False
+    return torch.npu.is_available()
+
+
+def resolve_device(name: str) -> Device:
+    """`name`: auto | gpu | cuda | npu | cpu (the seed's --device names, plus cuda and auto)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return Device("cuda")
+        return Device("npu") if _npu_available() else Device("cpu")
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA GPU is visible to this torch {torch.__version__} "
+                              f"(built for CUDA {torch.version.cuda}); use --device cpu or check the driver")
+        return Device("cuda")
+    if name == "npu":
+        try:
+            importlib.import_module("torch_npu")  # registers torch.npu and the 'npu' device type
+        except ImportError:
+            raise DeviceError("--device npu needs torch_npu (Ascend's PyTorch adapter, matching this torch "
+                              f"{torch.__version__}) and the CANN toolkit; neither import worked here") from None
+        if not torch.npu.is_available():
+            raise DeviceError("--device npu: torch_npu is installed but sees no NPU; check the driver and "
+                              "ASCEND_RT_VISIBLE_DEVICES")
+        return Device("npu")
+    if name == "cpu":
+        return Device("cpu")
+    raise DeviceError(f"--device must be one of auto, gpu, cuda, npu, cpu; got {name!r}")

@@ -1,0 +1,89 @@
+"""Throughput, input-wait and accuracy bookkeeping for the training loop, honest about asynchronous devices.
+
+Device work is queued asynchronously, so wall time read on the host means something only right after a
+synchronize. `Throughput` therefore synchronizes at log boundaries only (and where the warm-up window ends), never
+per step. Between two boundaries it sums the wall time the training thread spent blocked in `next(loader)`:
+divided by the interval's wall time that is the input-wait share. It is an upper bound on the time the device idled
+for input, since device work queued earlier may still run while the host waits.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Throughput:
+    """Global img/s over the last log interval and since warm-up, plus the input-wait share of each.
+
+    `global_batch` is images per step over all ranks: every rank runs the same steps, so rank 0's clock times the
+    whole job. The first `warmup_steps` steps this process runs (compilation, allocator and pipeline start-up) are
+    left out of the running mean, and `pause()`..`start()` keeps evaluation out of it.
+    """
+
+    def __init__(self, device, global_batch: int, warmup_steps: int):
+        self.device, self.global_batch, self.warmup_steps = device, global_batch, warmup_steps
+        self.steps_run = 0  # by this process, for the warm-up window
+        self.mean_steps, self.mean_time, self.mean_wait = 0, 0.0, 0.0
+        self.last = {"img_s": 0.0, "input_wait": 0.0, "img_s_mean": None, "input_wait_mean": None}
+        self.start()
+
+    def start(self) -> None:
+        self.device.synchronize()  # sync: the interval starts with no earlier work still queued
+        self.t_last, self.interval_steps, self.interval_wait = time.perf_counter(), 0, 0.0
+
+    def step(self, input_wait_s: float) -> None:
+        self.steps_run += 1
+        self.interval_steps += 1
+        self.interval_wait += input_wait_s
+        if self.steps_run == self.warmup_steps:
+            self.lap(count=False)  # sync: the mean starts exactly where warm-up ends
+
+    def lap(self, count: bool = True) -> dict:
+        """Close the interval (synchronizes) and return its figures; count it into the mean unless in warm-up."""
+        if not self.interval_steps:
+            return self.last  # nothing ran since the previous lap (e.g. warm-up ended on a log step)
+        self.device.synchronize()  # sync: all the interval's steps have finished on the device
+        now = time.perf_counter()
+        elapsed = max(now - self.t_last, 1e-9)
+        steps, wait = self.interval_steps, self.interval_wait
+        if count and self.steps_run > self.warmup_steps:
+            self.mean_steps, self.mean_time, self.mean_wait = (self.mean_steps + steps, self.mean_time + elapsed,
+                                                               self.mean_wait + wait)
+        self.t_last, self.interval_steps, self.interval_wait = now, 0, 0.0
+        self.last = {"img_s": steps * self.global_batch / elapsed, "input_wait": wait / elapsed,
+                     "img_s_mean": self.mean_img_s(), "input_wait_mean": self.mean_input_wait()}
+        return self.last
+
+    def pause(self) -> None:
+        """Close the running interval before something that must not count (evaluation, checkpoint writing)."""
+        if self.interval_steps:
+            self.lap()
+
+    def mean_img_s(self) -> float | None:
+        return self.mean_steps * self.global_batch / self.mean_time if self.mean_time else None
+
+    def mean_input_wait(self) -> float | None:
+        return self.mean_wait / self.mean_time if self.mean_time else None
+
+
+class TopK:
+    """Exact Acc@1/Acc@5 over a sharded val set: counts stay on the device, one all_reduce sums them over ranks.
+    Labels of -1 (the loaders' padding, so every rank runs equal steps) are skipped."""
+
+    def __init__(self, device: torch.device, num_classes: int):
+        self.k = min(5, num_classes)
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@k, samples
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        real = labels >= 0
+        top = logits.topk(self.k, dim=1).indices
+        hit = top == labels.unsqueeze(1)
+        self.counts += torch.stack([(hit[:, 0] & real).sum(), (hit.any(dim=1) & real).sum(), real.sum()])
+
+    def result(self) -> tuple[float, float, int]:
+        if dist.is_initialized():
+            dist.all_reduce(self.counts)
+        c1, ck, n = self.counts.tolist()  # sync: the only one of the evaluation pass
+        return 100.0 * c1 / max(n, 1), 100.0 * ck / max(n, 1), n

@@ -1,0 +1,31 @@
+"""Shards -> batches on the device. `build_loader` is the only entry point `train.py` and the benchmarks use; the
+backend is a name, and every backend honours the contract in `pipeline/contract.py`."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.contract import BACKENDS, Loader, LoaderSpec
+
+
+def build_loader(*, data_path=None, split: str = "train", backend: str = "host", batch_size: int,
+                 device: torch.device | str, rank: int = 0, world_size: int = 1, workers: int = 4, seed: int = 0,
+                 img_size: int = 224, **more) -> Loader:
+    """A loader for one rank. `more` takes any other LoaderSpec field (dtype, mean, std, crop_pct, prefetch,
+    on_error, ...); unknown names raise TypeError rather than being ignored."""
+    spec = LoaderSpec(data_path=None if data_path is None else str(data_path), split=split, batch_size=batch_size,
+                      device=torch.device(device), rank=rank, world_size=world_size, workers=workers, seed=seed,
+                      img_size=img_size, **more)
+    spec.validate()
+    if backend == "host":
+        from pipeline.host import HostLoader
+        return HostLoader(spec)
+    if backend == "dali":
+        from pipeline.dali import DaliLoader  # raises one clear line when DALI is not installed
+        return DaliLoader(spec)
+    if backend == "synthetic":
+        from pipeline.synthetic import SyntheticLoader
+        return SyntheticLoader(spec)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+__all__ = ["build_loader", "LoaderSpec", "Loader", "BACKENDS"]

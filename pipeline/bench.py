@@ -1,0 +1,262 @@
+"""Throughput-only input benchmark: how many images per second a backend delivers to the device, nothing else.
+
+    python -m pipeline.bench --data_path SHARDS --backend host --batch-size 256 --workers 16 --seconds 60 \
+        [--split train] [--device cpu|cuda|npu] [--baseline IMAGEFOLDER] [--model vit_base_patch32_224]
+    python -m pipeline.bench --data_path SHARDS --decode-only [--baseline x] --seconds 10   # one-core decode path
+
+What it measures: wall-clock images per second of fully formed batches (decoded, cropped, flipped, on the device,
+normalized as the contract says), after `--warmup` batches that are not counted (worker start-up, first reads).
+The loop does nothing with a batch unless `--model` is given, so the figure is the pipeline's ceiling on this
+machine; with `--model NAME` every batch also goes through a forward+backward+SGD step of that timm model, and the
+figure is what the pipeline sustains while feeding a real step.
+
+How to read it: one JSON line per `--interval` seconds (progress bar on stderr), then a last line with `"final": true`
+holding `img_s` for the whole measured span. `img_s_per_worker` divides by `--workers` (compare it with a one-core
+decode micro-benchmark to see scaling). `mb_s` is compressed bytes read from the shards. `data_wait` is the share of
+wall time the loop spent waiting for the next batch: near 1 without `--model` (the loop has nothing else to do),
+and the fraction of step time lost to input with it. `--baseline SRC` runs a stock torchvision ImageFolder +
+DataLoader on the source ImageFolder with the same workers, batch size and seconds right after, and adds
+`baseline_img_s` and `ratio` (backend / baseline). Device work is synchronized only at reporting boundaries.
+`--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
+neither disk nor processes count), and with `--baseline` (any value) the torchvision transform on the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from pipeline import BACKENDS, LoaderSpec, build_loader
+from pipeline.shards import ShardError
+
+
+@dataclass
+class BenchConfig:
+    data_path: str | None = None  # shard folder (tools/make_shards.py); optional for --backend synthetic
+    backend: str = "host"  # one of pipeline.BACKENDS
+    split: str = "train"  # train (random crops) or val (center crops)
+    batch_size: int = 256  # per rank
+    workers: int = 4  # decode processes (host) / threads (dali)
+    seconds: float = 30.0  # measured span, after warm-up
+    warmup: int = 5  # batches consumed before the clock starts
+    interval: float = 5.0  # seconds between JSON lines
+    device: str = "cpu"  # cpu | cuda | npu (torch_npu must be imported by the site, as train.py does)
+    img_size: int = 224  # output side in pixels
+    dtype: str = "float32"  # float32 | bfloat16 | uint8 (raw pixels)
+    prefetch: int = 2  # batches in flight ahead of the loop
+    seed: int = 0
+    baseline: str | None = None  # ImageFolder root (holding train/ and val/): also time torchvision on it
+    model: str | None = None  # timm model name: also run forward+backward on each batch
+    decode_only: bool = False  # time the host worker's decode path in this process on one core, no loader
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags come from BenchConfig's fields, so the two cannot drift; `--batch-size` and `--batch_size` both work."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(BenchConfig):
+        names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}, key=len)
+        if f.type == "bool":
+            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        p.add_argument(*names, dest=f.name, type=kind, default=f.default,
+                       choices=BACKENDS if f.name == "backend" else None)
+    return p
+
+
+def sync(device: torch.device) -> None:
+    api = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(api, "synchronize"):
+        api.synchronize(device)
+
+
+def model_step(cfg: BenchConfig, num_classes: int, device: torch.device):
+    """A plain forward+backward+SGD step of a timm model, or a do-nothing step."""
+    if cfg.model is None:
+        return lambda images, labels: None
+    if cfg.dtype == "uint8":
+        raise ValueError("--model needs normalized input; drop --dtype uint8")
+    import timm
+
+    model = timm.create_model(cfg.model, num_classes=num_classes).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step(images, labels):
+        loss = torch.nn.functional.cross_entropy(model(images.float()), labels, ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def endless(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) -> dict:
+    """Run `loader` (epochs back to back) for cfg.seconds after warm-up; print interval lines; return the totals."""
+    batches = endless(loader)
+    for _ in range(cfg.warmup):
+        step(*next(batches))
+    sync(device)  # sync point: the clock starts with no warm-up work still queued on the device
+    start = mark = time.perf_counter()
+    total = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0)}
+    interval = {"images": 0, "wait": 0.0, "bytes": total["bytes"]}
+    bar = tqdm(unit="img", unit_scale=True, desc=label, file=sys.stderr, mininterval=1.0)
+    while True:
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        waited = time.perf_counter() - t0
+        step(images, labels)
+        n = labels.shape[0]
+        for acc in (total, interval):
+            acc["images"] += n
+            acc["wait"] += waited
+        bar.update(n)
+        now = time.perf_counter()
+        done = now - start >= cfg.seconds
+        if now - mark >= cfg.interval or done:
+            sync(device)  # sync point: reporting boundary, so the interval's device work is really finished
+            now = time.perf_counter()
+            print(json.dumps({"run": label, **rates(interval, now - mark, loader, cfg)}), flush=True)
+            interval = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0)}
+            mark = now
+        if done:
+            break
+    bar.close()
+    batches.close()
+    return rates(total, time.perf_counter() - start, loader, cfg)
+
+
+def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
+    img_s = acc["images"] / seconds
+    out = {"img_s": round(img_s, 1), "img_s_per_worker": round(img_s / cfg.workers, 1),
+           "data_wait": round(acc["wait"] / seconds, 3), "seconds": round(seconds, 2), "images": acc["images"]}
+    if hasattr(loader, "bytes_read"):
+        out["mb_s"] = round((loader.bytes_read - acc["bytes"]) / seconds / 1e6, 1)
+    return out
+
+
+def spec_for(cfg: BenchConfig, device: torch.device) -> dict:
+    return dict(data_path=cfg.data_path, split=cfg.split, batch_size=cfg.batch_size, device=device,
+                workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size, prefetch=cfg.prefetch,
+                dtype=getattr(torch, cfg.dtype))
+
+
+def num_classes_of(cfg: BenchConfig) -> int:
+    if cfg.data_path is None:
+        return 1000
+    from pipeline.shards import read_manifest
+
+    return int(read_manifest(cfg.data_path).get("num_classes", 1000))
+
+
+def run(cfg: BenchConfig) -> dict:
+    if not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
+        raise ValueError(f"--dtype must name a torch dtype (float32, bfloat16, uint8), got {cfg.dtype!r}")
+    device = torch.device(cfg.device)
+    if device.type == "npu":
+        import importlib
+
+        importlib.import_module("torch_npu")  # registers the "npu" device with torch
+    step = model_step(cfg, num_classes_of(cfg), device)
+    loader = build_loader(backend=cfg.backend, **spec_for(cfg, device))
+    describe = loader.describe() if hasattr(loader, "describe") else cfg.backend
+    print(f"bench: {describe}", file=sys.stderr)
+    try:
+        result = measure(loader, cfg, device, step, cfg.backend)
+    finally:
+        loader.close()
+    from pipeline.host import pillow_flavour
+
+    final = {"final": True, **result, "backend": cfg.backend, "workers": cfg.workers, "batch_size": cfg.batch_size,
+             "split": cfg.split, "img_size": cfg.img_size, "device": str(device), "model": cfg.model,
+             "pillow": pillow_flavour(), "loader": describe, "torch": torch.__version__,
+             "python": platform.python_version()}
+    if cfg.baseline:
+        from pipeline.baseline import TorchvisionLoader
+
+        spec = LoaderSpec(**spec_for(cfg, device))
+        base = TorchvisionLoader(cfg.baseline, spec)
+        try:
+            base_result = measure(base, cfg, device, step, "torchvision")
+        finally:
+            base.close()
+        final["baseline_img_s"] = base_result["img_s"]
+        final["ratio"] = round(result["img_s"] / base_result["img_s"], 2)
+    return final
+
+
+def time_single_core(fn, items: list, seconds: float) -> float:
+    """Images per second of `fn` applied to `items` round robin for `seconds` (after one warm-up pass of 10)."""
+    for item in items[:10]:
+        fn(item)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(items[n % len(items)])
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def decode_only(cfg: BenchConfig) -> dict:
+    """One core, no processes, samples already in memory: the host worker's decode path (crop box, draft, one
+    resize to uint8, flip), and with --baseline the torchvision transform on the same bytes. The per-core ceiling
+    that `img_s_per_worker` of a loader run is compared with."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.baseline import baseline_transform
+    from pipeline.host import pillow_flavour
+    from pipeline.host_worker import WorkerConfig, decode, read_samples
+    from pipeline.shards import Segment, shard_list
+
+    torch.set_num_threads(1)  # the torchvision path's ToTensor/Normalize would otherwise use every core
+    spec = LoaderSpec(**spec_for(cfg, torch.device("cpu")))
+    segments, n = [], 0
+    for shard in shard_list(cfg.data_path, cfg.split):
+        if n >= 2000:  # enough variety; keeps memory small on a full ImageNet shard set
+            break
+        segments.append(Segment(shard, 0, shard.num_samples))
+        n += shard.num_samples
+    samples = list(read_samples(segments))
+    worker = WorkerConfig(0, 1, (), spec.train, 1, 0, 1, cfg.seed, cfg.img_size, spec.crop_pct, spec.scale,
+                          spec.ratio, spec.hflip, 0, False, None, ())
+    out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
+    result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
+              "pillow": pillow_flavour(), "samples": len(samples),
+              "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out), samples, cfg.seconds), 1)}
+    if cfg.baseline:
+        transform = baseline_transform(spec)
+        tv = time_single_core(lambda s: transform(Image.open(io.BytesIO(s.jpg)).convert("RGB")), samples,
+                              cfg.seconds)
+        result.update(baseline_img_s=round(tv, 1), ratio=round(result["img_s"] / tv, 2))
+    return result
+
+
+def main(argv=None) -> int:
+    cfg = BenchConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        final = decode_only(cfg) if cfg.decode_only else run(cfg)
+    except (ShardError, ValueError, OSError, ImportError, RuntimeError) as e:
+        print(f"pipeline.bench: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(final), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The one contract every backend honours, and the pieces of it they share.
+
+A loader is built from a `LoaderSpec`; it has `set_epoch(e)`, `len()` (steps per epoch, equal on every rank),
+`close()`, and iterates `(images, labels)` already on `spec.device`:
+  images  NCHW, `spec.dtype`; normalized with the model's mean/std, or raw 0..255 when `spec.dtype` is torch.uint8
+          (for a model that folds normalization into its patch embedding);
+  labels  int64; -1 marks val padding samples that metrics must skip.
+Train batches are RandomResizedCrop(scale, ratio) + horizontal flip; val batches are timm's eval transform (resize
+the shorter side to floor(img_size / crop_pct), center crop).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+BACKENDS = ("host", "dali", "synthetic")
+
+
+@dataclass
+class LoaderSpec:
+    data_path: str | None
+    split: str  # "train" | "val"
+    batch_size: int  # per rank
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 4  # decode processes (host) or threads (dali) per rank
+    seed: int = 0
+    img_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # timm's ViT-B/32 normalization
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_pct: float = 0.9  # val: resize to img_size / crop_pct, then center crop
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
+    hflip: float = 0.5
+    dtype: torch.dtype = torch.float32  # torch.uint8: unnormalized pixels
+    channels_last: bool = False
+    prefetch: int = 2  # batches in flight ahead of the consumer
+    shuffle_buffer: int = 256  # samples per worker mixed before decoding (train)
+    on_error: str = "raise"  # "raise": a bad sample stops the run naming shard and key; "skip": count, replace
+    num_classes: int = 1000  # synthetic labels
+    extra: dict = field(default_factory=dict)  # backend-specific options
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    def validate(self) -> None:
+        if self.split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+class Loader(Protocol):
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def close(self) -> None: ...
+
+
+def eval_resize(img_size: int, crop_pct: float) -> int:
+    """Shorter-side length before the center crop, as timm's eval transform computes it."""
+    return math.floor(img_size / crop_pct)
+
+
+def random_resized_crop(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a RandomResizedCrop box, torchvision's algorithm: 10 tries at a random area and
+    log-uniform aspect ratio, then the whole image clamped to the ratio range."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, img_size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """(left, top, w, h) in source pixels of the region that timm's eval transform keeps: after resizing the shorter
+    side to eval_resize(), the central img_size square. Lets a decoder crop first and resize once."""
+    side = eval_resize(img_size, crop_pct)
+    s = side / min(width, height)  # resize factor
+    crop = img_size / s  # the kept square, in source pixels
+    return (width - crop) / 2, (height - crop) / 2, crop, crop
+
+
+def to_model_input(images_u8: torch.Tensor, spec: LoaderSpec, nhwc: bool) -> torch.Tensor:
+    """uint8 pixels (already on the device) -> the contract's images. Runs on the device so the host ships 1 byte per
+    pixel and the float work costs the accelerator a few elementwise kernels."""
+    x = images_u8.permute(0, 3, 1, 2) if nhwc else images_u8  # an NHWC tensor viewed as NCHW is channels_last
+    if spec.dtype != torch.uint8:
+        mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1) * 255
+        inv_std = 1 / (torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1) * 255)
+        x = ((x.float() - mean) * inv_std).to(spec.dtype)
+    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)

@@ -1,0 +1,317 @@
+"""The NVIDIA DALI backend: shards -> batches decoded by DALI, behind the contract in `pipeline/contract.py`.
+
+On a CUDA device the JPEGs are decoded on the GPU ("mixed": nvJPEG plus the hardware JPEG engines) with the train
+crop fused into the decode, resized once and handed to torch as uint8 (or normalized by DALI, see `normalize_in`).
+On any other device DALI runs its CPU operators (`device_id=None`) and the batch is copied to the device; this is
+the mode the CPU tests use.
+
+Which samples a rank reads is the rule in `pipeline/shards.py`: the reader gets the epoch's shard order as its
+`paths` and `shard_id=rank, num_shards=world_size`, and DALI's reader cuts the concatenated samples at
+floor(N*r/R) exactly like `rank_span` (tests/test_dali.py checks this). DALI has no hook to permute its archives
+in our per-epoch order, so each epoch builds a fresh pipeline (cost: reading the .idx files and starting the
+decoder, see docs/dali.md). Within an epoch DALI's shuffle buffer draws only from that epoch's samples, so each
+sample of the span comes out once; train takes the first `steps` batches of that shuffled span (the host backend
+drops the span's tail instead: the same count sits out, but a random rather than the last stretch of it).
+
+spec.extra options (anything else is an error):
+  normalize_in     "torch" (default): DALI returns uint8 HWC and `to_model_input` normalizes on the device;
+                   "dali": crop_mirror_normalize writes the normalized float/half tensor in the final layout.
+  hw_decoder_load  share of JPEGs sent to the hardware decoder on GPUs that have one (DALI's default 0.65).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from pipeline.contract import LoaderSpec, eval_resize, to_model_input
+from pipeline.shards import ShardError, batch_segments, epoch_order, rank_plan, read_manifest, shard_list
+
+INSTALL_HINT = "the dali backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 (x86_64/aarch64 Linux)"
+NORMALIZE_IN = ("torch", "dali")
+EXTRA_DEFAULTS = {"normalize_in": "torch", "hw_decoder_load": 0.65}
+# nvJPEG scratch sizes that fit ImageNet's largest JPEGs, so the decoder does not reallocate mid-epoch.
+GPU_DECODER_HINTS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
+                         preallocate_width_hint=5_980, preallocate_height_hint=6_430)
+
+
+class DaliMissingError(ImportError, RuntimeError):
+    """NVIDIA DALI is not importable; the message says how to install it. A RuntimeError too, so callers that
+    turn RuntimeErrors into one-line messages (pipeline.bench, train.py) print it as one."""
+
+
+def import_dali() -> SimpleNamespace:
+    """DALI's modules, imported only when the dali backend is asked for: the rest of the project runs without it."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        import nvidia.dali.math as dali_math
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        import nvidia.dali
+    except ImportError as e:
+        raise DaliMissingError(f"{INSTALL_HINT} ({e})") from None
+    return SimpleNamespace(fn=fn, types=types, math=dali_math, pipeline_def=pipeline_def, feed_ndarray=feed_ndarray,
+                           version=nvidia.dali.__version__)
+
+
+def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
+    """One DALI seed per (run seed, epoch, rank): crops and shuffles differ across ranks and epochs, and repeat."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
+
+
+def parse_labels(padded: np.ndarray) -> np.ndarray:
+    """ASCII decimal labels, one per row of a zero-padded uint8 array (`fn.pad` of the `.cls` members), -> int64.
+    Viewing each row as one fixed-width byte string lets numpy parse the whole batch in C; numpy drops the trailing
+    zero bytes and int() tolerates surrounding whitespace such as a final newline."""
+    width = padded.shape[1] if padded.ndim == 2 else 1
+    return np.ascontiguousarray(padded.reshape(len(padded), width)).view(f"S{width}").ravel().astype(np.int64)
+
+
+def dali_reason(error: Exception) -> str:
+    """The operator and cause out of DALI's multi-line error text, e.g. "decoders.image: nvImageCodec failure"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    op = next((line.split("`")[1].removeprefix("nvidia.dali.fn.") for line in lines
+               if line.startswith("Error in") and line.count("`") >= 2), "")
+    fallback = lines[-1] if lines else type(error).__name__
+    cause = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "encountered:"), fallback)
+    return f"{op}: {cause}" if op else cause
+
+
+def _check_extra(extra: dict) -> dict:
+    unknown = sorted(set(extra) - set(EXTRA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown dali option(s) {unknown}; known: {sorted(EXTRA_DEFAULTS)}")
+    opts = {**EXTRA_DEFAULTS, **extra}
+    if opts["normalize_in"] not in NORMALIZE_IN:
+        raise ValueError(f"normalize_in must be one of {NORMALIZE_IN}, got {opts['normalize_in']!r}")
+    if not 0.0 <= float(opts["hw_decoder_load"]) <= 1.0:
+        raise ValueError(f"hw_decoder_load must be within [0, 1], got {opts['hw_decoder_load']!r}")
+    return opts
+
+
+class CudaOutput:
+    """DALI on the training GPU: "mixed" decode there, and each batch copied once, device to device, on torch's
+    current stream, so it lives in torch's caching allocator and DALI's buffer can go back to DALI's pool."""
+
+    def __init__(self, device: torch.device, feed_ndarray, hw_decoder_load: float):
+        self.device, self.feed, self.copied = device, feed_ndarray, None  # copied: event after the latest copy
+        self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+        self.decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, **GPU_DECODER_HINTS)
+        self.where = f"mixed decode on cuda:{self.device_id}, hw_decoder_load {hw_decoder_load}"
+
+    def stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def take(self, tensor, shape, dtype, stream) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        self.feed(tensor, out, cuda_stream=stream)
+        self.copied = self.copied or torch.cuda.Event()
+        self.copied.record(stream)
+        return out
+
+    def drain(self) -> None:
+        if self.copied is not None:
+            # Sync point, once per epoch: the last copies read DALI's memory, which goes with the pipeline.
+            self.copied.synchronize()
+
+
+class HostOutput:
+    """DALI's CPU operators (`device_id=None`): batches land in host memory (pinned when headed for an accelerator,
+    so the copy does not wait for work queued there) and move to the device, if any, asynchronously."""
+
+    device_id = None
+    decoder = dict(device="cpu")
+
+    def __init__(self, device: torch.device, feed_ndarray):
+        self.device, self.feed, self.pinned = device, feed_ndarray, device.type != "cpu"
+        self.where = "cpu operators" + (f", copied to {device}" if self.pinned else "")
+
+    def stream(self):
+        return None
+
+    def take(self, tensor, shape, dtype, stream) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
+        self.feed(tensor, out)
+        return out.to(self.device, non_blocking=True)
+
+    def drain(self) -> None:
+        pass
+
+
+class DaliLoader:
+    def __init__(self, spec: LoaderSpec):
+        self.dali = import_dali()
+        if spec.data_path is None:
+            raise ValueError("the dali backend reads shards: pass data_path (a folder made by tools/make_shards.py)")
+        if spec.on_error != "raise":
+            raise ValueError("the dali backend supports on_error='raise' only: a DALI decoder that meets a bad JPEG "
+                             "fails its whole batch, so it cannot count and skip one sample")
+        self.spec = spec
+        self.opts = _check_extra(spec.extra)
+        manifest = read_manifest(spec.data_path)
+        self.shards = shard_list(spec.data_path, spec.split, manifest)
+        self.num_classes = manifest.get("num_classes")  # None: labels are only checked to be >= 0
+        plan = self._plan(epoch=0)  # raises when the split cannot fill one batch per rank
+        self.steps, self.num_real = plan.steps, plan.num_real  # the same for every epoch
+        self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts["hw_decoder_load"])) \
+            if spec.device.type == "cuda" else HostOutput(spec.device, self.dali.feed_ndarray)
+        # DALI normalizes only into float/half; uint8 output (model folds normalization in) is always "torch".
+        self.dali_normalizes = self.opts["normalize_in"] == "dali" and spec.dtype != torch.uint8
+        self.epoch = 0
+        self.bytes_read = 0  # JPEG bytes handed to the decoder, all epochs
+        self._pipe = None
+
+    def _plan(self, epoch: int):
+        s = self.spec
+        return rank_plan(self.shards, train=s.train, batch_size=s.batch_size, rank=s.rank, world_size=s.world_size,
+                         seed=s.seed, epoch=epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def close(self) -> None:
+        self.output.drain()
+        # Pipeline.__del__ shuts down DALI's threads and frees its buffers; CPython runs it as the last reference goes.
+        self._pipe = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        s = self.spec
+        norm = "dali" if self.dali_normalizes else "torch"
+        return (f"dali {self.dali.version} ({self.output.where}, {s.workers} threads, prefetch {s.prefetch}, "
+                f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
+                f"{s.batch_size}, {len(self.shards)} shards")
+
+    def __iter__(self):
+        self.close()  # one pipeline at a time: the previous epoch's buffers go before new ones are allocated
+        pipe = self._pipe = self._build_pipeline(self.epoch)
+        try:
+            for step in range(self.steps):
+                yield self._next_batch(pipe, step)
+        finally:
+            if self._pipe is pipe:  # an abandoned older iteration must not close a newer one's pipeline
+                self.close()  # epoch over, stopped early or failed: its buffers are not needed during eval or after
+
+    # -- building -------------------------------------------------------------------------------------------------
+    def _build_pipeline(self, epoch: int):
+        s, fn, types = self.spec, self.dali.fn, self.dali.types
+        ordered = epoch_order(self.shards, s.seed, epoch, shuffle=s.train)
+
+        @self.dali.pipeline_def(batch_size=s.batch_size, num_threads=s.workers, device_id=self.output.device_id,
+                                seed=pipeline_seed(s.seed, epoch, s.rank), prefetch_queue_depth=max(1, s.prefetch),
+                                exec_dynamic=True)  # DALI 2.x default executor: outputs bound to torch's stream
+        def graph():
+            jpegs, cls = fn.readers.webdataset(
+                paths=[sh.path for sh in ordered], index_paths=[sh.index_path for sh in ordered], ext=["jpg", "cls"],
+                shard_id=s.rank, num_shards=s.world_size, random_shuffle=s.train, initial_fill=s.shuffle_buffer,
+                pad_last_batch=not s.train,  # val: every rank returns ceil(N/R) samples, rounded up to whole batches
+                missing_component_behavior="error", dtypes=[types.UINT8, types.UINT8], name="reader")
+            images = self._augment(jpegs)
+            # Zero-padded to the batch's longest label so the host parses the batch as one array (`parse_labels`).
+            return images, fn.pad(cls, fill_value=0), jpegs.shape()
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    def _augment(self, jpegs):
+        """Decode + crop + one resize (+ flip), then, when DALI normalizes, layout and normalization in one pass."""
+        s, fn, types = self.spec, self.dali.fn, self.dali.types
+        # Pixels as stored, no EXIF rotation: what Pillow's Image.open (host backend) and timm's loaders see.
+        decoder = dict(adjust_orientation=False, **self.output.decoder)
+        if s.train:
+            # The crop is decided before decoding, so only the crop's pixels are decoded (ROI decode).
+            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(s.scale),
+                                                   random_aspect_ratio=list(s.ratio), num_attempts=10, **decoder)
+            mirror = fn.random.coin_flip(probability=s.hflip)
+            # Without DALI normalization, the flip rides on the resize (a region whose x runs 1 -> 0 comes out
+            # mirrored), so the GPU does decode + one resize per image and nothing else.
+            flip = {} if self.dali_normalizes else self._flip_roi(mirror)
+            images = fn.resize(images, size=(s.img_size, s.img_size), interp_type=types.INTERP_LINEAR,
+                               antialias=True, **flip)
+        else:
+            images = self._eval_resize(jpegs, decoder)
+            mirror = 0
+        if self.dali_normalizes:
+            return fn.crop_mirror_normalize(
+                images, mirror=mirror, mean=[255 * m for m in s.mean], std=[255 * d for d in s.std],
+                dtype=types.FLOAT16 if s.dtype == torch.float16 else types.FLOAT,
+                output_layout="HWC" if s.channels_last else "CHW")  # HWC viewed as NCHW is channels_last
+        return images
+
+    def _flip_roi(self, mirror) -> dict:
+        """fn.resize arguments selecting the whole image, left-right reversed where `mirror` is 1."""
+        fn, types = self.dali.fn, self.dali.types
+        m = fn.cast(mirror, dtype=types.FLOAT)
+        return dict(roi_relative=True, roi_start=fn.stack(m * 0.0, m), roi_end=fn.stack(m * 0.0 + 1.0, 1.0 - m))
+
+    def _eval_resize(self, jpegs, decoder):
+        """timm's eval transform as one resize: the region that survives "shorter side to eval_resize(), then the
+        central img_size square" (`center_crop_box`), computed from the JPEG header and resized bicubic to the output
+        size, so val pixels match the host backend's crop-then-resize."""
+        s, fn, types = self.spec, self.dali.fn, self.dali.types
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # (H, W, C) from the header
+        height, width = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+        side = self.dali.math.min(height, width) * (s.img_size / eval_resize(s.img_size, s.crop_pct))
+        start = fn.stack((height - side) * 0.5, (width - side) * 0.5)
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+        return fn.resize(images, size=(s.img_size, s.img_size), roi_start=start, roi_end=start + side,
+                         interp_type=types.INTERP_CUBIC, antialias=True)
+
+    # -- per batch ------------------------------------------------------------------------------------------------
+    def _next_batch(self, pipe, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = self.output.stream()
+        try:
+            # Outputs come back ordered on torch's current stream: no host sync, the copy below waits on DALI's work.
+            images_dali, cls, jpeg_shapes = pipe.run(stream)
+        except RuntimeError as e:
+            raise ShardError(f"DALI failed on {self.spec.split} batch {step} of epoch {self.epoch} (rank "
+                             f"{self.spec.rank}), reading {', '.join(self._suspects(step))}: {dali_reason(e)}") from e
+        self.bytes_read += int(np.asarray(jpeg_shapes.as_array()).sum())
+        return self._to_torch(images_dali, stream), self._labels(cls, step)
+
+    def _suspects(self, step: int) -> list[str]:
+        """The shards the failing batch can have come from. DALI reports errors per batch, not per sample, and runs
+        `prefetch` batches ahead; in train its shuffle buffer also holds up to `shuffle_buffer` later samples."""
+        s = self.spec
+        ahead = s.prefetch + 1 + (-(-s.shuffle_buffer // s.batch_size) if s.train else 0)
+        segments, _ = batch_segments(self._plan(self.epoch), range(step, min(self.steps, step + ahead)))
+        return sorted({Path(seg.shard.path).name for seg in segments}) or ["(padding only)"]
+
+    def _to_torch(self, images_dali, stream) -> torch.Tensor:
+        s = self.spec
+        hwc = not self.dali_normalizes or s.channels_last
+        shape = (s.batch_size, s.img_size, s.img_size, 3) if hwc else (s.batch_size, 3, s.img_size, s.img_size)
+        dtype = (torch.float16 if s.dtype == torch.float16 else torch.float32) if self.dali_normalizes else torch.uint8
+        out = self.output.take(images_dali.as_tensor(), shape, dtype, stream)
+        if not self.dali_normalizes:
+            return to_model_input(out, s, nhwc=True)
+        out = out.permute(0, 3, 1, 2) if hwc else out
+        return out if out.dtype == s.dtype else out.to(s.dtype)  # bfloat16: DALI writes float32, torch casts
+
+    def _labels(self, cls, step: int) -> torch.Tensor:
+        padded = np.asarray(cls.as_array())
+        try:
+            labels = parse_labels(padded)
+            bad = np.flatnonzero((labels < 0) | (labels >= (self.num_classes or np.iinfo(np.int64).max)))
+        except ValueError:  # some row is not a decimal number: find it, slowly, to name it
+            labels, bad = None, [i for i, row in enumerate(padded) if not row.tobytes().rstrip(b"\0").strip().isdigit()]
+        if labels is None or len(bad):
+            i = int(bad[0]) if len(bad) else 0
+            raise ShardError(f"{cls[i].source_info()}: label {padded[i].tobytes().rstrip(bytes(1))!r} is not a class "
+                             f"index in [0, {self.num_classes})")
+        # Val padding: positions past the rank's real samples repeat its last sample; -1 tells metrics to skip them.
+        first = step * self.spec.batch_size
+        labels[max(0, self.num_real - first):] = -1
+        out = torch.from_numpy(labels)
+        # Pinned, so the small copy is queued behind the device's work instead of waiting for it.
+        return out.pin_memory().to(self.spec.device, non_blocking=True) if self.spec.device.type != "cpu" else out

@@ -1,0 +1,354 @@
+"""The host backend: Pillow worker processes decode into shared-memory uint8 batches; the main process only moves
+them to the device and normalizes there.
+
+Why this shape (measured, see docs/pipeline.md): a parent that reads files and feeds a process pool caps out on its
+own pipe long before the cores do, and float conversion on the CPU costs more than the decode. So each worker reads its
+own stretch of shards (seeking through the `.idx` index), decodes straight to the output size in uint8, and hands
+over a slot number; the parent copies the slot out (into pinned memory on an accelerator), returns the slot, and runs
+`to_model_input` on the device, `spec.prefetch` batches ahead on a side stream.
+
+Spec options in `spec.extra` (all optional): `slots_per_worker` (2), `timeout_s` (300: a worker silent that long is
+an error), `start_method` ("forkserver"; "spawn" also works).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import multiprocessing as mp
+import os
+import re
+import secrets
+import time
+import weakref
+from collections import deque
+from multiprocessing import connection, shared_memory
+
+import numpy as np
+import torch
+
+from pipeline.contract import LoaderSpec, to_model_input
+from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
+from pipeline.shards import consumer_order, rank_plan, read_manifest, shard_list
+
+log = logging.getLogger(__name__)
+SHM_DIR = "/dev/shm"
+SHM_NAME = re.compile(r"vitpipe_(\d+)_[0-9a-f]{8}_\d+_\d+$")  # vitpipe_<parent pid>_<token>_<worker>_<slot>
+EXTRA_DEFAULTS = {"slots_per_worker": 2, "timeout_s": 300.0, "start_method": "forkserver"}
+
+__all__ = ["HostLoader", "WorkerError", "SampleError", "pillow_flavour"]
+
+
+class WorkerError(RuntimeError):
+    """A decode process died or raised; the message carries its traceback or exit code."""
+
+
+def pillow_flavour() -> str:
+    """'Pillow-SIMD 9.5.0.post1 (libjpeg-turbo 3.0.4)' or 'Pillow 13.0.0 (libjpeg-turbo 3.2.0)'. Pillow-SIMD installs
+    under its own distribution name and tags its versions '.postN'; either marks it."""
+    import PIL
+    from PIL import features
+
+    try:
+        importlib.metadata.version("pillow-simd")
+        simd = True
+    except importlib.metadata.PackageNotFoundError:
+        simd = ".post" in PIL.__version__
+    turbo = features.check_feature("libjpeg_turbo")
+    jpeg = (features.version_feature("libjpeg_turbo") if turbo else features.version("jpg")) or "?"
+    return f"{'Pillow-SIMD' if simd else 'Pillow'} {PIL.__version__} (libjpeg{'-turbo' if turbo else ''} {jpeg})"
+
+
+class SyncTransfer:
+    """CPU (or a device without streams): copy out of the slot and normalize at once; nothing to overlap."""
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+
+    def start(self, images: np.ndarray, labels: np.ndarray):
+        u8 = torch.from_numpy(images)
+        x = to_model_input(u8.to(self.spec.device), self.spec, nhwc=True)
+        if x.data_ptr() == u8.data_ptr():  # uint8 channels_last is a mere view of the slot, which goes back to a worker
+            x = x.clone(memory_format=torch.channels_last)
+        return x, torch.from_numpy(labels.copy()).to(self.spec.device)
+
+    def finish(self, pending):
+        return pending
+
+
+class StreamTransfer:
+    """CUDA or Ascend NPU (`torch.npu` mirrors `torch.cuda`'s Stream/Event API): slot -> pinned staging buffer (a CPU
+    memcpy, after which the slot is free) -> device on a side stream -> normalize on that stream. The consumer's stream
+    waits on an event, so the host never blocks on the copy."""
+
+    def __init__(self, spec: LoaderSpec, depth: int):
+        self.spec, self.device = spec, spec.device
+        self.api = getattr(torch, spec.device.type)
+        self.stream = self.api.Stream(device=spec.device)
+        b, s = spec.batch_size, spec.img_size
+        self.staging = [(torch.empty((b, s, s, 3), dtype=torch.uint8).pin_memory(),
+                         torch.empty((b,), dtype=torch.int64).pin_memory()) for _ in range(depth)]
+        self.copied = [None] * depth  # per staging buffer: event after the H2D copy that last read it
+        self.next = 0
+
+    def start(self, images: np.ndarray, labels: np.ndarray):
+        k, self.next = self.next, (self.next + 1) % len(self.staging)
+        if self.copied[k] is not None:
+            # Sync point: the copy that last read this staging buffer must be done before we overwrite it. With
+            # prefetch+1 buffers it finished long ago, so this rarely waits.
+            self.copied[k].synchronize()
+        pinned_images, pinned_labels = self.staging[k]
+        pinned_images.copy_(torch.from_numpy(images))
+        pinned_labels.copy_(torch.from_numpy(labels))
+        with self.api.stream(self.stream):
+            dev_images = pinned_images.to(self.device, non_blocking=True)
+            dev_labels = pinned_labels.to(self.device, non_blocking=True)
+            self.copied[k] = self.api.Event()
+            self.copied[k].record(self.stream)
+            out = to_model_input(dev_images, self.spec, nhwc=True)
+            done = self.api.Event()
+            done.record(self.stream)
+        return out, dev_labels, done
+
+    def finish(self, pending):
+        images, labels, done = pending
+        consumer = self.api.current_stream(self.device)
+        consumer.wait_event(done)  # device-side ordering only; the host does not wait here
+        # Made on the side stream, used on the consumer's: the caching allocator must not recycle them early.
+        images.record_stream(consumer)
+        labels.record_stream(consumer)
+        return images, labels
+
+
+def make_transfer(spec: LoaderSpec, depth: int):
+    api = getattr(torch, spec.device.type, None)
+    if spec.device.type != "cpu" and hasattr(api, "Stream") and hasattr(api, "Event"):
+        return StreamTransfer(spec, depth)
+    return SyncTransfer(spec)
+
+
+def shutdown(procs, conns, shms, views) -> None:
+    """Stop workers (politely, then by force), close pipes, unlink shared memory. Safe to call twice; runs from
+    close(), garbage collection or interpreter exit via weakref.finalize."""
+    for c in conns:
+        try:
+            c.send(("stop",))
+        except OSError:
+            pass
+    for p in procs:
+        p.join(timeout=3)
+        if p.is_alive():
+            p.kill()  # a worker stuck in a decode; its state is of no further use
+            p.join(timeout=3)
+    for c in conns:
+        c.close()
+    views.clear()
+    for s in shms:
+        try:
+            s.close()
+        except BufferError:
+            pass  # a caller still holds a view of the slot; unlinking below frees the memory once it drops it
+        try:
+            s.unlink()
+        except FileNotFoundError:
+            pass
+    procs.clear(), conns.clear(), shms.clear()
+
+
+def unlink_stale_segments() -> None:
+    """Remove slots left by loaders whose process died together with its resource tracker (say, a kill of the whole
+    process group), which nothing else would ever clean up. Only segments older than a minute go: workers attach
+    within seconds, and unlinking never disturbs a mapping that exists, so even a misjudged owner (a pid from another
+    PID namespace) loses nothing but its own final unlink."""
+    if not os.path.isdir(SHM_DIR):
+        return
+    for name in os.listdir(SHM_DIR):
+        m = SHM_NAME.match(name)
+        if m is None:
+            continue
+        try:
+            if time.time() - os.stat(os.path.join(SHM_DIR, name)).st_mtime < 60:
+                continue
+        except OSError:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def check_shm_space(needed: int) -> None:
+    """Fail with a clear line instead of a SIGBUS in a worker when /dev/shm is small (Docker's default is 64 MB)."""
+    if not os.path.isdir(SHM_DIR):
+        return
+    st = os.statvfs(SHM_DIR)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise RuntimeError(f"host loader needs {needed / 2**20:.0f} MiB of /dev/shm, {free / 2**20:.0f} MiB free; "
+                           f"give the container more (docker --shm-size) or lower batch size / workers")
+
+
+class HostLoader:
+    def __init__(self, spec: LoaderSpec):
+        if spec.data_path is None:
+            raise ValueError("the host backend reads shards: pass data_path (a folder made by tools/make_shards.py)")
+        unknown = set(spec.extra) - set(EXTRA_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown host loader options {sorted(unknown)}; known: {sorted(EXTRA_DEFAULTS)}")
+        self.opts = {**EXTRA_DEFAULTS, **spec.extra}
+        self.spec, self.epoch = spec, 0
+        manifest = read_manifest(spec.data_path)
+        self.shards = shard_list(spec.data_path, spec.split, manifest)
+        self.steps = rank_plan(self.shards, train=spec.train, batch_size=spec.batch_size, rank=spec.rank,
+                               world_size=spec.world_size, seed=spec.seed, epoch=0).steps
+        # Workers beyond `steps` would get no batches (pipeline/shards.py rule 4), so don't start them.
+        self.num_workers = max(1, min(spec.workers, self.steps))
+        self.skipped = 0  # corrupt samples replaced (on_error="skip")
+        self.bytes_read = 0  # compressed bytes read from shards
+        self._gen = 0
+        self._procs, self._conns, self._shms, self._views = [], [], [], []
+        self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views)
+        self._start_workers(manifest.get("num_classes"))
+        self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
+
+    def _start_workers(self, num_classes) -> None:
+        spec, slots = self.spec, int(self.opts["slots_per_worker"])
+        nbytes = slot_nbytes(spec.batch_size, spec.img_size)
+        unlink_stale_segments()
+        check_shm_space(self.num_workers * slots * nbytes)
+        token = secrets.token_hex(4)
+        ctx = mp.get_context(self.opts["start_method"])
+        if self.opts["start_method"] == "forkserver":
+            # The server imports the worker module once; each worker forks from it instead of re-importing.
+            ctx.set_forkserver_preload(["pipeline.host_worker"])
+        for w in range(self.num_workers):
+            names = []
+            for k in range(slots):
+                name = f"vitpipe_{os.getpid()}_{token}_{w}_{k}"
+                shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+                self._shms.append(shm)
+                names.append(shm.name)
+            self._views.append([slot_arrays(s.buf, spec.batch_size, spec.img_size) for s in self._shms[-slots:]])
+            cfg = WorkerConfig(
+                worker=w, num_workers=self.num_workers, shards=tuple(self.shards), train=spec.train,
+                batch_size=spec.batch_size, rank=spec.rank, world_size=spec.world_size, seed=spec.seed,
+                img_size=spec.img_size, crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
+                hflip=spec.hflip, shuffle_buffer=spec.shuffle_buffer, skip_bad=spec.on_error == "skip",
+                num_classes=num_classes, slot_names=tuple(names))
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
+            proc.start()
+            child_end.close()  # only the worker holds its end now, so our exit reads as EOF there
+            self._procs.append(proc)
+            self._conns.append(parent_end)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def describe(self) -> str:
+        s = self.spec
+        return (f"host: {self.num_workers} Pillow worker processes ({self.opts['start_method']}), {pillow_flavour()}, "
+                f"{self.opts['slots_per_worker']} shm slots of {s.batch_size}x{s.img_size}x{s.img_size}x3 uint8 "
+                f"per worker, prefetch {s.prefetch} -> {s.device}")
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self):
+        if not self._finalizer.alive:
+            raise RuntimeError("this HostLoader is closed")
+        self._gen += 1  # a new iteration abandons any earlier one still suspended
+        gen = self._gen
+        for conn in self._conns:
+            conn.send(("epoch", gen, self.epoch))
+        order = iter(consumer_order(self.steps, self.num_workers))
+        ahead = max(1, self.spec.prefetch)
+        pending = deque()
+        try:
+            for _ in range(self.steps):
+                while len(pending) <= ahead:
+                    item = next(order, None)
+                    if item is None:
+                        break
+                    pending.append(self._take(*item, gen))
+                if gen != self._gen:
+                    raise RuntimeError("a newer iteration over this HostLoader replaced this one")
+                yield self.transfer.finish(pending.popleft())
+        except GeneratorExit:
+            raise  # the consumer stopped early; the workers are told at the next iteration
+        except BaseException:
+            self.close()  # worker errors, Ctrl-C: no orphans, no leaked shared memory
+            raise
+
+    def _take(self, worker: int, batch_index: int, gen: int):
+        """Wait for `worker`'s batch `batch_index`, start its transfer, give the slot back."""
+        slot = self._receive(worker, batch_index, gen)
+        images, labels = self._views[worker][slot]
+        pending = self.transfer.start(images, labels)
+        try:
+            self._conns[worker].send(("release", gen, slot))
+        except OSError:
+            pass  # the worker is gone; the next wait on it reports why
+        return pending
+
+    def _receive(self, worker: int, batch_index: int, gen: int) -> int:
+        conn, timeout = self._conns[worker], float(self.opts["timeout_s"])
+        sentinels = [p.sentinel for p in self._procs]
+        while True:
+            ready = connection.wait([conn, *sentinels], timeout=timeout)
+            if not ready:
+                raise WorkerError(f"host worker {worker} sent nothing for {timeout:.0f} s (hung decode? slow disk?)")
+            if conn in ready or conn.poll():
+                msg = self._recv(worker)
+                if msg[1] != gen:
+                    continue  # about an abandoned iteration
+                if msg[0] == "sample_error":
+                    raise SampleError(msg[2])
+                _, _, slot, index, nbytes, skipped = msg
+                if index != batch_index:
+                    raise WorkerError(f"host worker {worker} sent batch {index}, expected {batch_index}")
+                self._account(nbytes, skipped)
+                return slot
+            self._raise_for_dead()
+
+    def _recv(self, worker: int):
+        try:
+            msg = self._conns[worker].recv()
+        except (EOFError, OSError):
+            self._procs[worker].join(timeout=1)
+            raise WorkerError(f"host worker {worker} exited (code {self._procs[worker].exitcode}) mid-epoch")
+        if msg[0] == "crash":
+            raise WorkerError(msg[1])
+        return msg
+
+    def _raise_for_dead(self) -> None:
+        for w, p in enumerate(self._procs):
+            if p.is_alive():
+                continue
+            while self._conns[w].poll():  # its last words, if it managed to send them
+                self._recv(w)
+            raise WorkerError(f"host worker {w} (pid {p.pid}) died with exit code {p.exitcode}")
+
+    def _account(self, nbytes: int, skipped: int) -> None:
+        self.bytes_read += nbytes
+        if skipped and not self.skipped:
+            log.warning("rank %d: skipping undecodable samples (on_error='skip'); loader.skipped counts them",
+                        self.spec.rank)
+        self.skipped += skipped

@@ -1,0 +1,40 @@
+"""Random batches made once on the device: the input-free ceiling that every FPS figure is compared with."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.contract import LoaderSpec, to_model_input
+from pipeline.shards import read_manifest, steps_per_epoch
+
+IMAGENET_SAMPLES = {"train": 1_281_167, "val": 50_000}
+
+
+class SyntheticLoader:
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        # With shards at hand the epoch has their length, so synthetic and real runs step the same; without, ImageNet's.
+        num = IMAGENET_SAMPLES[spec.split]
+        if spec.data_path is not None:
+            num = read_manifest(spec.data_path)["splits"][spec.split]["num_samples"]
+        self.steps = max(1, steps_per_epoch(num, spec.batch_size, spec.world_size, spec.train))
+        g = torch.Generator().manual_seed(spec.seed + spec.rank)
+        pixels = torch.randint(0, 256, (spec.batch_size, spec.img_size, spec.img_size, 3), dtype=torch.uint8,
+                               generator=g)
+        self.images = to_model_input(pixels.to(spec.device), spec, nhwc=True)
+        self.labels = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=g).to(spec.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.images, self.labels
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "synthetic (one random batch, resident on the device)"

@@ -1,0 +1,45 @@
+"""pipeline.bench: short runs print JSON lines whose last one carries the figures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["--batch-size", "4", "--workers", "1", "--seconds", "1", "--interval", "0.4", "--warmup", "1",
+         "--img-size", "32"]
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_host_run_reports_img_s(sample_shards, capsys):
+    assert bench.main(["--data_path", str(sample_shards), "--backend", "host", *QUICK]) == 0
+    lines = json_lines(capsys.readouterr().out)
+    assert len(lines) >= 2 and all(line["img_s"] > 0 for line in lines)
+    last = lines[-1]
+    assert last["final"] and last["backend"] == "host" and last["workers"] == 1 and last["batch_size"] == 4
+    assert "Pillow" in last["pillow"] and last["mb_s"] > 0 and 0 <= last["data_wait"] <= 1
+
+
+def test_cli_with_baseline_reports_ratio(sample_shards, sample_folder):
+    out = subprocess.run([sys.executable, "-m", "pipeline.bench", "--data_path", str(sample_shards),
+                          "--baseline", str(sample_folder), *QUICK], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    last = json_lines(out.stdout)[-1]
+    assert last["img_s"] > 0 and last["baseline_img_s"] > 0
+    assert last["ratio"] == round(last["img_s"] / last["baseline_img_s"], 2)
+
+
+def test_synthetic_needs_no_data(capsys):
+    assert bench.main(["--backend", "synthetic", *QUICK]) == 0
+    assert json_lines(capsys.readouterr().out)[-1]["img_s"] > 0
+
+
+def test_bad_data_path_is_one_clear_line(tmp_path, capsys):
+    assert bench.main(["--data_path", str(tmp_path), "--backend", "host", *QUICK]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest" in err[0]

@@ -1,0 +1,89 @@
+"""config.py: the seed's ModelZoo flags keep their names and meaning, new flags parse, bad input exits 2, and the
+launch flags map onto the env:// rendezvous as docs/training.md says."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, TrainConfig, markdown_table, parse_config
+from trainlib import distributed
+
+SEED_8P = ["--data_path=/data/imagenet", "--addr=10.0.0.7", "--seed=49", "--workers=128", "--learning-rate=0.8",
+           "--momentum=0.9", "--weight-decay=1.0e-04", "--print-freq=1", "--dist-url=tcp://127.0.0.1:23456",
+           "--dist-backend", "hccl", "--multiprocessing-distributed", "--world-size=1", "--rank=0",
+           "--device=npu", "--epochs=90", "--amp", "--batch-size=2048", "--gpu", "0"]
+
+
+def test_seed_flags_parse_with_seed_meaning():
+    cfg = parse_config(SEED_8P)
+    assert (cfg.data_path, cfg.addr, cfg.seed, cfg.workers, cfg.lr) == ("/data/imagenet", "10.0.0.7", 49, 128, 0.8)
+    assert (cfg.momentum, cfg.weight_decay, cfg.print_freq, cfg.epochs, cfg.batch_size) == (0.9, 1e-4, 1, 90, 2048)
+    assert (cfg.dist_backend, cfg.multiprocessing_distributed, cfg.world_size, cfg.rank) == ("hccl", True, 1, 0)
+    assert (cfg.device, cfg.gpu, cfg.amp) == ("npu", 0, "auto")  # bare --amp: mixed precision on
+
+
+def test_short_and_alias_spellings():
+    cfg = parse_config(["--data-path", "x", "--lr", "0.1", "--wd", "0.2", "-p", "3", "-b", "4", "-j", "5"])
+    assert (cfg.data_path, cfg.lr, cfg.weight_decay, cfg.print_freq, cfg.batch_size, cfg.workers) == \
+        ("x", 0.1, 0.2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("argv, amp", [([], "auto"), (["--amp"], "auto"), (["--amp", "bf16"], "bf16"),
+                                       (["--amp", "fp16"], "fp16"), (["--no-amp"], "fp32"), (["--amp=fp32"], "fp32")])
+def test_amp_modes(argv, amp):
+    assert parse_config(["--backend", "synthetic", *argv]).amp == amp
+
+
+def test_booleans_are_switches():
+    assert parse_config(["--backend", "synthetic", "--channels-last"]).channels_last is True
+    assert parse_config(["--backend", "synthetic", "--no-fused-opt"]).fused_opt is False
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--backend", "synthetic", "--batch-size", "0"],
+                                  ["--backend", "host"], ["--backend", "synthetic", "--amp", "fp8"],
+                                  ["--backend", "synthetic", "--evaluate"], ["--backend", "synthetic", "--lr=-1"],
+                                  ["--backend", "synthetic", "--batch"]])  # no abbreviations either
+def test_bad_input_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_config_round_trips_through_json():
+    cfg = parse_config(["--backend", "synthetic", "--lr", "0.5", "--resume", "auto"])
+    assert TrainConfig(**json.loads(cfg.to_json())) == cfg
+
+
+def test_rendezvous_from_seed_flags():
+    env = {}
+    distributed.rendezvous_env(parse_config(["--backend", "synthetic", "--dist-url", "tcp://10.1.2.3:23456"]), env)
+    assert env == {"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "23456"}
+    env = {}
+    distributed.rendezvous_env(parse_config(SEED_8P), env)  # --addr names the master over the url's 127.0.0.1
+    assert env == {"MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "23456"}
+    env = {}
+    distributed.rendezvous_env(parse_config(["--backend", "synthetic"]), env)
+    assert env == {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": distributed.DEFAULT_PORT}
+    with pytest.raises(ConfigError, match="dist-url"):
+        distributed.rendezvous_env(parse_config(["--backend", "synthetic", "--dist-url", "file:///x"]), {})
+
+
+def test_torchrun_environment_wins_over_rank_flags():
+    cfg = parse_config(["--backend", "synthetic", "--rank", "1", "--world-size", "4", "--gpu", "3"])
+    assert distributed.placement(cfg, {}) == distributed.Placement(1, 4, 3)
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert distributed.placement(cfg, env) == distributed.Placement(5, 8, 1)
+    with pytest.raises(ConfigError, match="outside"):
+        distributed.placement(parse_config(["--backend", "synthetic", "--rank", "2"]), {})
+
+
+def test_docs_flags_table_is_current():
+    table = markdown_table()
+    hidden = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["hidden"]]
+    assert hidden == ["fail_at_step"] and "fail-at-step" not in table
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    assert table in docs, "regenerate the table: python config.py"

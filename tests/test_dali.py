@@ -1,0 +1,263 @@
+"""pipeline/dali.py on CPU operators: labels, the rank split, val padding, errors, and parity with the host backend.
+
+Every test but the missing-DALI ones skips when DALI is not installed. The shard sets are written here with
+`tarfile` in make_shards' format (tar + wds2idx v1.2 index + manifest) so each test controls labels and sizes.
+"""
+import io
+import json
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import build_loader
+from pipeline.dali import DaliMissingError, parse_labels
+from pipeline.shards import ShardError, epoch_order, rank_plan, rank_span, shard_list
+
+NUM_LABELLED, PER_SHARD = 1000, 130  # labels 0..999, shards of uneven size (7 x 130 + 90)
+
+
+def jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def write_split(dst, split: str, samples: list, per_shard: int) -> dict:
+    """samples: (key, jpg bytes, cls bytes). Writes `<split>-NNNNNN.tar` + `.idx`; returns the manifest entry."""
+    shards = []
+    for first in range(0, len(samples), per_shard):
+        name = f"{split}-{first // per_shard:06d}"
+        with tarfile.open(dst / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, jpg, cls in samples[first:first + per_shard]:
+                for ext, data in (("jpg", jpg), ("cls", cls)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(dst / f"{name}.tar") as tar:
+            members = tar.getmembers()
+        lines = [" ".join(f"{m.name.split('.', 1)[1]} {m.offset_data} {m.size} {m.name}" for m in members[i:i + 2])
+                 for i in range(0, len(members), 2)]
+        (dst / f"{name}.idx").write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": len(lines)})
+    return {"num_samples": len(samples), "shards": shards}
+
+
+def write_shards(dst, splits: dict, per_shard: int, num_classes: int):
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest = {"splits": {s: write_split(dst, s, samples, per_shard) for s, samples in splits.items()},
+                "num_classes": num_classes}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def dali():
+    return pytest.importorskip("nvidia.dali")
+
+
+@pytest.fixture(scope="module")
+def labelled_shards(tmp_path_factory, dali):
+    """1,000 flat grey 8x8 JPEGs; sample i has label i (1-3 digits, some with a trailing newline) and grey i % 256,
+    in both splits, so a label can be checked against its image."""
+    samples = [(f"s{i:04d}", jpeg(np.full((8, 8, 3), i % 256, np.uint8)), f"{i}{chr(10) * (i % 7 == 0)}".encode())
+               for i in range(NUM_LABELLED)]
+    return write_shards(tmp_path_factory.mktemp("labelled"), {"train": samples, "val": samples}, PER_SHARD, 1000)
+
+
+def load(path, split, *, world_size=1, rank=0, batch_size=16, epoch=0, backend="dali", **more):
+    loader = build_loader(data_path=path, split=split, backend=backend, batch_size=batch_size, device="cpu",
+                          rank=rank, world_size=world_size, workers=2, seed=3, img_size=8, **more)
+    loader.set_epoch(epoch)
+    try:
+        batches = [(x.clone(), y.clone()) for x, y in loader]
+        return batches, len(loader)
+    finally:
+        loader.close()
+
+
+def labels_of(batches) -> list[int]:
+    return torch.cat([y for _, y in batches]).tolist()
+
+
+def epoch_sequence(path, split: str, epoch: int) -> list[int]:
+    """Labels of the epoch's sample sequence (rule 1 of pipeline/shards.py); label == position in manifest order."""
+    order = epoch_order(shard_list(path, split), seed=3, epoch=epoch, shuffle=split == "train")
+    return [int(s.path[-10:-4]) * PER_SHARD + i for s in order for i in range(s.num_samples)]
+
+
+# -- always run, DALI or not ------------------------------------------------------------------------------------------
+def test_missing_dali_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail as if not installed
+    with pytest.raises(DaliMissingError, match=r"needs NVIDIA DALI: pip install nvidia-dali-cuda130") as err:
+        build_loader(data_path=tmp_path, split="train", backend="dali", batch_size=4, device="cpu")
+    assert isinstance(err.value, ImportError) and "\n" not in str(err.value)
+
+
+def test_parse_labels_multi_digit_ragged():
+    rows = [b"0", b"7", b"42", b"417\n", b"999", b" 12 "]
+    width = max(map(len, rows))
+    padded = np.array([list(r.ljust(width, b"\0")) for r in rows], np.uint8)  # what fn.pad makes of the .cls bytes
+    assert parse_labels(padded).tolist() == [0, 7, 42, 417, 999, 12]
+    with pytest.raises(ValueError):
+        parse_labels(np.array([list(b"4a")], np.uint8))
+
+
+# -- DALI on CPU ------------------------------------------------------------------------------------------------------
+def test_all_1000_labels_parse_and_match_their_images(labelled_shards):
+    batches, steps = load(labelled_shards, "val", batch_size=100, dtype=torch.uint8)
+    assert steps == 10 and labels_of(batches) == list(range(NUM_LABELLED))  # val reads in manifest order
+    grey = torch.cat([x for x, _ in batches]).float().mean(dim=(1, 2, 3))
+    assert (grey - torch.arange(NUM_LABELLED) % 256).abs().max() <= 3  # JPEG of a flat grey is off by a level or two
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_train_ranks_split_like_shards_rule(labelled_shards, world_size):
+    batch = 16
+    for epoch in (0, 1):
+        sequence, seen, lengths = epoch_sequence(labelled_shards, "train", epoch), [], set()
+        for rank in range(world_size):
+            batches, steps = load(labelled_shards, "train", world_size=world_size, rank=rank, epoch=epoch)
+            plan = rank_plan(shard_list(labelled_shards, "train"), train=True, batch_size=batch, rank=rank,
+                             world_size=world_size, seed=3, epoch=epoch)
+            lo, hi = rank_span(NUM_LABELLED, rank, world_size)
+            labels = labels_of(batches)
+            assert steps == plan.steps == len(batches) and len(labels) == steps * batch
+            assert set(labels) <= set(sequence[lo:hi])  # DALI's shard_id/num_shards cut == rank_span
+            seen += labels
+            lengths.add(steps)
+        assert len(lengths) == 1
+        assert len(seen) == len(set(seen))  # at most once per epoch
+        assert 0 <= NUM_LABELLED - len(seen) < world_size * batch
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_val_reads_each_sample_once_and_pads_with_minus_one(labelled_shards, world_size):
+    batch, sequence, real = 16, epoch_sequence(labelled_shards, "val", 0), []
+    for rank in range(world_size):
+        batches, steps = load(labelled_shards, "val", world_size=world_size, rank=rank, batch_size=batch)
+        labels = labels_of(batches)
+        lo, hi = rank_span(NUM_LABELLED, rank, world_size)
+        assert steps == -(-(-(-NUM_LABELLED // world_size)) // batch) == len(batches)
+        assert labels[:hi - lo] == sequence[lo:hi] and set(labels[hi - lo:]) <= {-1}
+        real += labels[:hi - lo]
+    assert sorted(real) == list(range(NUM_LABELLED))
+
+
+def test_normalize_in_dali_matches_torch(labelled_shards):
+    reference, _ = load(labelled_shards, "val", batch_size=100)
+    for dtype, channels_last, atol in ((torch.float32, False, 1e-5), (torch.float32, True, 1e-5),
+                                       (torch.float16, False, 2e-3), (torch.bfloat16, True, 1e-2)):
+        batches, _ = load(labelled_shards, "val", batch_size=100, dtype=dtype, channels_last=channels_last,
+                          extra={"normalize_in": "dali"})
+        x = batches[0][0]
+        assert x.dtype == dtype and x.shape == (100, 3, 8, 8)
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(x.float(), reference[0][0], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("normalize_in", ["torch", "dali"])
+def test_hflip_mirrors_the_same_crop(sample_shards, dali, normalize_in):
+    def first_batch(hflip):
+        loader = build_loader(data_path=sample_shards, split="train", backend="dali", batch_size=8, device="cpu",
+                              workers=2, seed=5, img_size=32, hflip=hflip, extra={"normalize_in": normalize_in})
+        try:
+            return next(iter(loader))[0]
+        finally:
+            loader.close()
+    kept, mirrored = first_batch(0.0), first_batch(1.0)  # same seeds: same samples, same crops
+    assert (mirrored - kept.flip(-1)).abs().max() <= 1.5 / 127.5  # a level of resampling rounding
+    assert (mirrored - kept).abs().mean() > 10 / 127.5  # and the images are not left-right symmetric
+
+
+def test_bad_labels_name_shard_and_key(tmp_path, dali):
+    pixels = jpeg(np.zeros((8, 8, 3), np.uint8))
+    for name, cls, problem in (("word", b"cat", "not a class index"), ("range", b"4", "not a class index")):
+        path = write_shards(tmp_path / name, {"val": [("good", pixels, b"1"), ("bad", pixels, cls)]}, 10, 4)
+        with pytest.raises(ShardError, match=rf"val-000000\.tar:\d+:bad\.cls: label b'{cls.decode()}' is {problem}"):
+            load(path, "val", batch_size=2)
+
+
+def test_corrupt_jpeg_names_the_shard(tmp_path, dali):
+    good = jpeg(np.zeros((8, 8, 3), np.uint8))
+    path = write_shards(tmp_path, {"val": [("good", good, b"1"), ("broken", good[:40] + b"garbage", b"2")]}, 10, 4)
+    with pytest.raises(ShardError, match=r"val batch 0 of epoch 0 \(rank 0\), reading val-000000\.tar: decoders\."):
+        load(path, "val", batch_size=2)
+
+
+def test_rejects_unknown_options(labelled_shards):
+    with pytest.raises(ValueError, match="unknown dali option"):
+        load(labelled_shards, "val", extra={"normalise_in": "dali"})
+    with pytest.raises(ValueError, match="normalize_in must be"):
+        load(labelled_shards, "val", extra={"normalize_in": "cuda"})
+    with pytest.raises(ValueError, match="on_error='raise' only"):
+        load(labelled_shards, "val", on_error="skip")
+
+
+def denormalized(path, backend, split, **more) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of the shared sample shards as 0..255 floats. Host: one worker, so val comes in manifest order."""
+    loader = build_loader(data_path=path, split=split, backend=backend, batch_size=8, device="cpu",
+                          workers=1 if backend == "host" else 2, seed=0, img_size=48, **more)
+    try:
+        batches = [(x.clone(), y.clone()) for x, y in loader]
+    finally:
+        loader.close()
+    images = torch.cat([x for x, _ in batches])
+    return images * 127.5 + 127.5, torch.cat([y for _, y in batches])  # the contract's default mean = std = 0.5
+
+
+# img_size 48 keeps the host's DCT-scaled decode (used when the crop is >= 2x the output) off for these <= 96 px
+# images, so both backends decode the same full-resolution pixels.
+def test_val_parity_with_host(sample_shards):
+    pytest.importorskip("pipeline.host")
+    host, host_labels = denormalized(sample_shards, "host", "val")
+    dali, dali_labels = denormalized(sample_shards, "dali", "val")
+    assert dali_labels.tolist() == host_labels.tolist()
+    # Same libjpeg-turbo decode, same crop box, bicubic both: only the resampler implementations differ (measured
+    # 0.2-0.3 levels per image). A level per image still catches a shifted box, a wrong resize or a channel mix-up.
+    per_image = (dali - host).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 1.0, per_image
+
+
+def test_train_parity_with_host(sample_shards):
+    pytest.importorskip("pipeline.host")
+    host, host_labels = denormalized(sample_shards, "host", "train")
+    dali, dali_labels = denormalized(sample_shards, "dali", "train")
+    assert sorted(dali_labels.tolist()) == sorted(host_labels.tolist())  # 48 samples, 6 batches of 8: all of them
+    # Different random crops: the per-channel mean/std of 48 crops moves by about 2 levels between seeds of one
+    # backend (measured), so 8 levels is ~3.5 sigma of a difference; a swapped channel (R-B differ by ~45 here),
+    # missing normalization or a wrong mean moves them by far more.
+    for stat in (lambda x: x.mean(dim=(0, 2, 3)), lambda x: x.std(dim=(0, 2, 3))):
+        assert (stat(dali) - stat(host)).abs().max() < 8.0, (stat(dali), stat(host))
+
+
+# -- on a CUDA GPU ----------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_decode_matches_cpu_decode(labelled_shards):
+    cpu, _ = load(labelled_shards, "val", batch_size=100, dtype=torch.uint8)
+    loader = build_loader(data_path=labelled_shards, split="val", backend="dali", batch_size=100, device="cuda",
+                          workers=2, seed=3, img_size=8, dtype=torch.uint8)
+    gpu = [(x.cpu(), y.cpu()) for x, y in loader]
+    loader.close()
+    assert labels_of(gpu) == labels_of(cpu)
+    # nvJPEG and libjpeg-turbo upsample chroma differently; on flat grey images that is at most a level or two.
+    diff = (torch.cat([x for x, _ in gpu]).float() - torch.cat([x for x, _ in cpu]).float()).abs()
+    assert diff.mean() < 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize_in", ["torch", "dali"])
+def test_gpu_train_batches_follow_the_contract(sample_shards, normalize_in):
+    loader = build_loader(data_path=sample_shards, split="train", backend="dali", batch_size=8, device="cuda",
+                          workers=2, seed=0, img_size=32, channels_last=True, extra={"normalize_in": normalize_in})
+    with loader:
+        batches = [(x.clone(), y.clone()) for x, y in loader]
+    x, y = batches[0]
+    assert len(batches) == len(loader) == 6
+    assert x.is_cuda and y.is_cuda and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (8, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.1
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted([c for c in range(4) for _ in range(12)])

@@ -1,0 +1,278 @@
+import errno
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from tools import make_shards, shardlib
+
+
+def _run(src, dst, *extra, workers=1):
+    return make_shards.main(["--data_path", str(src), "--out", str(dst), "--samples-per-shard", "10",
+                             "--workers", str(workers), *extra])
+
+
+def _outputs(dst):
+    """Every file make_shards writes (not the .parts records), name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted(Path(dst).iterdir()) if p.is_file() and p.name != ".plan.json"}
+
+
+def _labels_by_key(folder):
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    out = {}
+    for split in ("train", "val"):
+        for label, c in enumerate(classes):
+            for p in (folder / split / c).iterdir():
+                key = p.stem if p.stem.startswith(c + "_") else f"{c}_{p.stem}"
+                out[(split, key)] = (label, p.read_bytes())
+    return out
+
+
+def _jpeg(mode="RGB", size=(40, 30), fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.new(mode, size, 128 if mode == "L" else (200, 30, 60, 0)[:len(mode)]).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_round_trip_webdataset_and_tarfile(sample_folder, sample_shards):
+    truth = _labels_by_key(sample_folder)
+    for split, n in (("train", 48), ("val", 16)):
+        urls = [str(p) for p in sorted(sample_shards.glob(f"{split}-*.tar"))]
+        seen = {}
+        for sample in wds.WebDataset(urls, shardshuffle=False):
+            seen[sample["__key__"]] = (int(sample["cls"]), sample["jpg"])
+        assert len(seen) == n
+        for key, (label, data) in seen.items():
+            assert truth[(split, key)] == (label, data)
+        with tarfile.open(urls[0]) as tar:
+            names = tar.getnames()
+            assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o444 for m in tar.getmembers())
+        assert [n.split(".", 1)[1] for n in names[:4]] == ["jpg", "cls", "jpg", "cls"]
+    # a short last shard, and shards mix classes
+    lengths = [s["num_samples"] for s in json.loads((sample_shards / "manifest.json").read_text())
+               ["splits"]["train"]["shards"]]
+    assert lengths == [10, 10, 10, 10, 8]
+    with tarfile.open(sample_shards / "train-000000.tar") as tar:
+        labels = {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls")}
+    assert len(labels) > 1
+
+
+def test_index_points_at_member_bytes(sample_shards):
+    for idx in sorted(sample_shards.glob("*.idx")):
+        blob = idx.with_suffix(".tar").read_bytes()
+        lines = idx.read_text().splitlines()
+        with tarfile.open(idx.with_suffix(".tar")) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        assert lines[0] == f"v1.2 {len(members) // 2}"
+        for line in lines[1:]:
+            f = line.split()
+            for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4]):
+                assert name.endswith("." + ext)
+                assert blob[int(off):int(off) + int(size)] == members[name]
+
+
+def test_side_files(sample_folder, sample_shards):
+    classes = json.loads((sample_shards / "classes.json").read_text())
+    assert classes == sorted(p.name for p in (sample_folder / "train").iterdir())
+    info = json.loads((sample_shards / "_info.json").read_text())
+    assert info["splits"]["train"]["filenames"] == [f"train-00000{i}.tar" for i in range(5)]
+    assert info["splits"]["train"]["shard_lengths"] == [10, 10, 10, 10, 8]
+    assert info["splits"]["validation"]["num_samples"] == 16
+    m = json.loads((sample_shards / "manifest.json").read_text())
+    assert {"format", "seed", "samples_per_shard", "max_side", "quality", "source", "num_classes",
+            "splits", "converted", "rejected"} <= set(m)
+    assert m["format"] == "vitshards-1" and m["num_classes"] == 4 and m["source"] == str(sample_folder)
+    shard = m["splits"]["val"]["shards"][1]
+    assert set(shard) == {"name", "index", "num_samples", "bytes", "sha256"} and shard["num_samples"] == 6
+    assert m["splits"]["train"]["num_files"] == 48 and m["converted"] == m["rejected"] == []
+
+
+def test_parallel_equals_sequential(sample_folder, sample_shards, tmp_path):
+    assert _run(sample_folder, tmp_path / "par", workers=2) == 0
+    assert _outputs(tmp_path / "par") == _outputs(sample_shards) | {
+        "_info.json": (tmp_path / "par" / "_info.json").read_bytes()}  # _info names the folder
+
+
+def test_resume_after_deleted_shard_and_stale_temp(sample_folder, sample_shards, tmp_path):
+    dst = tmp_path / "shards"  # same folder name as the fixture's, so _info.json matches too
+    shutil.copytree(sample_shards, dst)
+    (dst / "train-000002.tar").unlink()
+    stale = dst / ".train-000003.tar.99999.tmp"
+    stale.write_bytes(b"half a shard")
+    assert _run(sample_folder, dst) == 0
+    assert not stale.exists()
+    assert _outputs(dst) == _outputs(sample_shards)
+
+
+def test_interrupted_run_resumes_to_identical_bytes(sample_folder, sample_shards, tmp_path, monkeypatch):
+    real_add, calls = shardlib._add_member, []
+
+    def add_then_interrupt(tar, name, data):
+        calls.append(name)
+        if len(calls) == 55:  # in the middle of the third shard
+            raise KeyboardInterrupt
+        return real_add(tar, name, data)
+
+    monkeypatch.setattr(shardlib, "_add_member", add_then_interrupt)
+    dst = tmp_path / "shards"
+    assert _run(sample_folder, dst) == 130
+    assert not list(dst.glob(".*.tmp")) and not (dst / "manifest.json").exists()
+    assert (dst / "train-000001.tar").exists() and not (dst / "train-000002.tar").exists()
+    monkeypatch.setattr(shardlib, "_add_member", real_add)
+    assert _run(sample_folder, dst) == 0
+    assert _outputs(dst) == _outputs(sample_shards)
+
+
+def test_disk_full_is_one_clean_error(sample_folder, tmp_path, monkeypatch, capsys):
+    def no_space(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shardlib, "_add_member", no_space)
+    dst = tmp_path / "out"
+    assert _run(sample_folder, dst) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list(dst.glob(".*.tmp")) and not list(dst.glob("*.tar"))
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    """A tree with every kind of bad input ImageNet is known to contain, and then some."""
+    root = tmp_path / "bad"
+    good = _jpeg()
+    files = {
+        "train/n01/good.JPEG": good,
+        "train/n01/cmyk.JPEG": _jpeg("CMYK"),
+        "train/n01/gray.JPEG": _jpeg("L"),
+        "train/n01/png named.JPEG": _jpeg(fmt="PNG"),
+        "train/n01/truncated.JPEG": good[: len(good) // 2],
+        "train/n01/empty.JPEG": b"",
+        "train/n01/notes.txt": b"not an image",
+        "train/n01/.DS_Store": b"\0\0\0\1Bud1",
+        "train/n01/Thumbs.db": b"\0",
+        "train/n01/.ipynb_checkpoints/copy.JPEG": good,
+        "train/n02/a b.JPEG": good,
+        "train/n02/a_b.JPEG": good,
+        "train/n02/ünïcödé.JPEG": good,
+        "train/n02/dots.in.stem.JPEG": good,
+        "train/stray.csv": b"a,b",
+        "val/n02/v1.JPEG": good,
+        "val/.DS_Store": b"\0",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_bad_inputs_are_converted_or_rejected(bad_folder, tmp_path, capsys):
+    dst = tmp_path / "out"
+    assert make_shards.main(["--data_path", str(bad_folder), "--out", str(dst), "--workers", "1",
+                             "--verify"]) == make_shards.EXIT_REJECTED
+    m = json.loads((dst / "manifest.json").read_text())
+    assert {c["path"]: c["reason"] for c in m["converted"]} == {
+        "train/n01/cmyk.JPEG": "CMYK -> RGB", "train/n01/gray.JPEG": "L -> RGB",
+        "train/n01/png named.JPEG": "PNG -> JPEG"}
+    rejected = {r["path"]: r["reason"] for r in m["rejected"]}
+    assert set(rejected) == {"train/n01/truncated.JPEG", "train/n01/empty.JPEG", "train/n01/notes.txt",
+                             "train/stray.csv"}
+    assert rejected["train/n01/truncated.JPEG"].startswith("truncated JPEG")
+    assert {i["path"] for i in m["ignored"]} == {"train/n01/.DS_Store", "train/n01/Thumbs.db",
+                                                 "train/n01/.ipynb_checkpoints/copy.JPEG", "val/.DS_Store"}
+    train = m["splits"]["train"]
+    assert (train["num_samples"], train["num_rejected"], train["num_ignored"], train["num_files"]) == (8, 4, 3, 15)
+    out = capsys.readouterr().out
+    assert "train: 15 files = 8 in 1 shards + 4 rejected + 3 ignored" in out and "verify: OK" in out
+    samples = list(wds.WebDataset([str(dst / "train-000000.tar")], shardshuffle=False))
+    keys = [s["__key__"] for s in samples]
+    assert len(set(keys)) == 8 and not any("." in k for k in keys) and "n02_dots_in_stem" in keys
+    for s in samples:
+        with Image.open(io.BytesIO(s["jpg"])) as im:
+            assert (im.format, im.mode) == ("JPEG", "RGB")
+
+
+def test_header_check_still_catches_cut_off_jpegs(bad_folder, tmp_path):
+    dst = tmp_path / "out"
+    assert _run(bad_folder, dst, "--check", "header") == make_shards.EXIT_REJECTED
+    m = json.loads((dst / "manifest.json").read_text())
+    assert "train/n01/truncated.JPEG" in {r["path"] for r in m["rejected"]}
+
+
+def test_max_side_resizes(sample_folder, tmp_path):
+    dst = tmp_path / "out"
+    assert _run(sample_folder, dst, "--max-side", "70") == 0
+    m = json.loads((dst / "manifest.json").read_text())
+    assert m["max_side"] == 70 and m["converted"]
+    assert all(c["reason"].startswith("resized") for c in m["converted"])
+    for s in wds.WebDataset([str(p) for p in sorted(dst.glob("*.tar"))], shardshuffle=False):
+        with Image.open(io.BytesIO(s["jpg"])) as im:
+            assert max(im.size) <= 70
+
+
+def test_refuses_other_data_set_or_settings(sample_folder, sample_shards, tmp_path, capsys):
+    dst = tmp_path / "shards"
+    shutil.copytree(sample_shards, dst)
+    before = _outputs(dst)
+    assert _run(sample_folder, dst, "--seed", "1") == 2
+    assert "seed: 0 -> 1" in capsys.readouterr().err
+    assert _outputs(dst) == before
+    assert _run(sample_folder, dst, "--seed", "1", "--overwrite") == 0
+    assert _outputs(dst)["train-000000.tar"] != before["train-000000.tar"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert _run(sample_folder, foreign) == 2
+
+
+def test_verify_catches_a_tampered_shard(sample_folder, sample_shards, tmp_path, capsys):
+    dst = tmp_path / "shards"
+    shutil.copytree(sample_shards, dst)
+    assert _run(sample_folder, dst, "--verify") == 0
+    blob = bytearray((dst / "val-000001.tar").read_bytes())
+    blob[2000] ^= 0xFF
+    (dst / "val-000001.tar").write_bytes(bytes(blob))
+    assert _run(sample_folder, dst, "--verify") == make_shards.EXIT_VERIFY
+    assert "val-000001.tar: size or sha256 differs" in capsys.readouterr().out
+
+
+def test_usage_errors(tmp_path, sample_folder, capsys):
+    assert _run(tmp_path / "missing", tmp_path / "o") == 2
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert _run(tmp_path / "empty", tmp_path / "o") == 2
+    odd = tmp_path / "odd"
+    shutil.copytree(sample_folder, odd)
+    (odd / "val" / "n99999999").mkdir()
+    assert _run(odd, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("make_shards: error:") == 3
+    with pytest.raises(SystemExit) as e:
+        make_shards.main(["--out", str(tmp_path)])
+    assert e.value.code == 2
+
+
+def test_timm_reads_the_shards(sample_shards):
+    timm_data = pytest.importorskip("timm.data")
+    ds = timm_data.create_dataset("wds/sample", root=str(sample_shards), split="validation", is_training=False)
+    assert sorted(int(t) for _, t in ds) == sorted([0, 1, 2, 3] * 4)
+
+
+def test_dali_accepts_the_index(sample_shards):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+
+    tars = sorted(str(p) for p in sample_shards.glob("val-*.tar"))
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None)
+    def read():
+        jpg, cls = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                                         ext=["jpg", "cls"], missing_component_behavior="error")
+        return jpg, cls
+
+    pipe = read()
+    pipe.build()
+    jpg, cls = pipe.run()
+    assert sorted(int(bytes(cls.at(i))) for i in range(16)) == sorted([0, 1, 2, 3] * 4)

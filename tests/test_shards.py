@@ -1,0 +1,114 @@
+"""The sample-assignment rule of pipeline/shards.py, checked on synthetic shard lists for world sizes 1..64 and worker
+counts 1..16. No files, no processes: a sample is (shard path, index in shard)."""
+import random
+
+import pytest
+
+from pipeline.shards import (RankPlan, Shard, ShardError, batch_segments, consumer_order, rank_plan, worker_batches)
+
+WORLD_SIZES = range(1, 65)
+WORKER_COUNTS = range(1, 17)
+
+
+def make_shards(count: int, seed: int = 0) -> list[Shard]:
+    # Varied sizes, as real shard sets have (a short last shard, uneven classes).
+    rng = random.Random(seed)
+    return [Shard(f"s{i:04d}.tar", f"s{i:04d}.idx", rng.randint(1, 40)) for i in range(count)]
+
+
+def samples(segments) -> list[tuple[str, int]]:
+    return [(seg.shard.path, i) for seg in segments for i in range(seg.start, seg.stop)]
+
+
+def plans(shards, world_size, batch_size, train, epoch=0) -> list[RankPlan]:
+    return [rank_plan(shards, train=train, batch_size=batch_size, rank=r, world_size=world_size, seed=7, epoch=epoch)
+            for r in range(world_size)]
+
+
+SHARDS = make_shards(120)  # about 2,500 samples
+TOTAL = sum(s.num_samples for s in SHARDS)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 7])
+def test_train_epoch_sees_each_sample_at_most_once(batch_size):
+    everything = set(samples(plans(SHARDS, 1, 1, train=True)[0].segments))
+    assert len(everything) == TOTAL
+    for world_size in WORLD_SIZES:
+        ps = plans(SHARDS, world_size, batch_size, train=True)
+        assert len({p.steps for p in ps}) == 1, "every rank must run the same number of steps"
+        seen = [s for p in ps for s in samples(p.segments)]
+        assert len(seen) == len(set(seen)), f"world_size={world_size}: a sample read twice in one epoch"
+        assert all(p.num_real == p.steps * batch_size and p.num_padding == 0 for p in ps)
+        assert 0 <= TOTAL - len(seen) < world_size * batch_size, f"world_size={world_size}: too many sit out"
+
+
+def test_every_rank_reads_its_span_of_one_shared_epoch_order():
+    for epoch in (0, 1):
+        order = samples(plans(SHARDS, 1, 1, train=True, epoch=epoch)[0].segments)
+        for world_size in (2, 3, 8, 64):
+            for r, p in enumerate(plans(SHARDS, world_size, 4, train=True, epoch=epoch)):
+                lo = TOTAL * r // world_size
+                assert samples(p.segments) == order[lo:lo + p.steps * 4]
+
+
+def test_shard_order_changes_with_epoch_but_not_val():
+    orders = {e: [seg.shard.path for seg in plans(SHARDS, 1, 1, train=True, epoch=e)[0].segments] for e in range(3)}
+    assert len({tuple(o) for o in orders.values()}) == 3
+    assert all(sorted(o) == sorted(s.path for s in SHARDS) for o in orders.values())
+    val = [seg.shard.path for seg in plans(SHARDS, 1, 1, train=False, epoch=5)[0].segments]
+    assert val == [s.path for s in SHARDS]
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 16])
+def test_val_covers_every_sample_exactly_once_padding_in_the_tail(batch_size):
+    for world_size in WORLD_SIZES:
+        ps = plans(SHARDS, world_size, batch_size, train=False)
+        assert len({p.steps for p in ps}) == 1
+        seen = [s for p in ps for s in samples(p.segments)]
+        assert sorted(seen) == sorted(samples(plans(SHARDS, 1, 1, train=False)[0].segments))
+        for p in ps:
+            assert p.num_padding == p.steps * batch_size - p.num_real >= 0
+            real_per_batch = []
+            for i in range(p.steps):
+                segs, padding = batch_segments(p, range(i, i + 1))
+                real = sum(len(s) for s in segs)
+                assert real + padding == batch_size
+                real_per_batch.append(real)
+            full = [r == batch_size for r in real_per_batch]
+            # Full batches first, then at most one partial batch, then padding only.
+            assert full == sorted(full, reverse=True)
+            assert sum(0 < r < batch_size for r in real_per_batch) <= 1
+            assert real_per_batch == sorted(real_per_batch, reverse=True)
+
+
+def test_worker_batches_and_consumer_order_partition_the_steps():
+    for steps in list(range(0, 40)) + [97, 1251]:
+        for workers in WORKER_COUNTS:
+            runs = [worker_batches(steps, w, workers) for w in range(workers)]
+            flat = [i for run in runs for i in run]
+            assert flat == list(range(steps)), "contiguous runs, in worker order, covering every step once"
+            assert max(map(len, runs)) - min(map(len, runs)) <= 1
+            order = consumer_order(steps, workers)
+            assert [w for w, _ in order] == [i % workers for i in range(steps)]
+            assert sorted(i for _, i in order) == list(range(steps))
+            for w, run in enumerate(runs):
+                assert [i for v, i in order if v == w] == list(run)
+
+
+def test_worker_segments_partition_the_rank_plan():
+    for world_size in (1, 3, 8):
+        for workers in WORKER_COUNTS:
+            for train in (True, False):
+                p = plans(SHARDS, world_size, 6, train=train)[world_size - 1]
+                parts, padding = [], 0
+                for w in range(workers):
+                    segs, pad = batch_segments(p, worker_batches(p.steps, w, workers))
+                    parts += samples(segs)
+                    padding += pad
+                assert parts == samples(p.segments)
+                assert padding == p.num_padding
+
+
+def test_train_too_small_for_one_batch_per_rank_is_a_clear_error():
+    with pytest.raises(ShardError, match="lower --batch-size"):
+        rank_plan(make_shards(2), train=True, batch_size=10_000, rank=0, world_size=2, seed=0, epoch=0)

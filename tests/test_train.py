@@ -1,0 +1,147 @@
+"""train.py end to end on the CPU with timm's 300k-parameter `test_vit` at 32 px on the shared sample shards (4 classes,
+48 train / 16 val): it learns, resumes exactly after a crash, writes checkpoints timm can load, runs under a
+2-process torchrun like it runs alone, and fails cleanly on a missing device."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import checkpoint
+import devices
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "test_vit", "--img-size", "32", "--device", "cpu", "--workers", "1", "--lr", "3e-3",
+        "--warmup-epochs", "1"]
+
+
+def metrics(output: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ok(argv: list[str]) -> None:
+    assert train.main(argv) == 0
+
+
+def test_learns_far_above_chance(sample_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_ok([*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "6", "--eval-freq", "3",
+            "--output", str(out), "-p", "3"])
+    evals = metrics(out, "eval")
+    assert [e["samples"] for e in evals] == [16, 16]  # the whole val split, each sample once
+    assert evals[-1]["acc1"] >= 62.5, evals  # 4 classes: chance is 25%
+    text = capsys.readouterr().out
+    assert " * Acc@1 " in text and "FPS@all " in text  # the lines ModelZoo scripts grep
+    for name in ("config.json", "env.json", "summary.json", "plots.png", "last.pth", "best.pth"):
+        assert (out / name).is_file(), name
+    env = json.loads((out / "env.json").read_text())
+    assert env["world_size"] == 1 and env["torch"] == torch.__version__
+
+
+def test_resume_after_crash_continues_exactly(sample_shards, tmp_path):
+    # drop path draws random numbers every step, so equal losses also prove the RNG streams were restored.
+    common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "2", "--eval-freq", "0",
+              "-p", "1", "--drop-path", "0.1"]
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    run_ok([*common, "--output", str(ref)])
+    # 6 steps per epoch: a checkpoint at global step 8 (epoch 1, step 2), then a crash after step 9.
+    with pytest.raises(RuntimeError, match="fail-at-step"):
+        train.main([*common, "--output", str(crashed), "--save-steps", "4", "--fail-at-step", "9"])
+    state = checkpoint.load(crashed / "last.pth")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 8)
+    run_ok([*common, "--output", str(crashed), "--resume", "auto"])
+
+    expected = {r["global_step"]: r for r in metrics(ref, "train")}
+    resumed = [r for r in metrics(crashed, "train")][-4:]  # after the resume: global steps 9..12
+    assert [r["global_step"] for r in resumed] == [9, 10, 11, 12]
+    for r in resumed:
+        assert r["lr"] == expected[r["global_step"]]["lr"]
+        assert r["loss"] == pytest.approx(expected[r["global_step"]]["loss"], rel=1e-5, abs=1e-6)
+    assert (r["epoch"], r["step"]) == (1, 6)
+
+    # Our checkpoint is what timm's own loader expects ("model" key, weights_only-safe contents).
+    net = timm.create_model("test_vit", num_classes=4, img_size=32, checkpoint_path=str(crashed / "last.pth"))
+    saved = checkpoint.load(crashed / "last.pth")["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+
+
+def test_evaluate_only_reproduces_best(sample_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_ok([*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "2", "--output", str(out)])
+    best = json.loads((out / "summary.json").read_text())["best_acc1"]
+    capsys.readouterr()
+    run_ok([*TINY, "--data_path", str(sample_shards), "--evaluate", "--pretrained", str(out / "best.pth"),
+            "--output", str(tmp_path / "eval"), "--val-batch-size", "5"])  # another batch: padding must not count
+    assert f" * Acc@1 {best:.3f} " in capsys.readouterr().out
+
+
+def test_two_ranks_see_the_same_samples_as_one(sample_shards, tmp_path):
+    args = [*TINY, "--data_path", str(sample_shards), "--epochs", "1", "-p", "2", "--no-save-checkpoints"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_ok([*args, "--batch-size", "8", "--output", str(one)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *args, "--batch-size", "4", "--output", str(two)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" * Acc@1 ") == 1  # only rank 0 speaks
+    # The seed's launcher: --batch-size is per node there, split over the processes it spawns.
+    spawned = tmp_path / "spawned"
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, "--multiprocessing-distributed", "--nproc-per-node", "2",
+           "--batch-size", "8", "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--output", str(spawned)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for out, world, batch in ((one, 1, 8), (two, 2, 4), (spawned, 2, 4)):
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["global_step"] * world * batch == 48  # every train sample once
+        assert metrics(out, "eval")[-1]["samples"] == 16  # every val sample once, across ranks
+        assert json.loads((out / "env.json").read_text())["world_size"] == world
+
+
+def test_synthetic_perf_run_stops_at_max_steps(tmp_path, capsys):
+    out = tmp_path / "perf"
+    run_ok([*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--max-steps", "5",
+            "--warmup-log-steps", "2", "--eval-freq", "0", "--output", str(out), "-p", "1"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 5 and summary["fps"] > 0
+    state = checkpoint.load(out / "last.pth")
+    assert state["epoch"] == 0 and state["step_in_epoch"] == 5  # resumable mid-epoch
+    assert "FPS@all " in capsys.readouterr().out
+
+
+def test_npu_without_torch_npu_fails_in_one_line():
+    pytest.importorskip("torch")
+    try:
+        import torch_npu  # noqa: F401
+        pytest.skip("torch_npu is installed here")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--device", "npu", "--backend", "synthetic"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "torch_npu" in proc.stderr, proc.stderr
+
+
+def test_missing_devices_raise_clear_errors():
+    if not torch.cuda.is_available():
+        with pytest.raises(devices.DeviceError, match="no CUDA GPU"):
+            devices.resolve_device("gpu")
+    cpu = devices.resolve_device("cpu")
+    assert cpu.dist_backend == "gloo" and cpu.peak_flops(torch.bfloat16) is None
+    with cpu.autocast(torch.float32):
+        pass  # fp32: a do-nothing context

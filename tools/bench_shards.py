@@ -1,0 +1,132 @@
+"""Benchmark: how close `make_shards.py` (no re-encode) comes to just reading the source files.
+
+    python tools/bench_shards.py --data_path SRC [--workers W] [--repeats 3]
+
+What it measures, on the same machine and files:
+  * `cat`: one process opens and reads every file under SRC/train and SRC/val, summing bytes;
+    the floor any sharder has to pay for input.
+  * `make_shards --check decode` (the default) and `--check header`, W workers, no `--max-side`, so
+    images are copied, not re-encoded. The clock covers the whole `main()` call: scan, plan, image
+    checks, tar + index writing with fsync, manifest. Output goes to a fresh temporary folder
+    (`--tmp`, default the system's) that is deleted afterwards.
+By default all files are read once before timing, so both sides read from the page cache; each figure is
+the best of --repeats runs. `--cold` (root only) drops the page cache before every timed run instead, so
+`cat` reads from the disk, as a sharder meeting a data set for the first time does: that is the read rate
+the >= 0.8 goal is about on a real data set, which never sits in the page cache whole.
+
+Output: one JSON line per measurement with images/s and MB/s (source bytes / wall time), and for the
+sharder `ratio_vs_cat` = its images/s over cat's. 1.0 means sharding is as fast as reading; the goal
+is >= 0.8. `decode` pays a full JPEG decode per image, which a warm-cache `cat` never does, so on few
+cores expect it far below the goal; `header` shows the cost of the packing itself.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python tools/bench_shards.py`: make the `tools` package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools import make_shards, shardlib  # noqa: E402
+
+
+def source_files(src: Path) -> list:
+    return [p for s in shardlib.SPLITS if (src / s).is_dir() for p in sorted((src / s).rglob("*")) if p.is_file()]
+
+
+def cat(files: list) -> int:
+    total = 0
+    for p in files:
+        with open(p, "rb") as f:
+            total += len(f.read())
+    return total
+
+
+def copy(files: list, dst: Path, per_file: int) -> None:
+    """Concatenate every `per_file` source files into one output file, fsync'd: a sharder minus the sharding."""
+    for start in range(0, len(files), per_file):
+        with open(dst / f"{start}.bin", "wb") as out:
+            for p in files[start:start + per_file]:
+                with open(p, "rb") as f:
+                    out.write(f.read())
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def drop_page_cache() -> None:
+    os.sync()  # dirty pages (the last run's shards) are not dropped, so write them out first
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise SystemExit(f"bench_shards: --cold needs root on Linux to drop the page cache ({e})") from None
+
+
+def time_best(fn, repeats: int, tmp_root, cold: bool = False) -> float:
+    """Best wall time of fn(scratch folder) over `repeats` runs; the folder is deleted afterwards."""
+    best = float("inf")
+    for _ in range(repeats):
+        scratch = Path(tempfile.mkdtemp(prefix="bench_shards_", dir=tmp_root))
+        if cold:
+            drop_page_cache()
+        try:
+            t = time.perf_counter()
+            fn(scratch)
+            best = min(best, time.perf_counter() - t)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return best
+
+
+def shard(src: Path, dst: Path, check: str, workers: int, per_shard: int) -> None:
+    argv = ["--data_path", str(src), "--out", str(dst / "out"), "--workers", str(workers),
+            "--samples-per-shard", str(per_shard), "--check", check]
+    # The progress bar and summary would be timed too; keep them out of the measurement.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rc = make_shards.main(argv)
+    if rc not in (make_shards.EXIT_OK, make_shards.EXIT_REJECTED):
+        raise SystemExit(f"bench_shards: make_shards failed with exit status {rc}")
+
+
+def line(name: str, n: int, nbytes: int, seconds: float, **extra) -> dict:
+    return {"bench": name, "images": n, "MB": round(nbytes / 1e6, 1), "seconds": round(seconds, 3),
+            "images_per_s": round(n / seconds, 1), "MB_per_s": round(nbytes / 1e6 / seconds, 1), **extra}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_path", type=Path, required=True, help="ImageFolder root (train/, val/)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="make_shards workers")
+    p.add_argument("--samples-per-shard", type=int, default=100, help="small, so W workers share the work")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before every timed run (root)")
+    p.add_argument("--tmp", type=Path, help="where the shards are written (default: system temp folder)")
+    args = p.parse_args(argv)
+    files = source_files(args.data_path)
+    if not files:
+        print(f"bench_shards: error: no files under {args.data_path}/train or /val", file=sys.stderr)
+        return 2
+    nbytes = cat(files)  # warm the page cache for both sides
+    host = {"cpus": os.cpu_count(), "workers": args.workers, "cache": "cold" if args.cold else "warm"}
+    t_cat = time_best(lambda _: cat(files), args.repeats, args.tmp, args.cold)
+    print(json.dumps(line("cat", len(files), nbytes, t_cat, **host)), flush=True)
+    t_copy = time_best(lambda d: copy(files, d, args.samples_per_shard), args.repeats, args.tmp, args.cold)
+    print(json.dumps(line("copy", len(files), nbytes, t_copy, **host, ratio_vs_cat=round(t_cat / t_copy, 3))),
+          flush=True)
+    for check in ("decode", "header"):
+        t = time_best(lambda d: shard(args.data_path, d, check, args.workers, args.samples_per_shard),
+                      args.repeats, args.tmp, args.cold)
+        print(json.dumps(line(f"make_shards --check {check}", len(files), nbytes, t, **host,
+                              ratio_vs_cat=round(t_cat / t, 3), ratio_vs_copy=round(t_copy / t, 3))),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

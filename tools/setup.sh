@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install everything the demo, the tests and the benchmarks need.
+# Usage: bash tools/setup.sh        (from the repository root; PYTHON=python3.12 to pick an interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "setup: Python >= 3.10 needed, $py is $("$py" -V 2>&1)" >&2; exit 2; }
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements-dev.txt
+.venv/bin/python - <<'PY'
+import torch, torchvision, timm, PIL
+try:
+    import nvidia.dali as dali; d = dali.__version__
+except ImportError:
+    d = "not installed (the dali backend is unavailable)"
+print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+      f"Pillow {PIL.__version__}, DALI {d}")
+PY

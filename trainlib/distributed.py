@@ -1,0 +1,112 @@
+"""Which process this is, and joining the others: torchrun's environment, the seed's launch flags, or the seed's
+--multiprocessing-distributed spawner.
+
+Precedence: when RANK and WORLD_SIZE are in the environment (torchrun, or our spawner) they win and --rank,
+--world-size, --addr and --dist-url are ignored. Otherwise a process is rank --rank of --world-size, and --addr /
+--dist-url tcp://HOST:PORT become MASTER_ADDR / MASTER_PORT for the env:// rendezvous.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from config import ConfigError, TrainConfig
+
+DEFAULT_PORT = "29500"  # torchrun's default, so mixed launches agree
+
+
+@dataclass(frozen=True)
+class Placement:
+    rank: int
+    world_size: int
+    local_rank: int  # device index on this node
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def placement(cfg: TrainConfig, env=os.environ) -> Placement:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise ConfigError(f"--rank {cfg.rank} is outside --world-size {cfg.world_size}")
+    return Placement(cfg.rank, cfg.world_size, cfg.gpu or 0)
+
+
+def rendezvous_env(cfg: TrainConfig, env=os.environ) -> None:
+    """Outside torchrun: the seed's --addr and --dist-url as MASTER_ADDR / MASTER_PORT (env:// reads those)."""
+    url = urlparse(cfg.dist_url)
+    if url.scheme == "tcp":
+        env["MASTER_ADDR"], env["MASTER_PORT"] = url.hostname, str(url.port or DEFAULT_PORT)
+    elif url.scheme != "env":
+        raise ConfigError(f"--dist-url must be env:// or tcp://HOST:PORT, got {cfg.dist_url!r}")
+    if cfg.addr:
+        env["MASTER_ADDR"] = cfg.addr  # the seed's --addr names the master even when --dist-url says 127.0.0.1
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", DEFAULT_PORT)
+
+
+def setup(cfg: TrainConfig, device, where: Placement) -> None:
+    """Bind this process to its device and, for more than one process, join the group."""
+    if device.kind != "cpu":
+        device.set_device(where.local_rank)
+    if not where.is_main:
+        # Quiet non-zero ranks: rank 0 reports; a failure anywhere still raises and takes the job down.
+        warnings.simplefilter("ignore")
+        logging.getLogger().setLevel(logging.ERROR)
+    if where.world_size == 1:
+        return
+    if "RANK" not in os.environ:
+        rendezvous_env(cfg)
+    dist.init_process_group(backend=cfg.dist_backend or device.dist_backend, init_method="env://",
+                            rank=where.rank, world_size=where.world_size)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` (small: RNG states), in rank order; a one-item list in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return t
+
+
+def spawn(cfg: TrainConfig, device, entry) -> None:
+    """The seed's --multiprocessing-distributed: one process per device on this node, --world-size nodes, this node
+    being --rank. As in the seed, --batch-size and --workers are per node and are divided among its processes.
+    `entry(cfg)` runs in each child."""
+    nproc = cfg.nproc_per_node or device.count()
+    if cfg.batch_size % nproc:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is per node here (--multiprocessing-distributed) and "
+                          f"must divide by its {nproc} processes")
+    rendezvous_env(cfg)
+    torch.multiprocessing.spawn(_spawned, args=(cfg, nproc, entry), nprocs=nproc, join=True)
+
+
+def _spawned(local_rank: int, cfg: TrainConfig, nproc: int, entry) -> None:
+    os.environ.update(RANK=str(cfg.rank * nproc + local_rank), WORLD_SIZE=str(cfg.world_size * nproc),
+                      LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nproc))
+    cfg.batch_size //= nproc
+    cfg.val_batch_size //= nproc
+    cfg.workers = max(1, math.ceil(cfg.workers / nproc))
+    entry(cfg)

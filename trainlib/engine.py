@@ -1,0 +1,168 @@
+"""The training step, the epoch loop, evaluation and checkpoint state: the part of train.py that runs once the model,
+loaders and process group exist. Device differences stay behind `devices.Device`; backends behind the loader."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
+from torch.optim import lr_scheduler
+
+import checkpoint
+from config import TrainConfig
+from metrics import Throughput, TopK
+from model import TRAIN_FLOPS_FACTOR
+from trainlib import distributed
+
+
+def build_optimizer(cfg: TrainConfig, net: torch.nn.Module, device) -> torch.optim.Optimizer:
+    # No weight decay on biases, norms and the cls/position tokens (timm's ViT lists those in no_weight_decay()).
+    skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(net, cfg.weight_decay, no_weight_decay_list=skip)
+    kernel = {"fused": True} if cfg.fused_opt else {"foreach": device.kind != "cpu"}
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kernel)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **kernel)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Linear warm-up then cosine decay to --min-lr, stepped once per optimizer step over the whole run (so a run cut
+    short by --max-steps and resumed follows the same curve)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    eta_min = min(cfg.min_lr, cfg.lr)
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=eta_min)
+    if warmup <= 0:
+        return cosine
+    # Starting at lr/(warmup+1) makes the ramp reach the peak exactly when cosine takes over.
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+    return lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+class Trainer:
+    """One run's mutable training state and the loops that advance it."""
+
+    def __init__(self, cfg: TrainConfig, *, net, model, optimizer, scheduler, device, amp_dtype, log, placement,
+                 steps_per_epoch: int, num_classes: int, flops_per_image: float | None):
+        self.cfg, self.net, self.model = cfg, net, model  # net: the bare module (checkpoints); model: DDP/compiled
+        self.optimizer, self.scheduler, self.device, self.amp_dtype = optimizer, scheduler, device, amp_dtype
+        self.scaler = device.grad_scaler(enabled=amp_dtype == torch.float16)
+        self.log, self.where, self.num_classes = log, placement, num_classes
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
+        self.meter = Throughput(device, cfg.batch_size * placement.world_size, cfg.warmup_log_steps)
+        peak = device.peak_flops(amp_dtype)
+        self.train_flops_per_s_peak = peak * placement.world_size if peak and flops_per_image else None
+        self.train_flops_per_image = TRAIN_FLOPS_FACTOR * flops_per_image if flops_per_image else None
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.device.autocast(self.amp_dtype):
+            loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def train_epoch(self, loader) -> None:
+        """Run the current epoch from `self.step_in_epoch` to its end, or until --max-steps / --fail-at-step.
+        A resumed epoch is re-entered from its start and the finished steps are drawn and dropped: the loader
+        yields the same batches in the same order, at the cost of reading them again."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        batches = iter(loader)
+        for _ in range(self.step_in_epoch):
+            next(batches)
+        self.meter.start()
+        loss_sum, interval = torch.zeros((), device=self.device.device), 0
+        while self.step_in_epoch < spe and not self.reached_max_steps():
+            t0 = time.perf_counter()
+            images, labels = next(batches)
+            self.meter.step(time.perf_counter() - t0)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+            loss_sum += self.step(images, labels)
+            self.step_in_epoch, self.global_step, interval = self.step_in_epoch + 1, self.global_step + 1, interval + 1
+            if self.step_in_epoch % cfg.print_freq == 0 or self.step_in_epoch == spe:
+                self.log_train(loss_sum / interval, lr)
+                loss_sum, interval = torch.zeros_like(loss_sum), 0
+            if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.step_in_epoch < spe:
+                self.save_checkpoint()
+            if self.global_step == cfg.fail_at_step:
+                raise RuntimeError(f"--fail-at-step {cfg.fail_at_step}: deliberate failure (a test's simulated crash)")
+        self.meter.pause()
+
+    def reached_max_steps(self) -> bool:
+        return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
+
+    def log_train(self, mean_loss: torch.Tensor, lr: float) -> None:
+        loss = distributed.mean_over_ranks(mean_loss).item()  # sync: log boundary (after the meter's own sync)
+        m = self.meter.lap()
+        mfu = (m["img_s"] * self.train_flops_per_image / self.train_flops_per_s_peak
+               if self.train_flops_per_s_peak else None)
+        self.log.record("train", epoch=self.epoch, step=self.step_in_epoch, global_step=self.global_step, loss=loss,
+                        lr=lr, mfu=mfu, mem_bytes=self.device.max_memory_allocated(), **m)
+        line = (f"Epoch [{self.epoch}][{self.step_in_epoch}/{self.steps_per_epoch}] loss {loss:.4f} lr {lr:.3e} "
+                f"img/s {m['img_s']:.1f} input wait {100 * m['input_wait']:.1f}%")
+        if m["img_s_mean"] is not None:
+            line += (f" | since warm-up: img/s {m['img_s_mean']:.1f} input wait {100 * m['input_wait_mean']:.1f}% "
+                     f"FPS@all {m['img_s_mean']:.3f}")
+        if mfu is not None:
+            line += f" MFU {100 * mfu:.1f}%"
+        self.log.print(line)
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> tuple[float, float, int]:
+        """Exact Acc@1 / Acc@5 over the whole val split (all ranks' shares, padding skipped)."""
+        self.model.eval()
+        topk = TopK(self.device.device, self.num_classes)
+        t0 = time.perf_counter()
+        for images, labels in loader:
+            with self.device.autocast(self.amp_dtype):
+                logits = self.model(images)
+            topk.update(logits, labels)
+        acc1, acc5, n = topk.result()
+        self.model.train()
+        self.log.print(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+        self.log.record("eval", epoch=self.epoch, global_step=self.global_step, acc1=acc1, acc5=acc5, samples=n,
+                        seconds=time.perf_counter() - t0)
+        return acc1, acc5, n
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best_acc1": self.best_acc1, "world_size": self.where.world_size, "config": vars(self.cfg).copy()}
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        """last.pth (and best.pth); collective: every rank contributes its RNG state, rank 0 writes."""
+        if not self.cfg.save_checkpoints:
+            return
+        self.meter.pause()  # checkpoint writing is not training throughput
+        rng = distributed.all_gather(checkpoint.rng_state(self.device))
+        if self.where.is_main:
+            out = Path(self.cfg.output)
+            checkpoint.save(out / checkpoint.LAST, {**self.state_dict(), "rng": rng})
+            if best:
+                checkpoint.copy_as(out / checkpoint.LAST, out / checkpoint.BEST)
+        self.meter.start()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams."""
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_acc1 = state["global_step"], state["best_acc1"]
+        if state["world_size"] != self.where.world_size:
+            self.log.print(f"note: checkpoint from {state['world_size']} ranks, resuming on {self.where.world_size}: "
+                           f"batches and random streams differ from an uninterrupted run")
+            return
+        checkpoint.set_rng_state(state["rng"][self.where.rank], self.device)

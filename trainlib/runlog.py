@@ -1,0 +1,123 @@
+"""What a run leaves in its output folder: config.json and env.json at the start, metrics.jsonl as it goes (one JSON
+object per line; "kind" is "train", "eval" or "summary"), summary.json and plots.png at the end. Only rank 0 writes
+or prints; other ranks get a `QuietLog` whose methods do nothing."""
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tools import atomicio
+
+METRICS, SUMMARY, PLOTS = "metrics.jsonl", "summary.json", "plots.png"
+
+
+class RunLog:
+    def __init__(self, output: Path, append: bool):
+        self.output = Path(output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        # A resumed run continues the file; a fresh run in the same folder starts it over.
+        self._metrics = open(self.output / METRICS, "a" if append else "w", buffering=1)
+
+    def print(self, line: str) -> None:
+        print(line, flush=True)
+
+    def record(self, kind: str, **fields) -> None:
+        self._metrics.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def write_json(self, name: str, obj) -> None:
+        atomicio.write_json(self.output / name, obj)
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+class QuietLog:
+    """Non-zero ranks: same methods, no output."""
+
+    def print(self, line: str) -> None:
+        pass
+
+    def record(self, kind: str, **fields) -> None:
+        pass
+
+    def write_json(self, name: str, obj) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def environment(device, world_size: int) -> dict:
+    """Versions and hardware that decide what a run's numbers mean."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "host": socket.gethostname(),
+            "platform": platform.platform(), "argv": sys.argv, "world_size": world_size,
+            "device_kind": device.kind, "device_name": device.name(), "cuda": torch.version.cuda,
+            "git_revision": _git_revision()}
+    import timm
+    info["timm"] = timm.__version__
+    try:
+        import nvidia.dali
+        info["dali"] = nvidia.dali.__version__
+    except ImportError:
+        info["dali"] = None
+    info["pillow"] = _pillow_flavour()
+    if device.kind == "npu":
+        import torch_npu
+        info["torch_npu"] = torch_npu.__version__
+    return info
+
+
+def _pillow_flavour() -> str:
+    import PIL
+    from PIL import features
+    # Pillow-SIMD publishes versions with a ".postN" suffix; libjpeg-turbo decides most of the decode speed.
+    simd = "simd" if ".post" in PIL.__version__ else "stock"
+    turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
+    return f"{PIL.__version__} ({simd}, {turbo})"
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def plot_metrics(output: Path) -> Path | None:
+    """plots.png: training loss, global img/s and input-wait share over global steps, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (Path(output) / METRICS).read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    if not train:
+        return None
+    steps = [r["global_step"] for r in train]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    panels = (("loss", "train loss", 1), ("img_s", "global img/s", 1), ("input_wait", "input wait (%)", 100))
+    for ax, (key, label, scale) in zip(axes, panels):
+        ax.plot(steps, [r[key] * scale for r in train])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("global step")
+    fig.tight_layout()
+    path = Path(output) / PLOTS
+    tmp = atomicio.temp_path(path)
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    atomicio.finish_temp(tmp, path)
+    return path
