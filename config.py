@@ -47,6 +47,8 @@ class TrainConfig:
     drop_path: float = knob(0.0, "stochastic depth rate")
     channels_last: bool = knob(False, "NHWC input images (the patch-embedding conv may run faster)")
     compile: bool = knob(False, "torch.compile the model (first steps are slow: excluded from FPS)")
+    pixel_input: bool = knob(True, "feed uint8 pixels and fold mean/std into the patch embedding (model/fused.py): "
+                                   "the same function and gradients, 1 byte per pixel to the device, no normalize")
     # optimisation
     opt: str = knob("adamw", "optimizer; sgd is the seed's SGD with momentum", choices=("adamw", "sgd"))
     lr: float = knob(1e-3, "peak learning rate (not scaled by batch size)", "--learning-rate")

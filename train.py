@@ -23,7 +23,7 @@ import checkpoint
 import pipeline
 from config import ConfigError, TrainConfig, parse_config
 from devices import DeviceError, resolve_device
-from model import CheckpointMismatch, build_model, flops_per_image, model_defaults
+from model import CheckpointMismatch, build_model, flops_per_image, model_defaults, use_pixel_input
 from pipeline.shards import ShardError, read_manifest
 from trainlib import distributed
 from trainlib.engine import Trainer, build_optimizer, build_scheduler
@@ -62,7 +62,9 @@ def seed_everything(seed: int, device) -> None:
 
 def build_loaders(cfg: TrainConfig, device, where, dtype: torch.dtype, classes: int):
     defaults = model_defaults(cfg.model)
-    # Images arrive in the autocast dtype: the first layer would cast them anyway, and half the bytes move.
+    # Images arrive as uint8 when the model folds normalization in (--pixel-input), else in the autocast dtype: the
+    # first layer would cast them anyway, and half the bytes move.
+    dtype = torch.uint8 if cfg.pixel_input else dtype
     common = dict(data_path=cfg.data_path, backend=cfg.backend, device=device.device, rank=where.rank,
                   world_size=where.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
                   mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
@@ -78,6 +80,9 @@ def build_trainer(cfg: TrainConfig, device, where, log, steps_per_epoch: int, cl
     seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
     net = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, pretrained=cfg.pretrained,
                       drop_path=cfg.drop_path).to(device.device)
+    if cfg.pixel_input:
+        defaults = model_defaults(cfg.model)
+        net = use_pixel_input(net, defaults["mean"], defaults["std"])
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = net
@@ -125,6 +130,8 @@ def run(cfg: TrainConfig) -> None:
     device = resolve_device(cfg.device)
     where = distributed.placement(cfg)
     resume_path = checkpoint.resolve_resume(cfg.resume, cfg.output)
+    if cfg.evaluate and resume_path is None and not cfg.pretrained:
+        raise ConfigError(f"--evaluate --resume {cfg.resume}: no checkpoint in {cfg.output}")
     distributed.setup(cfg, device, where)
     log = RunLog(cfg.output, append=resume_path is not None) if where.is_main else QuietLog()
     loaders = ()

@@ -1,6 +1,7 @@
 """Pure model code: timm's ViT built locally, checkpoint loading into it, its FLOPs."""
 from model.flops import TRAIN_FLOPS_FACTOR, flops_per_image
+from model.fused import use_pixel_input
 from model.vit import CheckpointMismatch, build_model, load_pretrained, model_defaults
 
 __all__ = ["build_model", "load_pretrained", "model_defaults", "flops_per_image", "TRAIN_FLOPS_FACTOR",
-           "CheckpointMismatch"]
+           "CheckpointMismatch", "use_pixel_input"]

@@ -16,8 +16,11 @@ decode micro-benchmark to see scaling). `mb_s` is compressed bytes read from the
 wall time the loop spent waiting for the next batch: near 1 without `--model` (the loop has nothing else to do),
 and the fraction of step time lost to input with it. `--baseline SRC` runs a stock torchvision ImageFolder +
 DataLoader on the source ImageFolder with the same workers, batch size and seconds right after, and adds
-`baseline_img_s` and `ratio` (backend / baseline). Device work is synchronized only at reporting boundaries.
-`--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
+`baseline_img_s` and `ratio` (backend / baseline). `img_per_cpu_s` divides images by the CPU seconds that this
+process and all its descendants used (Linux), and `cpu_cores` is how many cores they kept busy: the per-core
+efficiency, which unlike img/s holds up on a machine shared with other jobs; with --baseline, `cpu_ratio` compares it
+(the figure to read on a shared or small box; the ratio of img/s is the one that counts on a dedicated host). Device work is synchronized only at reporting boundaries.
+On `--device cpu` without `--model` the main process runs torch with one thread (see run()). `--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
 neither disk nor processes count), and with `--baseline` (any value) the torchvision transform on the same bytes.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -71,6 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tree_cpu_seconds() -> float | None:
+    """User+system CPU seconds so far of this process and its live descendants (decode workers, DataLoader workers,
+    a forkserver's children), from Linux /proc; None elsewhere. Images per CPU-second stays meaningful on a machine
+    that other jobs share, where wall-clock img/s does not."""
+    if not os.path.isdir("/proc"):
+        return None
+    children, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+        except OSError:
+            continue  # exited while we looked
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        cpu[pid] = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def sync(device: torch.device) -> None:
     api = getattr(torch, device.type, None)
     if device.type != "cpu" and hasattr(api, "synchronize"):
@@ -111,8 +141,8 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
         step(*next(batches))
     sync(device)  # sync point: the clock starts with no warm-up work still queued on the device
     start = mark = time.perf_counter()
-    total = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0)}
-    interval = {"images": 0, "wait": 0.0, "bytes": total["bytes"]}
+    total = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0), "cpu": tree_cpu_seconds()}
+    interval = dict(total)
     bar = tqdm(unit="img", unit_scale=True, desc=label, file=sys.stderr, mininterval=1.0)
     while True:
         t0 = time.perf_counter()
@@ -130,7 +160,8 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
             sync(device)  # sync point: reporting boundary, so the interval's device work is really finished
             now = time.perf_counter()
             print(json.dumps({"run": label, **rates(interval, now - mark, loader, cfg)}), flush=True)
-            interval = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0)}
+            interval = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0),
+                        "cpu": tree_cpu_seconds()}
             mark = now
         if done:
             break
@@ -145,6 +176,10 @@ def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
            "data_wait": round(acc["wait"] / seconds, 3), "seconds": round(seconds, 2), "images": acc["images"]}
     if hasattr(loader, "bytes_read"):
         out["mb_s"] = round((loader.bytes_read - acc["bytes"]) / seconds / 1e6, 1)
+    cpu = tree_cpu_seconds()
+    if cpu is not None and acc["cpu"] is not None and cpu > acc["cpu"]:
+        out["cpu_cores"] = round((cpu - acc["cpu"]) / seconds, 2)  # cores kept busy, all processes together
+        out["img_per_cpu_s"] = round(acc["images"] / (cpu - acc["cpu"]), 1)
     return out
 
 
@@ -166,6 +201,11 @@ def run(cfg: BenchConfig) -> dict:
     if not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
         raise ValueError(f"--dtype must name a torch dtype (float32, bfloat16, uint8), got {cfg.dtype!r}")
     device = torch.device(cfg.device)
+    if device.type == "cpu" and cfg.model is None:
+        # The loop itself computes nothing; idle intra-op threads would spin after each small CPU normalize and take
+        # cores from the decode workers (~0.4 core measured with 2 threads). No effect on the torchvision baseline,
+        # whose main process does no tensor work.
+        torch.set_num_threads(1)
     if device.type == "npu":
         import importlib
 
@@ -195,18 +235,22 @@ def run(cfg: BenchConfig) -> dict:
             base.close()
         final["baseline_img_s"] = base_result["img_s"]
         final["ratio"] = round(result["img_s"] / base_result["img_s"], 2)
+        if "img_per_cpu_s" in result and "img_per_cpu_s" in base_result:
+            final["baseline_img_per_cpu_s"] = base_result["img_per_cpu_s"]
+            final["cpu_ratio"] = round(result["img_per_cpu_s"] / base_result["img_per_cpu_s"], 2)
     return final
 
 
 def time_single_core(fn, items: list, seconds: float) -> float:
-    """Images per second of `fn` applied to `items` round robin for `seconds` (after one warm-up pass of 10)."""
+    """Images per CPU-second of `fn` applied to `items` round robin for `seconds` (after a warm-up of 10). CPU time of
+    this one-threaded process, so other jobs on the machine don't skew it."""
     for item in items[:10]:
         fn(item)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    n, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
         fn(items[n % len(items)])
         n += 1
-    return n / (time.perf_counter() - start)
+    return n / (time.process_time() - start)
 
 
 def decode_only(cfg: BenchConfig) -> dict:

@@ -1,18 +1,19 @@
-"""model/fused.py: folding normalization into the patch embedding must not change what the model computes."""
+"""model/fused.py: pixel input must compute what timm's model computes on normalized input, and train it the same."""
 import copy
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
-from model.fused import PixelInput
+from model.fused import PixelConv2d, use_pixel_input
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # unequal per channel, so a channel mix-up shows
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=2).eval()
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=2)
 
 
 def normalized(pixels):
@@ -20,47 +21,52 @@ def normalized(pixels):
     return (pixels.float() / 255 - mean) / std
 
 
-def test_pixel_input_matches_timm_on_normalized_input():
-    vit = tiny_vit()
-    reference = copy.deepcopy(vit)
-    model = PixelInput(vit, MEAN, STD).eval()
-    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+def pixels(n=4):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def test_outputs_match_timm_on_normalized_input():
+    reference = tiny_vit().eval()
+    model = use_pixel_input(copy.deepcopy(reference), MEAN, STD).eval()
+    x = pixels()
     with torch.no_grad():
-        torch.testing.assert_close(model(pixels), reference(normalized(pixels)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(x), reference(normalized(x)), atol=1e-4, rtol=1e-4)
 
 
-def test_pixel_input_under_bf16_autocast_stays_close():
-    vit = tiny_vit()
-    reference = copy.deepcopy(vit)
-    model = PixelInput(vit, MEAN, STD).eval()
-    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+def test_gradients_match_so_training_is_the_same():
+    reference = tiny_vit()
+    model = use_pixel_input(copy.deepcopy(reference), MEAN, STD)
+    x, y = pixels(), torch.arange(4)
+    F.cross_entropy(reference(normalized(x)), y).backward()
+    F.cross_entropy(model(x), y).backward()
+    grads = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_state_dict_is_timms_own():
+    reference = tiny_vit()
+    model = use_pixel_input(copy.deepcopy(reference), MEAN, STD)
+    state = model.state_dict()
+    assert state.keys() == reference.state_dict().keys()  # fold constants are not saved
+    fresh = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=2)
+    fresh.load_state_dict(state)  # strict: a checkpoint of ours loads into plain timm
+
+
+def test_bf16_autocast_stays_close():
+    reference = tiny_vit().eval()
+    model = use_pixel_input(copy.deepcopy(reference), MEAN, STD).eval()
+    x = pixels()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, theirs = model(pixels).float(), reference(normalized(pixels)).float()
-    # bf16 keeps ~3 significant digits; both paths round differently, so compare at that precision.
+        ours, theirs = model(x).float(), reference(normalized(x)).float()
+    # bf16 keeps ~3 significant digits and the two paths round differently: compare at that precision.
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
-def test_timm_state_dict_undoes_the_fold():
-    vit = tiny_vit()
-    reference = copy.deepcopy(vit)
-    model = PixelInput(vit, MEAN, STD)
-    state = model.timm_state_dict()
-    for name, tensor in reference.state_dict().items():
-        torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_fold_changes_the_weights():
-    vit = tiny_vit()
-    before = vit.patch_embed.proj.weight.clone()
-    PixelInput(vit, MEAN, STD)
-    assert not torch.allclose(before, vit.patch_embed.proj.weight)
-
-
 @pytest.mark.parametrize("bias", [True, False])
-def test_fold_handles_a_conv_without_bias(bias):
-    from model.fused import fold_normalization
+def test_conv_with_and_without_bias(bias):
     conv = torch.nn.Conv2d(3, 8, 4, stride=4, bias=bias)
-    reference = copy.deepcopy(conv)
-    fold_normalization(conv, MEAN, STD)
-    pixels = torch.randint(0, 256, (2, 3, 8, 8)).float()
-    torch.testing.assert_close(conv(pixels), reference(normalized(pixels)), atol=1e-4, rtol=1e-4)
+    folded = PixelConv2d(conv, MEAN, STD)
+    assert folded.weight is conv.weight  # the same parameter, not a copy
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(folded(x), conv(normalized(x)), atol=1e-4, rtol=1e-4)

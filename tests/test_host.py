@@ -295,3 +295,13 @@ def test_decoder_matches_a_reference_resize(sample_shards):
     pool = lambda x: torch.nn.functional.avg_pool2d(x[None].float(), 8)  # noqa: E731
     err = (pool(images[0]) - pool(ref)).abs().mean()
     assert err < 10 and err < (pool(images[0]) - pool(ref.flip(1))).abs().mean() / 2
+
+
+@pytest.mark.gpu
+def test_cuda_stream_transfer_matches_the_cpu_path(colour_shards):
+    with loader(colour_shards, split="val", workers=1) as l:
+        cpu = list(l)
+    with loader(colour_shards, split="val", workers=1, device="cuda", prefetch=3) as l:
+        gpu = [(x.cpu(), y.cpu()) for x, y in l]  # .cpu() on the consumer stream: waits on the loader's event
+    assert len(cpu) == len(gpu)
+    assert all(torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1]) for a, b in zip(cpu, gpu))

