@@ -62,13 +62,20 @@ def copy_as(src: Path, dst: Path) -> None:
     atomicio.finish_temp(tmp, Path(dst))
 
 
+class CheckpointError(ValueError):
+    """A --resume file that is not a training checkpoint of ours; the message names it."""
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways; all mean "not a readable checkpoint"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
-        raise ValueError(f"{path}: not a training checkpoint written by train.py (no 'model'/'global_step'); "
+        raise CheckpointError(f"{path}: not a training checkpoint written by train.py (no 'model'/'global_step'); "
                          f"use --pretrained for plain weights")
     return state
 

@@ -55,7 +55,7 @@ class TrainConfig:
     momentum: float = knob(0.9, "SGD momentum")
     weight_decay: float = knob(0.05, "decoupled (adamw) / L2 (sgd) weight decay; none on norms, biases, tokens",
                                "--wd")
-    fused_opt: bool = knob(True, "fused optimizer kernels where the device has them (else foreach)")
+    fused_opt: bool = knob(True, "fused optimizer kernels on CUDA (elsewhere, and when off: foreach)")
     epochs: int = knob(8, "training epochs")
     warmup_epochs: float = knob(1.0, "linear LR warm-up length in epochs")
     warmup_steps: int = knob(0, "linear LR warm-up length in steps; > 0 overrides --warmup-epochs")
@@ -106,6 +106,8 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.backend != "synthetic" and not self.data_path:
             raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use --backend synthetic)")
+        if self.backend == "dali" and self.on_error == "skip":
+            raise ConfigError("--on-error skip needs --backend host: DALI fails a whole batch on a bad JPEG")
         if self.evaluate and not (self.pretrained or self.resume):
             raise ConfigError("--evaluate needs weights: give --pretrained PATH or --resume PATH")
 

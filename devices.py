@@ -57,6 +57,9 @@ class Device:
     def supports_bf16(self) -> bool:
         if self._mod is None:
             return False  # CPU autocast to bf16 works, but is slower than fp32 on most CPUs (no AMX)
+        if self.kind == "cuda":
+            # torch counts emulated bf16 (pre-Ampere) as supported by default; there fp16 + loss scaling is faster.
+            return bool(self._mod.is_bf16_supported(including_emulation=False))
         return bool(self._mod.is_bf16_supported())
 
     def autocast(self, dtype: torch.dtype):

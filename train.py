@@ -24,7 +24,8 @@ import pipeline
 from config import ConfigError, TrainConfig, parse_config
 from devices import DeviceError, resolve_device
 from model import CheckpointMismatch, build_model, flops_per_image, model_defaults, use_pixel_input
-from pipeline.shards import ShardError, read_manifest
+from pipeline.dali import DaliMissingError
+from pipeline.shards import PipelineError, read_manifest
 from trainlib import distributed
 from trainlib.engine import Trainer, build_optimizer, build_scheduler
 from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
@@ -133,6 +134,12 @@ def run(cfg: TrainConfig) -> None:
     if cfg.evaluate and resume_path is None and not cfg.pretrained:
         raise ConfigError(f"--evaluate --resume {cfg.resume}: no checkpoint in {cfg.output}")
     distributed.setup(cfg, device, where)
+    # Only rank 0 writes checkpoints: with --resume auto every rank must see the same file, or ranks would start
+    # from different steps and hang in the first collective that one of them skips.
+    seen = distributed.all_gather(None if resume_path is None else str(resume_path))
+    if len(set(seen)) > 1:
+        raise ConfigError(f"--resume {cfg.resume}: ranks found different checkpoints {sorted(set(map(str, seen)))}; "
+                          f"put --output on storage that every node sees, or pass --resume PATH")
     log = RunLog(cfg.output, append=resume_path is not None) if where.is_main else QuietLog()
     loaders = ()
     try:
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DeviceError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    except (ShardError, CheckpointMismatch, FileNotFoundError) as e:
+    except (PipelineError, CheckpointMismatch, checkpoint.CheckpointError, DaliMissingError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     return 0

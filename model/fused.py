@@ -25,8 +25,9 @@ class PixelConv2d(nn.Conv2d):
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                          device=conv.weight.device, dtype=conv.weight.dtype)
         self.weight, self.bias = conv.weight, conv.bias  # the same Parameter objects: optimizers built later see them
-        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        # On the weight's device: the model may already sit on its accelerator when it is adapted.
+        std = torch.tensor(std, dtype=torch.float32, device=conv.weight.device).view(1, -1, 1, 1)
+        mean = torch.tensor(mean, dtype=torch.float32, device=conv.weight.device).view(1, -1, 1, 1)
         self.register_buffer("scale", 1 / (255 * std), persistent=False)
         self.register_buffer("shift", mean / std, persistent=False)
 

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.contract import LoaderSpec, to_model_input
 from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
-from pipeline.shards import consumer_order, rank_plan, read_manifest, shard_list
+from pipeline.shards import PipelineError, consumer_order, rank_plan, read_manifest, shard_list
 
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
@@ -83,7 +83,9 @@ class SyncTransfer:
 class StreamTransfer:
     """CUDA or Ascend NPU (`torch.npu` mirrors `torch.cuda`'s Stream/Event API): slot -> pinned staging buffer (a CPU
     memcpy, after which the slot is free) -> device on a side stream -> normalize on that stream. The consumer's stream
-    waits on an event, so the host never blocks on the copy."""
+    waits on an event, so the host never waits for the device. The host does pay one memcpy of each batch into
+    pinned memory on the calling thread (38.5 MB at 256 x 224 px); registering the slots themselves as pinned memory
+    would save it, a lead for a GPU session to measure."""
 
     def __init__(self, spec: LoaderSpec, depth: int):
         self.spec, self.device = spec, spec.device
@@ -195,7 +197,7 @@ def check_shm_space(needed: int) -> None:
     st = os.statvfs(SHM_DIR)
     free = st.f_bavail * st.f_frsize
     if free < needed:
-        raise RuntimeError(f"host loader needs {needed / 2**20:.0f} MiB of /dev/shm, {free / 2**20:.0f} MiB free; "
+        raise PipelineError(f"host loader needs {needed / 2**20:.0f} MiB of /dev/shm, {free / 2**20:.0f} MiB free; "
                            f"give the container more (docker --shm-size) or lower batch size / workers")
 
 

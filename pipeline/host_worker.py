@@ -216,8 +216,9 @@ class Mailbox:
 
 
 def fill_batch(cfg, samples, images, labels, real, rng, stats) -> None:
-    """Fill one slot: `real` samples from the stream, then val padding (zeros, label -1). In skip mode a bad sample is
-    replaced by the stream's next; when the stream runs dry, by a copy of a good sample of this batch."""
+    """Fill one slot: `real` samples from the stream, then val padding (zeros, label -1). In skip mode a bad val sample
+    becomes padding; a bad train sample is replaced by the stream's next, and when the stream runs dry, by a copy of
+    a good sample of this batch."""
     filled = 0
     while filled < real:
         sample = next(samples, None)
@@ -236,6 +237,10 @@ def fill_batch(cfg, samples, images, labels, real, rng, stats) -> None:
             if not cfg.skip_bad:
                 raise
             stats.skipped += 1
+            if not cfg.train:
+                # Val stays exact: the bad sample's place becomes padding (label -1), no other sample counts twice.
+                images[filled], labels[filled] = 0, -1
+                filled += 1
             continue
         filled += 1
     images[real:] = 0

@@ -25,7 +25,11 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
-class ShardError(RuntimeError):
+class PipelineError(RuntimeError):
+    """An input problem the user can fix (data on disk, machine resources); the message says what, in one line."""
+
+
+class ShardError(PipelineError):
     """A shard set on disk that the pipeline cannot use; the message says which file and why."""
 
 

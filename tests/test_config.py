@@ -45,7 +45,8 @@ def test_booleans_are_switches():
 @pytest.mark.parametrize("argv", [["--bogus"], ["--backend", "synthetic", "--batch-size", "0"],
                                   ["--backend", "host"], ["--backend", "synthetic", "--amp", "fp8"],
                                   ["--backend", "synthetic", "--evaluate"], ["--backend", "synthetic", "--lr=-1"],
-                                  ["--backend", "synthetic", "--batch"]])  # no abbreviations either
+                                  ["--backend", "synthetic", "--batch"],  # no abbreviations either
+                                  ["--backend", "dali", "--data_path", "x", "--on-error", "skip"]])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)

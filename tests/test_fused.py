@@ -70,3 +70,10 @@ def test_conv_with_and_without_bias(bias):
     assert folded.weight is conv.weight  # the same parameter, not a copy
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     torch.testing.assert_close(folded(x), conv(normalized(x)), atol=1e-4, rtol=1e-4)
+
+
+def test_fold_constants_follow_a_model_already_on_its_device():
+    # train.py moves the model to the accelerator before adapting it; "meta" stands in for one here.
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=1).to("meta")
+    conv = use_pixel_input(vit, MEAN, STD).patch_embed.proj
+    assert conv.scale.device.type == conv.shift.device.type == conv.weight.device.type == "meta"

@@ -221,6 +221,19 @@ def test_skip_mode_counts_and_keeps_batch_shape(colour_shards, tmp_path):
     assert all(b[1].min() >= 0 for b in batches)
 
 
+def test_skip_mode_keeps_val_exact(colour_shards, tmp_path):
+    key = corrupted_copy(colour_shards, tmp_path / "bad", "val", "jpg")
+    with loader(tmp_path / "bad", split="val", on_error="skip", dtype=torch.uint8) as l:
+        batches = list(l)
+        assert l.skipped == 1
+    ids, labels = ids_and_labels(batches)
+    good = truth(colour_shards, "val")
+    del good[key]
+    # The bad sample became padding: every other val sample counted once, none twice.
+    assert Counter(label for label in labels if label >= 0) == Counter(good.values())
+    assert len([i for i in ids if i >= 0]) == len(set(i for i in ids if i >= 0)) == len(good)
+
+
 def test_worker_exception_surfaces_with_its_traceback(colour_shards, tmp_path):
     corrupted_copy(colour_shards, tmp_path / "bad", "val", "idx")
     l = loader(tmp_path / "bad", split="val", workers=1)

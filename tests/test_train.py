@@ -125,6 +125,25 @@ def test_synthetic_perf_run_stops_at_max_steps(tmp_path, capsys):
     assert "FPS@all " in capsys.readouterr().out
 
 
+def test_resume_under_another_precision(tmp_path):
+    # fp32 leaves an empty loss-scaler state; an fp16 resume must start its own scale instead of failing on it.
+    out = tmp_path / "run"
+    common = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
+              "--output", str(out), "--no-plots"]
+    run_ok([*common, "--max-steps", "2", "--amp", "fp32"])
+    run_ok([*common, "--max-steps", "4", "--amp", "fp16", "--resume", "auto"])
+    assert checkpoint.load(out / "last.pth")["global_step"] == 4
+
+
+def test_a_resume_file_that_is_no_checkpoint_fails_in_one_line(tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    assert train.main([*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4",
+                       "--output", str(tmp_path / "o"), "--resume", str(junk)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "junk.pth: not a readable checkpoint" in err
+
+
 def test_npu_without_torch_npu_fails_in_one_line():
     if importlib.util.find_spec("torch_npu") is not None:
         pytest.skip("torch_npu is installed here")

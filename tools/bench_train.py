@@ -3,7 +3,8 @@
 Measures, for one model / batch size / precision / compile setting, three training loops on the same device:
   (a) baseline   timm's model as timm builds it, fused AdamW, autocast, label smoothing, synthetic input
                  (normalized float images already on the device) and `torch.compile` when --compile;
-  (b) ours       our step (model/fused.py adaptations, uint8 pixels in) on synthetic input already on the device;
+  (b) ours       train.py's step (model/fused.py pixel input: uint8 in; gradient clipping, LR schedule) on
+                 synthetic uint8 input already on the device;
   (c) ours+data  the same step fed by a real backend (--backend host|dali) from shards (--data_path).
 Each loop runs --warmup steps first (compilation and allocator warm-up: not timed), then --steps timed steps with
 one device synchronization before and one after the timed stretch; nothing inside the loop synchronizes, exactly
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile both the baseline and our model")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="ours: clip the gradient norm, as train.py does")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--backend", choices=("host", "dali", "none"), default="none", help="(c)'s input; none skips (c)")
     p.add_argument("--data_path", default=None, help="shards made by tools/make_shards.py, for (c)")
@@ -83,18 +85,27 @@ def build(args, ours: bool):
     return model, opt
 
 
-def make_step(model, opt, args):
+def make_step(model, opt, args, ours: bool):
+    """The baseline's step is the textbook one; ours is what train.py's Trainer.step runs (gradient clipping and a
+    per-step LR schedule on top), so step_speedup is net of everything the trainer does."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
     autocast = torch.autocast(args.device.type, dtype=dtype) if dtype else nullcontext()
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == "fp16")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0) if ours else None
+    params = [p for group in opt.param_groups for p in group["params"]]
 
     def step(images, labels):
         with autocast:
             loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if ours and args.clip_grad:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         scaler.step(opt)
         scaler.update()
-        opt.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step()
         return loss
 
     return step
@@ -153,11 +164,11 @@ def main(argv=None) -> dict:
 
     if "a" in loops:
         model, opt = build(args, ours=False)
-        report(run_loop("baseline", make_step(model, opt, args), synthetic(args, torch.float32), args))
+        report(run_loop("baseline", make_step(model, opt, args, ours=False), synthetic(args, torch.float32), args))
         del model, opt
     if "b" in loops or "c" in loops:
         model, opt = build(args, ours=True)
-        step = make_step(model, opt, args)
+        step = make_step(model, opt, args, ours=True)
         if "b" in loops:
             report(run_loop("ours_synthetic", step, synthetic(args, torch.uint8), args))
         if "c" in loops and args.backend != "none":

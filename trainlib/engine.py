@@ -23,7 +23,9 @@ def build_optimizer(cfg: TrainConfig, net: torch.nn.Module, device) -> torch.opt
     skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
     groups = param_groups_weight_decay(net, cfg.weight_decay, no_weight_decay_list=skip)
     cls, extra = (torch.optim.SGD, {"momentum": cfg.momentum}) if cfg.opt == "sgd" else (torch.optim.AdamW, {})
-    if cfg.fused_opt:
+    # Fused kernels only where torch ships them for sure (CUDA): elsewhere (npu) the constructor can accept fused=True
+    # and the first step() fail, past where a fallback could catch it.
+    if cfg.fused_opt and device.kind == "cuda":
         try:
             return cls(groups, lr=cfg.lr, fused=True, **extra)
         except RuntimeError as e:  # torch refuses fused kernels for a device kind it has none for
@@ -163,11 +165,16 @@ class Trainer:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # resumed under another precision: fp16's scale starts anew
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_acc1 = state["global_step"], state["best_acc1"]
         if state["world_size"] != self.where.world_size:
             self.log.print(f"note: checkpoint from {state['world_size']} ranks, resuming on {self.where.world_size}: "
                            f"batches and random streams differ from an uninterrupted run")
+            # Fresh per-rank streams (drop path differs across ranks), new ones for each resume point.
+            seed = self.cfg.seed + self.where.rank + 1_000_003 * self.global_step
+            torch.manual_seed(seed)
+            self.device.manual_seed(seed)
             return
         checkpoint.set_rng_state(state["rng"][self.where.rank], self.device)
