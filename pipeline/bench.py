@@ -38,27 +38,33 @@ import torch
 from tqdm import tqdm
 
 from pipeline import BACKENDS, LoaderSpec, build_loader
+from pipeline.contract import endless
 from pipeline.shards import ShardError
+
+
+def opt(default, help: str):
+    """A BenchConfig field whose help text becomes its flag's --help line."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
 class BenchConfig:
-    data_path: str | None = None  # shard folder (tools/make_shards.py); optional for --backend synthetic
-    backend: str = "host"  # one of pipeline.BACKENDS
-    split: str = "train"  # train (random crops) or val (center crops)
-    batch_size: int = 256  # per rank
-    workers: int = 4  # decode processes (host) / threads (dali)
-    seconds: float = 30.0  # measured span, after warm-up
-    warmup: int = 5  # batches consumed before the clock starts
-    interval: float = 5.0  # seconds between JSON lines
-    device: str = "cpu"  # cpu | cuda | npu (torch_npu must be imported by the site, as train.py does)
-    img_size: int = 224  # output side in pixels
-    dtype: str = "float32"  # float32 | bfloat16 | uint8 (raw pixels)
-    prefetch: int = 2  # batches in flight ahead of the loop
-    seed: int = 0
-    baseline: str | None = None  # ImageFolder root (holding train/ and val/): also time torchvision on it
-    model: str | None = None  # timm model name: also run forward+backward on each batch
-    decode_only: bool = False  # time the host worker's decode path in this process on one core, no loader
+    data_path: str | None = opt(None, 'shard folder (tools/make_shards.py); optional for --backend synthetic')
+    backend: str = opt("host", 'one of pipeline.BACKENDS')
+    split: str = opt("train", 'train (random crops) or val (center crops)')
+    batch_size: int = opt(256, 'per rank')
+    workers: int = opt(4, 'decode processes (host) / threads (dali)')
+    seconds: float = opt(30.0, 'measured span, after warm-up')
+    warmup: int = opt(5, 'batches consumed before the clock starts')
+    interval: float = opt(5.0, 'seconds between JSON lines')
+    device: str = opt("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
+    img_size: int = opt(224, 'output side in pixels')
+    dtype: str = opt("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
+    prefetch: int = opt(2, 'batches in flight ahead of the loop')
+    seed: int = opt(0, 'shuffle and crop seed')
+    baseline: str | None = opt(None, 'ImageFolder root (holding train/ and val/): also time torchvision on it')
+    model: str | None = opt(None, 'timm model name: also run forward+backward on each batch')
+    decode_only: bool = opt(False, "time the host worker's decode path in this process on one core, no loader")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(BenchConfig):
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}, key=len)
         if f.type == "bool":
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        p.add_argument(*names, dest=f.name, type=kind, default=f.default,
+        p.add_argument(*names, dest=f.name, type=kind, default=f.default, help=f.metadata["help"],
                        choices=BACKENDS if f.name == "backend" else None)
     return p
 
@@ -124,14 +131,6 @@ def model_step(cfg: BenchConfig, num_classes: int, device: torch.device):
         loss.backward()
         opt.step()
     return step
-
-
-def endless(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) -> dict:

@@ -70,6 +70,15 @@ class Loader(Protocol):
     def close(self) -> None: ...
 
 
+def endless(loader: Loader):
+    """Batches from epoch 0, 1, 2, ... back to back: for benchmarks that run by the clock, not by epochs."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def eval_resize(img_size: int, crop_pct: float) -> int:
     """Shorter-side length before the center crop, as timm's eval transform computes it."""
     return math.floor(img_size / crop_pct)

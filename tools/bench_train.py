@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402
+from pipeline.contract import endless  # noqa: E402
 from model.fused import use_pixel_input  # noqa: E402
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -132,16 +133,8 @@ def run_loop(name: str, step, batches, args) -> dict:
     return out
 
 
-def forever(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def synthetic(args, dtype):
-    return forever(pipeline.build_loader(backend="synthetic", batch_size=args.batch_size, device=args.device,
+    return endless(pipeline.build_loader(backend="synthetic", batch_size=args.batch_size, device=args.device,
                                          img_size=args.img_size, num_classes=args.num_classes, dtype=dtype))
 
 
@@ -176,7 +169,7 @@ def main(argv=None) -> dict:
                                            batch_size=args.batch_size, device=args.device, workers=args.workers,
                                            img_size=args.img_size, dtype=torch.uint8)
             try:
-                report(run_loop(f"ours_{args.backend}", step, forever(loader), args))
+                report(run_loop(f"ours_{args.backend}", step, endless(loader), args))
             finally:
                 loader.close()
     summary = {"loop": "summary"}
