@@ -93,6 +93,10 @@ class TrainConfig:
     fail_at_step: int = knob(0, "TEST ONLY: raise after this global step, to exercise resume", hidden=True)
 
     def validate(self) -> None:
+        import timm  # here, not at the top: `python config.py` and the flag parser stay light
+
+        if not timm.is_model(self.model):
+            raise ConfigError(f"--model {self.model}: not a timm model name (e.g. vit_base_patch32_224)")
         positive = ("workers", "img_size", "batch_size", "epochs", "print_freq")
         for name in positive:
             if getattr(self, name) < 1:

@@ -81,6 +81,9 @@ def build_trainer(cfg: TrainConfig, device, where, log, steps_per_epoch: int, cl
     seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
     net = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, pretrained=cfg.pretrained,
                       drop_path=cfg.drop_path).to(device.device)
+    patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
+    if patch and (cfg.img_size % patch[0] or cfg.img_size % patch[1]):
+        raise ConfigError(f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
     if cfg.pixel_input:
         defaults = model_defaults(cfg.model)
         net = use_pixel_input(net, defaults["mean"], defaults["std"])
@@ -203,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, CheckpointMismatch, checkpoint.CheckpointError, DaliMissingError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Loaders and the process group were closed on the way out; the last checkpoint is intact (atomic writes).
+        print(f"train.py: interrupted; rerun with --resume auto --output {cfg.output} to continue", file=sys.stderr)
+        return 130
     return 0
 
 

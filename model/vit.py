@@ -3,6 +3,7 @@ defaults. Pure: no argparse, no files except the checkpoint that `load_pretraine
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import timm
 import torch
@@ -45,7 +46,12 @@ def load_pretrained(model: torch.nn.Module, path: str) -> list[str]:
     count keeps its fresh init; returns those keys. Any other missing, unexpected or misshapen tensor raises."""
     # timm's loader picks "state_dict"/"model" out of a training checkpoint and strips wrapper prefixes; EMA weights
     # are not preferred because we never write any and a foreign checkpoint's EMA is a choice the user should make.
-    state = load_state_dict(path, use_ema=False)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        state = load_state_dict(path, use_ema=False)
+    except Exception as e:  # noqa: BLE001 - a file torch/safetensors cannot read, whatever the reason
+        raise CheckpointMismatch(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     own = model.state_dict()
     head = _head_prefix(model)
     reinit = sorted(k for k, v in state.items()

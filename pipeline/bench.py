@@ -140,8 +140,8 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
         step(*next(batches))
     sync(device)  # sync point: the clock starts with no warm-up work still queued on the device
     start = mark = time.perf_counter()
-    total = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0), "cpu": tree_cpu_seconds()}
-    interval = dict(total)
+    total = fresh_counts(loader, device)
+    interval = fresh_counts(loader, device)
     bar = tqdm(unit="img", unit_scale=True, desc=label, file=sys.stderr, mininterval=1.0)
     while True:
         t0 = time.perf_counter()
@@ -149,8 +149,10 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
         waited = time.perf_counter() - t0
         step(images, labels)
         n = labels.shape[0]
+        padding = (labels < 0).sum()  # val padding is not an image; summed on the device, read at sync points
         for acc in (total, interval):
             acc["images"] += n
+            acc["padding"] += padding
             acc["wait"] += waited
         bar.update(n)
         now = time.perf_counter()
@@ -159,8 +161,7 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
             sync(device)  # sync point: reporting boundary, so the interval's device work is really finished
             now = time.perf_counter()
             print(json.dumps({"run": label, **rates(interval, now - mark, loader, cfg)}), flush=True)
-            interval = {"images": 0, "wait": 0.0, "bytes": getattr(loader, "bytes_read", 0),
-                        "cpu": tree_cpu_seconds()}
+            interval = fresh_counts(loader, device)
             mark = now
         if done:
             break
@@ -169,16 +170,24 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
     return rates(total, time.perf_counter() - start, loader, cfg)
 
 
+def fresh_counts(loader, device: torch.device) -> dict:
+    return {"images": 0, "padding": torch.zeros((), dtype=torch.int64, device=device), "wait": 0.0,
+            "bytes": getattr(loader, "bytes_read", 0), "cpu": tree_cpu_seconds()}
+
+
 def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
-    img_s = acc["images"] / seconds
-    out = {"img_s": round(img_s, 1), "img_s_per_worker": round(img_s / cfg.workers, 1),
-           "data_wait": round(acc["wait"] / seconds, 3), "seconds": round(seconds, 2), "images": acc["images"]}
+    """Figures of one stretch; called after a sync, so reading the device-side padding count costs no stall."""
+    images = acc["images"] - int(acc["padding"])
+    img_s = images / seconds
+    workers = getattr(loader, "num_workers", cfg.workers)  # the host backend starts no more workers than steps
+    out = {"img_s": round(img_s, 1), "img_s_per_worker": round(img_s / workers, 1),
+           "data_wait": round(acc["wait"] / seconds, 3), "seconds": round(seconds, 2), "images": images}
     if hasattr(loader, "bytes_read"):
         out["mb_s"] = round((loader.bytes_read - acc["bytes"]) / seconds / 1e6, 1)
     cpu = tree_cpu_seconds()
     if cpu is not None and acc["cpu"] is not None and cpu > acc["cpu"]:
         out["cpu_cores"] = round((cpu - acc["cpu"]) / seconds, 2)  # cores kept busy, all processes together
-        out["img_per_cpu_s"] = round(acc["images"] / (cpu - acc["cpu"]), 1)
+        out["img_per_cpu_s"] = round(images / (cpu - acc["cpu"]), 1)
     return out
 
 
@@ -219,7 +228,8 @@ def run(cfg: BenchConfig) -> dict:
         loader.close()
     from pipeline.host import pillow_flavour
 
-    final = {"final": True, **result, "backend": cfg.backend, "workers": cfg.workers, "batch_size": cfg.batch_size,
+    final = {"final": True, **result, "backend": cfg.backend, "workers": getattr(loader, "num_workers", cfg.workers),
+             "batch_size": cfg.batch_size,
              "split": cfg.split, "img_size": cfg.img_size, "device": str(device), "model": cfg.model,
              "pillow": pillow_flavour(), "loader": describe, "torch": torch.__version__,
              "python": platform.python_version()}
@@ -290,13 +300,32 @@ def decode_only(cfg: BenchConfig) -> dict:
     return result
 
 
+def check(cfg: BenchConfig) -> None:
+    """Mistakes caught before any worker starts or a minute of measuring is spent."""
+    for name in ("batch_size", "workers", "img_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.seconds <= 0:
+        raise ValueError(f"--seconds must be > 0, got {cfg.seconds}")
+    if cfg.data_path is None and (cfg.decode_only or cfg.backend != "synthetic"):
+        raise ValueError("--data_path is needed (shards made by tools/make_shards.py)")
+    if cfg.baseline and not cfg.decode_only and not os.path.isdir(os.path.join(cfg.baseline, cfg.split)):
+        raise ValueError(f"--baseline {cfg.baseline}: no {cfg.split}/ folder there (an ImageFolder root is needed)")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA GPU visible to torch")
+
+
 def main(argv=None) -> int:
     cfg = BenchConfig(**vars(build_parser().parse_args(argv)))
     try:
+        check(cfg)
         final = decode_only(cfg) if cfg.decode_only else run(cfg)
     except (ShardError, ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"pipeline.bench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pipeline.bench: interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(final), flush=True)
     return 0
 

@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from pipeline import bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,3 +46,37 @@ def test_bad_data_path_is_one_clear_line(tmp_path, capsys):
     assert bench.main(["--data_path", str(tmp_path), "--backend", "host", *QUICK]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "manifest" in err[0]
+
+
+class PaddedLoader:
+    """Batches of 4 with one padding label (-1) each; counts the real samples it handed out."""
+
+    num_workers = 2
+
+    def __init__(self):
+        self.real = 0
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        for _ in range(3):
+            self.real += 3
+            yield torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 2, -1])
+
+
+def test_val_padding_is_not_counted_as_images():
+    cfg = bench.BenchConfig(seconds=0.2, interval=1.0, warmup=0, workers=4)
+    loader = PaddedLoader()
+    result = bench.measure(loader, cfg, torch.device("cpu"), lambda images, labels: None, "fake")
+    assert result["images"] == loader.real > 0
+    # The workers started, not those asked for (img_s is itself rounded, hence the tolerance).
+    assert result["img_s_per_worker"] == pytest.approx(result["img_s"] / 2, abs=0.1)
+
+
+def test_workers_reported_are_the_ones_started(sample_shards, capsys):
+    # 16 val samples in batches of 12: 2 steps, so of the 4 workers asked for, the host backend starts 2.
+    argv = ["--data_path", str(sample_shards), "--backend", "host", "--split", "val", "--batch-size", "12",
+            "--workers", "4", "--seconds", "1", "--interval", "5", "--warmup", "0", "--img-size", "32"]
+    assert bench.main(argv) == 0
+    assert json_lines(capsys.readouterr().out)[-1]["workers"] == 2

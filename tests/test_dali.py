@@ -211,8 +211,7 @@ def denormalized(path, backend, split, **more) -> tuple[torch.Tensor, torch.Tens
 
 # img_size 48 keeps the host's DCT-scaled decode (used when the crop is >= 2x the output) off for these <= 96 px
 # images, so both backends decode the same full-resolution pixels.
-def test_val_parity_with_host(sample_shards):
-    pytest.importorskip("pipeline.host")
+def test_val_parity_with_host(dali, sample_shards):
     host, host_labels = denormalized(sample_shards, "host", "val")
     dali, dali_labels = denormalized(sample_shards, "dali", "val")
     assert dali_labels.tolist() == host_labels.tolist()
@@ -222,8 +221,7 @@ def test_val_parity_with_host(sample_shards):
     assert per_image.max() < 1.0, per_image
 
 
-def test_train_parity_with_host(sample_shards):
-    pytest.importorskip("pipeline.host")
+def test_train_parity_with_host(dali, sample_shards):
     host, host_labels = denormalized(sample_shards, "host", "train")
     dali, dali_labels = denormalized(sample_shards, "dali", "train")
     assert sorted(dali_labels.tolist()) == sorted(host_labels.tolist())  # 48 samples, 6 batches of 8: all of them

@@ -144,6 +144,28 @@ def test_a_resume_file_that_is_no_checkpoint_fails_in_one_line(tmp_path, capsys)
     assert err.count("\n") == 1 and "junk.pth: not a readable checkpoint" in err
 
 
+def test_resume_with_another_length_is_refused(tmp_path, capsys):
+    # The cosine schedule spans epochs x steps; continuing it over another length would silently restart it.
+    out = tmp_path / "run"
+    common = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
+              "--output", str(out), "--no-plots", "--max-steps", "2"]
+    run_ok([*common, "--epochs", "2"])
+    assert train.main([*common, "--epochs", "3", "--resume", "auto"]) == 1
+    assert "planned as 2 epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--img-size", "30"], "not a multiple of"),
+    (["--pretrained", "missing.pth"], "no such checkpoint file"),
+])
+def test_model_mistakes_fail_in_one_line(tmp_path, capsys, argv, message):
+    base = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
+            "--output", str(tmp_path / "o"), "--max-steps", "1"]
+    assert train.main([*base, *argv]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 def test_npu_without_torch_npu_fails_in_one_line():
     if importlib.util.find_spec("torch_npu") is not None:
         pytest.skip("torch_npu is installed here")

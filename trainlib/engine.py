@@ -145,7 +145,8 @@ class Trainer:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_acc1": self.best_acc1, "world_size": self.where.world_size, "config": vars(self.cfg).copy()}
+                "best_acc1": self.best_acc1, "world_size": self.where.world_size, "config": vars(self.cfg).copy(),
+                "steps_per_epoch": self.steps_per_epoch}
 
     def save_checkpoint(self, best: bool = False) -> None:
         """last.pth (and best.pth); collective: every rank contributes its RNG state, rank 0 writes."""
@@ -162,7 +163,19 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams."""
-        self.net.load_state_dict(state["model"])
+        planned = (state["config"]["epochs"], state["steps_per_epoch"])
+        if planned != (self.cfg.epochs, self.steps_per_epoch):
+            # The LR schedule spans epochs x steps per epoch; continuing it over another length would restart the
+            # cosine or cut it short without a word.
+            raise checkpoint.CheckpointError(
+                f"the checkpoint's run was planned as {planned[0]} epochs x {planned[1]} steps; this one as "
+                f"{self.cfg.epochs} x {self.steps_per_epoch} (--epochs, --batch-size, world size or data changed). "
+                f"Resume with the same settings, or start a new run from its weights with --pretrained")
+        try:
+            self.net.load_state_dict(state["model"])
+        except RuntimeError as e:  # another model, image size or class count
+            raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
+                                             f"(another --model, --img-size or data set?)") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():  # resumed under another precision: fp16's scale starts anew
