@@ -45,10 +45,17 @@ DEFAULTS = {
 }
 
 
+def folder_arg(text: str) -> Path:
+    # Path("") would quietly become the current folder.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_path", type=Path, required=True, help="ImageFolder root holding train/ and/or val/")
-    p.add_argument("--out", type=Path, required=True, help="output folder for shards")
+    p.add_argument("--data_path", type=folder_arg, required=True, help="ImageFolder root holding train/ and/or val/")
+    p.add_argument("--out", type=folder_arg, required=True, help="output folder for shards")
     p.add_argument("--samples-per-shard", type=int, help=f"default {DEFAULTS['samples_per_shard']}")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes; 1 = in-process")
     p.add_argument("--max-side", type=int, help="re-encode images longer than this (px); default: keep")
@@ -223,6 +230,8 @@ def run(args) -> int:
     src, dst = Path(os.path.abspath(args.data_path)), Path(os.path.abspath(args.out))
     if not src.is_dir():
         raise UsageError(f"--data_path {args.data_path} is not a folder")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
     previous = read_json(dst / PLAN_FILE) or {}
     settings = resolve_settings(args, src, previous if previous.get("source") == str(src) else {})
     scan = shardlib.scan_source(src)
