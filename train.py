@@ -166,6 +166,10 @@ def run(cfg: TrainConfig) -> None:
         if cfg.evaluate:
             trainer.evaluate(val_loader)
             return
+        if trainer.epoch >= cfg.epochs or trainer.reached_max_steps():
+            # A finished run resumed (say by a launch script's --resume auto): keep its summary.json and figures.
+            log.print(f"nothing to train: the checkpoint is at epoch {trainer.epoch}, step {trainer.global_step}")
+            return
         fit(cfg, trainer, train_loader, val_loader, log)
         summarize(cfg, trainer, log, time.perf_counter() - t_start)
     finally:
