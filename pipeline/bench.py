@@ -18,9 +18,11 @@ and the fraction of step time lost to input with it. `--baseline SRC` runs a sto
 DataLoader on the source ImageFolder with the same workers, batch size and seconds right after, and adds
 `baseline_img_s` and `ratio` (backend / baseline). `img_per_cpu_s` divides images by the CPU seconds that this
 process and all its descendants used (Linux), and `cpu_cores` is how many cores they kept busy: the per-core
-efficiency, which unlike img/s holds up on a machine shared with other jobs; with --baseline, `cpu_ratio` compares it
-(the figure to read on a shared or small box; the ratio of img/s is the one that counts on a dedicated host). Device work is synchronized only at reporting boundaries.
-On `--device cpu` without `--model` the main process runs torch with one thread (see run()). `--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
+efficiency, which unlike img/s holds up on a machine shared with other jobs; with --baseline, `cpu_ratio` compares
+it (the figure to read on a shared or small box; the ratio of img/s is the one that counts on a dedicated host).
+Val padding samples (label -1) are not counted as images. Device work is synchronized only at reporting
+boundaries. On `--device cpu` without `--model` the main process runs torch with one thread (see run()).
+`--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
 neither disk nor processes count), and with `--baseline` (any value) the torchvision transform on the same bytes.
 """
 from __future__ import annotations

@@ -2,7 +2,6 @@
 loaders and process group exist. Device differences stay behind `devices.Device`; backends behind the loader."""
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -23,15 +22,10 @@ def build_optimizer(cfg: TrainConfig, net: torch.nn.Module, device) -> torch.opt
     skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
     groups = param_groups_weight_decay(net, cfg.weight_decay, no_weight_decay_list=skip)
     cls, extra = (torch.optim.SGD, {"momentum": cfg.momentum}) if cfg.opt == "sgd" else (torch.optim.AdamW, {})
-    # Fused kernels only where torch ships them for sure (CUDA): elsewhere (npu) the constructor can accept fused=True
-    # and the first step() fail, past where a fallback could catch it.
-    if cfg.fused_opt and device.kind == "cuda":
-        try:
-            return cls(groups, lr=cfg.lr, fused=True, **extra)
-        except RuntimeError as e:  # torch refuses fused kernels for a device kind it has none for
-            logging.getLogger(__name__).warning("fused %s unavailable on %s (%s); using foreach", cfg.opt,
-                                                device.kind, e)
-    return cls(groups, lr=cfg.lr, foreach=True, **extra)
+    # Fused kernels only on CUDA, where torch ships them: elsewhere (npu) the constructor can accept fused=True and the
+    # first step() fail, past where a fallback could catch it.
+    kernel = {"fused": True} if cfg.fused_opt and device.kind == "cuda" else {"foreach": True}
+    return cls(groups, lr=cfg.lr, **kernel, **extra)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
