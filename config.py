@@ -34,6 +34,8 @@ class TrainConfig:
     backend: str = knob("host", "input pipeline (pipeline/): host = Pillow worker processes, dali, synthetic",
                         choices=("host", "dali", "synthetic"))
     workers: int = knob(4, "decode processes (host) or threads (dali) per rank", "-j")
+    dali_prebuild: bool = knob(False, "dali: build the next epoch's pipeline while this one runs, hiding the "
+                                      "~2 s restart per epoch seen on an H100 (its effect on a GPU is unmeasured)")
     img_size: int = knob(224, "train/eval resolution")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: 1000)")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",
@@ -49,6 +51,8 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model (first steps are slow: excluded from FPS)")
     pixel_input: bool = knob(True, "feed uint8 pixels and fold mean/std into the patch embedding (model/fused.py): "
                                    "the same function and gradients, 1 byte per pixel to the device, no normalize")
+    fp8: bool = knob(False, "FP8 matmuls in the blocks' linears (model/fp8.py): lossy, off by default, and for "
+                            "ViT-B/32 on an H100 measured slower than bf16 (docs/benchmarks.md); CUDA 8.9+ or CPU")
     # optimisation
     opt: str = knob("adamw", "optimizer; sgd is the seed's SGD with momentum", choices=("adamw", "sgd"))
     lr: float = knob(1e-3, "peak learning rate (not scaled by batch size)", "--learning-rate")

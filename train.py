@@ -23,7 +23,8 @@ import checkpoint
 import pipeline
 from config import ConfigError, TrainConfig, parse_config
 from devices import DeviceError, resolve_device
-from model import CheckpointMismatch, build_model, flops_per_image, model_defaults, use_pixel_input
+from model import (CheckpointMismatch, build_model, flops_per_image, fp8_supported, model_defaults, use_fp8,
+                   use_pixel_input)
 from pipeline.dali import DaliMissingError
 from pipeline.shards import PipelineError, read_manifest
 from trainlib import distributed
@@ -70,7 +71,9 @@ def build_loaders(cfg: TrainConfig, device, where, dtype: torch.dtype, classes: 
                   world_size=where.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
                   mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
                   on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes)
-    train = None if cfg.evaluate else pipeline.build_loader(split="train", batch_size=cfg.batch_size, **common)
+    extra = {"prebuild": True} if cfg.backend == "dali" and cfg.dali_prebuild else {}
+    train = None if cfg.evaluate else pipeline.build_loader(split="train", batch_size=cfg.batch_size, extra=extra,
+                                                            **common)
     val = None
     if cfg.evaluate or cfg.eval_freq:
         val = pipeline.build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size, **common)
@@ -87,6 +90,12 @@ def build_trainer(cfg: TrainConfig, device, where, log, steps_per_epoch: int, cl
     if cfg.pixel_input:
         defaults = model_defaults(cfg.model)
         net = use_pixel_input(net, defaults["mean"], defaults["std"])
+    if cfg.fp8:
+        why_not = fp8_supported(device.device)
+        if why_not:
+            raise ConfigError(f"--fp8: {why_not}")
+        if not use_fp8(net):
+            raise ConfigError(f"--fp8: {cfg.model} has no linear layer in blocks.* that FP8 matmuls accept")
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = net

@@ -17,9 +17,14 @@ spec.extra options (anything else is an error):
   normalize_in     "torch" (default): DALI returns uint8 HWC and `to_model_input` normalizes on the device;
                    "dali": crop_mirror_normalize writes the normalized float/half tensor in the final layout.
   hw_decoder_load  share of JPEGs sent to the hardware decoder on GPUs that have one (DALI's default 0.65).
+  prebuild         train only, default off: build the next epoch's pipeline in a background thread while this
+                   epoch runs, so the epoch boundary does not wait for it. On an H100 a restart cost ~1.7-2 s
+                   (docs/benchmarks.md): ~1% of an ImageNet epoch on one GPU, ~8% on eight. Whether building ahead
+                   removes that is still to be measured on a GPU; the cost is a second pipeline's memory meanwhile.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +36,7 @@ from pipeline.shards import ShardError, batch_segments, epoch_order, rank_plan, 
 
 INSTALL_HINT = "the dali backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 (x86_64/aarch64 Linux)"
 NORMALIZE_IN = ("torch", "dali")
-EXTRA_DEFAULTS = {"normalize_in": "torch", "hw_decoder_load": 0.65}
+EXTRA_DEFAULTS = {"normalize_in": "torch", "hw_decoder_load": 0.65, "prebuild": False}
 # nvJPEG scratch sizes that fit ImageNet's largest JPEGs, so the decoder does not reallocate mid-epoch.
 GPU_DECODER_HINTS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
                          preallocate_width_hint=5_980, preallocate_height_hint=6_430)
@@ -87,6 +92,8 @@ def _check_extra(extra: dict) -> dict:
         raise ValueError(f"normalize_in must be one of {NORMALIZE_IN}, got {opts['normalize_in']!r}")
     if not 0.0 <= float(opts["hw_decoder_load"]) <= 1.0:
         raise ValueError(f"hw_decoder_load must be within [0, 1], got {opts['hw_decoder_load']!r}")
+    if not isinstance(opts["prebuild"], bool):
+        raise ValueError(f"prebuild must be True or False, got {opts['prebuild']!r}")
     return opts
 
 
@@ -161,6 +168,9 @@ class DaliLoader:
         self.epoch = 0
         self.bytes_read = 0  # JPEG bytes handed to the decoder, all epochs
         self._pipe = None
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-prebuild") \
+            if self.opts["prebuild"] and spec.train else None
+        self._ahead: tuple[int, Future] | None = None  # (epoch, its pipeline being built) when prebuilding
 
     def _plan(self, epoch: int):
         s = self.spec
@@ -174,9 +184,20 @@ class DaliLoader:
         return self.steps
 
     def close(self) -> None:
+        """Free this epoch's pipeline (and one built ahead). The loader stays usable: iterating builds anew."""
+        self._release()
+        self._drop_ahead()
+
+    def _release(self) -> None:
         self.output.drain()
         # Pipeline.__del__ shuts down DALI's threads and frees its buffers; CPython runs it as the last reference goes.
         self._pipe = None
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            _, future = self._ahead
+            self._ahead = None
+            future.cancel() or future.exception()  # wait for a build under way; its pipeline is then dropped
 
     def __enter__(self):
         return self
@@ -189,17 +210,28 @@ class DaliLoader:
         norm = "dali" if self.dali_normalizes else "torch"
         return (f"dali {self.dali.version} ({self.output.where}, {s.workers} threads, prefetch {s.prefetch}, "
                 f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
-                f"{s.batch_size}, {len(self.shards)} shards")
+                f"{s.batch_size}, {len(self.shards)} shards" + (", next epoch built ahead" if self._builder else ""))
 
     def __iter__(self):
-        self.close()  # one pipeline at a time: the previous epoch's buffers go before new ones are allocated
-        pipe = self._pipe = self._build_pipeline(self.epoch)
+        self._release()  # the previous epoch's buffers go before this epoch's run
+        pipe = self._pipe = self._pipeline_for(self.epoch)
         try:
             for step in range(self.steps):
                 yield self._next_batch(pipe, step)
+                if step == 0 and self._builder is not None:
+                    # The next epoch's pipeline builds while this one runs (`endless` and train.py go epoch by epoch).
+                    self._ahead = (self.epoch + 1, self._builder.submit(self._build_pipeline, self.epoch + 1))
         finally:
             if self._pipe is pipe:  # an abandoned older iteration must not close a newer one's pipeline
-                self.close()  # epoch over, stopped early or failed: its buffers are not needed during eval or after
+                self._release()  # epoch over, stopped early or failed: its buffers are not needed during eval or after
+
+    def _pipeline_for(self, epoch: int):
+        """The pipeline built ahead for `epoch` if there is one, else one built now."""
+        if self._ahead is not None and self._ahead[0] == epoch:
+            future, self._ahead = self._ahead[1], None
+            return future.result()  # a failed build raises here, where a synchronous one would have
+        self._drop_ahead()  # built for another epoch (set_epoch jumped): not ours
+        return self._build_pipeline(epoch)
 
     # -- building -------------------------------------------------------------------------------------------------
     def _build_pipeline(self, epoch: int):

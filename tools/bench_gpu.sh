@@ -1,39 +1,114 @@
 #!/usr/bin/env bash
-# The GPU benchmark session, as one script: sample data -> shards -> the pipeline alone (both backends) -> every
-# configuration of tools/bench_train.py (baseline, our step, our step fed by DALI and by the host backend), the
-# baseline always in the same process. Figures land as JSON lines in RESULTS_DIR; docs/benchmarks.md explains them.
+# The GPU benchmark session as one script, most important figures first, inside a time budget:
+#   data    realistic sample JPEGs -> shards, and a second shard set re-encoded to --max-side MAX_SIDE (skipped when
+#           they exist; DATA_ONLY=1 stops here, so data can be made while the rest is being set up);
+#   tests   pytest -m gpu (CUDA paths of both backends, FP8 on CUDA vs CPU);
+#   train   train.py end to end on the GPU with the dali backend (eager, 2 epochs, eval): it runs, logs FPS, Acc@1;
+#   step    tools/bench_train.py per batch size: (a) timm baseline, (b) ours, (c) ours fed by DALI, (b) again (drift),
+#           (d) FP8, the baseline always in the same process; the first batch size also feeds DALI with every JPEG
+#           on the hardware decoder, the host backend from the original and the --max-side shards, and DALI over
+#           three epochs (its per-epoch restarts included) with and without the next pipeline built ahead;
+#   alone   python -m pipeline.bench: each backend with no model attached;
+#   perf    tools/train_performance_1p.sh --compile --backend dali: the launch script users run.
+# Every figure is a JSON line in RESULTS_DIR/results.jsonl; every command's output goes to RESULTS_DIR/log.txt;
+# stages that would start past BUDGET_S seconds are skipped (and say so).
 #
-# Usage: bash tools/bench_gpu.sh RESULTS_DIR [NUM_IMAGES]        (on a CUDA machine, deps installed)
-# Environment: PYTHON, DATA_DIR (/tmp/vitbench), DEVICE (cuda), BATCH_SIZES ("256 512"), SECONDS_PER_RUN (20),
-# TRAIN_ARGS (extra tools/bench_train.py flags; a CPU dry run: DEVICE=cpu BATCH_SIZES=8 SECONDS_PER_RUN=2
-# TRAIN_ARGS="--model vit_tiny_patch16_224 --img-size 32 --steps 2 --warmup 1 --no-compile").
-set -euo pipefail
+# Usage: bash tools/bench_gpu.sh RESULTS_DIR [TRAIN_IMAGES]       (on a CUDA machine, requirements installed)
+# Environment: PYTHON (python3), DATA_DIR (/tmp/vitbench), DEVICE (cuda), BATCH_SIZES ("256 512"), BUDGET_S (420),
+#   MAX_SIDE (320), HOST_WORKERS (cores - 2: the main process keeps a core for launching kernels), DATA_ONLY,
+#   TRAIN_ARGS (extra tools/bench_train.py flags), TRAINPY_ARGS (extra train.py flags, for the train and perf stages).
+#   CPU dry run (DALI's CPU path, tiny model):
+#     DEVICE=cpu BATCH_SIZES=16 TRAIN_ARGS="--model vit_tiny_patch16_224 --img-size 32 --steps 2 --warmup 1
+#     --no-compile --amp fp32" TRAINPY_ARGS="--model vit_tiny_patch16_224 --img-size 32 -b 16 --max-steps 20
+#     --no-compile" bash tools/bench_gpu.sh /tmp/r 512
+set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash tools/bench_gpu.sh RESULTS_DIR [NUM_IMAGES]}
-n=${2:-4096}
+out=${1:?usage: bash tools/bench_gpu.sh RESULTS_DIR [TRAIN_IMAGES]}
+n=${2:-32768}
 py=${PYTHON:-python3}
 data=${DATA_DIR:-/tmp/vitbench}
 device=${DEVICE:-cuda}
-seconds=${SECONDS_PER_RUN:-20}
-read -r -a train_args <<<"${TRAIN_ARGS:-}"
-mkdir -p "$out"
-[ -f "$data/shards/manifest.json" ] || {
-  "$py" tools/make_sample_data.py "$data/folder" --classes 16 --train-per-class $((n / 16)) --val-per-class 8
-  "$py" tools/make_shards.py --data_path "$data/folder" --out "$data/shards" --samples-per-shard 512
-}
+budget=${BUDGET_S:-420}
+max_side=${MAX_SIDE:-320}
 cores=$(nproc)
-run() { echo "+ $*" >&2; "$py" "$@"; }
-# Pipeline alone: how fast each backend delivers batches to the device with no model attached.
-for backend in dali host; do
-  workers=8; [ "$backend" = host ] && workers=$cores
-  run -m pipeline.bench --data_path "$data/shards" --backend "$backend" --batch-size 256 --workers "$workers" \
-    --seconds "$seconds" --interval "$seconds" --device "$device" --dtype uint8 | tail -n 1 >>"$out/pipeline.jsonl"
-done
-# The step: (a) timm + compile, (b) ours, (c) ours fed by a backend; one process per configuration.
+host_workers=${HOST_WORKERS:-$((cores > 3 ? cores - 2 : 1))}
+read -r -a train_args <<<"${TRAIN_ARGS:-}"
+read -r -a trainpy_args <<<"${TRAINPY_ARGS:-}"
+mkdir -p "$out"
+results="$out/results.jsonl" log="$out/log.txt"
+t0=$(date +%s)
+
+# stage NAME CMD...: run CMD (a command or a function of this script) with its output in the log, stopped when the
+# budget runs out (SIGINT: loaders close cleanly), skipped when it already has; a failure is recorded, not fatal.
+stage() {
+  local name=$1 left=$((budget - $(date +%s) + t0)) start rc pid watchdog
+  shift
+  if [ "$left" -le 0 ]; then
+    echo "{\"stage\": \"$name\", \"skipped\": \"budget of ${budget}s spent\"}" | tee -a "$results"
+    return
+  fi
+  echo "+ [$name] $*" | tee -a "$log" >&2
+  start=$(date +%s)
+  set -m  # background jobs get their own process group, so the watchdog can stop all of a stage's processes
+  ("$@") >>"$log" 2>&1 &
+  pid=$!
+  (sleep "$left"; kill -INT -- "-$pid"; sleep 20; kill -KILL -- "-$pid") >/dev/null 2>&1 &
+  watchdog=$!
+  wait "$pid"
+  rc=$?
+  kill -- "-$watchdog" 2>/dev/null
+  set +m
+  echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(($(date +%s) - start))}" | tee -a "$results"
+}
+
+make_data() {
+  local per=$((n / 16))
+  [ -f "$data/shards/manifest.json" ] || {
+    "$py" tools/make_sample_data.py "$data/folder" --classes 16 --train-per-class "$per" --val-per-class 16 &&
+      "$py" tools/make_shards.py --data_path "$data/folder" --out "$data/shards" --samples-per-shard 1024
+  } || return 1
+  [ -f "$data/shards-max$max_side/manifest.json" ] ||
+    "$py" tools/make_shards.py --data_path "$data/folder" --out "$data/shards-max$max_side" \
+      --samples-per-shard 1024 --max-side "$max_side"
+}
+
+bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in one process; "all" adds every feed
+  local bs=$1 max="$data/shards-max$max_side" feeds=(--feed dali:workers=8)
+  # 2026-11-26 on an H100 (docs/benchmarks.md): 4 threads and hw_decoder_load 0 fed worse than 8 threads at 0.65,
+  # and each epoch restart cost ~2 s; so: more hardware decoding, and the restart with and without building ahead.
+  [ "${2:-}" = all ] && feeds+=(--feed dali:workers=8,hw_decoder_load=1,name=dali_hw1
+    --feed "host:workers=$host_workers" --feed "host:workers=$host_workers,data_path=$max,name=host_max$max_side"
+    --feed "dali:workers=8,name=dali_3epochs,steps=$((3 * n / bs))"
+    --feed "dali:workers=8,prebuild=1,name=dali_3epochs_prebuild,steps=$((3 * n / bs))")
+  "$py" tools/bench_train.py --device "$device" --batch-size "$bs" --compile --fp8 --recheck \
+    --data_path "$data/shards" --warmup 20 --steps 80 "${feeds[@]}" "${train_args[@]}" --out "$results"
+}
+
+alone() {  # the pipeline alone: how fast each backend delivers batches with no model attached
+  local backend=$1 shards=$2 workers=$3
+  "$py" -m pipeline.bench --data_path "$shards" --backend "$backend" --batch-size 256 --workers "$workers" \
+    --seconds 8 --interval 8 --device "$device" --dtype uint8 | tail -n 1 >>"$results"
+}
+
+stage data make_data
+[ -n "${DATA_ONLY:-}" ] && exit 0
+stage env "$py" -c "import json, torch, timm, PIL; import nvidia.dali as d; print(json.dumps({'stage': 'versions',
+  'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'torch': torch.__version__,
+  'timm': timm.__version__, 'dali': d.__version__, 'pillow': PIL.__version__}))"
+grep -a '"stage": "versions"' "$log" | tail -n 1 >>"$results"
+stage tests "$py" -m pytest -q -m gpu -p no:cacheprovider tests
+stage train "$py" train.py --data_path "$data/shards" --backend dali --device "$device" --epochs 2 --batch-size 256 \
+  --workers 8 --eval-freq 1 -p 40 --output /tmp/vitbench-train --no-plots --seed 0 "${trainpy_args[@]}"
+grep -a -E 'FPS@all| \* Acc@1' "$log" | tail -n 3 | sed 's/^/    /' >&2
+all=all  # the first batch size gets every feed; the others DALI only (GPU minutes are scarce)
 for bs in ${BATCH_SIZES:-256 512}; do
-  run tools/bench_train.py --device "$device" --batch-size "$bs" --compile --backend dali --data_path "$data/shards" \
-    --workers 8 "${train_args[@]}" --out "$out/train.jsonl"
+  stage "step_bs$bs" bench_train "$bs" $all
+  all=
 done
-run tools/bench_train.py --device "$device" --batch-size "${BATCH_SIZES%% *}" --compile --backend host \
-  --data_path "$data/shards" --workers "$cores" --loops b,c "${train_args[@]}" --out "$out/train.jsonl"
-echo "results in $out" >&2
+stage alone_dali alone dali "$data/shards" 8
+stage alone_host alone host "$data/shards" "$host_workers"
+stage "alone_host_max$max_side" alone host "$data/shards-max$max_side" "$host_workers"
+stage perf env OUTPUT_DIR=/tmp/vitbench-perf PYTHON="$py" bash tools/train_performance_1p.sh \
+  --data_path="$data/shards" --device "$device" --backend dali --workers 8 --compile "${trainpy_args[@]}"
+grep -a 'Final Performance' "$log" | tail -n 1 >&2
+echo "results in $results, log in $log ($(($(date +%s) - t0)) s)" >&2

@@ -5,16 +5,24 @@ Measures, for one model / batch size / precision / compile setting, three traini
                  (normalized float images already on the device) and `torch.compile` when --compile;
   (b) ours       train.py's step (model/fused.py pixel input: uint8 in; gradient clipping, LR schedule) on
                  synthetic uint8 input already on the device;
-  (c) ours+data  the same step fed by a real backend (--backend host|dali) from shards (--data_path).
+  (c) ours+data  the same step fed by a real backend (--backend host|dali) from shards (--data_path); --feed
+                 (repeatable) measures several backends or settings against the same (b) in the same process;
+  (d) ours+fp8   with --fp8: (b) with the blocks' linears in FP8 (model/fp8.py; opt-in, lossy).
 Each loop runs --warmup steps first (compilation and allocator warm-up: not timed), then --steps timed steps with
 one device synchronization before and one after the timed stretch; nothing inside the loop synchronizes, exactly
 as in training. Prints one JSON line per loop and a summary line:
   step_speedup = img/s(b) / img/s(a)   -- the goal is >= 1.3 on an H100/H200
   feed_ratio   = img/s(c) / img/s(b)   -- the goal is >= 0.98: input must not slow the step
-  input_wait   = share of (c)'s wall time spent blocked waiting for the next batch
+  input_wait   = share of (c)'s wall time spent blocked waiting for the next batch; max_wait_s is the longest
+                 single wait (an epoch boundary, where a backend restarts, shows up here)
+  fp8_speedup  = img/s(d) / img/s(a)
+With --recheck, (b) runs again after everything else: `drift` = its second figure over its first says how steady the
+device's clocks were across the run.
 Read a ratio only within one run: the loops share the process, the device and its clocks.
 
   python tools/bench_train.py --data_path SHARDS --backend dali --batch-size 256 --compile --out results.jsonl
+  python tools/bench_train.py --data_path SHARDS --compile --fp8 --recheck \
+      --feed dali:workers=8 --feed dali:workers=4,name=dali_w4 --feed host:workers=14,data_path=SHARDS320,name=host320
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402
 from pipeline.contract import endless  # noqa: E402
+from model.fp8 import use_fp8  # noqa: E402
 from model.fused import use_pixel_input  # noqa: E402
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -58,10 +67,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loops", default="a,b,c", help="which loops to run, comma separated")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--model-kwargs", default="{}", help="JSON of extra timm.create_model kwargs (tests: tiny ViTs)")
+    p.add_argument("--feed", action="append", default=[], metavar="BACKEND[:key=value,...]",
+                   help="a (c) loop; repeatable. Keys: " + ", ".join(FEED_KEYS) + ". Unset keys come from "
+                        "--data_path/--workers. Replaces --backend")
+    p.add_argument("--fp8", action="store_true", help="also run (d): our step with FP8 linears (model/fp8.py)")
+    p.add_argument("--recheck", action="store_true", help="run (b) again at the end and report the drift")
     args = p.parse_args(argv)
-    if "c" in args.loops and args.backend != "none" and not args.data_path:
-        p.error("--backend host|dali needs --data_path")
+    try:
+        args.feeds = parse_feeds(args) if "c" in args.loops else []
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+FEED_KEYS = ("name", "data_path", "workers", "steps", "hw_decoder_load", "prebuild")
+DALI_EXTRAS = {"hw_decoder_load": float, "prebuild": lambda v: {"1": True, "0": False}[v]}  # spec.extra of dali
+
+
+def parse_feeds(args) -> list[dict]:
+    """--feed specs (or --backend) as dicts with every key set; names unique, each backend given its shards."""
+    specs = args.feed or ([args.backend] if args.backend != "none" else [])
+    feeds = []
+    for spec in specs:
+        backend, _, rest = spec.partition(":")
+        if backend not in ("host", "dali"):
+            raise ValueError(f"--feed {spec!r}: the backend is host or dali")
+        feed = {"backend": backend, "name": backend, "data_path": args.data_path, "workers": args.workers}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if key not in FEED_KEYS or not eq:
+                raise ValueError(f"--feed {spec!r}: {item!r} is not key=value with a key in {', '.join(FEED_KEYS)}")
+            if key in DALI_EXTRAS and backend != "dali":
+                raise ValueError(f"--feed {spec!r}: {key} is a dali option")
+            try:
+                convert = DALI_EXTRAS.get(key) or (int if key in ("workers", "steps") else str)
+                feed[key] = convert(value)
+            except (ValueError, KeyError):
+                raise ValueError(f"--feed {spec!r}: bad value {value!r} for {key} (prebuild takes 1 or 0)") from None
+        if not feed["data_path"]:
+            raise ValueError(f"--backend/--feed {backend} needs --data_path (or data_path= in --feed)")
+        feeds.append(feed)
+    names = [f["name"] for f in feeds]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--feed names must differ (name=...): {names}")
+    return feeds
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,13 +120,15 @@ def synchronize(device: torch.device) -> None:
         torch.npu.synchronize(device)
 
 
-def build(args, ours: bool):
+def build(args, ours: bool, fp8: bool = False):
     import timm
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size,
                               **json.loads(args.model_kwargs))
     if ours:
         model = use_pixel_input(model, MEAN, STD)
+    if fp8:
+        use_fp8(model)
     model.to(args.device).train()
     fused = args.device.type == "cuda"  # fused AdamW is a CUDA kernel; elsewhere the foreach path
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused or None)
@@ -112,21 +163,23 @@ def make_step(model, opt, args, ours: bool):
     return step
 
 
-def run_loop(name: str, step, batches, args) -> dict:
-    """Warm up, then time --steps steps. `batches` is an iterator; time blocked in next() counts as input wait."""
+def run_loop(name: str, step, batches, args, steps: int | None = None) -> dict:
+    """Warm up, then time `steps` (--steps) steps. `batches` is an iterator; time blocked in next() is input wait."""
+    steps = steps or args.steps
     for _ in range(args.warmup):
         step(*next(batches))
     synchronize(args.device)  # timed stretch starts with an idle device
-    wait, t0 = 0.0, time.perf_counter()
-    for _ in range(args.steps):
+    waits, t0 = [], time.perf_counter()
+    for _ in range(steps):
         t = time.perf_counter()
         images, labels = next(batches)
-        wait += time.perf_counter() - t
+        waits.append(time.perf_counter() - t)
         step(images, labels)
     synchronize(args.device)  # ...and ends when the device has finished the last step
     elapsed = time.perf_counter() - t0
-    out = {"loop": name, "img_s": round(args.steps * args.batch_size / elapsed, 2),
-           "input_wait": round(wait / elapsed, 4), "seconds": round(elapsed, 3)}
+    out = {"loop": name, "img_s": round(steps * args.batch_size / elapsed, 2), "steps": steps,
+           "input_wait": round(sum(waits) / elapsed, 4), "max_wait_s": round(max(waits), 4),
+           "seconds": round(elapsed, 3)}
     if args.device.type == "cuda":
         out["max_mem_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2)
         torch.cuda.reset_peak_memory_stats(args.device)
@@ -147,8 +200,8 @@ def main(argv=None) -> dict:
             "compile": args.compile, "backend": args.backend, "torch": torch.__version__}
     results = {}
 
-    def report(r):
-        line = json.dumps({**meta, **r})
+    def report(r, **fields):
+        line = json.dumps({**meta, **fields, **r})
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:
@@ -159,28 +212,61 @@ def main(argv=None) -> dict:
         model, opt = build(args, ours=False)
         report(run_loop("baseline", make_step(model, opt, args, ours=False), synthetic(args, torch.float32), args))
         del model, opt
-    if "b" in loops or "c" in loops:
+    if "b" in loops or args.feeds:
         model, opt = build(args, ours=True)
         step = make_step(model, opt, args, ours=True)
         if "b" in loops:
             report(run_loop("ours_synthetic", step, synthetic(args, torch.uint8), args))
-        if "c" in loops and args.backend != "none":
-            loader = pipeline.build_loader(data_path=args.data_path, split="train", backend=args.backend,
-                                           batch_size=args.batch_size, device=args.device, workers=args.workers,
-                                           img_size=args.img_size, dtype=torch.uint8)
+        for feed in args.feeds:
+            extra = {key: feed[key] for key in DALI_EXTRAS if key in feed}
+            fields = dict(backend=feed["backend"], workers=feed["workers"], **extra)
             try:
-                report(run_loop(f"ours_{args.backend}", step, endless(loader), args))
-            finally:
-                loader.close()
-    summary = {"loop": "summary"}
-    if "baseline" in results and "ours_synthetic" in results:
-        summary["step_speedup"] = round(results["ours_synthetic"]["img_s"] / results["baseline"]["img_s"], 4)
-    real = results.get(f"ours_{args.backend}")
-    if real and "ours_synthetic" in results:
-        summary["feed_ratio"] = round(real["img_s"] / results["ours_synthetic"]["img_s"], 4)
-        summary["input_wait"] = real["input_wait"]
-    report(summary)
-    return summary
+                loader = pipeline.build_loader(data_path=feed["data_path"], split="train", backend=feed["backend"],
+                                               batch_size=args.batch_size, device=args.device,
+                                               workers=feed["workers"], img_size=args.img_size, dtype=torch.uint8,
+                                               extra=extra)
+                try:
+                    report(run_loop(f"ours_{feed['name']}", step, endless(loader), args, feed.get("steps")),
+                           steps_per_epoch=len(loader), **fields)
+                finally:
+                    loader.close()
+            except Exception as e:  # one feed failing (a missing library, no shared memory) must not end the run
+                report({"loop": f"ours_{feed['name']}", "error": f"{type(e).__name__}: {e}"}, **fields)
+        if args.recheck and "b" in loops:
+            report(run_loop("ours_synthetic_end", step, synthetic(args, torch.uint8), args))
+        del model, opt, step
+    if args.fp8:
+        try:
+            model, opt = build(args, ours=True, fp8=True)
+            report(run_loop("ours_fp8", make_step(model, opt, args, ours=True), synthetic(args, torch.uint8), args))
+            del model, opt
+        except Exception as e:
+            report({"loop": "ours_fp8", "error": f"{type(e).__name__}: {e}"})
+    return summarize(args, results, report)
+
+
+def summarize(args, results: dict, report) -> dict:
+    """One summary line per feed (or one without a feed): the ratios, each from figures of this run."""
+    base, ours = results.get("baseline"), results.get("ours_synthetic")
+    common = {}
+    if base and ours:
+        common["step_speedup"] = round(ours["img_s"] / base["img_s"], 4)
+    if base and "img_s" in results.get("ours_fp8", {}):
+        common["fp8_speedup"] = round(results["ours_fp8"]["img_s"] / base["img_s"], 4)
+    if ours and "ours_synthetic_end" in results:
+        common["drift"] = round(results["ours_synthetic_end"]["img_s"] / ours["img_s"], 4)
+    summaries = []
+    for feed in args.feeds or [None]:
+        summary = {"loop": "summary", **common}
+        real = results.get(f"ours_{feed['name']}") if feed else None
+        if feed:
+            summary.update(backend=feed["backend"], feed=feed["name"])
+        if real and ours and "img_s" in real:
+            summary.update(feed_ratio=round(real["img_s"] / ours["img_s"], 4), input_wait=real["input_wait"],
+                           max_wait_s=real["max_wait_s"])
+        report(summary)
+        summaries.append(summary)
+    return summaries[0]
 
 
 if __name__ == "__main__":
