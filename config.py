@@ -34,8 +34,8 @@ class TrainConfig:
     backend: str = knob("host", "input pipeline (pipeline/): host = Pillow worker processes, dali, synthetic",
                         choices=("host", "dali", "synthetic"))
     workers: int = knob(4, "decode processes (host) or threads (dali) per rank", "-j")
-    dali_prebuild: bool = knob(False, "dali: build the next epoch's pipeline while this one runs, hiding the "
-                                      "~2 s restart per epoch seen on an H100 (its effect on a GPU is unmeasured)")
+    dali_prebuild: bool = knob(False, "dali: build the next epoch's pipeline while this one runs, taking the build "
+                                      "out of the ~2 s restart per epoch seen on an H100 (GPU effect unmeasured)")
     img_size: int = knob(224, "train/eval resolution")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: 1000)")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",

@@ -156,11 +156,13 @@ def run(cfg: TrainConfig) -> None:
     loaders = ()
     try:
         log.write_json("config.json", vars(cfg))
-        log.write_json("env.json", environment(device, where.world_size))
         classes = num_classes(cfg)
         dtype = amp_dtype(cfg, device)
         loaders = build_loaders(cfg, device, where, dtype, classes)
         train_loader, val_loader = loaders
+        log.write_json("env.json", {**environment(device, where.world_size), **{
+            f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))
+            if hasattr(loader, "describe")}})
         spe = len(train_loader) if train_loader is not None else 1
         spe = min(spe, cfg.steps_per_epoch) if cfg.steps_per_epoch else spe
         trainer = build_trainer(cfg, device, where, log, spe, classes)

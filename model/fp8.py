@@ -37,7 +37,7 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        xq, xs = quantize(x2d, E4M3)
+        xq, xs = quantize(x2d.contiguous(), E4M3)  # row-major: cuBLAS's FP8 matmul takes no other first operand
         wq, ws = quantize(weight, E4M3)
         ctx.save_for_backward(xq, xs, wq, ws)  # FP8 copies: a quarter of what a fp32 save would hold
         ctx.out_dtype, ctx.weight_dtype = out_dtype, weight.dtype
@@ -46,7 +46,7 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         xq, xs, wq, ws = ctx.saved_tensors
-        gq, gs = quantize(grad, E5M2)
+        gq, gs = quantize(grad.contiguous(), E5M2)
         # dL/dx = g W: (M x N) @ (N x K).   dL/dW = g^T x: (N x M) @ (M x K), accumulated over the M tokens.
         grad_x = torch._scaled_mm(gq, column_major(wq), scale_a=gs, scale_b=ws, out_dtype=ctx.out_dtype)
         grad_w = torch._scaled_mm(gq.t().contiguous(), column_major(xq), scale_a=gs, scale_b=xs,
@@ -59,8 +59,10 @@ class Float8Linear(nn.Linear):
     Falls back to the plain linear when the token count is not a multiple of 16 (cuBLAS's FP8 alignment)."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
-                         device=linear.weight.device, dtype=linear.weight.dtype)
+        # On "meta": no weights allocated and initialised (that would draw from the global RNG and shift every
+        # random stream after it), as they are replaced by the original's at once.
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                         dtype=linear.weight.dtype)
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,11 @@ spec.extra options (anything else is an error):
                    "dali": crop_mirror_normalize writes the normalized float/half tensor in the final layout.
   hw_decoder_load  share of JPEGs sent to the hardware decoder on GPUs that have one (DALI's default 0.65).
   prebuild         train only, default off: build the next epoch's pipeline in a background thread while this
-                   epoch runs, so the epoch boundary does not wait for it. On an H100 a restart cost ~1.7-2 s
-                   (docs/benchmarks.md): ~1% of an ImageNet epoch on one GPU, ~8% on eight. Whether building ahead
-                   removes that is still to be measured on a GPU; the cost is a second pipeline's memory meanwhile.
+                   epoch runs, so the epoch boundary waits only for the reader's fill, the decoders' start and the
+                   first batch, not for the build. On an H100 a whole restart cost ~1.7-2 s (docs/benchmarks.md):
+                   ~1% of an ImageNet epoch on one GPU, ~8% on eight; how much of it building ahead removes is still
+                   to be measured on a GPU. The cost: the next pipeline's memory from this epoch's first batch on,
+                   through eval, and after the last epoch until close().
 """
 from __future__ import annotations
 

@@ -41,3 +41,17 @@ def test_bad_input_fails_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         bench_report.main([str(tmp_path / "missing.jsonl")])
     assert e.value.code == 2
+
+
+def test_runs_in_one_file_stay_apart(tmp_path):
+    def run(tag, loops):
+        common = {"run": tag, "batch_size": 8, "device": "cpu", "model": "m", "amp": "bf16", "compile": False}
+        return [{**common, "loop": name, "img_s": img_s} for name, img_s in loops] + [
+                {**common, "loop": "summary", "step_speedup": 1.0}]
+    raw = tmp_path / "r.jsonl"
+    rows = run("one", [("baseline", 10.0), ("ours_synthetic", 10.0), ("ours_fp8", 5.0)]) + \
+        run("two", [("baseline", 20.0), ("ours_synthetic", 20.0)])
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = bench_report.summarize(bench_report.read_lines(raw))["training"]
+    assert first["fp8_img_s"] == 5.0 and first["fp8_vs_ours"] == 0.5
+    assert second["baseline_img_s"] == 20.0 and "fp8_img_s" not in second  # not the first run's

@@ -34,11 +34,13 @@ def test_real_backend_without_shards_is_a_usage_error():
 def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
     out = tmp_path / "r.jsonl"
     bench_train.main(TINY + ["--data_path", str(sample_shards), "--feed", "host:workers=1",
-                             "--feed", "dali:workers=1,name=dali_w1,prebuild=1", "--fp8", "--recheck", "--out", str(out)])
+                             "--feed", "dali:workers=1,name=dali_w1,prebuild=1", "--fp8", "--recheck",
+                             "--out", str(out)])
     lines = [json.loads(s) for s in out.read_text().splitlines()]
     loops = [r["loop"] for r in lines]
-    assert loops == ["baseline", "ours_synthetic", "ours_host", "ours_dali_w1", "ours_synthetic_end", "ours_fp8",
+    assert loops == ["baseline", "ours_synthetic", "ours_host", "ours_dali_w1", "ours_fp8", "ours_synthetic_end",
                      "summary", "summary"]
+    assert len({r["run"] for r in lines}) == 1
     by_loop = {r["loop"]: r for r in lines if r["loop"] != "summary"}
     summaries = {r["feed"]: r for r in lines if r["loop"] == "summary"}
     assert {s["backend"] for s in summaries.values()} == {"host", "dali"}
@@ -47,14 +49,18 @@ def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
     for name, s in summaries.items():
         assert s["feed_ratio"] == pytest.approx(by_loop[f"ours_{name}"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
                                                 rel=1e-3, abs=1e-4)
-        assert s["fp8_speedup"] == pytest.approx(by_loop["ours_fp8"]["img_s"] / by_loop["baseline"]["img_s"], rel=1e-3, abs=1e-4)
+        assert s["fp8_speedup"] == pytest.approx(by_loop["ours_fp8"]["img_s"] / by_loop["baseline"]["img_s"],
+                                                 rel=1e-3, abs=1e-4)
+        assert s["fp8_vs_ours"] == pytest.approx(by_loop["ours_fp8"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
+                                                 rel=1e-3, abs=1e-4)
         assert s["drift"] == pytest.approx(by_loop["ours_synthetic_end"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
                                            rel=1e-3, abs=1e-4)
         assert 0 <= by_loop[f"ours_{name}"]["max_wait_s"] <= by_loop[f"ours_{name}"]["seconds"]
 
 
 @pytest.mark.parametrize("feed", ["tape:workers=1", "host:workers", "host:threads=2", "host,name=x", "host:prebuild=1",
-                                  "dali:prebuild=yes", "dali:workers=two"])
+                                  "dali:prebuild=yes", "dali:workers=two", "dali:workers=0", "dali:hw_decoder_load=2",
+                                  "host:steps=0", "host:steps=2,epochs=1"])
 def test_bad_feed_is_a_usage_error(sample_shards, feed):
     with pytest.raises(SystemExit) as e:
         bench_train.main(TINY + ["--data_path", str(sample_shards), "--feed", feed])
@@ -75,3 +81,13 @@ def test_a_failing_feed_is_reported_and_the_run_goes_on(sample_shards, tmp_path)
     assert "manifest" in lines["ours_host"]["error"]  # tmp_path holds no shards
     assert "feed_ratio" not in lines["summaryhost"] and lines["summaryok"]["feed_ratio"] > 0
     assert summary is not None
+
+
+def test_epochs_key_times_whole_epochs_and_failed_loops_are_listed(sample_shards, tmp_path):
+    out = tmp_path / "r.jsonl"
+    summary = bench_train.main(TINY + ["--data_path", str(sample_shards), "--loops", "c", "--out", str(out),
+                                       "--feed", "host:workers=1,epochs=2",
+                                       "--feed", f"host:data_path={tmp_path},name=bad"])
+    lines = {r["loop"]: r for r in map(json.loads, out.read_text().splitlines()) if r["loop"] != "summary"}
+    assert lines["ours_host"]["steps"] == 2 * lines["ours_host"]["steps_per_epoch"]
+    assert summary["failed"] == ["ours_bad"]

@@ -74,3 +74,30 @@ def test_cuda_fp8_linear_matches_cpu_fp8():
     cpu = Float8Linear(linear)(x)
     gpu = Float8Linear(linear.cuda())(x.cuda())
     assert rel(gpu.cpu(), cpu) < 1e-2
+
+
+def test_operands_have_the_layouts_cuda_requires(monkeypatch):
+    """The CPU's _scaled_mm takes any layout, CUDA's only a row-major first and a column-major second operand:
+    check every call here, non-contiguous input included, so a layout slip cannot hide until a GPU run."""
+    real, calls = torch._scaled_mm, []
+
+    def strict(a, b, **kw):
+        assert a.is_contiguous(), "first operand must be row-major"
+        assert b.t().is_contiguous(), "second operand must be column-major"
+        calls.append(a.shape)
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", strict)
+    linear = nn.Linear(32, 48)
+    x = torch.randn(32, 2, 16).permute(1, 2, 0).requires_grad_()  # (2, 16, 32), not contiguous
+    y = Float8Linear(linear)(x)
+    y.backward(torch.randn(48, 16, 2).permute(2, 1, 0))  # a non-contiguous gradient too
+    assert len(calls) == 3  # forward, grad_x, grad_w
+
+
+def test_swapping_draws_no_random_numbers():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=1)
+    state = torch.get_rng_state()
+    use_fp8(vit)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -205,4 +205,6 @@ def test_dali_prebuild_trains_identically(sample_shards, tmp_path):
         run_ok([*TINY, "--data_path", str(sample_shards), "--backend", "dali", "--batch-size", "8", "--epochs", "3",
                 "--eval-freq", "0", "--output", str(out), "--no-plots", "-p", "2", *flags])
         runs[name] = [r["loss"] for r in metrics(out, "train")]
+        env = json.loads((out / "env.json").read_text())
+        assert ("next epoch built ahead" in env["train_loader"]) == (name == "ahead")  # the flag reached the loader
     assert len(runs["plain"]) >= 6 and runs["plain"] == runs["ahead"]

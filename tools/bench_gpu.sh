@@ -36,6 +36,10 @@ read -r -a train_args <<<"${TRAIN_ARGS:-}"
 read -r -a trainpy_args <<<"${TRAINPY_ARGS:-}"
 mkdir -p "$out"
 results="$out/results.jsonl" log="$out/log.txt"
+if [ -e "$results" ]; then  # one run per folder: tools/bench_report.py and the greps below read the whole files
+  echo "bench_gpu.sh: $results exists; give a new RESULTS_DIR" >&2
+  exit 2
+fi
 t0=$(date +%s)
 
 # stage NAME CMD...: run CMD (a command or a function of this script) with its output in the log, stopped when the
@@ -78,8 +82,8 @@ bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in
   # and each epoch restart cost ~2 s; so: more hardware decoding, and the restart with and without building ahead.
   [ "${2:-}" = all ] && feeds+=(--feed dali:workers=8,hw_decoder_load=1,name=dali_hw1
     --feed "host:workers=$host_workers" --feed "host:workers=$host_workers,data_path=$max,name=host_max$max_side"
-    --feed "dali:workers=8,name=dali_3epochs,steps=$((3 * n / bs))"
-    --feed "dali:workers=8,prebuild=1,name=dali_3epochs_prebuild,steps=$((3 * n / bs))")
+    --feed dali:workers=8,name=dali_3epochs,epochs=3
+    --feed dali:workers=8,prebuild=1,name=dali_3epochs_prebuild,epochs=3)
   "$py" tools/bench_train.py --device "$device" --batch-size "$bs" --compile --fp8 --recheck \
     --data_path "$data/shards" --warmup 20 --steps 80 "${feeds[@]}" "${train_args[@]}" --out "$results"
 }
@@ -87,7 +91,8 @@ bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in
 alone() {  # the pipeline alone: how fast each backend delivers batches with no model attached
   local backend=$1 shards=$2 workers=$3
   "$py" -m pipeline.bench --data_path "$shards" --backend "$backend" --batch-size 256 --workers "$workers" \
-    --seconds 8 --interval 8 --device "$device" --dtype uint8 | tail -n 1 >>"$results"
+    --seconds 8 --interval 8 --device "$device" --dtype uint8 >"$out/alone.txt" || return
+  tail -n 1 "$out/alone.txt" >>"$results"
 }
 
 stage data make_data

@@ -5,7 +5,8 @@ docs/results/ keeps and the tables docs/benchmarks.md shows, so every published 
     python tools/bench_report.py RESULTS.jsonl --markdown                        # the tables, for docs/benchmarks.md
 
 Each object of the --json output carries device, backend, feed, batch_size, step_speedup ((b)/(a)), feed_ratio
-((c)/(b)), fp8_speedup, drift, the img/s behind every ratio, input_wait, max_wait_s and the versions of the run.
+((c)/(b)), fp8_speedup ((d)/(a)), fp8_vs_ours ((d)/(b)), drift, the img/s behind every ratio, input_wait,
+max_wait_s and the versions of the run.
 """
 from __future__ import annotations
 
@@ -30,30 +31,32 @@ def summarize(rows: list[dict]) -> dict:
     """{"training": [...], "pipeline_alone": [...]}, from bench_train's loop/summary lines and pipeline.bench's."""
     versions = next((r for r in rows if r.get("stage") == "versions"), {})
     meta = {k: versions[k] for k in ("torch", "timm", "dali", "pillow") if k in versions}
-    loops: dict[tuple, dict] = {}
+    loops: dict[tuple, dict] = {}  # (run, batch size, loop): lines of several runs in one file stay apart
     training = []
     for r in rows:
         if "loop" not in r:
             continue
-        bs = r["batch_size"]
+        run, bs = r.get("run"), r["batch_size"]
         if r["loop"] != "summary":
-            loops[(bs, r["loop"])] = r
+            loops[(run, bs, r["loop"])] = r
             continue
         feed = r.get("feed")
-        fed = loops.get((bs, f"ours_{feed}"), {}) if feed else {}
+        fed = loops.get((run, bs, f"ours_{feed}"), {}) if feed else {}
         obj = {"device": r["device"], "model": r["model"], "backend": r.get("backend"), "feed": feed,
                "batch_size": bs, "amp": r["amp"], "compile": r["compile"],
                "step_speedup": r.get("step_speedup"), "feed_ratio": r.get("feed_ratio"),
-               "fp8_speedup": r.get("fp8_speedup"), "drift": r.get("drift"),
-               "baseline_img_s": loops.get((bs, "baseline"), {}).get("img_s"),
-               "ours_img_s": loops.get((bs, "ours_synthetic"), {}).get("img_s"),
-               "ours_end_img_s": loops.get((bs, "ours_synthetic_end"), {}).get("img_s"),
-               "fp8_img_s": loops.get((bs, "ours_fp8"), {}).get("img_s"),
+               "fp8_speedup": r.get("fp8_speedup"), "fp8_vs_ours": r.get("fp8_vs_ours"), "drift": r.get("drift"),
+               "baseline_img_s": loops.get((run, bs, "baseline"), {}).get("img_s"),
+               "ours_img_s": loops.get((run, bs, "ours_synthetic"), {}).get("img_s"),
+               "ours_end_img_s": loops.get((run, bs, "ours_synthetic_end"), {}).get("img_s"),
+               "fp8_img_s": loops.get((run, bs, "ours_fp8"), {}).get("img_s"),
                "fed_img_s": fed.get("img_s"), "input_wait": fed.get("input_wait"),
                "max_wait_s": fed.get("max_wait_s"), "steps": fed.get("steps"),
                "steps_per_epoch": fed.get("steps_per_epoch"), "workers": fed.get("workers"),
                "hw_decoder_load": fed.get("hw_decoder_load"), "error": fed.get("error"),
                **meta, "torch": r.get("torch", meta.get("torch"))}
+        if obj["fp8_vs_ours"] is None and obj["fp8_img_s"] and obj["ours_img_s"]:  # lines from before the field
+            obj["fp8_vs_ours"] = round(obj["fp8_img_s"] / obj["ours_img_s"], 4)
         training.append({k: v for k, v in obj.items() if v is not None or k in ("step_speedup", "feed_ratio")})
     alone, pending = [], []
     for r in rows:  # a pipeline.bench line is followed by the line of the bench_gpu.sh stage that ran it
@@ -73,8 +76,8 @@ def fmt(v, spec: str = "") -> str:
 
 def markdown(report: dict) -> str:
     out = ["| device | batch | feed | (a) baseline img/s | (b) ours img/s | (c) fed img/s | step_speedup (b)/(a) | "
-           "feed_ratio (c)/(b) | input wait | longest wait s | fp8_speedup | drift |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "feed_ratio (c)/(b) | input wait | longest wait s | FP8 (d)/(a) | FP8 (d)/(b) | drift |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in report["training"]:
         feed = t.get("feed") or "–"
         if t.get("error"):
@@ -83,7 +86,8 @@ def markdown(report: dict) -> str:
                    f"{fmt(t.get('ours_img_s'), ',.0f')} | {fmt(t.get('fed_img_s'), ',.0f')} | "
                    f"{fmt(t['step_speedup'], '.3f')} | {fmt(t['feed_ratio'], '.3f')} | "
                    f"{fmt(t.get('input_wait'), '.1%')} | {fmt(t.get('max_wait_s'), '.2f')} | "
-                   f"{fmt(t.get('fp8_speedup'), '.3f')} | {fmt(t.get('drift'), '.3f')} |")
+                   f"{fmt(t.get('fp8_speedup'), '.3f')} | {fmt(t.get('fp8_vs_ours'), '.3f')} | "
+                   f"{fmt(t.get('drift'), '.3f')} |")
     if report["pipeline_alone"]:
         out += ["", "| device | pipeline alone | batch | workers | img/s | CPU cores busy | img per CPU-second |",
                 "|---|---|---|---|---|---|---|"]

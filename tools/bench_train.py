@@ -15,7 +15,7 @@ as in training. Prints one JSON line per loop and a summary line:
   feed_ratio   = img/s(c) / img/s(b)   -- the goal is >= 0.98: input must not slow the step
   input_wait   = share of (c)'s wall time spent blocked waiting for the next batch; max_wait_s is the longest
                  single wait (an epoch boundary, where a backend restarts, shows up here)
-  fp8_speedup  = img/s(d) / img/s(a)
+  fp8_speedup  = img/s(d) / img/s(a);  fp8_vs_ours = img/s(d) / img/s(b), FP8's own effect
 With --recheck, (b) runs again after everything else: `drift` = its second figure over its first says how steady the
 device's clocks were across the run.
 Read a ratio only within one run: the loops share the process, the device and its clocks.
@@ -71,8 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a (c) loop; repeatable. Keys: " + ", ".join(FEED_KEYS) + ". Unset keys come from "
                         "--data_path/--workers. Replaces --backend")
     p.add_argument("--fp8", action="store_true", help="also run (d): our step with FP8 linears (model/fp8.py)")
+    p.add_argument("--run-id", default=None, help="tag for this run's lines (default: the start time), so that "
+                                                  "tools/bench_report.py can tell runs in one file apart")
     p.add_argument("--recheck", action="store_true", help="run (b) again at the end and report the drift")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
     try:
         args.feeds = parse_feeds(args) if "c" in args.loops else []
     except ValueError as e:
@@ -80,8 +84,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-FEED_KEYS = ("name", "data_path", "workers", "steps", "hw_decoder_load", "prebuild")
-DALI_EXTRAS = {"hw_decoder_load": float, "prebuild": lambda v: {"1": True, "0": False}[v]}  # spec.extra of dali
+FEED_KEYS = ("name", "data_path", "workers", "steps", "epochs", "hw_decoder_load", "prebuild")
+DALI_EXTRAS = ("hw_decoder_load", "prebuild")  # spec.extra of the dali backend
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError
+    return n
+
+
+def _share(value: str) -> float:
+    x = float(value)
+    if not 0.0 <= x <= 1.0:
+        raise ValueError
+    return x
+
+
+# key: (conversion, what a good value is)
+FEED_VALUES = {"name": (str, "a name"), "data_path": (str, "a folder"), "workers": (_positive, "an integer >= 1"),
+               "steps": (_positive, "an integer >= 1"), "epochs": (_positive, "an integer >= 1"),
+               "hw_decoder_load": (_share, "a number in [0, 1]"), "prebuild": (lambda v: {"1": True, "0": False}[v],
+                                                                               "1 or 0")}
 
 
 def parse_feeds(args) -> list[dict]:
@@ -99,11 +124,13 @@ def parse_feeds(args) -> list[dict]:
                 raise ValueError(f"--feed {spec!r}: {item!r} is not key=value with a key in {', '.join(FEED_KEYS)}")
             if key in DALI_EXTRAS and backend != "dali":
                 raise ValueError(f"--feed {spec!r}: {key} is a dali option")
+            convert, good = FEED_VALUES[key]
             try:
-                convert = DALI_EXTRAS.get(key) or (int if key in ("workers", "steps") else str)
                 feed[key] = convert(value)
             except (ValueError, KeyError):
-                raise ValueError(f"--feed {spec!r}: bad value {value!r} for {key} (prebuild takes 1 or 0)") from None
+                raise ValueError(f"--feed {spec!r}: {key} takes {good}, got {value!r}") from None
+        if "steps" in feed and "epochs" in feed:
+            raise ValueError(f"--feed {spec!r}: steps or epochs, not both")
         if not feed["data_path"]:
             raise ValueError(f"--backend/--feed {backend} needs --data_path (or data_path= in --feed)")
         feeds.append(feed)
@@ -195,7 +222,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.device = torch.device(args.device)
     loops = set(args.loops.split(","))
-    meta = {"device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor()
+    meta = {"run": args.run_id or time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor()
             or args.device.type, "model": args.model, "batch_size": args.batch_size, "amp": args.amp,
             "compile": args.compile, "backend": args.backend, "torch": torch.__version__}
     results = {}
@@ -212,37 +240,43 @@ def main(argv=None) -> dict:
         model, opt = build(args, ours=False)
         report(run_loop("baseline", make_step(model, opt, args, ours=False), synthetic(args, torch.float32), args))
         del model, opt
-    if "b" in loops or args.feeds:
+    if "b" in loops or args.feeds or args.fp8:
         model, opt = build(args, ours=True)
         step = make_step(model, opt, args, ours=True)
         if "b" in loops:
             report(run_loop("ours_synthetic", step, synthetic(args, torch.uint8), args))
         for feed in args.feeds:
             extra = {key: feed[key] for key in DALI_EXTRAS if key in feed}
+            steps = feed.get("steps")
             fields = dict(backend=feed["backend"], workers=feed["workers"], **extra)
             try:
                 loader = pipeline.build_loader(data_path=feed["data_path"], split="train", backend=feed["backend"],
                                                batch_size=args.batch_size, device=args.device,
                                                workers=feed["workers"], img_size=args.img_size, dtype=torch.uint8,
                                                extra=extra)
+                if "epochs" in feed:  # timed steps spanning that many epochs, so the restarts between them count
+                    steps = feed["epochs"] * len(loader)
                 try:
-                    report(run_loop(f"ours_{feed['name']}", step, endless(loader), args, feed.get("steps")),
+                    report(run_loop(f"ours_{feed['name']}", step, endless(loader), args, steps),
                            steps_per_epoch=len(loader), **fields)
                 finally:
                     loader.close()
             except Exception as e:  # one feed failing (a missing library, no shared memory) must not end the run
                 report({"loop": f"ours_{feed['name']}", "error": f"{type(e).__name__}: {e}"}, **fields)
+        if args.fp8:  # before the recheck, so that the drift figure spans it too
+            try:
+                fp8_model, fp8_opt = build(args, ours=True, fp8=True)
+                report(run_loop("ours_fp8", make_step(fp8_model, fp8_opt, args, ours=True),
+                                synthetic(args, torch.uint8), args))
+                del fp8_model, fp8_opt
+            except Exception as e:
+                report({"loop": "ours_fp8", "error": f"{type(e).__name__}: {e}"})
         if args.recheck and "b" in loops:
             report(run_loop("ours_synthetic_end", step, synthetic(args, torch.uint8), args))
         del model, opt, step
-    if args.fp8:
-        try:
-            model, opt = build(args, ours=True, fp8=True)
-            report(run_loop("ours_fp8", make_step(model, opt, args, ours=True), synthetic(args, torch.uint8), args))
-            del model, opt
-        except Exception as e:
-            report({"loop": "ours_fp8", "error": f"{type(e).__name__}: {e}"})
-    return summarize(args, results, report)
+    summary = summarize(args, results, report)
+    summary["failed"] = sorted(name for name, r in results.items() if "error" in r)
+    return summary
 
 
 def summarize(args, results: dict, report) -> dict:
@@ -251,8 +285,11 @@ def summarize(args, results: dict, report) -> dict:
     common = {}
     if base and ours:
         common["step_speedup"] = round(ours["img_s"] / base["img_s"], 4)
-    if base and "img_s" in results.get("ours_fp8", {}):
-        common["fp8_speedup"] = round(results["ours_fp8"]["img_s"] / base["img_s"], 4)
+    fp8 = results.get("ours_fp8", {}).get("img_s")
+    if base and fp8:
+        common["fp8_speedup"] = round(fp8 / base["img_s"], 4)
+    if ours and fp8:
+        common["fp8_vs_ours"] = round(fp8 / ours["img_s"], 4)  # FP8's own effect, without (b)'s extra work
     if ours and "ours_synthetic_end" in results:
         common["drift"] = round(results["ours_synthetic_end"]["img_s"] / ours["img_s"], 4)
     summaries = []
@@ -270,4 +307,4 @@ def summarize(args, results: dict, report) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failed"] else 0)  # a loop that failed was reported; the exit status says so too

@@ -1,5 +1,6 @@
-"""Training curves of several train.py runs side by side, per epoch, from their metrics.jsonl: mean train loss, Acc@1,
-Acc@5 and img/s. For judging a lossy option (e.g. --fp8) against the default on the same data and seed.
+"""Training curves of several train.py runs side by side, per epoch, from their metrics.jsonl: the mean of the logged
+train losses and Acc@1 (the --json output adds Acc@5). For judging a lossy option (e.g. --fp8) against the default
+on the same data and seed.
 
     python tools/compare_runs.py output/curve-bf16 output/curve-fp8 [--json out.json]
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 
 def curve(run: Path) -> dict[int, dict]:
-    """{epoch: {"loss", "acc1", "acc5", "img_s"}} from a run folder's metrics.jsonl."""
+    """{epoch: {"loss", "acc1", "acc5"}} from a run folder's metrics.jsonl."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{run}: no metrics.jsonl (is it a train.py --output folder?)")
@@ -22,7 +23,6 @@ def curve(run: Path) -> dict[int, dict]:
         r = json.loads(line)
         if r.get("kind") == "train":
             losses[r["epoch"]].append(r["loss"])
-            rows[r["epoch"]]["img_s"] = r.get("img_s_mean", r.get("img_s"))
         elif r.get("kind") == "eval":
             rows[r["epoch"]].update(acc1=r["acc1"], acc5=r["acc5"])
     for epoch, values in losses.items():
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
         cells = []
         for c in curves.values():
             row = c.get(e, {})
-            cells += [f"{row['loss']:.4f}" if "loss" in row else "–", f"{row['acc1']:.1f}" if "acc1" in row else "–"]
+            cells += [f"{row['loss']:.4f}" if "loss" in row else "–",
+                      f"{row['acc1']:.1f}" if "acc1" in row else "–"]
         print(f"| {e} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps({name: {str(e): v for e, v in c.items()} for name, c in curves.items()},
