@@ -71,7 +71,8 @@ def build_loaders(cfg: TrainConfig, device, where, dtype: torch.dtype, classes: 
                   world_size=where.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
                   mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
                   on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes)
-    extra = {"prebuild": True} if cfg.backend == "dali" and cfg.dali_prebuild else {}
+    extra = {"prebuild": cfg.dali_prebuild, "hw_decoder_load": cfg.dali_hw_decoder_load} if cfg.backend == "dali" \
+        else {}
     train = None if cfg.evaluate else pipeline.build_loader(split="train", batch_size=cfg.batch_size, extra=extra,
                                                             **common)
     val = None

@@ -47,7 +47,8 @@ def test_booleans_are_switches():
                                   ["--backend", "synthetic", "--evaluate"], ["--backend", "synthetic", "--lr=-1"],
                                   ["--backend", "synthetic", "--batch"],  # no abbreviations either
                                   ["--backend", "dali", "--data_path", "x", "--on-error", "skip"],
-                                  ["--backend", "synthetic", "--model", "vit_nope"]])
+                                  ["--backend", "synthetic", "--model", "vit_nope"],
+                                  ["--backend", "dali", "--data_path", "x", "--dali-hw-decoder-load", "1.5"]])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)

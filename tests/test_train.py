@@ -200,7 +200,7 @@ def test_fp8_trains_through_fp8_matmuls(sample_shards, tmp_path, monkeypatch):
 def test_dali_prebuild_trains_identically(sample_shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     runs = {}
-    for name, flags in (("plain", []), ("ahead", ["--dali-prebuild"])):
+    for name, flags in (("plain", []), ("ahead", ["--dali-prebuild", "--dali-hw-decoder-load", "1"])):
         out = tmp_path / name
         run_ok([*TINY, "--data_path", str(sample_shards), "--backend", "dali", "--batch-size", "8", "--epochs", "3",
                 "--eval-freq", "0", "--output", str(out), "--no-plots", "-p", "2", *flags])
