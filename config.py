@@ -114,8 +114,11 @@ class TrainConfig:
                 raise ConfigError(f"--{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.dali_hw_decoder_load <= 1:
-            raise ConfigError(f"--dali-hw-decoder-load must be in [0, 1], got {self.dali_hw_decoder_load}")
+        from pipeline.dali import check_extra  # the backend's own rule for its options (DALI itself not imported)
+        try:
+            check_extra({"hw_decoder_load": self.dali_hw_decoder_load})
+        except ValueError as e:
+            raise ConfigError(f"--dali-hw-decoder-load: {e}") from None
         if self.backend != "synthetic" and not self.data_path:
             raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use --backend synthetic)")
         if self.backend == "dali" and self.on_error == "skip":

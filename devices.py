@@ -83,6 +83,10 @@ class Device:
     def max_memory_allocated(self) -> int:
         return self._mod.max_memory_allocated() if self._mod else 0
 
+    def reset_peak_memory(self) -> None:
+        if self._mod is not None:
+            self._mod.reset_peak_memory_stats()
+
     def peak_flops(self, dtype: torch.dtype) -> float | None:
         """The chip's dense peak for `dtype`, or None where unknown (MFU is then omitted)."""
         if self._mod is None or dtype not in (torch.bfloat16, torch.float16):

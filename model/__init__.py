@@ -5,5 +5,4 @@ from model.fused import use_pixel_input
 from model.vit import CheckpointMismatch, build_model, load_pretrained, model_defaults
 
 __all__ = ["build_model", "load_pretrained", "model_defaults", "flops_per_image", "TRAIN_FLOPS_FACTOR",
-           "CheckpointMismatch", "use_pixel_input", "use_fp8",
-           "fp8_supported"]
+           "CheckpointMismatch", "use_pixel_input", "use_fp8", "fp8_supported"]

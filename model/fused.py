@@ -21,9 +21,11 @@ class PixelConv2d(nn.Conv2d):
     ones. Same parameters and state-dict keys as the nn.Conv2d it replaces; the fold constants are not saved."""
 
     def __init__(self, conv: nn.Conv2d, mean, std):
+        # On "meta": nothing allocated or initialised (no draw from the global RNG), as the original's weights replace
+        # them at once.
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                         device=conv.weight.device, dtype=conv.weight.dtype)
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+                         dtype=conv.weight.dtype)
         self.weight, self.bias = conv.weight, conv.bias  # the same Parameter objects: optimizers built later see them
         # On the weight's device: the model may already sit on its accelerator when it is adapted.
         std = torch.tensor(std, dtype=torch.float32, device=conv.weight.device).view(1, -1, 1, 1)

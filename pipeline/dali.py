@@ -85,7 +85,8 @@ def dali_reason(error: Exception) -> str:
     return f"{op}: {cause}" if op else cause
 
 
-def _check_extra(extra: dict) -> dict:
+def check_extra(extra: dict) -> dict:
+    """spec.extra of this backend with its defaults filled in; ValueError naming the first bad option."""
     unknown = sorted(set(extra) - set(EXTRA_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown dali option(s) {unknown}; known: {sorted(EXTRA_DEFAULTS)}")
@@ -157,7 +158,7 @@ class DaliLoader:
             raise ValueError("the dali backend supports on_error='raise' only: a DALI decoder that meets a bad JPEG "
                              "fails its whole batch, so it cannot count and skip one sample")
         self.spec = spec
-        self.opts = _check_extra(spec.extra)
+        self.opts = check_extra(spec.extra)
         manifest = read_manifest(spec.data_path)
         self.shards = shard_list(spec.data_path, spec.split, manifest)
         self.num_classes = manifest.get("num_classes")  # None: labels are only checked to be >= 0

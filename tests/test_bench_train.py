@@ -5,8 +5,8 @@ import pytest
 
 from tools import bench_train
 
-TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "4", "--batch-size", "4",
-        "--warmup", "1", "--steps", "3", "--device", "cpu", "--amp", "fp32", "--model-kwargs", '{"depth": 1}']
+TINY = ["--model", "test_vit", "--img-size", "32", "--num-classes", "4", "--batch-size", "4",
+        "--warmup", "1", "--steps", "3", "--device", "cpu", "--amp", "fp32"]
 
 
 def test_all_three_loops_report_and_ratios_follow(sample_shards, tmp_path, capsys):
@@ -91,3 +91,12 @@ def test_epochs_key_times_whole_epochs_and_failed_loops_are_listed(sample_shards
     lines = {r["loop"]: r for r in map(json.loads, out.read_text().splitlines()) if r["loop"] != "summary"}
     assert lines["ours_host"]["steps"] == 2 * lines["ours_host"]["steps_per_epoch"]
     assert summary["failed"] == ["ours_bad"]
+
+
+def test_ours_is_train_py_step(monkeypatch):
+    from trainlib.engine import Trainer
+    calls = []
+    real = Trainer.step
+    monkeypatch.setattr(Trainer, "step", lambda self, x, y: calls.append(self.cfg.fp8) or real(self, x, y))
+    bench_train.main(TINY + ["--loops", "b", "--fp8"])
+    assert calls == [False] * 4 + [True] * 4  # (b) then (d): warm-up 1 + 3 timed steps each, both train.py's step

@@ -77,3 +77,11 @@ def test_fold_constants_follow_a_model_already_on_its_device():
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=1).to("meta")
     conv = use_pixel_input(vit, MEAN, STD).patch_embed.proj
     assert conv.scale.device.type == conv.shift.device.type == conv.weight.device.type == "meta"
+
+
+def test_adapting_draws_no_random_numbers():
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", img_size=32, num_classes=4)
+    state = torch.get_rng_state()
+    use_pixel_input(vit, (0.5,) * 3, (0.5,) * 3)
+    assert torch.equal(torch.get_rng_state(), state)

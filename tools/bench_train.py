@@ -3,8 +3,8 @@
 Measures, for one model / batch size / precision / compile setting, three training loops on the same device:
   (a) baseline   timm's model as timm builds it, fused AdamW, autocast, label smoothing, synthetic input
                  (normalized float images already on the device) and `torch.compile` when --compile;
-  (b) ours       train.py's step (model/fused.py pixel input: uint8 in; gradient clipping, LR schedule) on
-                 synthetic uint8 input already on the device;
+  (b) ours       train.py's own step (`Trainer.step`, built by train.py's `build_trainer` from the same flags: pixel
+                 input with uint8 in, gradient clipping, LR schedule) on synthetic uint8 input on the device;
   (c) ours+data  the same step fed by a real backend (--backend host|dali) from shards (--data_path); --feed
                  (repeatable) measures several backends or settings against the same (b) in the same process;
   (d) ours+fp8   with --fp8: (b) with the blocks' linears in FP8 (model/fp8.py; opt-in, lossy).
@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -40,11 +38,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402
+import train  # noqa: E402
+from config import parse_config  # noqa: E402
+from devices import resolve_device  # noqa: E402
 from pipeline.contract import endless  # noqa: E402
-from model.fp8 import use_fp8  # noqa: E402
-from model.fused import use_pixel_input  # noqa: E402
-
-MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+from pipeline.dali import check_extra  # noqa: E402
+from trainlib import distributed  # noqa: E402
+from trainlib.runlog import QuietLog  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,17 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile both the baseline and our model")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="ours: clip the gradient norm, as train.py does")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode for ours, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="ours: train.py's --clip-grad")
     p.add_argument("--backend", choices=("host", "dali", "none"), default="none", help="(c)'s input; none skips (c)")
     p.add_argument("--data_path", default=None, help="shards made by tools/make_shards.py, for (c)")
     p.add_argument("--workers", type=int, default=8, help="decode processes (host) or threads (dali)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
     p.add_argument("--steps", type=int, default=100, help="timed steps per loop")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto, cuda, npu or cpu (train.py's names)")
     p.add_argument("--loops", default="a,b,c", help="which loops to run, comma separated")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    p.add_argument("--model-kwargs", default="{}", help="JSON of extra timm.create_model kwargs (tests: tiny ViTs)")
     p.add_argument("--feed", action="append", default=[], metavar="BACKEND[:key=value,...]",
                    help="a (c) loop; repeatable. Keys: " + ", ".join(FEED_KEYS) + ". Unset keys come from "
                         "--data_path/--workers. Replaces --backend")
@@ -84,10 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-FEED_KEYS = ("name", "data_path", "workers", "steps", "epochs", "hw_decoder_load", "prebuild")
-DALI_EXTRAS = ("hw_decoder_load", "prebuild")  # spec.extra of the dali backend
-
-
 def _positive(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -95,18 +89,12 @@ def _positive(value: str) -> int:
     return n
 
 
-def _share(value: str) -> float:
-    x = float(value)
-    if not 0.0 <= x <= 1.0:
-        raise ValueError
-    return x
-
-
-# key: (conversion, what a good value is)
+# key: (conversion, what a good value is). The dali keys are spec.extra options; pipeline/dali.py checks their values.
 FEED_VALUES = {"name": (str, "a name"), "data_path": (str, "a folder"), "workers": (_positive, "an integer >= 1"),
                "steps": (_positive, "an integer >= 1"), "epochs": (_positive, "an integer >= 1"),
-               "hw_decoder_load": (_share, "a number in [0, 1]"), "prebuild": (lambda v: {"1": True, "0": False}[v],
-                                                                               "1 or 0")}
+               "hw_decoder_load": (float, "a number"), "prebuild": (lambda v: {"1": True, "0": False}[v], "1 or 0")}
+FEED_KEYS = tuple(FEED_VALUES)
+DALI_EXTRAS = ("hw_decoder_load", "prebuild")
 
 
 def parse_feeds(args) -> list[dict]:
@@ -131,6 +119,10 @@ def parse_feeds(args) -> list[dict]:
                 raise ValueError(f"--feed {spec!r}: {key} takes {good}, got {value!r}") from None
         if "steps" in feed and "epochs" in feed:
             raise ValueError(f"--feed {spec!r}: steps or epochs, not both")
+        try:
+            check_extra({key: feed[key] for key in DALI_EXTRAS if key in feed})
+        except ValueError as e:
+            raise ValueError(f"--feed {spec!r}: {e}") from None
         if not feed["data_path"]:
             raise ValueError(f"--backend/--feed {backend} needs --data_path (or data_path= in --feed)")
         feeds.append(feed)
@@ -140,92 +132,80 @@ def parse_feeds(args) -> list[dict]:
     return feeds
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build(args, ours: bool, fp8: bool = False):
+def baseline_step(args, dev):
+    """(a): timm's model as timm builds it and the textbook step: fused AdamW, autocast, label smoothing, no extras."""
     import timm
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size,
-                              **json.loads(args.model_kwargs))
-    if ours:
-        model = use_pixel_input(model, MEAN, STD)
-    if fp8:
-        use_fp8(model)
-    model.to(args.device).train()
-    fused = args.device.type == "cuda"  # fused AdamW is a CUDA kernel; elsewhere the foreach path
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused or None)
-    if args.compile:
-        model = torch.compile(model, mode=args.compile_mode if ours else None)
-    return model, opt
-
-
-def make_step(model, opt, args, ours: bool):
-    """The baseline's step is the textbook one; ours is what train.py's Trainer.step runs (gradient clipping and a
-    per-step LR schedule on top), so step_speedup is net of everything the trainer does."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
-    autocast = torch.autocast(args.device.type, dtype=dtype) if dtype else nullcontext()
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp == "fp16")
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0) if ours else None
-    params = [p for group in opt.param_groups for p in group["params"]]
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
+    model.to(dev.device).train()
+    kernel = {"fused": True} if dev.kind == "cuda" else {"foreach": True}  # fused AdamW is a CUDA kernel
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kernel)
+    model = torch.compile(model) if args.compile else model
+    dtype = AMP[args.amp]
+    scaler = dev.grad_scaler(enabled=dtype == torch.float16)
 
     def step(images, labels):
-        with autocast:
+        with dev.autocast(dtype):
             loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if ours and args.clip_grad:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         scaler.step(opt)
         scaler.update()
-        if schedule is not None:
-            schedule.step()
         return loss
 
     return step
 
 
-def run_loop(name: str, step, batches, args, steps: int | None = None) -> dict:
+def our_step(args, dev, fp8: bool = False):
+    """(b) and (d): train.py's Trainer.step itself, built by train.py from the flags a user would give it."""
+    cfg = parse_config(["--backend", "synthetic", "--device", args.device, "--model", args.model,
+                        "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+                        "--num-classes", str(args.num_classes), "--amp", args.amp, "--clip-grad", str(args.clip_grad),
+                        "--compile" if args.compile else "--no-compile", "--fp8" if fp8 else "--no-fp8"])
+    # A schedule long enough never to wrap within a benchmark; its LR values do not change the step's cost.
+    trainer = train.build_trainer(cfg, dev, distributed.placement(cfg), QuietLog(), steps_per_epoch=10**6,
+                                  classes=args.num_classes)
+    return trainer.step
+
+
+def run_loop(name: str, step, batches, args, dev, steps: int | None = None) -> dict:
     """Warm up, then time `steps` (--steps) steps. `batches` is an iterator; time blocked in next() is input wait."""
     steps = steps or args.steps
     for _ in range(args.warmup):
         step(*next(batches))
-    synchronize(args.device)  # timed stretch starts with an idle device
+    dev.synchronize()  # timed stretch starts with an idle device
     waits, t0 = [], time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         images, labels = next(batches)
         waits.append(time.perf_counter() - t)
         step(images, labels)
-    synchronize(args.device)  # ...and ends when the device has finished the last step
+    dev.synchronize()  # ...and ends when the device has finished the last step
     elapsed = time.perf_counter() - t0
     out = {"loop": name, "img_s": round(steps * args.batch_size / elapsed, 2), "steps": steps,
            "input_wait": round(sum(waits) / elapsed, 4), "max_wait_s": round(max(waits), 4),
            "seconds": round(elapsed, 3)}
-    if args.device.type == "cuda":
-        out["max_mem_gib"] = round(torch.cuda.max_memory_allocated(args.device) / 2**30, 2)
-        torch.cuda.reset_peak_memory_stats(args.device)
+    if dev.kind != "cpu":
+        out["max_mem_gib"] = round(dev.max_memory_allocated() / 2**30, 2)
+        dev.reset_peak_memory()
     return out
 
 
-def synthetic(args, dtype):
-    return endless(pipeline.build_loader(backend="synthetic", batch_size=args.batch_size, device=args.device,
+def synthetic(args, dev, dtype):
+    return endless(pipeline.build_loader(backend="synthetic", batch_size=args.batch_size, device=dev.device,
                                          img_size=args.img_size, num_classes=args.num_classes, dtype=dtype))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.device = torch.device(args.device)
+    dev = resolve_device(args.device)
     loops = set(args.loops.split(","))
-    meta = {"run": args.run_id or time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor()
-            or args.device.type, "model": args.model, "batch_size": args.batch_size, "amp": args.amp,
-            "compile": args.compile, "backend": args.backend, "torch": torch.__version__}
+    meta = {"run": args.run_id or time.strftime("%Y-%m-%dT%H:%M:%S"), "device": dev.name(), "model": args.model,
+            "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile, "backend": args.backend,
+            "torch": torch.__version__}
     results = {}
 
     def report(r, **fields):
@@ -237,27 +217,24 @@ def main(argv=None) -> dict:
         results[r["loop"]] = r
 
     if "a" in loops:
-        model, opt = build(args, ours=False)
-        report(run_loop("baseline", make_step(model, opt, args, ours=False), synthetic(args, torch.float32), args))
-        del model, opt
+        report(run_loop("baseline", baseline_step(args, dev), synthetic(args, dev, torch.float32), args, dev))
     if "b" in loops or args.feeds or args.fp8:
-        model, opt = build(args, ours=True)
-        step = make_step(model, opt, args, ours=True)
+        step = our_step(args, dev)
         if "b" in loops:
-            report(run_loop("ours_synthetic", step, synthetic(args, torch.uint8), args))
+            report(run_loop("ours_synthetic", step, synthetic(args, dev, torch.uint8), args, dev))
         for feed in args.feeds:
             extra = {key: feed[key] for key in DALI_EXTRAS if key in feed}
             steps = feed.get("steps")
             fields = dict(backend=feed["backend"], workers=feed["workers"], **extra)
             try:
                 loader = pipeline.build_loader(data_path=feed["data_path"], split="train", backend=feed["backend"],
-                                               batch_size=args.batch_size, device=args.device,
+                                               batch_size=args.batch_size, device=dev.device,
                                                workers=feed["workers"], img_size=args.img_size, dtype=torch.uint8,
                                                extra=extra)
                 if "epochs" in feed:  # timed steps spanning that many epochs, so the restarts between them count
                     steps = feed["epochs"] * len(loader)
                 try:
-                    report(run_loop(f"ours_{feed['name']}", step, endless(loader), args, steps),
+                    report(run_loop(f"ours_{feed['name']}", step, endless(loader), args, dev, steps),
                            steps_per_epoch=len(loader), **fields)
                 finally:
                     loader.close()
@@ -265,15 +242,13 @@ def main(argv=None) -> dict:
                 report({"loop": f"ours_{feed['name']}", "error": f"{type(e).__name__}: {e}"}, **fields)
         if args.fp8:  # before the recheck, so that the drift figure spans it too
             try:
-                fp8_model, fp8_opt = build(args, ours=True, fp8=True)
-                report(run_loop("ours_fp8", make_step(fp8_model, fp8_opt, args, ours=True),
-                                synthetic(args, torch.uint8), args))
-                del fp8_model, fp8_opt
-            except Exception as e:
+                report(run_loop("ours_fp8", our_step(args, dev, fp8=True), synthetic(args, dev, torch.uint8), args,
+                                dev))
+            except Exception as e:  # e.g. a GPU older than FP8 matmuls: reported, the recheck still runs
                 report({"loop": "ours_fp8", "error": f"{type(e).__name__}: {e}"})
         if args.recheck and "b" in loops:
-            report(run_loop("ours_synthetic_end", step, synthetic(args, torch.uint8), args))
-        del model, opt, step
+            report(run_loop("ours_synthetic_end", step, synthetic(args, dev, torch.uint8), args, dev))
+        del step  # the trainer and its model go before the summary
     summary = summarize(args, results, report)
     summary["failed"] = sorted(name for name, r in results.items() if "error" in r)
     return summary
