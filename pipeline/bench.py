@@ -28,7 +28,6 @@ neither disk nor processes count), and with `--baseline` (any value) the torchvi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -39,48 +38,34 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from pipeline import BACKENDS, LoaderSpec, build_loader
-from pipeline.contract import endless
-from pipeline.shards import ShardError
-
-
-def opt(default, help: str):
-    """A BenchConfig field whose help text becomes its flag's --help line."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
+from pipeline import BACKENDS, IMAGENET_CLASSES, LoaderSpec, build_loader, endless, timed
+from pipeline.cli import add_flags, from_args, knob
+from pipeline.format import ShardError
 
 @dataclass
 class BenchConfig:
-    data_path: str | None = opt(None, 'shard folder (tools/make_shards.py); optional for --backend synthetic')
-    backend: str = opt("host", 'one of pipeline.BACKENDS')
-    split: str = opt("train", 'train (random crops) or val (center crops)')
-    batch_size: int = opt(256, 'per rank')
-    workers: int = opt(4, 'decode processes (host) / threads (dali)')
-    seconds: float = opt(30.0, 'measured span, after warm-up')
-    warmup: int = opt(5, 'batches consumed before the clock starts')
-    interval: float = opt(5.0, 'seconds between JSON lines')
-    device: str = opt("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
-    img_size: int = opt(224, 'output side in pixels')
-    dtype: str = opt("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
-    prefetch: int = opt(2, 'batches in flight ahead of the loop')
-    seed: int = opt(0, 'shuffle and crop seed')
-    baseline: str | None = opt(None, 'ImageFolder root (holding train/ and val/): also time torchvision on it')
-    model: str | None = opt(None, 'timm model name: also run forward+backward on each batch')
-    decode_only: bool = opt(False, "time the host worker's decode path in this process on one core, no loader")
+    data_path: str | None = knob(None, 'shard folder (tools/make_shards.py); optional for --backend synthetic')
+    backend: str = knob("host", 'input pipeline', choices=BACKENDS)
+    split: str = knob("train", 'train (random crops) or val (center crops)')
+    batch_size: int = knob(256, 'per rank')
+    workers: int = knob(4, 'decode processes (host) / threads (dali)')
+    seconds: float = knob(30.0, 'measured span, after warm-up')
+    warmup: int = knob(5, 'batches consumed before the clock starts')
+    interval: float = knob(5.0, 'seconds between JSON lines')
+    device: str = knob("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
+    img_size: int = knob(224, 'output side in pixels')
+    dtype: str = knob("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
+    prefetch: int = knob(2, 'batches in flight ahead of the loop')
+    seed: int = knob(0, 'shuffle and crop seed')
+    baseline: str | None = knob(None, 'ImageFolder root (holding train/ and val/): also time torchvision on it')
+    model: str | None = knob(None, 'timm model name: also run forward+backward on each batch')
+    decode_only: bool = knob(False, "time the host worker's decode path in this process on one core, no loader")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags come from BenchConfig's fields, so the two cannot drift; `--batch-size` and `--batch_size` both work."""
     p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}, key=len)
-        if f.type == "bool":
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata["help"])
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        p.add_argument(*names, dest=f.name, type=kind, default=f.default, help=f.metadata["help"],
-                       choices=BACKENDS if f.name == "backend" else None)
+    add_flags(p, BenchConfig, underscores=True)
     return p
 
 
@@ -145,10 +130,7 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
     total = fresh_counts(loader, device)
     interval = fresh_counts(loader, device)
     bar = tqdm(unit="img", unit_scale=True, desc=label, file=sys.stderr, mininterval=1.0)
-    while True:
-        t0 = time.perf_counter()
-        images, labels = next(batches)
-        waited = time.perf_counter() - t0
+    for (images, labels), waited in timed(batches):
         step(images, labels)
         n = labels.shape[0]
         padding = (labels < 0).sum()  # val padding is not an image; summed on the device, read at sync points
@@ -201,10 +183,10 @@ def spec_for(cfg: BenchConfig, device: torch.device) -> dict:
 
 def num_classes_of(cfg: BenchConfig) -> int:
     if cfg.data_path is None:
-        return 1000
-    from pipeline.shards import read_manifest
+        return IMAGENET_CLASSES
+    from pipeline.format import num_classes
 
-    return int(read_manifest(cfg.data_path).get("num_classes", 1000))
+    return num_classes(cfg.data_path)
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -213,8 +195,8 @@ def run(cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
     if device.type == "cpu" and cfg.model is None:
         # The loop itself computes nothing; idle intra-op threads would spin after each small CPU normalize and take
-        # cores from the decode workers (~0.4 core measured with 2 threads). No effect on the torchvision baseline,
-        # whose main process does no tensor work.
+        # cores from the decode workers. No effect on the torchvision baseline, whose main process does no tensor
+        # work.
         torch.set_num_threads(1)
     if device.type == "npu":
         import importlib
@@ -276,8 +258,9 @@ def decode_only(cfg: BenchConfig) -> dict:
 
     from pipeline.baseline import baseline_transform
     from pipeline.host import pillow_flavour
+    from pipeline.format import shard_list
     from pipeline.host_worker import WorkerConfig, decode, read_samples
-    from pipeline.shards import Segment, shard_list
+    from pipeline.plan import Segment
 
     torch.set_num_threads(1)  # the torchvision path's ToTensor/Normalize would otherwise use every core
     spec = LoaderSpec(**spec_for(cfg, torch.device("cpu")))
@@ -288,8 +271,8 @@ def decode_only(cfg: BenchConfig) -> dict:
         segments.append(Segment(shard, 0, shard.num_samples))
         n += shard.num_samples
     samples = list(read_samples(segments))
-    worker = WorkerConfig(0, 1, (), spec.train, 1, 0, 1, cfg.seed, cfg.img_size, spec.crop_pct, spec.scale,
-                          spec.ratio, spec.hflip, 0, False, None, ())
+    worker = WorkerConfig(0, 1, LoaderSpec(**{**spec_for(cfg, spec.device), "batch_size": 1}).planner([]),
+                          cfg.img_size, spec.crop_pct, spec.scale, spec.ratio, spec.hflip, 0, False, None, ())
     out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
     result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
               "pillow": pillow_flavour(), "samples": len(samples),
@@ -318,7 +301,7 @@ def check(cfg: BenchConfig) -> None:
 
 
 def main(argv=None) -> int:
-    cfg = BenchConfig(**vars(build_parser().parse_args(argv)))
+    cfg = from_args(BenchConfig, vars(build_parser().parse_args(argv)))
     try:
         check(cfg)
         final = decode_only(cfg) if cfg.decode_only else run(cfg)

@@ -13,12 +13,17 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
 
+from pipeline.format import Shard
+from pipeline.plan import EpochPlanner
+
 BACKENDS = ("host", "dali", "synthetic")
+IMAGENET_CLASSES = 1000  # what synthetic labels stand in for when no shards say otherwise
 
 
 @dataclass
@@ -43,8 +48,9 @@ class LoaderSpec:
     prefetch: int = 2  # batches in flight ahead of the consumer
     shuffle_buffer: int = 256  # samples per worker mixed before decoding (train)
     on_error: str = "raise"  # "raise": a bad sample stops the run naming shard and key; "skip": count, replace
-    num_classes: int = 1000  # synthetic labels
-    extra: dict = field(default_factory=dict)  # backend-specific options
+    num_classes: int = IMAGENET_CLASSES  # synthetic labels
+    options: object = None  # the backend's own typed options (pipeline.host.HostOptions, pipeline.dali.DaliOptions);
+    # None = that backend's defaults
 
     @property
     def train(self) -> bool:
@@ -62,6 +68,18 @@ class LoaderSpec:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
+    def backend_options(self, cls):
+        """This spec's options for the backend whose options class is `cls`: checked, defaults when None."""
+        opts = cls() if self.options is None else self.options
+        if not isinstance(opts, cls):
+            raise TypeError(f"options for this backend are a {cls.__name__}, got {type(opts).__name__}")
+        opts.validate()
+        return opts
+
+    def planner(self, shards: list[Shard]) -> EpochPlanner:
+        """The epoch/rank plan of this rank over `shards` (pipeline/plan.py)."""
+        return EpochPlanner(tuple(shards), self.train, self.batch_size, self.rank, self.world_size, self.seed)
+
 
 class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
@@ -77,6 +95,18 @@ def endless(loader: Loader):
         loader.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def timed(batches: Iterator) -> Iterator[tuple[object, float]]:
+    """(batch, seconds the caller was blocked waiting for it): the input wait every timing loop reports. Host time
+    only: device work queued earlier may still run while the host waits, so it bounds the device's idle time."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
 
 
 def eval_resize(img_size: int, crop_pct: float) -> int:
@@ -132,8 +162,9 @@ def to_model_input(images_u8: torch.Tensor, spec: LoaderSpec, nhwc: bool) -> tor
     if spec.dtype == torch.uint8:
         return x.contiguous(memory_format=fmt)
     mean, inv_std = _norm_constants(x.device, tuple(spec.mean), tuple(spec.std))
-    # One copy does layout and uint8 -> float together, then two in-place ops: three kernels and no temporaries
-    # (3.5x faster on a CPU core than the out-of-place chain); the arithmetic stays float32 whatever the output dtype.
+    # One copy does layout and uint8 -> float together, then two in-place ops: three kernels and no temporaries,
+    # where the out-of-place chain allocates and walks a float tensor per op. The arithmetic stays float32 whatever
+    # the output dtype.
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
     out.copy_(x).sub_(mean).mul_(inv_std)
     return out if spec.dtype == torch.float32 else out.to(spec.dtype)

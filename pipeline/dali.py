@@ -5,7 +5,7 @@ crop fused into the decode, resized once and handed to torch as uint8 (or normal
 On any other device DALI runs its CPU operators (`device_id=None`) and the batch is copied to the device; this is
 the mode the CPU tests use.
 
-Which samples a rank reads is the rule in `pipeline/shards.py`: the reader gets the epoch's shard order as its
+Which samples a rank reads is the rule in `pipeline/plan.py`: the reader gets the epoch's shard order as its
 `paths` and `shard_id=rank, num_shards=world_size`, and DALI's reader cuts the concatenated samples at
 floor(N*r/R) exactly like `rank_span` (tests/test_dali.py checks this). DALI has no hook to permute its archives
 in our per-epoch order, so each epoch builds a fresh pipeline (cost: reading the .idx files and starting the
@@ -13,32 +13,25 @@ decoder, see docs/dali.md). Within an epoch DALI's shuffle buffer draws only fro
 sample of the span comes out once; train takes the first `steps` batches of that shuffled span (the host backend
 drops the span's tail instead: the same count sits out, but a random rather than the last stretch of it).
 
-spec.extra options (anything else is an error):
-  normalize_in     "torch" (default): DALI returns uint8 HWC and `to_model_input` normalizes on the device;
-                   "dali": crop_mirror_normalize writes the normalized float/half tensor in the final layout.
-  hw_decoder_load  share of JPEGs sent to the hardware decoder on GPUs that have one (DALI's default 0.65).
-  prebuild         train only, default off: build the next epoch's pipeline in a background thread while this
-                   epoch runs, so the epoch boundary waits only for the reader's fill, the decoders' start and the
-                   first batch, not for the build. On an H100 a whole restart cost ~1.7-2 s (docs/benchmarks.md):
-                   ~1% of an ImageNet epoch on one GPU, ~8% on eight; how much of it building ahead removes is still
-                   to be measured on a GPU. The cost: the next pipeline's memory from this epoch's first batch on,
-                   through eval, and after the last epoch until close().
+Its own knobs: `DaliOptions` (docs/dali.md says what each one changed where it was measured).
 """
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from pipeline.cli import knob
 from pipeline.contract import LoaderSpec, eval_resize, to_model_input
-from pipeline.shards import ShardError, batch_segments, epoch_order, rank_plan, read_manifest, shard_list
+from pipeline.format import ShardError, read_manifest, shard_list
+from pipeline.plan import batch_segments
 
 INSTALL_HINT = "the dali backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 (x86_64/aarch64 Linux)"
 NORMALIZE_IN = ("torch", "dali")
-EXTRA_DEFAULTS = {"normalize_in": "torch", "hw_decoder_load": 0.65, "prebuild": False}
 # nvJPEG scratch sizes that fit ImageNet's largest JPEGs, so the decoder does not reallocate mid-epoch.
 GPU_DECODER_HINTS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
                          preallocate_width_hint=5_980, preallocate_height_hint=6_430)
@@ -85,19 +78,25 @@ def dali_reason(error: Exception) -> str:
     return f"{op}: {cause}" if op else cause
 
 
-def check_extra(extra: dict) -> dict:
-    """spec.extra of this backend with its defaults filled in; ValueError naming the first bad option."""
-    unknown = sorted(set(extra) - set(EXTRA_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown dali option(s) {unknown}; known: {sorted(EXTRA_DEFAULTS)}")
-    opts = {**EXTRA_DEFAULTS, **extra}
-    if opts["normalize_in"] not in NORMALIZE_IN:
-        raise ValueError(f"normalize_in must be one of {NORMALIZE_IN}, got {opts['normalize_in']!r}")
-    if not 0.0 <= float(opts["hw_decoder_load"]) <= 1.0:
-        raise ValueError(f"hw_decoder_load must be within [0, 1], got {opts['hw_decoder_load']!r}")
-    if not isinstance(opts["prebuild"], bool):
-        raise ValueError(f"prebuild must be True or False, got {opts['prebuild']!r}")
-    return opts
+@dataclass(frozen=True)
+class DaliOptions:
+    """The DALI backend's own knobs (train.py: `--dali-*`)."""
+
+    normalize_in: str = knob("torch", "dali: torch = DALI returns uint8 and torch normalizes on the device; dali = "
+                                      "DALI's crop_mirror_normalize writes the final float tensor",
+                             choices=NORMALIZE_IN)
+    hw_decoder_load: float = knob(0.65, "dali: share of JPEGs for the GPU's hardware JPEG decoder, the rest to "
+                                        "nvJPEG's CUDA decoder (SMs); in [0, 1]")
+    prebuild: bool = knob(False, "dali, train: build the next epoch's pipeline in a background thread while this "
+                                 "epoch runs, so the epoch boundary skips the build; costs that pipeline's memory")
+
+    def validate(self) -> None:
+        if self.normalize_in not in NORMALIZE_IN:
+            raise ValueError(f"normalize_in must be one of {NORMALIZE_IN}, got {self.normalize_in!r}")
+        if not isinstance(self.hw_decoder_load, (int, float)) or not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be within [0, 1], got {self.hw_decoder_load!r}")
+        if not isinstance(self.prebuild, bool):
+            raise ValueError(f"prebuild must be True or False, got {self.prebuild!r}")
 
 
 class CudaOutput:
@@ -108,7 +107,7 @@ class CudaOutput:
         self.device, self.feed, self.copied = device, feed_ndarray, None  # copied: event after the latest copy
         self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         self.decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, **GPU_DECODER_HINTS)
-        self.where = f"mixed decode on cuda:{self.device_id}, hw_decoder_load {hw_decoder_load}"
+        self.summary = f"mixed decode on cuda:{self.device_id}, hw_decoder_load {hw_decoder_load}"
 
     def stream(self):
         return torch.cuda.current_stream(self.device)
@@ -135,7 +134,7 @@ class HostOutput:
 
     def __init__(self, device: torch.device, feed_ndarray):
         self.device, self.feed, self.pinned = device, feed_ndarray, device.type != "cpu"
-        self.where = "cpu operators" + (f", copied to {device}" if self.pinned else "")
+        self.summary = "cpu operators" + (f", copied to {device}" if self.pinned else "")
 
     def stream(self):
         return None
@@ -158,27 +157,22 @@ class DaliLoader:
             raise ValueError("the dali backend supports on_error='raise' only: a DALI decoder that meets a bad JPEG "
                              "fails its whole batch, so it cannot count and skip one sample")
         self.spec = spec
-        self.opts = check_extra(spec.extra)
+        self.opts = spec.backend_options(DaliOptions)
         manifest = read_manifest(spec.data_path)
-        self.shards = shard_list(spec.data_path, spec.split, manifest)
-        self.num_classes = manifest.get("num_classes")  # None: labels are only checked to be >= 0
-        plan = self._plan(epoch=0)  # raises when the split cannot fill one batch per rank
+        self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
+        self.num_classes = manifest.num_classes  # None: labels are only checked to be >= 0
+        plan = self.planner.plan(epoch=0)  # raises when the split cannot fill one batch per rank
         self.steps, self.num_real = plan.steps, plan.num_real  # the same for every epoch
-        self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts["hw_decoder_load"])) \
+        self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts.hw_decoder_load)) \
             if spec.device.type == "cuda" else HostOutput(spec.device, self.dali.feed_ndarray)
         # DALI normalizes only into float/half; uint8 output (model folds normalization in) is always "torch".
-        self.dali_normalizes = self.opts["normalize_in"] == "dali" and spec.dtype != torch.uint8
+        self.dali_normalizes = self.opts.normalize_in == "dali" and spec.dtype != torch.uint8
         self.epoch = 0
         self.bytes_read = 0  # JPEG bytes handed to the decoder, all epochs
         self._pipe = None
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-prebuild") \
-            if self.opts["prebuild"] and spec.train else None
+            if self.opts.prebuild and spec.train else None
         self._ahead: tuple[int, Future] | None = None  # (epoch, its pipeline being built) when prebuilding
-
-    def _plan(self, epoch: int):
-        s = self.spec
-        return rank_plan(self.shards, train=s.train, batch_size=s.batch_size, rank=s.rank, world_size=s.world_size,
-                         seed=s.seed, epoch=epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -211,9 +205,10 @@ class DaliLoader:
     def describe(self) -> str:
         s = self.spec
         norm = "dali" if self.dali_normalizes else "torch"
-        return (f"dali {self.dali.version} ({self.output.where}, {s.workers} threads, prefetch {s.prefetch}, "
+        return (f"dali {self.dali.version} ({self.output.summary}, {s.workers} threads, prefetch {s.prefetch}, "
                 f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
-                f"{s.batch_size}, {len(self.shards)} shards" + (", next epoch built ahead" if self._builder else ""))
+                f"{s.batch_size}, {len(self.planner.shards)} shards"
+                + (", next epoch built ahead" if self._builder else ""))
 
     def __iter__(self):
         self._release()  # the previous epoch's buffers go before this epoch's run
@@ -239,7 +234,7 @@ class DaliLoader:
     # -- building -------------------------------------------------------------------------------------------------
     def _build_pipeline(self, epoch: int):
         s, fn, types = self.spec, self.dali.fn, self.dali.types
-        ordered = epoch_order(self.shards, s.seed, epoch, shuffle=s.train)
+        ordered = self.planner.order(epoch)
 
         @self.dali.pipeline_def(batch_size=s.batch_size, num_threads=s.workers, device_id=self.output.device_id,
                                 seed=pipeline_seed(s.seed, epoch, s.rank), prefetch_queue_depth=max(1, s.prefetch),
@@ -319,7 +314,7 @@ class DaliLoader:
         `prefetch` batches ahead; in train its shuffle buffer also holds up to `shuffle_buffer` later samples."""
         s = self.spec
         ahead = s.prefetch + 1 + (-(-s.shuffle_buffer // s.batch_size) if s.train else 0)
-        segments, _ = batch_segments(self._plan(self.epoch), range(step, min(self.steps, step + ahead)))
+        segments, _ = batch_segments(self.planner.plan(self.epoch), range(step, min(self.steps, step + ahead)))
         return sorted({Path(seg.shard.path).name for seg in segments}) or ["(padding only)"]
 
     def _to_torch(self, images_dali, stream) -> torch.Tensor:

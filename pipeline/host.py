@@ -5,10 +5,7 @@ Why this shape (measured, see docs/pipeline.md): a parent that reads files and f
 own pipe long before the cores do, and float conversion on the CPU costs more than the decode. So each worker reads its
 own stretch of shards (seeking through the `.idx` index), decodes straight to the output size in uint8, and hands
 over a slot number; the parent copies the slot out (into pinned memory on an accelerator), returns the slot, and runs
-`to_model_input` on the device, `spec.prefetch` batches ahead on a side stream.
-
-Spec options in `spec.extra` (all optional): `slots_per_worker` (2), `timeout_s` (300: a worker silent that long is
-an error), `start_method` ("forkserver"; "spawn" also works).
+`to_model_input` on the device, `spec.prefetch` batches ahead on a side stream. Its own knobs: `HostOptions`.
 """
 from __future__ import annotations
 
@@ -21,21 +18,42 @@ import secrets
 import time
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing import connection, shared_memory
 
 import numpy as np
 import torch
 
+from pipeline.cli import knob
 from pipeline.contract import LoaderSpec, to_model_input
+from pipeline.format import PipelineError, read_manifest, shard_list
 from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
-from pipeline.shards import PipelineError, consumer_order, rank_plan, read_manifest, shard_list
+from pipeline.plan import consumer_order
 
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 SHM_NAME = re.compile(r"vitpipe_(\d+)_[0-9a-f]{8}_\d+_\d+$")  # vitpipe_<parent pid>_<token>_<worker>_<slot>
-EXTRA_DEFAULTS = {"slots_per_worker": 2, "timeout_s": 300.0, "start_method": "forkserver"}
+START_METHODS = ("forkserver", "spawn")
 
-__all__ = ["HostLoader", "WorkerError", "SampleError", "pillow_flavour"]
+__all__ = ["HostLoader", "HostOptions", "WorkerError", "SampleError", "pillow_flavour"]
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """The host backend's own knobs (train.py: `--host-*`)."""
+
+    slots_per_worker: int = knob(2, "host: shared-memory batch slots per decode process (its lead over the trainer)")
+    timeout_s: float = knob(300.0, "host: a decode process silent this long is an error (hung decode, dead disk)")
+    start_method: str = knob("forkserver", "host: how decode processes start (never a fork of a process that holds "
+                                           "CUDA/NPU state)", choices=START_METHODS)
+
+    def validate(self) -> None:
+        if self.slots_per_worker < 1:
+            raise ValueError(f"slots_per_worker must be >= 1, got {self.slots_per_worker}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}, got {self.start_method!r}")
 
 
 class WorkerError(RuntimeError):
@@ -200,33 +218,29 @@ class HostLoader:
     def __init__(self, spec: LoaderSpec):
         if spec.data_path is None:
             raise ValueError("the host backend reads shards: pass data_path (a folder made by tools/make_shards.py)")
-        unknown = set(spec.extra) - set(EXTRA_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown host loader options {sorted(unknown)}; known: {sorted(EXTRA_DEFAULTS)}")
-        self.opts = {**EXTRA_DEFAULTS, **spec.extra}
+        self.opts = spec.backend_options(HostOptions)
         self.spec, self.epoch = spec, 0
         manifest = read_manifest(spec.data_path)
-        self.shards = shard_list(spec.data_path, spec.split, manifest)
-        self.steps = rank_plan(self.shards, train=spec.train, batch_size=spec.batch_size, rank=spec.rank,
-                               world_size=spec.world_size, seed=spec.seed, epoch=0).steps
-        # Workers beyond `steps` would get no batches (pipeline/shards.py rule 4), so don't start them.
+        self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
+        self.steps = self.planner.plan(epoch=0).steps
+        # Workers beyond `steps` would get no batches (pipeline/plan.py rule 4), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))
         self.skipped = 0  # corrupt samples replaced (on_error="skip")
         self.bytes_read = 0  # compressed bytes read from shards
         self._gen = 0
         self._procs, self._conns, self._shms, self._views = [], [], [], []
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views)
-        self._start_workers(manifest.get("num_classes"))
+        self._start_workers(manifest.num_classes)
         self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
 
     def _start_workers(self, num_classes) -> None:
-        spec, slots = self.spec, int(self.opts["slots_per_worker"])
+        spec, slots = self.spec, self.opts.slots_per_worker
         nbytes = slot_nbytes(spec.batch_size, spec.img_size)
         unlink_stale_segments()
         check_shm_space(self.num_workers * slots * nbytes)
         token = secrets.token_hex(4)
-        ctx = mp.get_context(self.opts["start_method"])
-        if self.opts["start_method"] == "forkserver":
+        ctx = mp.get_context(self.opts.start_method)
+        if self.opts.start_method == "forkserver":
             # The server imports the worker module once; each worker forks from it instead of re-importing.
             ctx.set_forkserver_preload(["pipeline.host_worker"])
         for w in range(self.num_workers):
@@ -238,9 +252,8 @@ class HostLoader:
                 names.append(shm.name)
             self._views.append([slot_arrays(s.buf, spec.batch_size, spec.img_size) for s in self._shms[-slots:]])
             cfg = WorkerConfig(
-                worker=w, num_workers=self.num_workers, shards=tuple(self.shards), train=spec.train,
-                batch_size=spec.batch_size, rank=spec.rank, world_size=spec.world_size, seed=spec.seed,
-                img_size=spec.img_size, crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
+                worker=w, num_workers=self.num_workers, planner=self.planner, img_size=spec.img_size,
+                crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
                 hflip=spec.hflip, shuffle_buffer=spec.shuffle_buffer, skip_bad=spec.on_error == "skip",
                 num_classes=num_classes, slot_names=tuple(names))
             parent_end, child_end = ctx.Pipe()
@@ -262,8 +275,8 @@ class HostLoader:
 
     def describe(self) -> str:
         s = self.spec
-        return (f"host: {self.num_workers} Pillow worker processes ({self.opts['start_method']}), {pillow_flavour()}, "
-                f"{self.opts['slots_per_worker']} shm slots of {s.batch_size}x{s.img_size}x{s.img_size}x3 uint8 "
+        return (f"host: {self.num_workers} Pillow worker processes ({self.opts.start_method}), {pillow_flavour()}, "
+                f"{self.opts.slots_per_worker} shm slots of {s.batch_size}x{s.img_size}x{s.img_size}x3 uint8 "
                 f"per worker, prefetch {s.prefetch} -> {s.device}")
 
     def close(self) -> None:
@@ -313,7 +326,7 @@ class HostLoader:
         return pending
 
     def _receive(self, worker: int, batch_index: int, gen: int) -> int:
-        conn, timeout = self._conns[worker], float(self.opts["timeout_s"])
+        conn, timeout = self._conns[worker], float(self.opts.timeout_s)
         sentinels = [p.sentinel for p in self._procs]
         while True:
             ready = connection.wait([conn, *sentinels], timeout=timeout)

@@ -2,7 +2,7 @@
 into shared-memory slots that the parent lent it.
 
 A worker never sees image bytes from the parent: it gets (epoch) commands, works out its own samples with the shared
-rule in `pipeline/shards.py`, seeks to each sample through the shard's `.idx` file, and tells the parent "slot k
+rule in `pipeline/plan.py`, seeks to each sample through the shard's `.idx` file, and tells the parent "slot k
 holds batch i". Parent -> worker messages, all tuples: ("epoch", gen, epoch), ("release", gen, slot), ("stop",).
 Worker -> parent: ("batch", gen, slot, batch_index, bytes_read, skipped), ("sample_error", gen, text),
 ("crash", text). `gen` numbers the parent's iterations so that messages about an abandoned one are ignored.
@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.shards import Shard, ShardError, batch_segments, rank_plan, worker_batches
+from pipeline.format import ShardError, read_index
+from pipeline.plan import EpochPlanner, batch_segments, worker_batches
 
 # One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -39,12 +40,7 @@ class WorkerConfig:
 
     worker: int
     num_workers: int
-    shards: tuple[Shard, ...]  # manifest order; the epoch's order comes from the shared rule
-    train: bool
-    batch_size: int
-    rank: int
-    world_size: int
-    seed: int
+    planner: EpochPlanner  # this rank's shards and the shared rule
     img_size: int
     crop_pct: float
     scale: tuple[float, float]
@@ -54,6 +50,14 @@ class WorkerConfig:
     skip_bad: bool
     num_classes: int | None  # labels outside [0, num_classes) are corrupt samples; None: not checked
     slot_names: tuple[str, ...]
+
+    @property
+    def train(self) -> bool:
+        return self.planner.train
+
+    @property
+    def batch_size(self) -> int:
+        return self.planner.batch_size
 
 
 @dataclass
@@ -84,42 +88,13 @@ def slot_nbytes(batch_size: int, img_size: int) -> int:
     return batch_size * img_size * img_size * 3 + batch_size * 8
 
 
-def read_index(shard: Shard) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Parse a wds2idx v1.2 index: [(key, {ext: (offset, size)})] in tar order."""
-    try:
-        with open(shard.index_path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ShardError(f"{shard.index_path}: unreadable index ({e})") from e
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != "v1.2":
-        raise ShardError(f"{shard.index_path}: not a wds2idx v1.2 index (first line {lines[:1]})")
-    entries = []
-    for n, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) % 4:
-            raise ShardError(f"{shard.index_path}:{n}: expected groups of '<ext> <offset> <size> <filename>'")
-        parts, key = {}, None
-        for i in range(0, len(fields), 4):
-            ext, offset, size, name = fields[i:i + 4]
-            parts[ext] = (int(offset), int(size))
-            stem = name[: -len(ext) - 1] if name.endswith("." + ext) else name.rsplit(".", 1)[0]
-            key = key or stem
-        entries.append((key, parts))
-    if len(entries) != int(head[1]) or len(entries) != shard.num_samples:
-        raise ShardError(f"{shard.index_path}: {len(entries)} samples listed, header says {head[1]}, manifest says "
-                         f"{shard.num_samples}; remake the shards")
-    return entries
-
-
 def read_samples(segments) -> Iterator[Sample]:
     """The samples of `segments` in order, read by seeking to their offsets (no tar scanning). Indexes are parsed per
-    segment, not cached: ~1 ms per 1,000-sample shard, where a cache of all of ImageNet's would cost ~250 MB a worker."""
+    segment, not cached: a worker meets each shard about once an epoch, and a cache of all of ImageNet's indexes
+    would cost every worker hundreds of MB."""
     for seg in segments:
         shard = seg.shard
-        entries = read_index(shard)
+        entries = read_index(shard.index_path, shard.num_samples)
         with open(shard.path, "rb") as f:
             for key, parts in entries[seg.start:seg.stop]:
                 data = {}
@@ -255,17 +230,17 @@ class Stats:
 
 
 def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots) -> None:
-    plan = rank_plan(list(cfg.shards), train=cfg.train, batch_size=cfg.batch_size, rank=cfg.rank,
-                     world_size=cfg.world_size, seed=cfg.seed, epoch=epoch)
+    plan = cfg.planner.plan(epoch)
     mine = worker_batches(plan.steps, cfg.worker, cfg.num_workers)
     segments, padding = batch_segments(plan, mine)
     real_total = len(mine) * cfg.batch_size - padding
     # Seeded by everything that identifies this stream, so a rerun reproduces it and no two workers share it.
-    rng = random.Random(f"{cfg.seed}:{epoch}:{cfg.rank}:{cfg.worker}")
+    seed, rank = cfg.planner.seed, cfg.planner.rank
+    rng = random.Random(f"{seed}:{epoch}:{rank}:{cfg.worker}")
     samples = read_samples(segments)
     if cfg.train:
         samples = shuffled(samples, cfg.shuffle_buffer, rng)
-    stats = Stats(random.Random(f"dup:{cfg.seed}:{epoch}:{cfg.rank}:{cfg.worker}"))
+    stats = Stats(random.Random(f"dup:{seed}:{epoch}:{rank}:{cfg.worker}"))
     for n, batch_index in enumerate(mine):
         slot = mailbox.take_slot()
         images, labels = slots[slot]

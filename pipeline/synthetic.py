@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.contract import LoaderSpec, to_model_input
-from pipeline.shards import read_manifest, steps_per_epoch
+from pipeline.format import read_manifest
+from pipeline.plan import steps_per_epoch
 
 IMAGENET_SAMPLES = {"train": 1_281_167, "val": 50_000}
 
@@ -15,7 +16,7 @@ class SyntheticLoader:
         # With shards at hand the epoch has their length, so synthetic and real runs step the same; without, ImageNet's.
         num = IMAGENET_SAMPLES[spec.split]
         if spec.data_path is not None:
-            num = read_manifest(spec.data_path)["splits"][spec.split]["num_samples"]
+            num = read_manifest(spec.data_path).splits[spec.split].num_samples
         self.steps = max(1, steps_per_epoch(num, spec.batch_size, spec.world_size, spec.train))
         g = torch.Generator().manual_seed(spec.seed + spec.rank)
         pixels = torch.randint(0, 256, (spec.batch_size, spec.img_size, spec.img_size, 3), dtype=torch.uint8,

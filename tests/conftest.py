@@ -5,11 +5,15 @@
 short; val: 2 shards). Treat both as read-only; copy them (shutil.copytree) before changing anything.
 Tests marked `@pytest.mark.gpu` are skipped when torch sees no CUDA device.
 """
+import sys
 from pathlib import Path
 
 import pytest
 
-from tools import make_sample_data, make_shards
+# tools/ holds scripts, not a package: put its folder on the path so tests can import each script as a module.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import make_sample_data  # noqa: E402
+import make_shards  # noqa: E402
 
 SAMPLE_ARGS = ["--classes", "4", "--train-per-class", "12", "--val-per-class", "4", "--seed", "0",
                "--min-side", "64", "--max-side", "96", "--workers", "1"]

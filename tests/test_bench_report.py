@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tools import bench_report, bench_train
+import bench_report
+import bench_train
 from tests.test_bench_train import TINY
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools import bench_train
+import bench_train
 
 TINY = ["--model", "test_vit", "--img-size", "32", "--num-classes", "4", "--batch-size", "4",
         "--warmup", "1", "--steps", "3", "--device", "cpu", "--amp", "fp32"]

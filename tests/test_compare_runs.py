@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools import compare_runs
+import compare_runs
 
 
 def write_run(folder, losses: dict, accs: dict):

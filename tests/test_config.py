@@ -1,14 +1,15 @@
-"""config.py: the seed's ModelZoo flags keep their names and meaning, new flags parse, bad input exits 2, and the
-launch flags map onto the env:// rendezvous as docs/training.md says."""
+"""trainlib/config.py: the seed's ModelZoo flags keep their names and meaning, new flags parse, bad input exits 2,
+and the launch flags map onto the env:// rendezvous as docs/training.md says."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from config import ConfigError, TrainConfig, markdown_table, parse_config
+from pipeline.dali import DaliOptions
+from pipeline.host import HostOptions
+from trainlib.config import ConfigError, markdown_table, parse_config
 from trainlib import distributed
 
 SEED_8P = ["--data_path=/data/imagenet", "--addr=10.0.0.7", "--seed=49", "--workers=128", "--learning-rate=0.8",
@@ -48,7 +49,9 @@ def test_booleans_are_switches():
                                   ["--backend", "synthetic", "--batch"],  # no abbreviations either
                                   ["--backend", "dali", "--data_path", "x", "--on-error", "skip"],
                                   ["--backend", "synthetic", "--model", "vit_nope"],
-                                  ["--backend", "dali", "--data_path", "x", "--dali-hw-decoder-load", "1.5"]])
+                                  ["--backend", "dali", "--data_path", "x", "--dali-hw-decoder-load", "1.5"],
+                                  ["--backend", "host", "--data_path", "x", "--host-start-method", "fork"],
+                                  ["--backend", "host", "--data_path", "x", "--host-timeout-s", "0"]])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)
@@ -56,9 +59,13 @@ def test_bad_input_exits_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_config_round_trips_through_json():
-    cfg = parse_config(["--backend", "synthetic", "--lr", "0.5", "--resume", "auto"])
-    assert TrainConfig(**json.loads(cfg.to_json())) == cfg
+def test_backend_options_come_from_their_own_flags():
+    cfg = parse_config(["--backend", "dali", "--data_path", "x", "--dali-hw-decoder-load", "1", "--dali-prebuild",
+                        "--host-slots-per-worker", "3"])
+    assert cfg.backend_options() == DaliOptions(hw_decoder_load=1.0, prebuild=True)
+    assert cfg.host == HostOptions(slots_per_worker=3)
+    assert parse_config(["--backend", "synthetic"]).backend_options() is None
+    assert json.loads(json.dumps(cfg.to_dict()))["dali"]["hw_decoder_load"] == 1.0  # config.json holds plain values
 
 
 def test_rendezvous_from_seed_flags():
@@ -86,7 +93,6 @@ def test_torchrun_environment_wins_over_rank_flags():
 
 def test_docs_flags_table_is_current():
     table = markdown_table()
-    hidden = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["hidden"]]
-    assert hidden == ["fail_at_step"] and "fail-at-step" not in table
+    assert "--dali-hw-decoder-load" in table and "--host-start-method" in table
     docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
-    assert table in docs, "regenerate the table: python config.py"
+    assert table in docs, "regenerate the table: python -m trainlib.config"

@@ -4,7 +4,6 @@ Every test but the missing-DALI ones skips when DALI is not installed. The shard
 `tarfile` in make_shards' format (tar + wds2idx v1.2 index + manifest) so each test controls labels and sizes.
 """
 import io
-import json
 import sys
 import tarfile
 
@@ -14,8 +13,11 @@ import torch
 from PIL import Image
 
 from pipeline import build_loader
-from pipeline.dali import DaliMissingError, parse_labels
-from pipeline.shards import ShardError, epoch_order, rank_plan, rank_span, shard_list
+from pipeline.dali import DaliMissingError, DaliOptions, parse_labels
+from pipeline.host import HostOptions
+from pipeline.format import (Manifest, Settings, ShardError, ShardInfo, SplitInfo, index_line, index_text, shard_list,
+                             shard_name, write_set_files)
+from pipeline.plan import epoch_order, rank_plan, rank_span
 
 NUM_LABELLED, PER_SHARD = 1000, 130  # labels 0..999, shards of uneven size (7 x 130 + 90)
 
@@ -26,11 +28,11 @@ def jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
     return out.getvalue()
 
 
-def write_split(dst, split: str, samples: list, per_shard: int) -> dict:
+def write_split(dst, split: str, samples: list, per_shard: int) -> SplitInfo:
     """samples: (key, jpg bytes, cls bytes). Writes `<split>-NNNNNN.tar` + `.idx`; returns the manifest entry."""
     shards = []
     for first in range(0, len(samples), per_shard):
-        name = f"{split}-{first // per_shard:06d}"
+        name = shard_name(split, first // per_shard)
         with tarfile.open(dst / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for key, jpg, cls in samples[first:first + per_shard]:
                 for ext, data in (("jpg", jpg), ("cls", cls)):
@@ -39,18 +41,18 @@ def write_split(dst, split: str, samples: list, per_shard: int) -> dict:
                     tar.addfile(info, io.BytesIO(data))
         with tarfile.open(dst / f"{name}.tar") as tar:
             members = tar.getmembers()
-        lines = [" ".join(f"{m.name.split('.', 1)[1]} {m.offset_data} {m.size} {m.name}" for m in members[i:i + 2])
-                 for i in range(0, len(members), 2)]
-        (dst / f"{name}.idx").write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
-        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "num_samples": len(lines)})
-    return {"num_samples": len(samples), "shards": shards}
+        lines = [index_line(pair[0].name.split(".")[0], [(m.name.split(".")[1], m.offset_data, m.size) for m in pair])
+                 for pair in zip(members[::2], members[1::2])]
+        (dst / f"{name}.idx").write_text(index_text(lines))
+        shards.append(ShardInfo(f"{name}.tar", f"{name}.idx", len(lines), (dst / f"{name}.tar").stat().st_size, ""))
+    return SplitInfo(len(samples), sum(s.bytes for s in shards), len(samples), 0, 0, shards)
 
 
 def write_shards(dst, splits: dict, per_shard: int, num_classes: int):
     dst.mkdir(parents=True, exist_ok=True)
-    manifest = {"splits": {s: write_split(dst, s, samples, per_shard) for s, samples in splits.items()},
-                "num_classes": num_classes}
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    manifest = Manifest(Settings(), "test", num_classes,
+                        {s: write_split(dst, s, samples, per_shard) for s, samples in splits.items()})
+    write_set_files(dst, manifest, [str(c) for c in range(num_classes)])
     return dst
 
 
@@ -84,7 +86,7 @@ def labels_of(batches) -> list[int]:
 
 
 def epoch_sequence(path, split: str, epoch: int) -> list[int]:
-    """Labels of the epoch's sample sequence (rule 1 of pipeline/shards.py); label == position in manifest order."""
+    """Labels of the epoch's sample sequence (rule 1 of pipeline/plan.py); label == position in manifest order."""
     order = epoch_order(shard_list(path, split), seed=3, epoch=epoch, shuffle=split == "train")
     return [int(s.path[-10:-4]) * PER_SHARD + i for s in order for i in range(s.num_samples)]
 
@@ -152,7 +154,7 @@ def test_normalize_in_dali_matches_torch(labelled_shards):
     for dtype, channels_last, atol in ((torch.float32, False, 1e-5), (torch.float32, True, 1e-5),
                                        (torch.float16, False, 2e-3), (torch.bfloat16, True, 1e-2)):
         batches, _ = load(labelled_shards, "val", batch_size=100, dtype=dtype, channels_last=channels_last,
-                          extra={"normalize_in": "dali"})
+                          options=DaliOptions(normalize_in="dali"))
         x = batches[0][0]
         assert x.dtype == dtype and x.shape == (100, 3, 8, 8)
         assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -163,7 +165,8 @@ def test_normalize_in_dali_matches_torch(labelled_shards):
 def test_hflip_mirrors_the_same_crop(sample_shards, dali, normalize_in):
     def first_batch(hflip):
         loader = build_loader(data_path=sample_shards, split="train", backend="dali", batch_size=8, device="cpu",
-                              workers=2, seed=5, img_size=32, hflip=hflip, extra={"normalize_in": normalize_in})
+                              workers=2, seed=5, img_size=32, hflip=hflip,
+                              options=DaliOptions(normalize_in=normalize_in))
         try:
             return next(iter(loader))[0]
         finally:
@@ -189,10 +192,12 @@ def test_corrupt_jpeg_names_the_shard(tmp_path, dali):
 
 
 def test_rejects_unknown_options(labelled_shards):
-    with pytest.raises(ValueError, match="unknown dali option"):
-        load(labelled_shards, "val", extra={"normalise_in": "dali"})
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        DaliOptions(normalise_in="dali")
+    with pytest.raises(TypeError, match="options for this backend are a DaliOptions, got HostOptions"):
+        load(labelled_shards, "val", options=HostOptions())
     with pytest.raises(ValueError, match="normalize_in must be"):
-        load(labelled_shards, "val", extra={"normalize_in": "cuda"})
+        load(labelled_shards, "val", options=DaliOptions(normalize_in="cuda"))
     with pytest.raises(ValueError, match="on_error='raise' only"):
         load(labelled_shards, "val", on_error="skip")
 
@@ -250,7 +255,8 @@ def test_gpu_decode_matches_cpu_decode(labelled_shards):
 @pytest.mark.parametrize("normalize_in", ["torch", "dali"])
 def test_gpu_train_batches_follow_the_contract(sample_shards, normalize_in):
     loader = build_loader(data_path=sample_shards, split="train", backend="dali", batch_size=8, device="cuda",
-                          workers=2, seed=0, img_size=32, channels_last=True, extra={"normalize_in": normalize_in})
+                          workers=2, seed=0, img_size=32, channels_last=True,
+                          options=DaliOptions(normalize_in=normalize_in))
     with loader:
         batches = [(x.clone(), y.clone()) for x, y in loader]
     x, y = batches[0]
@@ -262,17 +268,17 @@ def test_gpu_train_batches_follow_the_contract(sample_shards, normalize_in):
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted([c for c in range(4) for _ in range(12)])
 
 
-# -- building the next epoch's pipeline ahead (extra prebuild) ---------------------------------------------------------
+# -- building the next epoch's pipeline ahead (DaliOptions.prebuild) ----------------------------------------------
 def test_prebuild_gives_the_same_epochs_and_follows_jumps(labelled_shards):
-    def epochs(order, **extra):
+    def epochs(order, prebuild=False):
         loader = build_loader(data_path=labelled_shards, split="train", backend="dali", batch_size=50, device="cpu",
-                              workers=2, seed=3, img_size=8, dtype=torch.uint8, extra=extra)
+                              workers=2, seed=3, img_size=8, dtype=torch.uint8, options=DaliOptions(prebuild=prebuild))
         out = []
         try:
             for epoch in order:
                 loader.set_epoch(epoch)
                 out.append([(x.clone(), y.clone()) for x, y in loader])
-                if extra:  # the following epoch was built while this one ran
+                if prebuild:  # the following epoch was built while this one ran
                     assert loader._ahead is not None and loader._ahead[0] == epoch + 1
         finally:
             loader.close()
@@ -290,4 +296,4 @@ def test_prebuild_gives_the_same_epochs_and_follows_jumps(labelled_shards):
 def test_prebuild_option_is_checked(labelled_shards):
     with pytest.raises(ValueError, match="prebuild must be True or False"):
         build_loader(data_path=labelled_shards, split="train", backend="dali", batch_size=50, device="cpu",
-                     extra={"prebuild": "yes"})
+                     options=DaliOptions(prebuild="yes"))

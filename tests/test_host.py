@@ -18,8 +18,8 @@ from PIL import Image
 
 from pipeline import build_loader
 from pipeline.host import SampleError, WorkerError
-from pipeline.shards import read_manifest, shard_list
-from tools import make_shards
+import make_shards
+from pipeline.format import read_manifest, shard_list
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (30, 95, 160, 225)  # per-channel colour levels; 4**3 = 64 distinguishable samples
@@ -115,7 +115,7 @@ def test_batches_are_normalized_nchw_with_manifest_labels(sample_shards):
     assert labels.dtype == torch.int64
     seen = Counter(y for _, ys in batches for y in ys.tolist())
     assert seen == Counter(truth(sample_shards, "train").values())
-    assert len(seen) == read_manifest(sample_shards)["num_classes"]
+    assert len(seen) == read_manifest(sample_shards).num_classes
 
 
 def test_uint8_channels_last_batches_are_copies_of_the_slots(colour_shards):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import make_sample_data
+import make_sample_data
 
 
 def _files(root):

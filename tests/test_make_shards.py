@@ -9,7 +9,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tools import make_shards, shardlib
+import make_shards
+
+from pipeline import writer
 
 
 def _run(src, dst, *extra, workers=1):
@@ -110,7 +112,7 @@ def test_resume_after_deleted_shard_and_stale_temp(sample_folder, sample_shards,
 
 
 def test_interrupted_run_resumes_to_identical_bytes(sample_folder, sample_shards, tmp_path, monkeypatch):
-    real_add, calls = shardlib._add_member, []
+    real_add, calls = writer._add_member, []
 
     def add_then_interrupt(tar, name, data):
         calls.append(name)
@@ -118,12 +120,12 @@ def test_interrupted_run_resumes_to_identical_bytes(sample_folder, sample_shards
             raise KeyboardInterrupt
         return real_add(tar, name, data)
 
-    monkeypatch.setattr(shardlib, "_add_member", add_then_interrupt)
+    monkeypatch.setattr(writer, "_add_member", add_then_interrupt)
     dst = tmp_path / "shards"
     assert _run(sample_folder, dst) == 130
     assert not list(dst.glob(".*.tmp")) and not (dst / "manifest.json").exists()
     assert (dst / "train-000001.tar").exists() and not (dst / "train-000002.tar").exists()
-    monkeypatch.setattr(shardlib, "_add_member", real_add)
+    monkeypatch.setattr(writer, "_add_member", real_add)
     assert _run(sample_folder, dst) == 0
     assert _outputs(dst) == _outputs(sample_shards)
 
@@ -132,7 +134,7 @@ def test_disk_full_is_one_clean_error(sample_folder, tmp_path, monkeypatch, caps
     def no_space(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shardlib, "_add_member", no_space)
+    monkeypatch.setattr(writer, "_add_member", no_space)
     dst = tmp_path / "out"
     assert _run(sample_folder, dst) == 1
     assert "No space left on device" in capsys.readouterr().err

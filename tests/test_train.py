@@ -15,9 +15,9 @@ import pytest
 import timm
 import torch
 
-import checkpoint
-import devices
 import train
+from trainlib import checkpoint, devices
+from trainlib.engine import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "test_vit", "--img-size", "32", "--device", "cpu", "--workers", "1", "--lr", "3e-3",
@@ -54,15 +54,29 @@ def test_learns_far_above_chance(sample_shards, tmp_path, capsys):
     assert env["world_size"] == 1 and env["torch"] == torch.__version__
 
 
-def test_resume_after_crash_continues_exactly(sample_shards, tmp_path):
+def crash_at_step(monkeypatch, n: int) -> None:
+    """Make the n-th training step of this process raise, as a crash would."""
+    real_step, calls = Trainer.step, []
+
+    def step(self, images, labels):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError(f"simulated crash at step {n}")
+        return real_step(self, images, labels)
+    monkeypatch.setattr(Trainer, "step", step)
+
+
+def test_resume_after_crash_continues_exactly(sample_shards, tmp_path, monkeypatch):
     # drop path draws random numbers every step, so equal losses also prove the RNG streams were restored.
     common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "2", "--eval-freq", "0",
               "-p", "1", "--drop-path", "0.1"]
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     run_ok([*common, "--output", str(ref)])
     # 6 steps per epoch: a checkpoint at global step 8 (epoch 1, step 2), then a crash after step 9.
-    with pytest.raises(RuntimeError, match="fail-at-step"):
-        train.main([*common, "--output", str(crashed), "--save-steps", "4", "--fail-at-step", "9"])
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 10)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main([*common, "--output", str(crashed), "--save-steps", "4"])
     state = checkpoint.load(crashed / "last.pth")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 8)
     run_ok([*common, "--output", str(crashed), "--resume", "auto"])

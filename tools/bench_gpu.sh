@@ -23,6 +23,9 @@
 #     --no-compile" bash tools/bench_gpu.sh /tmp/r 512
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The scripts in tools/ import the packages (pipeline, trainlib, model). tools/setup.sh installs them; a machine
+# without a package index (where `pip install -e .` cannot fetch its build backend) finds them from the checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=${1:?usage: bash tools/bench_gpu.sh RESULTS_DIR [TRAIN_IMAGES]}
 n=${2:-32768}
 py=${PYTHON:-python3}

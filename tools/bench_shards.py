@@ -30,14 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as `python tools/bench_shards.py`: make the `tools` package importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools import make_shards, shardlib  # noqa: E402
+from pipeline.format import SPLITS
+from pipeline.writer import write_shards
 
 
 def source_files(src: Path) -> list:
-    return [p for s in shardlib.SPLITS if (src / s).is_dir() for p in sorted((src / s).rglob("*")) if p.is_file()]
+    return [p for s in SPLITS if (src / s).is_dir() for p in sorted((src / s).rglob("*")) if p.is_file()]
 
 
 def cat(files: list) -> int:
@@ -85,13 +83,10 @@ def time_best(fn, repeats: int, tmp_root, cold: bool = False) -> float:
 
 
 def shard(src: Path, dst: Path, check: str, workers: int, per_shard: int) -> None:
-    argv = ["--data_path", str(src), "--out", str(dst / "out"), "--workers", str(workers),
-            "--samples-per-shard", str(per_shard), "--check", check]
-    # The progress bar and summary would be timed too; keep them out of the measurement.
+    """What `tools/make_shards.py` runs (its writer, without --verify), minus the printing."""
+    # The progress bar would be timed too; keep it out of the measurement.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        rc = make_shards.main(argv)
-    if rc not in (make_shards.EXIT_OK, make_shards.EXIT_REJECTED):
-        raise SystemExit(f"bench_shards: make_shards failed with exit status {rc}")
+        write_shards(src, dst / "out", {"samples_per_shard": per_shard, "check": check}, workers)
 
 
 def line(name: str, n: int, nbytes: int, seconds: float, **extra) -> dict:

@@ -3,7 +3,7 @@
 Measures, for one model / batch size / precision / compile setting, three training loops on the same device:
   (a) baseline   timm's model as timm builds it, fused AdamW, autocast, label smoothing, synthetic input
                  (normalized float images already on the device) and `torch.compile` when --compile;
-  (b) ours       train.py's own step (`Trainer.step`, built by train.py's `build_trainer` from the same flags: pixel
+  (b) ours       train.py's own step (`Trainer.step`, built by `trainlib.build.build_trainer` from the flags: pixel
                  input with uint8 in, gradient clipping, LR schedule) on synthetic uint8 input on the device;
   (c) ours+data  the same step fed by a real backend (--backend host|dali) from shards (--data_path); --feed
                  (repeatable) measures several backends or settings against the same (b) in the same process;
@@ -27,31 +27,28 @@ Read a ratio only within one run: the loops share the process, the device and it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import pipeline  # noqa: E402
-import train  # noqa: E402
-from config import parse_config  # noqa: E402
-from devices import resolve_device  # noqa: E402
-from pipeline.contract import endless  # noqa: E402
-from pipeline.dali import check_extra  # noqa: E402
-from trainlib import distributed  # noqa: E402
-from trainlib.runlog import QuietLog  # noqa: E402
+import pipeline
+from pipeline import endless, timed
+from trainlib import distributed
+from trainlib.build import build_trainer
+from trainlib.config import parse_config
+from trainlib.devices import AMP_DTYPES, resolve_device
+from trainlib.runlog import QuietLog
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vit_base_patch32_224")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=pipeline.IMAGENET_CLASSES)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -66,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loops", default="a,b,c", help="which loops to run, comma separated")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--feed", action="append", default=[], metavar="BACKEND[:key=value,...]",
-                   help="a (c) loop; repeatable. Keys: " + ", ".join(FEED_KEYS) + ". Unset keys come from "
-                        "--data_path/--workers. Replaces --backend")
+                   help="a (c) loop; repeatable. Keys: " + ", ".join(FEED_VALUES) + ", and the backend's own "
+                        "options (pipeline.host.HostOptions, pipeline.dali.DaliOptions fields, e.g. "
+                        "hw_decoder_load=1). Unset keys come from --data_path/--workers. Replaces --backend")
     p.add_argument("--fp8", action="store_true", help="also run (d): our step with FP8 linears (model/fp8.py)")
     p.add_argument("--run-id", default=None, help="tag for this run's lines (default: the start time), so that "
                                                   "tools/bench_report.py can tell runs in one file apart")
@@ -89,38 +87,39 @@ def _positive(value: str) -> int:
     return n
 
 
-# key: (conversion, what a good value is). The dali keys are spec.extra options; pipeline/dali.py checks their values.
+# key: (conversion, what a good value is). A backend's own options are converted by their declared type.
 FEED_VALUES = {"name": (str, "a name"), "data_path": (str, "a folder"), "workers": (_positive, "an integer >= 1"),
-               "steps": (_positive, "an integer >= 1"), "epochs": (_positive, "an integer >= 1"),
-               "hw_decoder_load": (float, "a number"), "prebuild": (lambda v: {"1": True, "0": False}[v], "1 or 0")}
-FEED_KEYS = tuple(FEED_VALUES)
-DALI_EXTRAS = ("hw_decoder_load", "prebuild")
+               "steps": (_positive, "an integer >= 1"), "epochs": (_positive, "an integer >= 1")}
+OPTION_VALUES = {"int": (int, "an integer"), "float": (float, "a number"), "str": (str, "a word"),
+                 "bool": (lambda v: {"1": True, "0": False}[v], "1 or 0")}
 
 
 def parse_feeds(args) -> list[dict]:
-    """--feed specs (or --backend) as dicts with every key set; names unique, each backend given its shards."""
+    """--feed specs (or --backend) as dicts with every key set; names unique, each backend given its shards. A key
+    that names a field of the backend's options class goes into `feed["options"]`."""
     specs = args.feed or ([args.backend] if args.backend != "none" else [])
     feeds = []
     for spec in specs:
         backend, _, rest = spec.partition(":")
         if backend not in ("host", "dali"):
             raise ValueError(f"--feed {spec!r}: the backend is host or dali")
-        feed = {"backend": backend, "name": backend, "data_path": args.data_path, "workers": args.workers}
+        option_types = {f.name: f.type for f in dataclasses.fields(pipeline.options_class(backend))}
+        feed, options = {"backend": backend, "name": backend, "data_path": args.data_path, "workers": args.workers}, {}
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
-            if key not in FEED_KEYS or not eq:
-                raise ValueError(f"--feed {spec!r}: {item!r} is not key=value with a key in {', '.join(FEED_KEYS)}")
-            if key in DALI_EXTRAS and backend != "dali":
-                raise ValueError(f"--feed {spec!r}: {key} is a dali option")
-            convert, good = FEED_VALUES[key]
+            if key not in FEED_VALUES and key not in option_types or not eq:
+                raise ValueError(f"--feed {spec!r}: {item!r} is not key=value with a key in "
+                                 f"{', '.join([*FEED_VALUES, *option_types])}")
+            convert, good = FEED_VALUES[key] if key in FEED_VALUES else OPTION_VALUES[str(option_types[key])]
             try:
-                feed[key] = convert(value)
+                (feed if key in FEED_VALUES else options)[key] = convert(value)
             except (ValueError, KeyError):
                 raise ValueError(f"--feed {spec!r}: {key} takes {good}, got {value!r}") from None
         if "steps" in feed and "epochs" in feed:
             raise ValueError(f"--feed {spec!r}: steps or epochs, not both")
         try:
-            check_extra({key: feed[key] for key in DALI_EXTRAS if key in feed})
+            feed["options"] = pipeline.options_class(backend)(**options)
+            feed["options"].validate()
         except ValueError as e:
             raise ValueError(f"--feed {spec!r}: {e}") from None
         if not feed["data_path"]:
@@ -132,9 +131,6 @@ def parse_feeds(args) -> list[dict]:
     return feeds
 
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def baseline_step(args, dev):
     """(a): timm's model as timm builds it and the textbook step: fused AdamW, autocast, label smoothing, no extras."""
     import timm
@@ -144,7 +140,7 @@ def baseline_step(args, dev):
     kernel = {"fused": True} if dev.kind == "cuda" else {"foreach": True}  # fused AdamW is a CUDA kernel
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kernel)
     model = torch.compile(model) if args.compile else model
-    dtype = AMP[args.amp]
+    dtype = AMP_DTYPES[args.amp]
     scaler = dev.grad_scaler(enabled=dtype == torch.float16)
 
     def step(images, labels):
@@ -160,14 +156,14 @@ def baseline_step(args, dev):
 
 
 def our_step(args, dev, fp8: bool = False):
-    """(b) and (d): train.py's Trainer.step itself, built by train.py from the flags a user would give it."""
+    """(b) and (d): train.py's Trainer.step itself, built by trainlib.build from flags a user would give train.py."""
     cfg = parse_config(["--backend", "synthetic", "--device", args.device, "--model", args.model,
                         "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
                         "--num-classes", str(args.num_classes), "--amp", args.amp, "--clip-grad", str(args.clip_grad),
                         "--compile" if args.compile else "--no-compile", "--fp8" if fp8 else "--no-fp8"])
     # A schedule long enough never to wrap within a benchmark; its LR values do not change the step's cost.
-    trainer = train.build_trainer(cfg, dev, distributed.placement(cfg), QuietLog(), steps_per_epoch=10**6,
-                                  classes=args.num_classes)
+    trainer = build_trainer(cfg, dev, distributed.placement(cfg), QuietLog(), steps_per_epoch=10**6,
+                            classes=args.num_classes)
     return trainer.step
 
 
@@ -178,10 +174,8 @@ def run_loop(name: str, step, batches, args, dev, steps: int | None = None) -> d
         step(*next(batches))
     dev.synchronize()  # timed stretch starts with an idle device
     waits, t0 = [], time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        images, labels = next(batches)
-        waits.append(time.perf_counter() - t)
+    for _, ((images, labels), wait_s) in zip(range(steps), timed(batches)):
+        waits.append(wait_s)
         step(images, labels)
     dev.synchronize()  # ...and ends when the device has finished the last step
     elapsed = time.perf_counter() - t0
@@ -223,14 +217,13 @@ def main(argv=None) -> dict:
         if "b" in loops:
             report(run_loop("ours_synthetic", step, synthetic(args, dev, torch.uint8), args, dev))
         for feed in args.feeds:
-            extra = {key: feed[key] for key in DALI_EXTRAS if key in feed}
             steps = feed.get("steps")
-            fields = dict(backend=feed["backend"], workers=feed["workers"], **extra)
+            fields = dict(backend=feed["backend"], workers=feed["workers"], **dataclasses.asdict(feed["options"]))
             try:
                 loader = pipeline.build_loader(data_path=feed["data_path"], split="train", backend=feed["backend"],
                                                batch_size=args.batch_size, device=dev.device,
                                                workers=feed["workers"], img_size=args.img_size, dtype=torch.uint8,
-                                               extra=extra)
+                                               options=feed["options"])
                 if "epochs" in feed:  # timed steps spanning that many epochs, so the restarts between them count
                     steps = feed["epochs"] * len(loader)
                 try:

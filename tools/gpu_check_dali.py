@@ -25,17 +25,16 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import build_loader  # noqa: E402
-from tools import atomicio, parity_grid  # noqa: E402
+from pipeline import atomicio, build_loader
+from pipeline.dali import DaliOptions
+from pipeline.format import MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def ensure_shards(work: Path, per_class: int) -> Path:
     src, shards = work / "imagefolder", work / "shards"
-    if not (shards / "manifest.json").is_file():
+    if not (shards / MANIFEST).is_file():
         tool = [sys.executable, "-u"]
         subprocess.run([*tool, ROOT / "tools/make_sample_data.py", src, "--classes", "10", "--train-per-class",
                         str(per_class), "--val-per-class", str(per_class // 10)], check=True)
@@ -67,7 +66,7 @@ def check_labels(shards: Path, args) -> dict:
 def speed(shards: Path, normalize_in: str, args) -> dict:
     loader = build_loader(data_path=shards, split="train", backend="dali", batch_size=args.batch_size,
                           device="cuda", workers=args.workers, img_size=224, dtype=torch.float32,
-                          extra={"normalize_in": normalize_in})
+                          options=DaliOptions(normalize_in=normalize_in))
     starts, steady_images, steady_s = [], 0, 0.0
     try:
         for epoch in range(args.epochs):
@@ -106,9 +105,10 @@ def main(argv=None) -> int:
     results = [{"check": "device", "name": torch.cuda.get_device_name(), "torch": torch.__version__}]
     results.append(check_labels(shards, args))
     for split in ("val", "train"):
-        rc = parity_grid.main(["--data_path", str(shards), "--out", str(work / f"grid_{split}.png"), "--split",
-                               split, "--device", "cuda"])
-        results.append({"check": "grid", "split": split, "ok": rc == 0, "png": str(work / f"grid_{split}.png")})
+        grid = subprocess.run([sys.executable, ROOT / "tools/parity_grid.py", "--data_path", shards, "--out",
+                               work / f"grid_{split}.png", "--split", split, "--device", "cuda"])
+        results.append({"check": "grid", "split": split, "ok": grid.returncode == 0,
+                        "png": str(work / f"grid_{split}.png")})
     results += [speed(shards, normalize_in, args) for normalize_in in ("torch", "dali")]
     for r in results:
         print(json.dumps(r), flush=True)

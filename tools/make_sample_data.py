@@ -30,10 +30,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-if __package__ in (None, ""):
-    # Run as `python tools/make_sample_data.py`: make the `tools` package importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools import atomicio  # noqa: E402
+from pipeline import atomicio
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                   "immunohistochemistry", "camera", "grass", "gravel", "brick")

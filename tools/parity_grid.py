@@ -20,12 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-if __package__ in (None, ""):
-    # Run as `python tools/parity_grid.py`: make the repository's packages importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import build_loader  # noqa: E402
-from pipeline.shards import ShardError  # noqa: E402
-from tools import atomicio  # noqa: E402
+from pipeline import ShardError, atomicio, build_loader
 
 CAPTION = 14  # pixels of caption strip under each tile
 GAP = 16  # pixels between the two blocks

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Create .venv (if absent) and install everything the demo, the tests and the benchmarks need.
-# Usage: bash tools/setup.sh        (from the repository root; PYTHON=python3.12 to pick an interpreter)
+# Create .venv (if absent) and install this checkout into it, editable, with everything the demo, the tests and the
+# benchmarks need (pyproject.toml: requirements.txt + the dev and dali extras). Afterwards `import pipeline` works
+# from any directory in that environment, and so do the scripts in tools/.
+# Usage: bash tools/setup.sh        (from anywhere; PYTHON=python3.12 to pick an interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "setup: Python >= 3.10 needed, $py is $("$py" -V 2>&1)" >&2; exit 2; }
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements-dev.txt
+# setuptools warns on every editable install that local folders may shadow the package: here they are the package.
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[dev,dali]"
 .venv/bin/python - <<'PY'
 import torch, torchvision, timm, PIL
 try:

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from config import ConfigError, TrainConfig
+from trainlib.config import ConfigError, TrainConfig
 
 DEFAULT_PORT = "29500"  # torchrun's default, so mixed launches agree
 

@@ -1,5 +1,6 @@
 """The training step, the epoch loop, evaluation and checkpoint state: the part of train.py that runs once the model,
-loaders and process group exist. Device differences stay behind `devices.Device`; backends behind the loader."""
+loaders and process group exist. Device differences stay behind `trainlib.devices.Device`; backends behind the
+loader."""
 from __future__ import annotations
 
 import time
@@ -10,17 +11,17 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch.optim import lr_scheduler
 
-import checkpoint
-from config import TrainConfig
-from metrics import Throughput, TopK
 from model import TRAIN_FLOPS_FACTOR
-from trainlib import distributed
+from pipeline import timed
+from trainlib import checkpoint, distributed
+from trainlib.config import TrainConfig
+from trainlib.metrics import Throughput, TopK
 
 
-def build_optimizer(cfg: TrainConfig, net: torch.nn.Module, device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device) -> torch.optim.Optimizer:
     # No weight decay on biases, norms and the cls/position tokens (timm's ViT lists those in no_weight_decay()).
-    skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
-    groups = param_groups_weight_decay(net, cfg.weight_decay, no_weight_decay_list=skip)
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     cls, extra = (torch.optim.SGD, {"momentum": cfg.momentum}) if cfg.opt == "sgd" else (torch.optim.AdamW, {})
     # Fused kernels only on CUDA, where torch ships them: elsewhere (npu) the constructor can accept fused=True and the
     # first step() fail, past where a fallback could catch it.
@@ -45,12 +46,13 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 class Trainer:
     """One run's mutable training state and the loops that advance it."""
 
-    def __init__(self, cfg: TrainConfig, *, net, model, optimizer, scheduler, device, amp_dtype, log, placement,
+    def __init__(self, cfg: TrainConfig, *, raw_model, model, optimizer, scheduler, device, amp_dtype, log, placement,
                  steps_per_epoch: int, num_classes: int, flops_per_image: float | None):
-        self.cfg, self.net, self.model = cfg, net, model  # net: the bare module (checkpoints); model: DDP/compiled
+        # raw_model: the bare module (checkpoints, clipping); model: what runs the step (DDP and/or compiled).
+        self.cfg, self.raw_model, self.model = cfg, raw_model, model
         self.optimizer, self.scheduler, self.device, self.amp_dtype = optimizer, scheduler, device, amp_dtype
         self.scaler = device.grad_scaler(enabled=amp_dtype == torch.float16)
-        self.log, self.where, self.num_classes = log, placement, num_classes
+        self.log, self.placement, self.num_classes = log, placement, num_classes
         self.steps_per_epoch = steps_per_epoch
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
         self.meter = Throughput(device, cfg.batch_size * placement.world_size, cfg.warmup_log_steps)
@@ -65,36 +67,34 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return loss.detach()
 
     def train_epoch(self, loader) -> None:
-        """Run the current epoch from `self.step_in_epoch` to its end, or until --max-steps / --fail-at-step.
-        A resumed epoch is re-entered from its start and the finished steps are drawn and dropped: the loader
-        yields the same batches in the same order, at the cost of reading them again."""
-        cfg, spe = self.cfg, self.steps_per_epoch
+        """Run the current epoch from `self.step_in_epoch` to its end, or until --max-steps. A resumed epoch is
+        re-entered from its start and the finished steps are drawn and dropped: the loader yields the same batches in
+        the same order, at the cost of reading them again."""
+        cfg, steps_per_epoch = self.cfg, self.steps_per_epoch
         batches = iter(loader)
         for _ in range(self.step_in_epoch):
             next(batches)
         self.meter.start()
         loss_sum, interval = torch.zeros((), device=self.device.device), 0
-        while self.step_in_epoch < spe and not self.reached_max_steps():
-            t0 = time.perf_counter()
-            images, labels = next(batches)
-            self.meter.step(time.perf_counter() - t0)
+        waits = timed(batches)
+        while self.step_in_epoch < steps_per_epoch and not self.reached_max_steps():
+            (images, labels), wait_s = next(waits)
+            self.meter.step(wait_s)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
             loss_sum += self.step(images, labels)
             self.step_in_epoch, self.global_step, interval = self.step_in_epoch + 1, self.global_step + 1, interval + 1
-            if self.step_in_epoch % cfg.print_freq == 0 or self.step_in_epoch == spe:
+            if self.step_in_epoch % cfg.print_freq == 0 or self.step_in_epoch == steps_per_epoch:
                 self.log_train(loss_sum / interval, lr)
                 loss_sum, interval = torch.zeros_like(loss_sum), 0
-            if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.step_in_epoch < spe:
+            if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.step_in_epoch < steps_per_epoch:
                 self.save_checkpoint()
-            if self.global_step == cfg.fail_at_step:
-                raise RuntimeError(f"--fail-at-step {cfg.fail_at_step}: deliberate failure (a test's simulated crash)")
         self.meter.pause()
 
     def reached_max_steps(self) -> bool:
@@ -136,10 +136,10 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_acc1": self.best_acc1, "world_size": self.where.world_size, "config": vars(self.cfg).copy(),
+                "best_acc1": self.best_acc1, "world_size": self.placement.world_size, "config": self.cfg.to_dict(),
                 "steps_per_epoch": self.steps_per_epoch}
 
     def save_checkpoint(self, best: bool = False) -> None:
@@ -148,7 +148,7 @@ class Trainer:
             return
         self.meter.pause()  # checkpoint writing is not training throughput
         rng = distributed.all_gather(checkpoint.rng_state(self.device))
-        if self.where.is_main:
+        if self.placement.is_main:
             out = Path(self.cfg.output)
             checkpoint.save(out / checkpoint.LAST, {**self.state_dict(), "rng": rng})
             if best:
@@ -166,7 +166,7 @@ class Trainer:
                 f"{self.cfg.epochs} x {self.steps_per_epoch} (--epochs, --batch-size, world size or data changed). "
                 f"Resume with the same settings, or start a new run from its weights with --pretrained")
         try:
-            self.net.load_state_dict(state["model"])
+            self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:  # another model, image size or class count
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
                                              f"(another --model, --img-size or data set?)") from None
@@ -176,12 +176,12 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_acc1 = state["global_step"], state["best_acc1"]
-        if state["world_size"] != self.where.world_size:
-            self.log.print(f"note: checkpoint from {state['world_size']} ranks, resuming on {self.where.world_size}: "
-                           f"batches and random streams differ from an uninterrupted run")
+        if state["world_size"] != self.placement.world_size:
+            self.log.print(f"note: checkpoint from {state['world_size']} ranks, resuming on "
+                           f"{self.placement.world_size}: batches and random streams differ from an uninterrupted run")
             # Fresh per-rank streams (drop path differs across ranks), new ones for each resume point.
-            seed = self.cfg.seed + self.where.rank + 1_000_003 * self.global_step
+            seed = self.cfg.seed + self.placement.rank + 1_000_003 * self.global_step
             torch.manual_seed(seed)
             self.device.manual_seed(seed)
             return
-        checkpoint.set_rng_state(state["rng"][self.where.rank], self.device)
+        checkpoint.set_rng_state(state["rng"][self.placement.rank], self.device)

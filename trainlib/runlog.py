@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tools import atomicio
+from pipeline import atomicio
 
 METRICS, SUMMARY, PLOTS = "metrics.jsonl", "summary.json", "plots.png"
 

@@ -8,6 +8,8 @@ import importlib
 
 import torch
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 # Dense bf16/fp16 tensor peak per chip, FLOP/s, from the vendors' data sheets; used for MFU only. A name not matched
 # here gets no MFU figure rather than a made-up one. Order matters: the first substring found in the device name wins.
 PEAK_FLOPS_16BIT = (
@@ -62,6 +64,15 @@ class Device:
             return bool(self._mod.is_bf16_supported(including_emulation=False))
         return bool(self._mod.is_bf16_supported())
 
+    def amp_dtype(self, mode: str) -> torch.dtype:
+        """--amp MODE on this device: auto = bf16 where the accelerator has it, else fp16 (with loss scaling); fp32
+        on the CPU."""
+        if mode != "auto":
+            return AMP_DTYPES[mode]
+        if self._mod is None:
+            return torch.float32
+        return torch.bfloat16 if self.supports_bf16() else torch.float16
+
     def autocast(self, dtype: torch.dtype):
         """Mixed precision context for the forward pass; a do-nothing context for fp32."""
         if dtype == torch.float32:
@@ -76,9 +87,6 @@ class Device:
     def synchronize(self) -> None:
         if self._mod is not None:
             self._mod.synchronize()
-
-    def memory_allocated(self) -> int:
-        return self._mod.memory_allocated() if self._mod else 0
 
     def max_memory_allocated(self) -> int:
         return self._mod.max_memory_allocated() if self._mod else 0

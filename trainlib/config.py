@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pipeline import options_class
+from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows
+from pipeline.dali import DaliOptions
+from pipeline.host import HostOptions
 
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
 
@@ -20,24 +24,16 @@ class ConfigError(ValueError):
     """A flag value that cannot work; the message names the flag."""
 
 
-def knob(default, help: str, *aliases: str, choices=None, metavar=None, hidden: bool = False):
-    """A config field plus what its command-line flag needs: the help text, extra flag spellings, allowed values."""
-    meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "hidden": hidden}
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class TrainConfig:
     # data
     data_path: str = knob(None, "shard folder written by tools/make_shards.py (synthetic backend: optional)",
-                          "--data-path")
+                          "--data-path", flag="--data_path")
     backend: str = knob("host", "input pipeline (pipeline/): host = Pillow worker processes, dali, synthetic",
                         choices=("host", "dali", "synthetic"))
     workers: int = knob(4, "decode processes (host) or threads (dali) per rank", "-j")
-    dali_prebuild: bool = knob(False, "dali: build the next epoch's pipeline while this one runs, taking the build "
-                                      "out of the ~2 s restart per epoch seen on an H100 (GPU effect unmeasured)")
-    dali_hw_decoder_load: float = knob(0.65, "dali: share of JPEGs for the GPU's hardware JPEG decoder, the rest to "
-                                             "nvJPEG's CUDA decoder (0 cost 25% of the fed step's speed on an H100)")
+    host: HostOptions = knob(help="the host backend's own options", factory=HostOptions)
+    dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
     img_size: int = knob(224, "train/eval resolution")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: 1000)")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",
@@ -69,7 +65,7 @@ class TrainConfig:
     label_smoothing: float = knob(0.1, "cross-entropy label smoothing")
     clip_grad: float = knob(1.0, "clip the global gradient norm to this; 0 = off")
     amp: str = knob("auto", "precision: auto (bf16 where supported, else fp16; fp32 on CPU), bf16, fp16, fp32; "
-                            "bare --amp = auto (the seed's switch), --no-amp = fp32", choices=AMP_MODES)
+                            "bare --amp = auto (the seed's switch), --no-amp = fp32", choices=AMP_MODES, const="auto")
     seed: int = knob(0, "seed: model init uses it as is, each rank's RNG seed + rank")
     # run length
     max_steps: int = knob(0, "stop after this many global steps (checkpoint, no eval); 0 = no limit")
@@ -96,7 +92,6 @@ class TrainConfig:
     multiprocessing_distributed: bool = knob(False, "the seed's launcher: spawn one process per device on this node "
                                                     "(torchrun is preferred)")
     nproc_per_node: int = knob(0, "processes --multiprocessing-distributed spawns; 0 = every visible device")
-    fail_at_step: int = knob(0, "TEST ONLY: raise after this global step, to exercise resume", hidden=True)
 
     def validate(self) -> None:
         import timm  # here, not at the top: `python config.py` and the flag parser stay light
@@ -106,19 +101,19 @@ class TrainConfig:
         positive = ("workers", "img_size", "batch_size", "epochs", "print_freq")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_classes", "val_batch_size", "max_steps", "steps_per_epoch", "eval_freq", "save_steps",
                      "warmup_steps", "warmup_log_steps", "nproc_per_node", "lr", "weight_decay", "clip_grad",
                      "warmup_epochs", "drop_path", "min_lr"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        from pipeline.dali import check_extra  # the backend's own rule for its options (DALI itself not imported)
-        try:
-            check_extra({"hw_decoder_load": self.dali_hw_decoder_load})
-        except ValueError as e:
-            raise ConfigError(f"--dali-hw-decoder-load: {e}") from None
+        for backend in ("host", "dali"):  # each backend's own rule for its options (DALI itself is not imported)
+            try:
+                getattr(self, backend).validate()
+            except ValueError as e:
+                raise ConfigError(f"{backend} option {e} (--{backend}-* flags)") from None
         if self.backend != "synthetic" and not self.data_path:
             raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use --backend synthetic)")
         if self.backend == "dali" and self.on_error == "skip":
@@ -126,47 +121,34 @@ class TrainConfig:
         if self.evaluate and not (self.pretrained or self.resume):
             raise ConfigError("--evaluate needs weights: give --pretrained PATH or --resume PATH")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+    def backend_options(self):
+        """What `pipeline.build_loader(options=...)` takes for this run's backend."""
+        return getattr(self, self.backend) if options_class(self.backend) else None
+
+    def to_dict(self) -> dict:
+        """Plain values only (config.json, checkpoints: `torch.load(weights_only=True)` reads them)."""
+        return dataclasses.asdict(self)
 
 
 def flag_name(field_name: str) -> str:
-    # data_path keeps the seed's underscore spelling; every other flag is dashed.
-    return field_name if field_name == "data_path" else field_name.replace("_", "-")
+    """`--img-size` for img_size: the flag a message should name."""
+    return flag_names(next(f for f in dataclasses.fields(TrainConfig) if f.name == field_name))[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, generated field by field from TrainConfig: one flag per knob, aliases from its metadata."""
+    """The command line, generated field by field from TrainConfig (pipeline/cli.py)."""
     parser = argparse.ArgumentParser(prog="train.py", description="Train a timm ViT on webdataset shards "
                                      "(single process, torchrun, or the seed's --multiprocessing-distributed).",
                                      allow_abbrev=False)  # an abbreviation could silently bind to a new flag later
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        flags = [f"--{flag_name(f.name)}", *meta["aliases"]]
-        kw = {"dest": f.name, "default": f.default,
-              "help": argparse.SUPPRESS if meta["hidden"] else f"{meta['help']} (default: {f.default})"}
-        if meta["choices"]:
-            kw["choices"] = meta["choices"]
-        if meta["metavar"]:
-            kw["metavar"] = meta["metavar"]
-        if f.name == "amp":
-            # The seed's bare `--amp` switched mixed precision on; here it takes an optional mode.
-            parser.add_argument(*flags, nargs="?", const="auto", **kw)
-            parser.add_argument("--no-amp", dest="amp", action="store_const", const="fp32",
-                                help="full fp32 (= --amp fp32)")
-        elif f.type in ("bool", bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            kw["type"] = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
-                                                                   else f.type.__name__]
-            parser.add_argument(*flags, **kw)
+    add_flags(parser, TrainConfig)
+    parser.add_argument("--no-amp", dest="amp", action="store_const", const="fp32", help="full fp32 (= --amp fp32)")
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags -> a validated TrainConfig. Unknown flags and bad values exit with argparse's usage line (status 2)."""
     parser = build_parser()
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    cfg = from_args(TrainConfig, vars(parser.parse_args(argv)))
     try:
         cfg.validate()
     except ConfigError as e:
@@ -176,14 +158,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def markdown_table() -> str:
     """The flags table of docs/training.md, generated from TrainConfig so the two cannot drift."""
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(TrainConfig):
-        if f.metadata["hidden"]:
-            continue
-        flags = ", ".join(f"`{x}`" for x in (f"--{flag_name(f.name)}", *f.metadata["aliases"]))
-        choices = f" ({'/'.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
-        rows.append(f"| {flags} | `{f.default}` | {f.metadata['help']}{choices} |")
-    return "\n".join(rows)
+    return "\n".join(["| flag | default | meaning |", "|---|---|---|", *markdown_rows(TrainConfig)])
 
 
 if __name__ == "__main__":

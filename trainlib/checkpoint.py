@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools import atomicio
+from pipeline import atomicio
 
 LAST, BEST = "last.pth", "best.pth"
 

@@ -15,29 +15,11 @@ shuffle picks which train samples sit out the epoch, the host backend leaves out
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
-
-
-class PipelineError(RuntimeError):
-    """An input problem the user can fix (data on disk, machine resources); the message says what, in one line."""
-
-
-class ShardError(PipelineError):
-    """A shard set on disk that the pipeline cannot use; the message says which file and why."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    path: str  # the tar file
-    index_path: str  # its DALI/wds2idx index: sample offsets, so a reader can seek instead of scanning
-    num_samples: int
+from pipeline.format import Shard, ShardError
 
 
 @dataclass(frozen=True)
@@ -65,38 +47,6 @@ class RankPlan:
     @property
     def num_padding(self) -> int:
         return self.steps * self.batch_size - self.num_real
-
-
-def read_manifest(data_path: str | Path) -> dict:
-    path = Path(data_path) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: no shard manifest here; make shards with tools/make_shards.py first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: unreadable manifest ({e})") from e
-    if "splits" not in manifest:
-        raise ShardError(f"{path}: not a manifest written by tools/make_shards.py (no 'splits')")
-    return manifest
-
-
-def shard_list(data_path: str | Path, split: str, manifest: dict | None = None) -> list[Shard]:
-    """The split's shards in manifest order, checked to exist so a missing file fails here and not in a worker."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    manifest = manifest or read_manifest(data_path)
-    entry = manifest["splits"].get(split)
-    if not entry or not entry.get("shards"):
-        raise ShardError(f"{Path(data_path) / MANIFEST}: no '{split}' shards in this data set")
-    root = Path(data_path)
-    shards = []
-    for s in entry["shards"]:
-        tar, idx = root / s["name"], root / s["index"]
-        for f in (tar, idx):
-            if not f.is_file():
-                raise ShardError(f"{f}: listed in the manifest but missing; rerun tools/make_shards.py to complete it")
-        shards.append(Shard(str(tar), str(idx), int(s["num_samples"])))
-    return shards
 
 
 def epoch_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
@@ -180,3 +130,23 @@ def batch_segments(plan: RankPlan, batch_indices: range) -> tuple[list[Segment],
             segs.append(Segment(seg.shard, seg.start + a - offset, seg.start + b - offset))
         offset += len(seg)
     return segs, hi - max(lo, real_hi)
+
+
+@dataclass(frozen=True)
+class EpochPlanner:
+    """One rank's view of a split: its shards and the settings the rule depends on, so that every reader (the host
+    loader, its workers, the DALI loader) asks for an epoch's plan the same way. Picklable: workers get a copy."""
+
+    shards: tuple[Shard, ...]  # manifest order
+    train: bool
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+
+    def order(self, epoch: int) -> list[Shard]:
+        return epoch_order(list(self.shards), self.seed, epoch, shuffle=self.train)
+
+    def plan(self, epoch: int) -> RankPlan:
+        return rank_plan(list(self.shards), train=self.train, batch_size=self.batch_size, rank=self.rank,
+                         world_size=self.world_size, seed=self.seed, epoch=epoch)

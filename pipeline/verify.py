@@ -1,10 +1,12 @@
-"""`make_shards.py --verify`: re-read every shard and check it against the manifest and the source tree.
+"""`tools/make_shards.py --verify`: re-read every shard and check it against the manifest and the source tree.
 
 Checks per shard: size and sha256 as in the manifest; members come as `<key>.jpg`, `<key>.cls` pairs;
 the `.idx` lines point at exactly those bytes; the samples are the planned source files minus the
 rejected ones, each with its label; unconverted images are byte-identical to their source file and
 converted ones decode as RGB JPEGs. Per split: shard samples + rejected + ignored == files in SRC.
 """
+from __future__ import annotations
+
 import hashlib
 import io
 import tarfile
@@ -13,22 +15,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from tools import shardlib
-
-
-def read_index(path: Path) -> list:
-    """[(key, {ext: (offset, size)})] from a wds2idx v1.2 file."""
-    lines = path.read_text().splitlines()
-    version, count = lines[0].split()
-    if version != "v1.2" or int(count) != len(lines) - 1:
-        raise ValueError(f"{path.name}: bad header {lines[0]!r}")
-    samples = []
-    for line in lines[1:]:
-        f = line.split()
-        comps = {f[i]: (int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)}
-        key = next(iter(comps.values()))[2].split(".", 1)[0]
-        samples.append((key, {ext: (off, size) for ext, (off, size, _) in comps.items()}))
-    return samples
+from pipeline.format import Manifest, ShardError, ShardInfo, read_index
+from pipeline.imagefolder import Scan, plan_shards
 
 
 def read_tar(blob: bytes) -> list:
@@ -49,22 +37,22 @@ def read_tar(blob: bytes) -> list:
     return out
 
 
-def check_shard(src: Path, dst: Path, shard: dict, entries: list, split_rej: set, converted: set) -> list:
+def check_shard(src: Path, dst: Path, shard: ShardInfo, entries: list, split_rej: set, converted: set) -> list:
     """Problems found in one shard (empty list when it is fine)."""
-    name = shard["name"]
+    name = shard.name
     blob = (dst / name).read_bytes()
-    if len(blob) != shard["bytes"] or hashlib.sha256(blob).hexdigest() != shard["sha256"]:
+    if len(blob) != shard.bytes or hashlib.sha256(blob).hexdigest() != shard.sha256:
         return [f"{name}: size or sha256 differs from the manifest"]
     try:
         samples = read_tar(blob)
-        index = read_index(dst / shard["index"])
-    except (OSError, ValueError, tarfile.TarError) as e:
+        index = read_index(dst / shard.index)
+    except (OSError, ValueError, tarfile.TarError, ShardError) as e:
         return [f"{name}: {e}"]
     problems = []
-    if len(samples) != shard["num_samples"]:
-        problems.append(f"{name}: {len(samples)} samples, manifest says {shard['num_samples']}")
+    if len(samples) != shard.num_samples:
+        problems.append(f"{name}: {len(samples)} samples, manifest says {shard.num_samples}")
     if [(k, spans) for k, _, _, spans in samples] != index:
-        problems.append(f"{shard['index']}: does not match the members of {name}")
+        problems.append(f"{shard.index}: does not match the members of {name}")
     expected = [(p, lab, key) for p, lab, key in entries if p not in split_rej]
     if [k for k, _, _, _ in samples] != [key for _, _, key in expected]:
         return problems + [f"{name}: keys differ from the planned source files"]
@@ -80,25 +68,25 @@ def check_shard(src: Path, dst: Path, shard: dict, entries: list, split_rej: set
     return problems
 
 
-def verify(src: Path, dst: Path, scan: shardlib.Scan, manifest: dict, limit: int = 20) -> list:
+def verify(src: Path, dst: Path, scan: Scan, manifest: Manifest, limit: int = 20) -> list:
     """Check all shards; prints the result and returns the list of problems."""
     problems = []
-    rejected = {r["path"] for r in manifest["rejected"]}
-    converted = {c["path"] for c in manifest["converted"]}
+    rejected = {r["path"] for r in manifest.rejected}
+    converted = {c["path"] for c in manifest.converted}
     for name, split in scan.splits.items():
-        info = manifest["splits"][name]
-        if info["num_samples"] + info["num_rejected"] + info["num_ignored"] != split.num_files:
+        info = manifest.splits[name]
+        if info.num_samples + info.num_rejected + info.num_ignored != split.num_files:
             problems.append(f"{name}: samples + rejected + ignored != {split.num_files} files in SRC")
-        plan = shardlib.plan_shards(split, manifest["seed"], manifest["samples_per_shard"])
-        if len(plan) != len(info["shards"]):
-            problems.append(f"{name}: {len(info['shards'])} shards, the plan has {len(plan)}")
+        plan = plan_shards(split, manifest.settings.seed, manifest.settings.samples_per_shard)
+        if len(plan) != len(info.shards):
+            problems.append(f"{name}: {len(info.shards)} shards, the plan has {len(plan)}")
             continue
-        for shard, entries in tqdm(list(zip(info["shards"], plan)), desc=f"verify {name}", unit="shard"):
+        for shard, entries in tqdm(list(zip(info.shards, plan)), desc=f"verify {name}", unit="shard"):
             try:
                 problems += check_shard(src, dst, shard, entries, rejected, converted)
             except OSError as e:
-                problems.append(f"{shard['name']}: {e.strerror or e} ({e.filename})")
-    checked = sum(s["num_samples"] for s in manifest["splits"].values())
+                problems.append(f"{shard.name}: {e.strerror or e} ({e.filename})")
+    checked = sum(s.num_samples for s in manifest.splits.values())
     if problems:
         print(f"verify: FAILED, {len(problems)} problems:")
         for p in problems[:limit]:
@@ -106,6 +94,6 @@ def verify(src: Path, dst: Path, scan: shardlib.Scan, manifest: dict, limit: int
         if len(problems) > limit:
             print(f"  ... {len(problems) - limit} more")
     else:
-        print(f"verify: OK, {checked} samples in {sum(len(s['shards']) for s in manifest['splits'].values())}"
+        print(f"verify: OK, {checked} samples in {sum(len(s.shards) for s in manifest.splits.values())}"
               " shards match the manifest and the source files")
     return problems

@@ -1,10 +1,11 @@
-"""The sample-assignment rule of pipeline/shards.py, checked on synthetic shard lists for world sizes 1..64 and worker
+"""The sample-assignment rule of pipeline/plan.py, checked on synthetic shard lists for world sizes 1..64 and worker
 counts 1..16. No files, no processes: a sample is (shard path, index in shard)."""
 import random
 
 import pytest
 
-from pipeline.shards import (RankPlan, Shard, ShardError, batch_segments, consumer_order, rank_plan, worker_batches)
+from pipeline.format import Shard, ShardError
+from pipeline.plan import RankPlan, batch_segments, consumer_order, rank_plan, worker_batches
 
 WORLD_SIZES = range(1, 65)
 WORKER_COUNTS = range(1, 17)

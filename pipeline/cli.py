@@ -1,0 +1,92 @@
+"""Command-line flags generated from config dataclasses: one rule for train.py's `TrainConfig`, the backends' options
+(`HostOptions`, `DaliOptions`, nested in it as `--host-*` / `--dali-*`) and `pipeline.bench`'s `BenchConfig`.
+
+A field declared with `knob(default, help, ...)` becomes one flag: `--field-name` (or the `flag=` spelling), extra
+spellings from `aliases`, `BooleanOptionalAction` for booleans, the field's type for the rest. A field whose default
+is itself a config dataclass (`knob(factory=DaliOptions, ...)`) contributes its fields under its name as prefix.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import fields
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def knob(default=None, help: str = "", *aliases: str, choices=None, metavar=None, hidden: bool = False,
+         flag: str | None = None, const=None, factory=None):
+    """A config field plus what its flag needs. `const`: the flag may be given bare, meaning this value."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "hidden": hidden, "flag": flag,
+            "const": const}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _nested(f: dataclasses.Field):
+    """The config dataclass a field holds, or None for a plain value."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    value = f.default_factory()
+    return type(value) if dataclasses.is_dataclass(value) else None
+
+
+def flag_names(f: dataclasses.Field, prefix: str = "", underscores: bool = False) -> list[str]:
+    primary = f.metadata.get("flag") or f"--{prefix}{f.name}".replace("_", "-")
+    names = [primary, *f.metadata.get("aliases", ())]
+    if underscores and f"--{prefix}{f.name}" not in names:
+        names.append(f"--{prefix}{f.name}")
+    return names
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", dest: str = "",
+              underscores: bool = False) -> None:
+    """One flag per field of `cls` (recursing into nested configs). `underscores`: `--batch_size` works beside
+    `--batch-size`."""
+    for f in fields(cls):
+        sub = _nested(f)
+        if sub is not None:
+            add_flags(parser, sub, f"{prefix}{f.name}_", f"{dest}{f.name}.", underscores)
+            continue
+        meta = f.metadata
+        # argparse treats help as a %-format string: a literal "%" in a help text would crash -h.
+        text = meta.get("help", "").replace("%", "%%")
+        kw = {"dest": dest + f.name, "default": f.default,
+              "help": argparse.SUPPRESS if meta.get("hidden") else f"{text} (default: {f.default})"}
+        for key in ("choices", "metavar"):
+            if meta.get(key):
+                kw[key] = meta[key]
+        type_name = str(f.type).replace(" | None", "")
+        if type_name == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _TYPES[type_name]
+            if meta.get("const") is not None:
+                kw.update(nargs="?", const=meta["const"])
+        parser.add_argument(*flag_names(f, prefix, underscores), **kw)
+
+
+def from_args(cls, values: dict, dest: str = ""):
+    """An instance of `cls` from parsed flags (`vars(namespace)`), nested configs included."""
+    kw = {}
+    for f in fields(cls):
+        sub = _nested(f)
+        kw[f.name] = from_args(sub, values, f"{dest}{f.name}.") if sub is not None else values[dest + f.name]
+    return cls(**kw)
+
+
+def markdown_rows(cls, prefix: str = "") -> list[str]:
+    """`| flags | default | meaning |` rows for a docs table, nested configs included, hidden fields left out."""
+    rows = []
+    for f in fields(cls):
+        sub = _nested(f)
+        if sub is not None:
+            rows += markdown_rows(sub, f"{prefix}{f.name}_")
+            continue
+        if f.metadata.get("hidden"):
+            continue
+        names = ", ".join(f"`{x}`" for x in flag_names(f, prefix))
+        choices = f" ({'/'.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+        rows.append(f"| {names} | `{f.default}` | {f.metadata['help']}{choices} |")
+    return rows

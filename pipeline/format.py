@@ -1,0 +1,207 @@
+"""The shard set on disk, the one place that knows its file names and layouts; both the writer
+(`pipeline/writer.py`, driven by `tools/make_shards.py`) and every reader go through it.
+
+A shard folder holds, per split, `<split>-NNNNNN.tar` (webdataset: `<key>.jpg` with the JPEG bytes, `<key>.cls` with
+the ASCII decimal label) and `<split>-NNNNNN.idx` beside it (DALI's wds2idx v1.2 index: the byte offset and size of
+every member, so readers seek instead of scanning), plus `classes.json` (class folder names, label order),
+timm's `_info.json`, and `manifest.json`, written last: its presence means the set is complete.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from pipeline import atomicio
+
+FORMAT = "vitshards-1"
+SPLITS = ("train", "val")
+MANIFEST, CLASSES, TIMM_INFO = "manifest.json", "classes.json", "_info.json"
+PLAN_FILE, PARTS_DIR = ".plan.json", ".parts"  # the writer's resume state: its plan, one record per finished shard
+INDEX_VERSION = "v1.2"
+TIMM_SPLIT_NAMES = {"train": "train", "val": "validation"}  # timm's wds reader calls the held-out split "validation"
+_SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.(tar|idx)$")
+
+
+class PipelineError(RuntimeError):
+    """An input problem the user can fix (data on disk, machine resources); the message says what, in one line."""
+
+
+class ShardError(PipelineError):
+    """A shard set on disk that the pipeline cannot use; the message says which file and why."""
+
+
+def shard_name(split: str, index: int) -> str:
+    """`train-000012`: the stem of a shard's .tar and .idx."""
+    return f"{split}-{index:06d}"
+
+
+def is_shard_file(name: str) -> bool:
+    return bool(_SHARD_FILE.match(name))
+
+
+# -- the .idx index (DALI's wds2idx v1.2) ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # the tar file
+    index_path: str  # its index
+    num_samples: int
+
+
+def index_line(key: str, members: list[tuple[str, int, int]]) -> str:
+    """One sample's line: `<ext> <offset> <size> <key>.<ext>` for each (ext, data offset, size)."""
+    return " ".join(f"{ext} {offset} {size} {key}.{ext}" for ext, offset, size in members)
+
+
+def index_text(lines: list[str]) -> str:
+    return "".join([f"{INDEX_VERSION} {len(lines)}\n"] + [line + "\n" for line in lines])
+
+
+def read_index(path: str | Path, num_samples: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] in tar order. `num_samples`, when given, must match (the manifest's count)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: unreadable index ({e})") from e
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ShardError(f"{path}: not a wds2idx {INDEX_VERSION} index (first line {lines[:1]})")
+    entries = []
+    for n, line in enumerate(lines[1:], start=2):
+        words = line.split()
+        if not words:
+            continue
+        if len(words) % 4:
+            raise ShardError(f"{path}:{n}: expected groups of '<ext> <offset> <size> <filename>'")
+        parts, key = {}, None
+        for i in range(0, len(words), 4):
+            ext, offset, size, name = words[i:i + 4]
+            parts[ext] = (int(offset), int(size))
+            key = key or name.removesuffix("." + ext)  # keys hold no dots (the writer's rule), names are <key>.<ext>
+        entries.append((key, parts))
+    if len(entries) != int(head[1]) or (num_samples is not None and len(entries) != num_samples):
+        manifest_says = f", manifest says {num_samples}" if num_samples is not None else ""
+        raise ShardError(f"{path}: {len(entries)} samples listed, header says {head[1]}{manifest_says}; "
+                         f"remake the shards")
+    return entries
+
+
+# -- the manifest ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # tar file name, relative to the folder
+    index: str  # .idx file name
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    num_samples: int
+    bytes: int
+    num_files: int  # in the source split: num_samples + num_rejected + num_ignored
+    num_rejected: int
+    num_ignored: int
+    shards: list[ShardInfo]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides a shard set's bytes (with the source files): a rerun with equal settings resumes."""
+
+    format: str = FORMAT
+    seed: int = 0  # shuffle seed
+    samples_per_shard: int = 1000  # ~110 MB shards for ImageNet
+    max_side: int | None = None  # re-encode images whose longer side exceeds this (px); None keeps originals
+    quality: int = 95  # JPEG quality of re-encoded images (conversions, resizes)
+    check: str = "decode"  # decode: Pillow decodes every image; header: header + end-marker check only
+    source: str = ""  # the ImageFolder's absolute path
+
+
+@dataclass
+class Manifest:
+    """manifest.json: the settings, the plan id, per-split shard lists, and every converted/rejected/ignored file."""
+
+    settings: Settings
+    plan_id: str
+    num_classes: int | None  # None in manifests older than the field: classes.json has them
+    splits: dict[str, SplitInfo]
+    converted: list[dict] = field(default_factory=list)  # {split, path, key, reason}
+    rejected: list[dict] = field(default_factory=list)  # {split, path, reason}
+    ignored: list[dict] = field(default_factory=list)  # {split, path, reason}
+
+    def to_json(self) -> dict:
+        # Settings sit at the top level of the file, beside the rest (the layout existing shard sets have).
+        out = {**asdict(self.settings), **asdict(self)}
+        del out["settings"]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str = MANIFEST) -> "Manifest":
+        try:
+            settings = Settings(**{f.name: obj[f.name] for f in fields(Settings) if f.name in obj})
+            splits = {name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
+                      for name, s in obj["splits"].items()}
+            return cls(settings, obj["plan_id"], obj.get("num_classes"), splits, obj.get("converted", []),
+                       obj.get("rejected", []), obj.get("ignored", []))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ShardError(f"{where}: not a manifest written by tools/make_shards.py ({type(e).__name__}: {e})") \
+                from None
+
+
+def read_manifest(data_path: str | Path) -> Manifest:
+    path = Path(data_path) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: no shard manifest here; make shards with tools/make_shards.py first")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable manifest ({e})") from e
+    if not isinstance(obj, dict):
+        raise ShardError(f"{path}: not a manifest written by tools/make_shards.py")
+    return Manifest.from_json(obj, str(path))
+
+
+def read_classes(data_path: str | Path) -> list[str]:
+    path = Path(data_path) / CLASSES
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable class list ({e})") from e
+
+
+def num_classes(data_path: str | Path, manifest: Manifest | None = None) -> int:
+    manifest = manifest or read_manifest(data_path)
+    return manifest.num_classes if manifest.num_classes is not None else len(read_classes(data_path))
+
+
+def write_set_files(folder: Path, manifest: Manifest, classes: list[str]) -> None:
+    """classes.json, timm's _info.json, then manifest.json (last: its presence means the set is complete)."""
+    info = {"name": folder.name, "splits": {TIMM_SPLIT_NAMES[n]: {
+        "name": TIMM_SPLIT_NAMES[n], "num_samples": s.num_samples, "filenames": [sh.name for sh in s.shards],
+        "shard_lengths": [sh.num_samples for sh in s.shards]} for n, s in manifest.splits.items()}}
+    atomicio.write_json(folder / CLASSES, classes)
+    atomicio.write_json(folder / TIMM_INFO, info)
+    atomicio.write_json(folder / MANIFEST, manifest.to_json())
+
+
+def shard_list(data_path: str | Path, split: str, manifest: Manifest | None = None) -> list[Shard]:
+    """The split's shards in manifest order, checked to exist so a missing file fails here and not in a worker."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    manifest = manifest or read_manifest(data_path)
+    entry = manifest.splits.get(split)
+    if not entry or not entry.shards:
+        raise ShardError(f"{Path(data_path) / MANIFEST}: no '{split}' shards in this data set")
+    root, shards = Path(data_path), []
+    for s in entry.shards:
+        tar, idx = root / s.name, root / s.index
+        for f in (tar, idx):
+            if not f.is_file():
+                raise ShardError(f"{f}: listed in the manifest but missing; rerun tools/make_shards.py to complete it")
+        shards.append(Shard(str(tar), str(idx), s.num_samples))
+    return shards

@@ -1,0 +1,139 @@
+"""The ImageFolder side of sharding: which source files exist, their labels and sample keys, and which shard each goes
+to. Pure functions of the folder's listing and the settings, so a rerun plans the same shards."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.format import FORMAT, SPLITS
+
+IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
+MAX_KEY = 80  # keeps `<key>.jpg` within ustar's 100-byte name field
+
+
+class UsageError(Exception):
+    """Bad input the user must fix (reported in one line, exit status 2)."""
+
+
+@dataclass
+class SplitScan:
+    name: str
+    entries: list = field(default_factory=list)  # (relpath, label, key) of image candidates, by relpath
+    rejected: list = field(default_factory=list)  # files rejected without reading them
+    ignored: list = field(default_factory=list)  # hidden/system files, by name
+    num_files: int = 0
+
+
+@dataclass
+class Scan:
+    classes: list
+    splits: dict  # split name -> SplitScan
+    fingerprint: str  # sha256 over (split, path, size, mtime) of every file
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden files (.DS_Store, ._* AppleDouble) and Windows thumbnails are not data."""
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def class_dirs(split_dir: Path) -> list:
+    """Visible sub-folders in sorted order: the torchvision ImageFolder label order."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not is_ignored(e.name))
+
+
+def sanitize(text: str) -> str:
+    # Keys must have no dots (webdataset splits key and extension at the first dot) and stay ASCII.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def base_key(class_name: str, rel_in_class: str) -> str:
+    stem = sanitize(rel_in_class.rsplit(".", 1)[0] if "." in Path(rel_in_class).name else rel_in_class)
+    prefix = sanitize(class_name) + "_"
+    # ImageNet's train files are already named `<wnid>_<n>`; don't say the wnid twice.
+    key = stem if stem.startswith(prefix) else prefix + stem
+    return key[:MAX_KEY]
+
+
+def assign_keys(items: list) -> list:
+    """Unique keys for (relpath, class_name, rel_in_class) items; colliding ones all get a path hash."""
+    bases = [base_key(c, r) for _, c, r in items]
+    counts = {}
+    for b in bases:
+        counts[b] = counts.get(b, 0) + 1
+    keys = []
+    for (relpath, _, _), b in zip(items, bases):
+        if counts[b] > 1:
+            b = f"{b[:MAX_KEY - 9]}_{hashlib.sha1(relpath.encode()).hexdigest()[:8]}"
+        keys.append(b)
+    if len(set(keys)) != len(keys):
+        raise RuntimeError("internal error: sample keys are not unique")
+    return keys
+
+
+def _walk_files(root: Path):
+    """(path, inside_hidden_folder) of every file under root, in a sorted, repeatable order."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        hidden = any(is_ignored(p) for p in Path(dirpath).relative_to(root).parts)
+        for name in sorted(filenames):
+            yield Path(dirpath) / name, hidden
+
+
+def scan_split(src: Path, split: str, classes: list, digest) -> SplitScan:
+    """Sort every file of one split into candidates, scan-time rejects and ignored files."""
+    result = SplitScan(split)
+    split_dir = src / split
+    label_of = {c: i for i, c in enumerate(classes)}
+    items, labels = [], []
+    for path, in_hidden in _walk_files(split_dir):
+        relpath = path.relative_to(src).as_posix()
+        result.num_files += 1
+        try:
+            st = path.stat()
+            digest.update(f"{relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            digest.update(f"{relpath}\0broken\n".encode("utf-8", "surrogateescape"))
+        parts = path.relative_to(split_dir).parts
+        if in_hidden or is_ignored(path.name):
+            result.ignored.append({"split": split, "path": relpath, "reason": "hidden or system file"})
+        elif len(parts) < 2:
+            result.rejected.append({"split": split, "path": relpath, "reason": "not inside a class folder"})
+        else:
+            items.append((relpath, parts[0], "/".join(parts[1:])))
+            labels.append(label_of[parts[0]])
+    keys = assign_keys(items)
+    result.entries = [(it[0], lab, key) for it, lab, key in zip(items, labels, keys)]
+    return result
+
+
+def scan_source(src: Path) -> Scan:
+    """Scan `src/train` and `src/val`; labels come from train's class folders (val's must be a subset)."""
+    present = [s for s in SPLITS if (src / s).is_dir()]
+    if not present:
+        raise UsageError(f"{src} has neither a train/ nor a val/ folder")
+    per_split = {s: class_dirs(src / s) for s in present}
+    classes = per_split.get("train", per_split.get("val"))
+    if "train" in per_split and "val" in per_split:
+        extra = sorted(set(per_split["val"]) - set(per_split["train"]))
+        if extra:
+            raise UsageError(f"val/ has {len(extra)} class folders missing from train/, e.g. {extra[:3]}")
+    for s in present:
+        if not per_split[s]:
+            raise UsageError(f"{src / s} has no class folders (flat layout? sort files into <class>/ folders)")
+    digest = hashlib.sha256("\n".join(classes).encode())
+    splits = {s: scan_split(src, s, classes, digest) for s in present}
+    return Scan(classes, splits, digest.hexdigest())
+
+
+def plan_shards(split: SplitScan, seed: int, per_shard: int) -> list:
+    """Shard contents as lists of entries: a seeded shuffle, so every shard mixes classes."""
+    order = list(split.entries)
+    # A str seed is hashed with sha512 by `random`, so this is stable across runs and machines.
+    random.Random(f"{FORMAT}:{seed}:{split.name}").shuffle(order)
+    return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
+
+

@@ -1,0 +1,373 @@
+"""The shard writer that `tools/make_shards.py` drives: check or convert each image, write tar shards with their
+`.idx` and resume records, then the set's files (`pipeline/format.py` owns their names and layouts).
+
+`write_shards` runs in the parent: it plans (`pipeline/imagefolder.py`), skips shards an earlier run of the same
+plan finished, and farms the rest out to worker processes running `build_shard`. Everything a worker does is a pure
+function of its job, so a shard's bytes depend only on the source files and the settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import tarfile
+import time
+import warnings
+from contextlib import closing
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline import atomicio
+from pipeline.format import (CLASSES, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings, ShardInfo,
+                             SplitInfo, index_line, index_text, is_shard_file, shard_name, write_set_files)
+from pipeline.imagefolder import Scan, SplitScan, UsageError, plan_shards, scan_source
+
+# Fixed tar header fields: the same input gives byte-identical shards on any machine, any day.
+TAR_MTIME = 0
+TAR_MODE = 0o444
+OUTPUT_FILES = (MANIFEST, PLAN_FILE, CLASSES, TIMM_INFO)
+
+
+class Rejected(Exception):
+    """A source file that cannot become a sample; the message is the reason recorded in the manifest."""
+
+
+class ShardWriteError(Exception):
+    """Writing a shard failed (e.g. disk full); the whole run stops."""
+
+
+def _decode_error(fmt: str, err: Exception) -> str:
+    text = str(err) or type(err).__name__
+    return f"truncated {fmt}: {text}" if "truncated" in text.lower() else f"corrupt {fmt}: {text}"
+
+
+def _sniff(data: bytes) -> str:
+    """Format name for messages about files whose header Pillow could not parse."""
+    if data[:2] == b"\xff\xd8":
+        return "JPEG"
+    return "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image"
+
+
+def _has_jpeg_end(data: bytes) -> bool:
+    # Entropy-coded data never holds FF D9 (0xFF is byte-stuffed), so an EOI marker near the end
+    # means the stream was not cut short. Some encoders append padding, hence the 1 KiB window.
+    return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) >= 0
+
+
+def prepare_image(data: bytes, max_side, quality: int, check: str) -> tuple:
+    """(bytes to store, conversion reason or None); raises Rejected for what Pillow cannot decode.
+
+    RGB JPEGs are stored untouched unless `max_side` asks for a resize. Anything else that decodes
+    (CMYK or grayscale JPEG, PNG under a .JPEG name, ...) becomes an RGB JPEG, exactly the pixels an
+    ImageFolder loader's `.convert("RGB")` would have produced.
+    """
+    if not data:
+        raise Rejected("empty file (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not an image (Pillow cannot identify it)") from None
+    except Image.DecompressionBombError as e:
+        raise Rejected(f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise Rejected(_decode_error(_sniff(data), e)) from None
+    with im:
+        fmt, mode, (w, h) = im.format or "image", im.mode, im.size
+        too_big = bool(max_side) and max(w, h) > max_side
+        # MPO is a camera JPEG with extra frames appended; its first frame is a plain JPEG stream.
+        keep = fmt in ("JPEG", "MPO") and mode == "RGB" and not too_big
+        if keep and check == "header":
+            if not _has_jpeg_end(data):
+                raise Rejected(f"truncated {fmt}: no end-of-image marker")
+            return data, None
+        new_size = (w, h)
+        if keep:
+            # Kept bytes need no pixels, only proof that the whole stream decodes: at 1/8 DCT scale libjpeg still
+            # entropy-decodes every block (where truncation and corruption show) but skips most of the IDCT and
+            # colour work.
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+        if too_big:
+            scale = max_side / max(w, h)
+            new_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            # JPEG only: decode at a reduced DCT scale >= the target size; all data is still read.
+            im.draft("RGB", new_size)
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise Rejected(_decode_error(fmt, e)) from None
+        if keep:
+            return data, None
+        reasons = [f"{fmt} -> JPEG"] if fmt not in ("JPEG", "MPO") else []
+        if mode != "RGB":
+            reasons.append(f"{mode} -> RGB")
+        rgb = im.convert("RGB")
+        if too_big:
+            rgb = rgb.resize(new_size, Image.Resampling.LANCZOS)
+            reasons.append(f"resized {w}x{h} -> {new_size[0]}x{new_size[1]}")
+        out = io.BytesIO()
+        rgb.save(out, "JPEG", quality=quality)
+        return out.getvalue(), "; ".join(reasons)
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes, so the shard is never read back."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha.update(b)
+        self.pos += len(b)
+        return self.f.write(b)
+
+    def tell(self):
+        return self.pos
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append one file; returns the offset of its data (what DALI's index needs)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+    # After addfile, tar.offset is just past the data padded to whole 512-byte blocks.
+    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _write_tar(tmp: Path, src: Path, entries: list, split: str, settings: Settings) -> dict:
+    """Write the samples of one shard to `tmp`; returns the shard's record (without file names)."""
+    rec = {"num_samples": 0, "read_bytes": 0, "converted": [], "rejected": [], "index": []}
+    with open(tmp, "wb") as raw:
+        out = _HashingWriter(raw)
+        # Plain tarfile rather than webdataset's ShardWriter: we need fixed header fields for
+        # byte-identical reruns, temp-name + rename atomicity, and each member's data offset.
+        # copybufsize: one write per member instead of 16 KiB pieces.
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 24) as tar:
+            for relpath, label, key in entries:
+                try:
+                    data = (src / relpath).read_bytes()
+                    rec["read_bytes"] += len(data)
+                    jpg, reason = prepare_image(data, settings.max_side, settings.quality,
+                                                settings.check)
+                except (Rejected, OSError) as e:
+                    why = str(e) if isinstance(e, Rejected) else f"cannot read: {e.strerror or e}"
+                    rec["rejected"].append({"split": split, "path": relpath, "reason": why})
+                    continue
+                if reason:
+                    rec["converted"].append({"split": split, "path": relpath, "key": key, "reason": reason})
+                cls = str(label).encode("ascii")
+                jpg_at = _add_member(tar, f"{key}.jpg", jpg)
+                cls_at = _add_member(tar, f"{key}.cls", cls)
+                rec["index"].append(index_line(key, [("jpg", jpg_at, len(jpg)), ("cls", cls_at, len(cls))]))
+                rec["num_samples"] += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    rec["bytes"], rec["sha256"] = out.pos, out.sha.hexdigest()
+    return rec
+
+
+def build_shard(job: tuple) -> dict:
+    """Worker entry point: write `<name>.tar`, `<name>.idx`, then the `.parts/<name>.json` record.
+
+    job = (split, index, entries, src, dst, settings, plan_id). The record is written last and
+    atomically, so its presence (with matching plan id and sizes) proves the shard is complete.
+    """
+    split, index, entries, src, dst, settings, plan_id = job  # one tuple: what Pool.imap hands a worker
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    name = shard_name(split, index)
+    tar_path, idx_path = dst / f"{name}.tar", dst / f"{name}.idx"
+    tmp = atomicio.temp_path(tar_path)
+    try:
+        rec = _write_tar(tmp, src, entries, split, settings)  # fsync'd: the shard is the costly part
+        index = index_text(rec.pop("index")).encode()
+        # The small files are not fsync'd one by one: the record stores the index size, and a record
+        # or index lost to a power cut only makes the next run rebuild this shard.
+        atomicio.write_bytes(idx_path, index, fsync=False)
+        atomicio.finish_temp(tmp, tar_path, fsync=False)
+        atomicio.fsync_dir(dst)  # both renames are durable before the record says "done"
+        rec.update({"plan_id": plan_id, "split": split, "name": f"{name}.tar", "index": f"{name}.idx",
+                    "index_bytes": len(index)})
+        atomicio.write_json(dst / PARTS_DIR / f"{name}.json", rec, fsync=False)
+    except OSError as e:
+        raise ShardWriteError(f"writing {name}: {e.strerror or e} ({e.filename or dst})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rec
+
+
+# -- the whole set: plan, resume, build, set files --------------------------------------------------------------------
+
+def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
+    """Values given (None = not given) > the plan already in DST (so a plain rerun resumes) > Settings' defaults."""
+    kw = {}
+    for f in dataclasses.fields(Settings):
+        if f.name in ("format", "source"):
+            continue
+        value = given.get(f.name)
+        kw[f.name] = value if value is not None else previous.get(f.name, f.default)
+    settings = Settings(**kw, source=str(src))
+    if settings.samples_per_shard < 1:
+        raise UsageError("--samples-per-shard must be >= 1")
+    if settings.max_side is not None and settings.max_side < 16:
+        raise UsageError("--max-side must be >= 16")
+    if not 1 <= settings.quality <= 100:
+        raise UsageError("--quality must be between 1 and 100")
+    return settings
+
+
+def make_plan_id(settings: Settings, fingerprint: str) -> str:
+    blob = json.dumps(dataclasses.asdict(settings), sort_keys=True) + fingerprint
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ours(name: str) -> bool:
+    """Files this writer puts into DST (what --overwrite may delete, and what 'DST is empty' ignores)."""
+    return name in OUTPUT_FILES or name == PARTS_DIR or atomicio.is_temp_name(name) or is_shard_file(name)
+
+
+def prepare_out(dst: Path, settings: Settings, plan_id: str, overwrite: bool) -> None:
+    """Make sure DST is empty, or a (partial) run of this very plan, or may be overwritten."""
+    dst.mkdir(parents=True, exist_ok=True)
+    atomicio.remove_temp_files(dst)
+    atomicio.remove_temp_files(dst / PARTS_DIR)
+    old = read_json(dst / PLAN_FILE) or read_json(dst / MANIFEST) or {}
+    present = [n for n in os.listdir(dst) if n != PARTS_DIR]
+    if old.get("plan_id") == plan_id or not present:
+        return
+    if not overwrite:
+        if old:
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(settings).items()
+                    if old.get(k) != v]
+            why = ", ".join(diff) if diff else "the source files changed (names, sizes or times)"
+            raise UsageError(f"{dst} holds shards of another data set or settings ({why}); "
+                             "pass --overwrite to replace them or pick another --out")
+        raise UsageError(f"{dst} is not empty and holds no make_shards output; pick another --out")
+    for name in os.listdir(dst):
+        if ours(name):
+            path = dst / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def finished_record(dst: Path, name: str, plan_id: str):
+    """The record of a shard finished by an earlier run of this plan, or None if it must be (re)built."""
+    rec = read_json(dst / PARTS_DIR / f"{name}.json")
+    if not rec or rec.get("plan_id") != plan_id:
+        return None
+    tar, idx = dst / rec["name"], dst / rec["index"]
+    # Sizes, not hashes: re-hashing every finished shard would cost as much as a --verify.
+    if not (tar.is_file() and idx.is_file() and tar.stat().st_size == rec["bytes"]
+            and idx.stat().st_size == rec.get("index_bytes")):
+        return None
+    return rec
+
+
+def _ignore_sigint():
+    # Ctrl-C reaches the whole process group; the parent alone handles it and ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_jobs(jobs: list, workers: int):
+    """Yield each shard's record as it finishes (any order); in-process when workers == 1."""
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(build_shard, jobs)
+        return
+    with multiprocessing.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+        yield from pool.imap_unordered(build_shard, jobs)
+
+
+def build(src: Path, dst: Path, scan: Scan, settings: Settings, plan_id: str, workers: int) -> dict:
+    """Build every shard not already finished; returns {shard name: record}."""
+    records, jobs = {}, []
+    for split in scan.splits.values():
+        for i, entries in enumerate(plan_shards(split, settings.seed, settings.samples_per_shard)):
+            name = shard_name(split.name, i)
+            rec = finished_record(dst, name, plan_id)
+            if rec:
+                records[name] = rec
+            else:
+                jobs.append((split.name, i, entries, src, dst, settings, plan_id))
+    if records:
+        print(f"resuming: {len(records)} shards already built, {len(jobs)} to build")
+    total = sum(len(j[2]) for j in jobs)
+    start, read = time.perf_counter(), 0
+    bar = tqdm(total=total, unit="img", desc="shards", dynamic_ncols=True, disable=not jobs)
+    # closing(): on an error or Ctrl-C the pool is torn down here, before temp files are cleaned.
+    with bar, closing(run_jobs(jobs, workers)) as results:
+        for rec in results:
+            records[rec["name"].removesuffix(".tar")] = rec
+            read += rec["read_bytes"]
+            bar.update(rec["num_samples"] + len(rec["rejected"]))
+            bar.set_postfix_str(f"{read / 1e6 / max(1e-9, time.perf_counter() - start):.1f} MB/s")
+    return records
+
+
+def split_info(split: SplitScan, recs: list) -> tuple[SplitInfo, list]:
+    """A split's manifest entry, and its rejected files (scan-time and decode-time) sorted by path."""
+    rejected = sorted(split.rejected + [r for rec in recs for r in rec["rejected"]], key=lambda r: r["path"])
+    shards = [ShardInfo(**{k: rec[k] for k in ("name", "index", "num_samples", "bytes", "sha256")}) for rec in recs]
+    info = SplitInfo(num_samples=sum(r["num_samples"] for r in recs), bytes=sum(r["bytes"] for r in recs),
+                     num_files=split.num_files, num_rejected=len(rejected), num_ignored=len(split.ignored),
+                     shards=shards)
+    return info, rejected
+
+
+def write_outputs(dst: Path, scan: Scan, settings: Settings, plan_id: str, records: dict) -> Manifest:
+    splits, converted, rejected, ignored = {}, [], [], []
+    for name, split in scan.splits.items():
+        recs = [records[k] for k in sorted(records) if k.startswith(name + "-")]
+        splits[name], split_rejected = split_info(split, recs)
+        rejected += split_rejected
+        converted += sorted((c for r in recs for c in r["converted"]), key=lambda c: c["path"])
+        ignored += split.ignored
+    manifest = Manifest(settings, plan_id, len(scan.classes), splits, converted, rejected, ignored)
+    write_set_files(dst, manifest, scan.classes)
+    return manifest
+
+
+def write_shards(src: Path, dst: Path, given: dict, workers: int = 1, overwrite: bool = False) -> tuple[Manifest, Scan]:
+    """ImageFolder `src` -> shard set `dst`, resuming an interrupted run of the same plan. `given`: the Settings
+    values asked for (None = keep what DST's plan says, else the default). Returns the manifest and the scan (for a
+    verify). UsageError for input the user must fix, ShardWriteError when writing fails."""
+    src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
+    if workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if not src.is_dir():
+        raise UsageError(f"--data_path {src} is not a folder")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"--out {dst} exists and is not a folder")
+    previous = read_json(dst / PLAN_FILE) or {}
+    settings = resolve_settings(given, src, previous if previous.get("source") == str(src) else {})
+    scan = scan_source(src)
+    if not any(s.num_files for s in scan.splits.values()):
+        raise UsageError(f"--data_path {src} holds no files under train/ or val/")
+    plan_id = make_plan_id(settings, scan.fingerprint)
+    prepare_out(dst, settings, plan_id, overwrite)
+    (dst / PARTS_DIR).mkdir(exist_ok=True)
+    atomicio.write_json(dst / PLAN_FILE, {**dataclasses.asdict(settings), "plan_id": plan_id,
+                                         "fingerprint": scan.fingerprint})
+    records = build(src, dst, scan, settings, plan_id, workers)
+    return write_outputs(dst, scan, settings, plan_id, records), scan
+
+
+def remove_leftovers(dst: Path) -> None:
+    """Temporary files of workers that were stopped mid-write (finished files are never touched)."""
+    for folder in (Path(dst), Path(dst) / PARTS_DIR):
+        try:
+            atomicio.remove_temp_files(folder)
+        except OSError:
+            pass

@@ -1,0 +1,76 @@
+"""pipeline/format.py: the shard set's files are written and read in one place; bad files fail in one line that names
+them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.format import (MANIFEST, Manifest, Settings, ShardError, ShardInfo, SplitInfo, index_line, index_text,
+                             is_shard_file, num_classes, read_index, read_manifest, shard_list, write_set_files)
+
+
+def small_manifest() -> Manifest:
+    shards = [ShardInfo("train-000000.tar", "train-000000.idx", 3, 4096, "ab" * 32)]
+    return Manifest(Settings(seed=7, samples_per_shard=3, source="/src"), "0123456789abcdef", 5,
+                    {"train": SplitInfo(3, 4096, 4, 1, 0, shards)},
+                    rejected=[{"split": "train", "path": "train/a/x.JPEG", "reason": "empty file (0 bytes)"}])
+
+
+def test_manifest_round_trips_and_keeps_the_file_layout(tmp_path):
+    manifest = small_manifest()
+    write_set_files(tmp_path, manifest, ["a", "b", "c", "d", "e"])
+    assert read_manifest(tmp_path) == manifest
+    on_disk = json.loads((tmp_path / MANIFEST).read_text())
+    # Settings sit at the top level beside the splits, as in every shard set written so far.
+    assert on_disk["seed"] == 7 and on_disk["format"] == "vitshards-1" and "settings" not in on_disk
+    assert on_disk["splits"]["train"]["shards"][0]["sha256"] == "ab" * 32
+    info = json.loads((tmp_path / "_info.json").read_text())
+    assert info["splits"]["train"]["filenames"] == ["train-000000.tar"]
+    assert num_classes(tmp_path) == 5
+
+
+def test_class_count_of_an_older_manifest_comes_from_classes_json(tmp_path):
+    write_set_files(tmp_path, small_manifest(), ["a", "b"])
+    obj = json.loads((tmp_path / MANIFEST).read_text())
+    del obj["num_classes"]
+    (tmp_path / MANIFEST).write_text(json.dumps(obj))
+    assert read_manifest(tmp_path).num_classes is None and num_classes(tmp_path) == 2
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"splits": {"train": {"shards": [{"name": "x"}]}}}', "{not json"])
+def test_a_foreign_manifest_fails_in_one_line_naming_it(tmp_path, text):
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(ShardError, match="manifest") as e:
+        read_manifest(tmp_path)
+    assert str(tmp_path / MANIFEST) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_manifest_and_missing_shard_are_named(tmp_path):
+    with pytest.raises(ShardError, match="no shard manifest here"):
+        read_manifest(tmp_path)
+    write_set_files(tmp_path, small_manifest(), ["a"])
+    with pytest.raises(ShardError, match="train-000000.tar: listed in the manifest but missing"):
+        shard_list(tmp_path, "train")
+    with pytest.raises(ShardError, match="no 'val' shards"):
+        shard_list(tmp_path, "val")
+
+
+def test_index_round_trips_and_checks_counts(tmp_path):
+    lines = [index_line("n01_1", [("jpg", 512, 100), ("cls", 1536, 1)]),
+             index_line("n01_2", [("jpg", 2048, 7), ("cls", 2560, 2)])]
+    path = tmp_path / "train-000000.idx"
+    path.write_text(index_text(lines))
+    assert path.read_text().splitlines()[:2] == ["v1.2 2", "jpg 512 100 n01_1.jpg cls 1536 1 n01_1.cls"]
+    assert read_index(path, 2) == [("n01_1", {"jpg": (512, 100), "cls": (1536, 1)}),
+                                   ("n01_2", {"jpg": (2048, 7), "cls": (2560, 2)})]
+    with pytest.raises(ShardError, match="manifest says 3"):
+        read_index(path, 3)
+    path.write_text("v1.1 2\n")
+    with pytest.raises(ShardError, match="not a wds2idx v1.2 index"):
+        read_index(path)
+
+
+def test_shard_file_names():
+    assert is_shard_file("train-000012.tar") and is_shard_file("val-000000.idx")
+    assert not is_shard_file("train-12.tar") and not is_shard_file("test-000000.tar") and not is_shard_file("x.tar")

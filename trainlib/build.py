@@ -1,0 +1,89 @@
+"""The builders that turn a `TrainConfig` into a run's parts: loaders, model, optimizer and schedule in a `Trainer`.
+train.py and the benchmarks (tools/bench_train.py) call the same ones, so a benchmark measures train.py's step."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+import pipeline
+from model import build_model, flops_per_image, fp8_supported, model_defaults, use_fp8, use_pixel_input
+from pipeline.format import num_classes
+from trainlib.config import ConfigError, TrainConfig
+from trainlib.distributed import Placement
+from trainlib.engine import Trainer, build_optimizer, build_scheduler
+
+
+def class_count(cfg: TrainConfig) -> int:
+    """--num-classes, else the shards' class count; synthetic input without shards stands in for ImageNet."""
+    if cfg.num_classes:
+        return cfg.num_classes
+    return num_classes(cfg.data_path) if cfg.data_path else pipeline.IMAGENET_CLASSES
+
+
+def seed_everything(seed: int, device) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    device.manual_seed(seed)
+
+
+def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
+    """(train loader or None under --evaluate, val loader or None without evaluation) for this rank."""
+    defaults = model_defaults(cfg.model)
+    # Images arrive as uint8 when the model folds normalization in (--pixel-input), else in the autocast dtype: the
+    # first layer would cast them anyway, and half the bytes move.
+    dtype = torch.uint8 if cfg.pixel_input else device.amp_dtype(cfg.amp)
+    common = dict(data_path=cfg.data_path, backend=cfg.backend, device=device.device, rank=placement.rank,
+                  world_size=placement.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
+                  mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
+                  on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes,
+                  options=cfg.backend_options())
+    train = None if cfg.evaluate else pipeline.build_loader(split="train", batch_size=cfg.batch_size, **common)
+    val = None
+    if cfg.evaluate or cfg.eval_freq:
+        val = pipeline.build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size, **common)
+    return train, val
+
+
+def build_model_for(cfg: TrainConfig, device, classes: int) -> torch.nn.Module:
+    """The bare model on the device, with --pixel-input, --fp8 and --channels-last applied."""
+    model = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, pretrained=cfg.pretrained,
+                        drop_path=cfg.drop_path).to(device.device)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch and (cfg.img_size % patch[0] or cfg.img_size % patch[1]):
+        raise ConfigError(f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
+    if cfg.pixel_input:
+        defaults = model_defaults(cfg.model)
+        model = use_pixel_input(model, defaults["mean"], defaults["std"])
+    if cfg.fp8:
+        why_not = fp8_supported(device.device)
+        if why_not:
+            raise ConfigError(f"--fp8: {why_not}")
+        if not use_fp8(model):
+            raise ConfigError(f"--fp8: {cfg.model} has no linear layer in blocks.* that FP8 matmuls accept")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per_epoch: int,
+                  classes: int) -> Trainer:
+    seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
+    raw_model = build_model_for(cfg, device, classes)
+    model = raw_model
+    if placement.world_size > 1:
+        ids = [device.index] if device.index is not None else None
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids, find_unused_parameters=False)
+    if cfg.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(cfg, raw_model, device)
+    try:
+        flops = flops_per_image(raw_model, cfg.img_size)
+    except TypeError:
+        flops = None  # not a ViT: MFU is left out
+    return Trainer(cfg, raw_model=raw_model, model=model, optimizer=optimizer,
+                   scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=device,
+                   amp_dtype=device.amp_dtype(cfg.amp), log=log, placement=placement,
+                   steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops)
