@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline import options_class
+from pipeline import IMAGENET_CLASSES, options_class
 from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
@@ -35,7 +35,8 @@ class TrainConfig:
     host: HostOptions = knob(help="the host backend's own options", factory=HostOptions)
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
     img_size: int = knob(224, "train/eval resolution")
-    num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: 1000)")
+    num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: "
+                               f"{IMAGENET_CLASSES})")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",
                          choices=("raise", "skip"))
     batch_size: int = knob(256, "per-rank batch (under --multiprocessing-distributed: per node, as in the seed)", "-b")
@@ -49,8 +50,8 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model (first steps are slow: excluded from FPS)")
     pixel_input: bool = knob(True, "feed uint8 pixels and fold mean/std into the patch embedding (model/fused.py): "
                                    "the same function and gradients, 1 byte per pixel to the device, no normalize")
-    fp8: bool = knob(False, "FP8 matmuls in the blocks' linears (model/fp8.py): lossy, off by default, and for "
-                            "ViT-B/32 on an H100 measured slower than bf16 (docs/benchmarks.md); CUDA 8.9+ or CPU")
+    fp8: bool = knob(False, "FP8 matmuls in the blocks' linears (model/fp8.py): lossy, off by default; whether it "
+                            "pays for ViT-B/32: docs/benchmarks.md; CUDA 8.9+ or CPU")
     # optimisation
     opt: str = knob("adamw", "optimizer; sgd is the seed's SGD with momentum", choices=("adamw", "sgd"))
     lr: float = knob(1e-3, "peak learning rate (not scaled by batch size)", "--learning-rate")
@@ -94,7 +95,7 @@ class TrainConfig:
     nproc_per_node: int = knob(0, "processes --multiprocessing-distributed spawns; 0 = every visible device")
 
     def validate(self) -> None:
-        import timm  # here, not at the top: `python config.py` and the flag parser stay light
+        import timm  # here, not at the top: the flag parser (`train.py -h`) stays light
 
         if not timm.is_model(self.model):
             raise ConfigError(f"--model {self.model}: not a timm model name (e.g. vit_base_patch32_224)")
