@@ -257,22 +257,20 @@ def decode_only(cfg: BenchConfig) -> dict:
     from PIL import Image
 
     from pipeline.baseline import baseline_transform
-    from pipeline.host import pillow_flavour
     from pipeline.format import shard_list
-    from pipeline.host_worker import WorkerConfig, decode, read_samples
-    from pipeline.plan import Segment
+    from pipeline.host import pillow_flavour
+    from pipeline.host_worker import WorkerConfig, decode
+    from pipeline.reader import ShardReader
 
     torch.set_num_threads(1)  # the torchvision path's ToTensor/Normalize would otherwise use every core
     spec = LoaderSpec(**spec_for(cfg, torch.device("cpu")))
-    segments, n = [], 0
+    samples, reader = [], ShardReader()
     for shard in shard_list(cfg.data_path, cfg.split):
-        if n >= 2000:  # enough variety; keeps memory small on a full ImageNet shard set
+        if len(samples) >= 2000:  # enough variety; keeps memory small on a full ImageNet shard set
             break
-        segments.append(Segment(shard, 0, shard.num_samples))
-        n += shard.num_samples
-    samples = list(read_samples(segments))
+        samples += reader.read_all(shard)
     worker = WorkerConfig(0, 1, LoaderSpec(**{**spec_for(cfg, spec.device), "batch_size": 1}).planner([]),
-                          cfg.img_size, spec.crop_pct, spec.scale, spec.ratio, spec.hflip, 0, False, None, ())
+                          cfg.img_size, spec.crop_pct, spec.scale, spec.ratio, spec.hflip, False, None, ())
     out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
     result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
               "pillow": pillow_flavour(), "samples": len(samples),

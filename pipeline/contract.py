@@ -46,7 +46,7 @@ class LoaderSpec:
     dtype: torch.dtype = torch.float32  # torch.uint8: unnormalized pixels
     channels_last: bool = False
     prefetch: int = 2  # batches in flight ahead of the consumer
-    shuffle_buffer: int = 256  # samples per worker mixed before decoding (train)
+    shuffle_window: int = 4096  # train: samples permuted together (pipeline/plan.py rule 4), about 4 ImageNet shards
     on_error: str = "raise"  # "raise": a bad sample stops the run naming shard and key; "skip": count, replace
     num_classes: int = IMAGENET_CLASSES  # synthetic labels
     options: object = None  # the backend's own typed options (pipeline.host.HostOptions, pipeline.dali.DaliOptions);
@@ -67,6 +67,8 @@ class LoaderSpec:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
 
     def backend_options(self, cls):
         """This spec's options for the backend whose options class is `cls`: checked, defaults when None."""
@@ -78,7 +80,8 @@ class LoaderSpec:
 
     def planner(self, shards: list[Shard]) -> EpochPlanner:
         """The epoch/rank plan of this rank over `shards` (pipeline/plan.py)."""
-        return EpochPlanner(tuple(shards), self.train, self.batch_size, self.rank, self.world_size, self.seed)
+        return EpochPlanner(tuple(shards), self.train, self.batch_size, self.rank, self.world_size, self.seed,
+                            self.shuffle_window)
 
 
 class Loader(Protocol):

@@ -5,19 +5,19 @@ crop fused into the decode, resized once and handed to torch as uint8 (or normal
 On any other device DALI runs its CPU operators (`device_id=None`) and the batch is copied to the device; this is
 the mode the CPU tests use.
 
-Which samples a rank reads is the rule in `pipeline/plan.py`: the reader gets the epoch's shard order as its
-`paths` and `shard_id=rank, num_shards=world_size`, and DALI's reader cuts the concatenated samples at
-floor(N*r/R) exactly like `rank_span` (tests/test_dali.py checks this). DALI has no hook to permute its archives
-in our per-epoch order, so each epoch builds a fresh pipeline (cost: reading the .idx files and starting the
-decoder, see docs/dali.md). Within an epoch DALI's shuffle buffer draws only from that epoch's samples, so each
-sample of the span comes out once; train takes the first `steps` batches of that shuffled span (the host backend
-drops the span's tail instead: the same count sits out, but a random rather than the last stretch of it).
+Which samples go into which batch is the rule in `pipeline/plan.py`, read by the one reader (`pipeline/reader.py`):
+DALI's parallel external source runs `BatchSource` in `readers` worker processes, each call turning one batch of the
+run into its JPEG bytes and labels, so DALI sees exactly the host backend's samples in the same order. The pipeline
+is built once per loader and its source runs on across epoch boundaries (epoch e+1's first batches are read and
+decoded while epoch e's last steps train); it is rebuilt only when the epochs asked for stop following each other
+(a resume, a jump of set_epoch, an epoch abandoned half way).
 
 Its own knobs: `DaliOptions` (docs/dali.md says what each one changed where it was measured).
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import functools
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +28,8 @@ import torch
 from pipeline.cli import knob
 from pipeline.contract import LoaderSpec, eval_resize, to_model_input
 from pipeline.format import ShardError, read_manifest, shard_list
-from pipeline.plan import batch_segments
+from pipeline.plan import EpochPlanner
+from pipeline.reader import SampleError, ShardReader, parse_label
 
 INSTALL_HINT = "the dali backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 (x86_64/aarch64 Linux)"
 NORMALIZE_IN = ("torch", "dali")
@@ -56,21 +57,52 @@ def import_dali() -> SimpleNamespace:
 
 
 def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
-    """One DALI seed per (run seed, epoch, rank): crops and shuffles differ across ranks and epochs, and repeat."""
+    """One DALI seed per (run seed, first epoch, rank): crops differ across ranks and runs, and repeat."""
     return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
 
 
-def parse_labels(padded: np.ndarray) -> np.ndarray:
-    """ASCII decimal labels, one per row of a zero-padded uint8 array (`fn.pad` of the `.cls` members), -> int64.
-    Viewing each row as one fixed-width byte string lets numpy parse the whole batch in C; numpy drops the trailing
-    zero bytes and int() tolerates surrounding whitespace such as a final newline."""
-    width = padded.shape[1] if padded.ndim == 2 else 1
-    return np.ascontiguousarray(padded.reshape(len(padded), width)).view(f"S{width}").ravel().astype(np.int64)
+@functools.lru_cache(maxsize=1)
+def padding_jpeg() -> np.ndarray:
+    """A small valid JPEG that stands in for val padding samples (label -1, which metrics skip)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(out, "JPEG")
+    return np.frombuffer(out.getvalue(), np.uint8)
+
+
+class BatchSource:
+    """DALI's parallel external source for one loader: batch g of the pipeline's run is batch g % steps of epoch
+    first_epoch + g // steps (plan rule 4), returned as (JPEG bytes per sample, int64 labels). Stateless per call,
+    as DALI's workers require; it never ends, so DALI reads and decodes across epoch boundaries."""
+
+    def __init__(self, planner: EpochPlanner, first_epoch: int, steps: int, num_classes: int | None):
+        self.planner, self.first_epoch, self.steps, self.num_classes = planner, first_epoch, steps, num_classes
+        self.reader = ShardReader()
+
+    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
+        epoch, index = self.first_epoch + info.iteration // self.steps, info.iteration % self.steps
+        refs = self.planner.batch(epoch, index)
+        samples = iter(self.reader.read([r for r in refs if r is not None]))
+        jpegs, labels = [], np.full(len(refs), -1, np.int64)
+        for i, ref in enumerate(refs):
+            if ref is None:
+                jpegs.append(padding_jpeg())
+                continue
+            sample = next(samples)
+            labels[i] = parse_label(sample, self.num_classes)
+            if not sample.jpg:
+                raise SampleError(f"{sample.shard}: sample {sample.key}: no .jpg component")
+            jpegs.append(np.frombuffer(sample.jpg, np.uint8))
+        return jpegs, labels
 
 
 def dali_reason(error: Exception) -> str:
-    """The operator and cause out of DALI's multi-line error text, e.g. "decoders.image: nvImageCodec failure"."""
+    """The cause out of DALI's multi-line error text: our reader's own message when a source worker raised it, else
+    the operator and cause, e.g. "decoders.image: nvImageCodec failure"."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any("traceback received from worker" in line for line in lines):
+        return lines[-1].split(": ", 1)[-1] if ": " in lines[-1] else lines[-1]
     op = next((line.split("`")[1].removeprefix("nvidia.dali.fn.") for line in lines
                if line.startswith("Error in") and line.count("`") >= 2), "")
     fallback = lines[-1] if lines else type(error).__name__
@@ -87,16 +119,15 @@ class DaliOptions:
                              choices=NORMALIZE_IN)
     hw_decoder_load: float = knob(0.65, "dali: share of JPEGs for the GPU's hardware JPEG decoder, the rest to "
                                         "nvJPEG's CUDA decoder (SMs); in [0, 1]")
-    prebuild: bool = knob(False, "dali, train: build the next epoch's pipeline in a background thread while this "
-                                 "epoch runs, so the epoch boundary skips the build; costs that pipeline's memory")
+    readers: int = knob(2, "dali: processes reading shards for DALI (its parallel external source workers)")
 
     def validate(self) -> None:
         if self.normalize_in not in NORMALIZE_IN:
             raise ValueError(f"normalize_in must be one of {NORMALIZE_IN}, got {self.normalize_in!r}")
         if not isinstance(self.hw_decoder_load, (int, float)) or not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be within [0, 1], got {self.hw_decoder_load!r}")
-        if not isinstance(self.prebuild, bool):
-            raise ValueError(f"prebuild must be True or False, got {self.prebuild!r}")
+        if not isinstance(self.readers, int) or self.readers < 1:
+            raise ValueError(f"readers must be an integer >= 1, got {self.readers!r}")
 
 
 class CudaOutput:
@@ -169,10 +200,10 @@ class DaliLoader:
         self.dali_normalizes = self.opts.normalize_in == "dali" and spec.dtype != torch.uint8
         self.epoch = 0
         self.bytes_read = 0  # JPEG bytes handed to the decoder, all epochs
+        self.builds = 0  # pipelines built so far: 1 while the epochs asked for follow each other
         self._pipe = None
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-prebuild") \
-            if self.opts.prebuild and spec.train else None
-        self._ahead: tuple[int, Future] | None = None  # (epoch, its pipeline being built) when prebuilding
+        self._first_epoch, self._pulled = 0, 0  # the running pipeline's first epoch, batches taken from it
+        self._gen = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -181,20 +212,10 @@ class DaliLoader:
         return self.steps
 
     def close(self) -> None:
-        """Free this epoch's pipeline (and one built ahead). The loader stays usable: iterating builds anew."""
-        self._release()
-        self._drop_ahead()
-
-    def _release(self) -> None:
+        """Free the pipeline and its reader processes. The loader stays usable: iterating builds anew."""
         self.output.drain()
-        # Pipeline.__del__ shuts down DALI's threads and frees its buffers; CPython runs it as the last reference goes.
+        # Pipeline.__del__ shuts down DALI's threads and workers and frees its buffers, as the last reference goes.
         self._pipe = None
-
-    def _drop_ahead(self) -> None:
-        if self._ahead is not None:
-            _, future = self._ahead
-            self._ahead = None
-            future.cancel() or future.exception()  # wait for a build under way; its pipeline is then dropped
 
     def __enter__(self):
         return self
@@ -207,50 +228,51 @@ class DaliLoader:
         norm = "dali" if self.dali_normalizes else "torch"
         return (f"dali {self.dali.version} ({self.output.summary}, {s.workers} threads, prefetch {s.prefetch}, "
                 f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
-                f"{s.batch_size}, {len(self.planner.shards)} shards"
-                + (", next epoch built ahead" if self._builder else ""))
+                f"{s.batch_size}, {len(self.planner.shards)} shards, {self.opts.readers} reader processes")
 
     def __iter__(self):
-        self._release()  # the previous epoch's buffers go before this epoch's run
-        pipe = self._pipe = self._pipeline_for(self.epoch)
-        try:
-            for step in range(self.steps):
-                yield self._next_batch(pipe, step)
-                if step == 0 and self._builder is not None:
-                    # The next epoch's pipeline builds while this one runs (`endless` and train.py go epoch by epoch).
-                    self._ahead = (self.epoch + 1, self._builder.submit(self._build_pipeline, self.epoch + 1))
-        finally:
-            if self._pipe is pipe:  # an abandoned older iteration must not close a newer one's pipeline
-                self._release()  # epoch over, stopped early or failed: its buffers are not needed during eval or after
+        self._gen += 1  # a new iteration abandons any earlier one still suspended
+        gen = self._gen
+        if not self._follows():
+            self.close()
+            self._pipe, self._first_epoch, self._pulled = self._build_pipeline(self.epoch), self.epoch, 0
+        pipe = self._pipe
+        for step in range(self.steps):
+            if gen != self._gen:
+                raise RuntimeError("a newer iteration over this DaliLoader replaced this one")
+            batch = self._next_batch(pipe, step)
+            self._pulled += 1
+            yield batch
 
-    def _pipeline_for(self, epoch: int):
-        """The pipeline built ahead for `epoch` if there is one, else one built now."""
-        if self._ahead is not None and self._ahead[0] == epoch:
-            future, self._ahead = self._ahead[1], None
-            return future.result()  # a failed build raises here, where a synchronous one would have
-        self._drop_ahead()  # built for another epoch (set_epoch jumped): not ours
-        return self._build_pipeline(epoch)
+    def _follows(self) -> bool:
+        """Whether the running pipeline's next batch is the first of the epoch asked for. Val reads the same order
+        every epoch, so only whole epochs matter there."""
+        if self._pipe is None or self._pulled % self.steps:
+            return False
+        return not self.spec.train or self._first_epoch + self._pulled // self.steps == self.epoch
 
     # -- building -------------------------------------------------------------------------------------------------
-    def _build_pipeline(self, epoch: int):
+    def _build_pipeline(self, first_epoch: int):
         s, fn, types = self.spec, self.dali.fn, self.dali.types
-        ordered = self.planner.order(epoch)
+        source = BatchSource(self.planner, first_epoch, self.steps, self.num_classes)
+        # Reader processes: forked on the CPU (fast); spawned for a GPU, whose CUDA state must not be forked.
+        start = "spawn" if self.output.device_id is not None else "fork"
 
         @self.dali.pipeline_def(batch_size=s.batch_size, num_threads=s.workers, device_id=self.output.device_id,
-                                seed=pipeline_seed(s.seed, epoch, s.rank), prefetch_queue_depth=max(1, s.prefetch),
+                                seed=pipeline_seed(s.seed, first_epoch, s.rank),
+                                prefetch_queue_depth=max(1, s.prefetch), py_num_workers=self.opts.readers,
+                                py_start_method=start,
                                 exec_dynamic=True)  # DALI 2.x default executor: outputs bound to torch's stream
         def graph():
-            jpegs, cls = fn.readers.webdataset(
-                paths=[sh.path for sh in ordered], index_paths=[sh.index_path for sh in ordered], ext=["jpg", "cls"],
-                shard_id=s.rank, num_shards=s.world_size, random_shuffle=s.train, initial_fill=s.shuffle_buffer,
-                pad_last_batch=not s.train,  # val: every rank returns ceil(N/R) samples, rounded up to whole batches
-                missing_component_behavior="error", dtypes=[types.UINT8, types.UINT8], name="reader")
+            jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                               parallel=True, prefetch_queue_depth=max(2, s.prefetch),
+                                               dtype=[types.UINT8, types.INT64])
             images = self._augment(jpegs)
-            # Zero-padded to the batch's longest label so the host parses the batch as one array (`parse_labels`).
-            return images, fn.pad(cls, fill_value=0), jpegs.shape()
+            return images, labels, jpegs.shape()
 
         pipe = graph()
         pipe.build()
+        self.builds += 1
         return pipe
 
     def _augment(self, jpegs):
@@ -302,20 +324,24 @@ class DaliLoader:
         stream = self.output.stream()
         try:
             # Outputs come back ordered on torch's current stream: no host sync, the copy below waits on DALI's work.
-            images_dali, cls, jpeg_shapes = pipe.run(stream)
-        except RuntimeError as e:
+            images_dali, labels, jpeg_shapes = pipe.run(stream)
+        except Exception as e:  # noqa: BLE001 - DALI raises bare Exceptions for errors in its source workers
+            self.close()  # a failed pipeline cannot go on; the next iteration builds a new one
             raise ShardError(f"DALI failed on {self.spec.split} batch {step} of epoch {self.epoch} (rank "
                              f"{self.spec.rank}), reading {', '.join(self._suspects(step))}: {dali_reason(e)}") from e
-        self.bytes_read += int(np.asarray(jpeg_shapes.as_array()).sum())
-        return self._to_torch(images_dali, stream), self._labels(cls, step)
+        labels = np.asarray(labels.as_array()).reshape(-1)
+        self.bytes_read += int(np.asarray(jpeg_shapes.as_array()).reshape(len(labels), -1)[labels >= 0].sum())
+        out = torch.from_numpy(labels)
+        # Pinned, so the small copy is queued behind the device's work instead of waiting for it.
+        out = out.pin_memory().to(self.spec.device, non_blocking=True) if self.spec.device.type != "cpu" else out
+        return self._to_torch(images_dali, stream), out
 
     def _suspects(self, step: int) -> list[str]:
-        """The shards the failing batch can have come from. DALI reports errors per batch, not per sample, and runs
-        `prefetch` batches ahead; in train its shuffle buffer also holds up to `shuffle_buffer` later samples."""
-        s = self.spec
-        ahead = s.prefetch + 1 + (-(-s.shuffle_buffer // s.batch_size) if s.train else 0)
-        segments, _ = batch_segments(self.planner.plan(self.epoch), range(step, min(self.steps, step + ahead)))
-        return sorted({Path(seg.shard.path).name for seg in segments}) or ["(padding only)"]
+        """The shards the failing batch can have come from. DALI reports errors per batch, and runs its queues a few
+        batches ahead, so the batches up to that depth are named."""
+        ahead = range(step, min(self.steps, step + self.spec.prefetch + 2))
+        names = {Path(ref[0].path).name for i in ahead for ref in self.planner.batch(self.epoch, i) if ref}
+        return sorted(names) or ["(padding only)"]
 
     def _to_torch(self, images_dali, stream) -> torch.Tensor:
         s = self.spec
@@ -327,21 +353,3 @@ class DaliLoader:
             return to_model_input(out, s, nhwc=True)
         out = out.permute(0, 3, 1, 2) if hwc else out
         return out if out.dtype == s.dtype else out.to(s.dtype)  # bfloat16: DALI writes float32, torch casts
-
-    def _labels(self, cls, step: int) -> torch.Tensor:
-        padded = np.asarray(cls.as_array())
-        try:
-            labels = parse_labels(padded)
-            bad = np.flatnonzero((labels < 0) | (labels >= (self.num_classes or np.iinfo(np.int64).max)))
-        except ValueError:  # some row is not a decimal number: find it, slowly, to name it
-            labels, bad = None, [i for i, row in enumerate(padded) if not row.tobytes().rstrip(b"\0").strip().isdigit()]
-        if labels is None or len(bad):
-            i = int(bad[0]) if len(bad) else 0
-            raise ShardError(f"{cls[i].source_info()}: label {padded[i].tobytes().rstrip(bytes(1))!r} is not a class "
-                             f"index in [0, {self.num_classes})")
-        # Val padding: positions past the rank's real samples repeat its last sample; -1 tells metrics to skip them.
-        first = step * self.spec.batch_size
-        labels[max(0, self.num_real - first):] = -1
-        out = torch.from_numpy(labels)
-        # Pinned, so the small copy is queued behind the device's work instead of waiting for it.
-        return out.pin_memory().to(self.spec.device, non_blocking=True) if self.spec.device.type != "cpu" else out

@@ -227,7 +227,10 @@ class HostLoader:
         self.num_workers = max(1, min(spec.workers, self.steps))
         self.skipped = 0  # corrupt samples replaced (on_error="skip")
         self.bytes_read = 0  # compressed bytes read from shards
-        self._gen = 0
+        self._gen = 0  # numbers the workers' runs: a new one starts where the epochs asked for stop following on
+        self._run_epoch = None  # the epoch the current run produces next; None: no run to follow on from
+        self._last_epoch = None  # the epoch (as set_epoch gave it) whose batches were all taken last
+        self._iteration = 0
         self._procs, self._conns, self._shms, self._views = [], [], [], []
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views)
         self._start_workers(manifest.num_classes)
@@ -254,7 +257,7 @@ class HostLoader:
             cfg = WorkerConfig(
                 worker=w, num_workers=self.num_workers, planner=self.planner, img_size=spec.img_size,
                 crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
-                hflip=spec.hflip, shuffle_buffer=spec.shuffle_buffer, skip_bad=spec.on_error == "skip",
+                hflip=spec.hflip, skip_bad=spec.on_error == "skip",
                 num_classes=num_classes, slot_names=tuple(names))
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
@@ -291,10 +294,18 @@ class HostLoader:
     def __iter__(self):
         if not self._finalizer.alive:
             raise RuntimeError("this HostLoader is closed")
-        self._gen += 1  # a new iteration abandons any earlier one still suspended
-        gen = self._gen
-        for conn in self._conns:
-            conn.send(("epoch", gen, self.epoch))
+        self._iteration += 1  # a new iteration abandons any earlier one still suspended
+        iteration = self._iteration
+        # The workers ran on into the epoch after the last one taken whole; if that is the epoch asked for, its first
+        # batches are already made. Val reads the same batches every epoch, so there any epoch follows on.
+        follows = self._run_epoch is not None and (not self.spec.train or self.epoch == self._last_epoch + 1)
+        if not follows:
+            self._gen += 1
+            self._run_epoch = self.epoch
+            for conn in self._conns:
+                conn.send(("epoch", self._gen, self.epoch))
+        gen, run_epoch = self._gen, self._run_epoch
+        self._run_epoch = None  # until this epoch's batches have all been taken
         order = iter(consumer_order(self.steps, self.num_workers))
         ahead = max(1, self.spec.prefetch)
         pending = deque()
@@ -303,20 +314,23 @@ class HostLoader:
                 while len(pending) <= ahead:
                     item = next(order, None)
                     if item is None:
+                        # Every batch of the epoch is taken: the next iteration can follow on from here, even if the
+                        # consumer never asks this generator for its end (train.py stops after the last step).
+                        self._run_epoch, self._last_epoch = run_epoch + 1, self.epoch
                         break
-                    pending.append(self._take(*item, gen))
-                if gen != self._gen:
+                    pending.append(self._take(*item, gen, run_epoch))
+                if iteration != self._iteration:
                     raise RuntimeError("a newer iteration over this HostLoader replaced this one")
                 yield self.transfer.finish(pending.popleft())
         except GeneratorExit:
-            raise  # the consumer stopped early; the workers are told at the next iteration
+            raise  # the consumer stopped early; the next iteration restarts the workers
         except BaseException:
             self.close()  # worker errors, Ctrl-C: no orphans, no leaked shared memory
             raise
 
-    def _take(self, worker: int, batch_index: int, gen: int):
-        """Wait for `worker`'s batch `batch_index`, start its transfer, give the slot back."""
-        slot = self._receive(worker, batch_index, gen)
+    def _take(self, worker: int, batch_index: int, gen: int, epoch: int):
+        """Wait for `worker`'s batch `batch_index` of `epoch`, start its transfer, give the slot back."""
+        slot = self._receive(worker, batch_index, gen, epoch)
         images, labels = self._views[worker][slot]
         pending = self.transfer.start(images, labels)
         try:
@@ -325,7 +339,7 @@ class HostLoader:
             pass  # the worker is gone; the next wait on it reports why
         return pending
 
-    def _receive(self, worker: int, batch_index: int, gen: int) -> int:
+    def _receive(self, worker: int, batch_index: int, gen: int, epoch: int) -> int:
         conn, timeout = self._conns[worker], float(self.opts.timeout_s)
         sentinels = [p.sentinel for p in self._procs]
         while True:
@@ -338,9 +352,10 @@ class HostLoader:
                     continue  # about an abandoned iteration
                 if msg[0] == "sample_error":
                     raise SampleError(msg[2])
-                _, _, slot, index, nbytes, skipped = msg
-                if index != batch_index:
-                    raise WorkerError(f"host worker {worker} sent batch {index}, expected {batch_index}")
+                _, _, slot, made_epoch, index, nbytes, skipped = msg
+                if (made_epoch, index) != (epoch, batch_index):
+                    raise WorkerError(f"host worker {worker} sent batch {index} of run epoch {made_epoch}, expected "
+                                      f"{batch_index} of {epoch}")
                 self._account(nbytes, skipped)
                 return slot
             self._raise_for_dead()

@@ -1,11 +1,14 @@
 """The decode process behind `pipeline.host.HostLoader`: reads its own shards, decodes with Pillow, writes uint8 batches
 into shared-memory slots that the parent lent it.
 
-A worker never sees image bytes from the parent: it gets (epoch) commands, works out its own samples with the shared
-rule in `pipeline/plan.py`, seeks to each sample through the shard's `.idx` file, and tells the parent "slot k
-holds batch i". Parent -> worker messages, all tuples: ("epoch", gen, epoch), ("release", gen, slot), ("stop",).
-Worker -> parent: ("batch", gen, slot, batch_index, bytes_read, skipped), ("sample_error", gen, text),
-("crash", text). `gen` numbers the parent's iterations so that messages about an abandoned one are ignored.
+A worker never sees image bytes from the parent: it gets (epoch) commands, works out its own batches with the shared
+rule in `pipeline/plan.py`, reads their samples with the one reader (`pipeline/reader.py`), and tells the parent
+"slot k holds batch i". A batch's crops and flips are seeded by (seed, epoch, rank, batch), so the batches do not
+depend on how many workers made them. Parent -> worker messages, all tuples: ("epoch", gen, epoch),
+("release", gen, slot), ("stop",). Worker -> parent: ("batch", gen, slot, epoch, batch_index, bytes_read, skipped),
+("sample_error", gen, text), ("crash", text). After "epoch" a worker runs on into the following epochs, as far as
+its free slots allow, so the next epoch's first batches are ready when it starts; a new "epoch" (a new `gen`, which
+numbers the parent's runs) restarts it elsewhere, and messages about an abandoned run are ignored.
 """
 from __future__ import annotations
 
@@ -17,21 +20,17 @@ import sys
 import traceback
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.format import ShardError, read_index
-from pipeline.plan import EpochPlanner, batch_segments, worker_batches
+from pipeline.format import ShardError
+from pipeline.plan import EpochPlanner, worker_batches
+from pipeline.reader import Sample, SampleError, ShardReader, parse_label
 
 # One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-class SampleError(ShardError):
-    """One sample that cannot be used; the message names the shard file and the sample key."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,6 @@ class WorkerConfig:
     scale: tuple[float, float]
     ratio: tuple[float, float]
     hflip: float
-    shuffle_buffer: int
     skip_bad: bool
     num_classes: int | None  # labels outside [0, num_classes) are corrupt samples; None: not checked
     slot_names: tuple[str, ...]
@@ -58,14 +56,6 @@ class WorkerConfig:
     @property
     def batch_size(self) -> int:
         return self.planner.batch_size
-
-
-@dataclass
-class Sample:
-    shard: str
-    key: str
-    jpg: bytes
-    cls: bytes
 
 
 class Interrupted(Exception):
@@ -86,47 +76,6 @@ def slot_arrays(buf, batch_size: int, img_size: int) -> tuple[np.ndarray, np.nda
 
 def slot_nbytes(batch_size: int, img_size: int) -> int:
     return batch_size * img_size * img_size * 3 + batch_size * 8
-
-
-def read_samples(segments) -> Iterator[Sample]:
-    """The samples of `segments` in order, read by seeking to their offsets (no tar scanning). Indexes are parsed per
-    segment, not cached: a worker meets each shard about once an epoch, and a cache of all of ImageNet's indexes
-    would cost every worker hundreds of MB."""
-    for seg in segments:
-        shard = seg.shard
-        entries = read_index(shard.index_path, shard.num_samples)
-        with open(shard.path, "rb") as f:
-            for key, parts in entries[seg.start:seg.stop]:
-                data = {}
-                for ext in ("jpg", "cls"):
-                    if ext in parts:
-                        f.seek(parts[ext][0])
-                        data[ext] = f.read(parts[ext][1])
-                yield Sample(shard.path, key, data.get("jpg", b""), data.get("cls", b""))
-
-
-def shuffled(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
-    """webdataset-style buffer shuffle: keep `size` samples, emit a random one as each new one arrives."""
-    buf: list[Sample] = []
-    for s in samples:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        i = rng.randrange(size)
-        buf[i], s = s, buf[i]
-        yield s
-    rng.shuffle(buf)
-    yield from buf
-
-
-def parse_label(sample: Sample, num_classes: int | None) -> int:
-    try:
-        label = int(sample.cls.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise SampleError(f"{sample.shard}: sample {sample.key}: .cls is not a decimal label ({sample.cls[:20]!r})")
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        raise SampleError(f"{sample.shard}: sample {sample.key}: label {label} outside [0, {num_classes})")
-    return label
 
 
 def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray) -> None:
@@ -190,76 +139,70 @@ class Mailbox:
         return self.free.pop(0)
 
 
-def fill_batch(cfg, samples, images, labels, real, rng, stats) -> None:
-    """Fill one slot: `real` samples from the stream, then val padding (zeros, label -1). In skip mode a bad val sample
-    becomes padding; a bad train sample is replaced by the stream's next, and when the stream runs dry, by a copy of
-    a good sample of this batch."""
-    filled = 0
-    while filled < real:
-        sample = next(samples, None)
+def fill_batch(cfg: WorkerConfig, samples: list[Sample | None], images, labels, rng: random.Random,
+               stats: "Stats") -> None:
+    """Decode one batch into a slot; None entries are val padding (zeros, label -1). In skip mode a bad val sample
+    becomes padding (val stays exact), a bad train sample a copy of a good sample of the same batch."""
+    bad = []
+    for i, sample in enumerate(samples):
         if sample is None:
-            if filled == 0:
-                raise ShardError(f"worker {cfg.worker}: no decodable sample left to fill a batch")
-            j = stats.rng_dup.randrange(filled)
-            images[filled], labels[filled] = images[j], labels[j]
-            filled += 1
+            images[i], labels[i] = 0, -1
             continue
-        stats.bytes_read += len(sample.jpg) + len(sample.cls)
+        stats.bytes_read += sample.nbytes
         try:
-            labels[filled] = parse_label(sample, cfg.num_classes)
-            decode(sample, cfg, rng, images[filled])
+            labels[i] = parse_label(sample, cfg.num_classes)
+            decode(sample, cfg, rng, images[i])
         except SampleError:
             if not cfg.skip_bad:
                 raise
             stats.skipped += 1
-            if not cfg.train:
-                # Val stays exact: the bad sample's place becomes padding (label -1), no other sample counts twice.
-                images[filled], labels[filled] = 0, -1
-                filled += 1
-            continue
-        filled += 1
-    images[real:] = 0
-    labels[real:] = -1
+            images[i], labels[i] = 0, -1
+            bad.append(i)
+    if cfg.train and bad:
+        good = sorted(set(range(len(samples))) - set(bad))
+        if not good:
+            raise ShardError(f"worker {cfg.worker}: no decodable sample in a whole batch (first: "
+                             f"{samples[bad[0]].shard}, sample {samples[bad[0]].key})")
+        for i in bad:
+            j = good[rng.randrange(len(good))]
+            images[i], labels[i] = images[j], labels[j]
 
 
 @dataclass
 class Stats:
-    rng_dup: random.Random
     bytes_read: int = 0
     skipped: int = 0
 
 
-def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots) -> None:
-    plan = cfg.planner.plan(epoch)
-    mine = worker_batches(plan.steps, cfg.worker, cfg.num_workers)
-    segments, padding = batch_segments(plan, mine)
-    real_total = len(mine) * cfg.batch_size - padding
-    # Seeded by everything that identifies this stream, so a rerun reproduces it and no two workers share it.
-    seed, rank = cfg.planner.seed, cfg.planner.rank
-    rng = random.Random(f"{seed}:{epoch}:{rank}:{cfg.worker}")
-    samples = read_samples(segments)
-    if cfg.train:
-        samples = shuffled(samples, cfg.shuffle_buffer, rng)
-    stats = Stats(random.Random(f"dup:{seed}:{epoch}:{rank}:{cfg.worker}"))
-    for n, batch_index in enumerate(mine):
+def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader) -> None:
+    planner, stats = cfg.planner, Stats()
+    for batch_index in worker_batches(planner.plan(epoch).steps, cfg.worker, cfg.num_workers):
         slot = mailbox.take_slot()
         images, labels = slots[slot]
-        real = min(cfg.batch_size, max(0, real_total - n * cfg.batch_size))
-        fill_batch(cfg, samples, images, labels, real, rng, stats)
-        mailbox.conn.send(("batch", mailbox.gen, slot, batch_index, stats.bytes_read, stats.skipped))
+        refs = planner.batch(epoch, batch_index)
+        real = reader.read([r for r in refs if r is not None])
+        it = iter(real)
+        samples = [next(it) if r is not None else None for r in refs]
+        # Seeded by everything that identifies the batch: a rerun reproduces it, whichever worker makes it.
+        rng = random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{batch_index}")
+        fill_batch(cfg, samples, images, labels, rng, stats)
+        mailbox.conn.send(("batch", mailbox.gen, slot, epoch, batch_index, stats.bytes_read, stats.skipped))
         stats.bytes_read = stats.skipped = 0
 
 
 def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
+    reader = ShardReader()
     msg = mailbox.conn.recv()
     while msg[0] != "stop":
         if msg[0] != "epoch":
             msg = mailbox.conn.recv()  # a late release for an iteration already over
             continue
         mailbox.start(msg[1])
+        epoch = msg[2]
         try:
-            run_epoch(cfg, msg[2], mailbox, slots)
-            msg = mailbox.conn.recv()
+            while True:  # epoch after epoch, until a command interrupts (take_slot waits for free slots)
+                run_epoch(cfg, epoch, mailbox, slots, reader)
+                epoch += 1
         except Interrupted as stop:
             msg = stop.message
         except SampleError as e:

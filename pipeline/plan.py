@@ -1,7 +1,6 @@
 """Which samples each rank and worker reads in an epoch: the one rule every backend shares.
 
-The rule (DALI's reader splits ranks the same way, so both backends give a rank the same span; within it DALI's
-shuffle picks which train samples sit out the epoch, the host backend leaves out the span's tail):
+The rule (both backends read through it, so they put the same samples in the same batches in the same order):
   1. An epoch's sample sequence is the split's shards, in an order permuted by (seed, epoch) for train and in
      manifest order for val, concatenated.
   2. Rank r of R owns the span [floor(N*r/R), floor(N*(r+1)/R)) of that sequence (N samples in the split).
@@ -9,12 +8,17 @@ shuffle picks which train samples sit out the epoch, the host backend leaves out
      is seen at most once per epoch and fewer than R*B samples (the spans' tails) sit out the epoch; which ones
      changes with the shard order. Val: every rank runs `ceil(ceil(N/R) / B)` batches; a rank's span is read whole
      and padded to that many batches with samples labelled -1, which metrics skip, so val counts each sample once.
-  4. Within a rank, worker w of W produces a contiguous run of batches; the consumer takes batch i from worker
-     i % W, so worker w owns batches w, w+W, w+2W, ... of the rank's sequence in time, read from one contiguous
-     stretch of shards on disk.
+  4. Batch i of a rank's epoch: for val, positions i*B .. i*B+B-1 of the rank's sequence (past its real samples:
+     padding). For train, the rank's steps*B positions are cut into windows of `window` whole batches; each window's
+     positions are permuted by (seed, epoch, rank, window) and dealt out to its batches in order. So a batch is a
+     pure function of (epoch, i): any process can make any batch, and a window spans a short stretch of shards.
+  5. Within a rank, host worker w of W makes batches w, w+W, w+2W, ...; the consumer takes batch i from worker
+     i % W, so batches come out in order and the workers read the same window of shards at the same time.
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -47,6 +51,20 @@ class RankPlan:
     @property
     def num_padding(self) -> int:
         return self.steps * self.batch_size - self.num_real
+
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        starts, offset = [], 0
+        for seg in self.segments:
+            starts.append(offset)
+            offset += len(seg)
+        return starts
+
+    def locate(self, position: int) -> tuple[Shard, int]:
+        """(shard, sample index in it) of rank-sequence position `position` < num_real."""
+        k = bisect.bisect_right(self._starts, position) - 1
+        seg = self.segments[k]
+        return seg.shard, seg.start + position - self._starts[k]
 
 
 def epoch_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
@@ -99,37 +117,13 @@ def rank_plan(shards: list[Shard], *, train: bool, batch_size: int, rank: int, w
 
 
 def worker_batches(steps: int, worker: int, num_workers: int) -> range:
-    """The rank-local batch indices worker `worker` produces, as one contiguous run (rule 4 above)."""
-    base, extra = divmod(steps, num_workers)
-    first = worker * base + min(worker, extra)
-    return range(first, first + base + (worker < extra))
+    """The rank-local batch indices worker `worker` of `num_workers` makes (rule 5)."""
+    return range(worker, steps, num_workers)
 
 
 def consumer_order(steps: int, num_workers: int) -> list[tuple[int, int]]:
-    """(worker, rank-local batch index) in the order the consumer yields them: round robin over workers, each
-    worker's own batches in order. Consecutive batches thus come from different places on disk."""
-    runs = [iter(worker_batches(steps, w, num_workers)) for w in range(num_workers)]
-    out = []
-    for i in range(steps):
-        w = i % num_workers
-        out.append((w, next(runs[w])))
-    return out
-
-
-def batch_segments(plan: RankPlan, batch_indices: range) -> tuple[list[Segment], int]:
-    """Segments holding the rank-local batches `batch_indices` (contiguous), plus how many padding samples follow
-    them (val only)."""
-    if not len(batch_indices):
-        return [], 0
-    lo, hi = batch_indices[0] * plan.batch_size, (batch_indices[-1] + 1) * plan.batch_size
-    real_hi = min(hi, plan.num_real)
-    segs, offset = [], 0
-    for seg in plan.segments:
-        a, b = max(lo, offset), min(real_hi, offset + len(seg))
-        if a < b:
-            segs.append(Segment(seg.shard, seg.start + a - offset, seg.start + b - offset))
-        offset += len(seg)
-    return segs, hi - max(lo, real_hi)
+    """(worker, rank-local batch index) in the order the consumer yields them: batch order (rule 5)."""
+    return [(i % num_workers, i) for i in range(steps)]
 
 
 @dataclass(frozen=True)
@@ -143,10 +137,41 @@ class EpochPlanner:
     rank: int
     world_size: int
     seed: int
+    shuffle_window: int = 1  # train: samples permuted together, rounded up to whole batches (rule 4)
 
     def order(self, epoch: int) -> list[Shard]:
         return epoch_order(list(self.shards), self.seed, epoch, shuffle=self.train)
 
     def plan(self, epoch: int) -> RankPlan:
-        return rank_plan(list(self.shards), train=self.train, batch_size=self.batch_size, rank=self.rank,
-                         world_size=self.world_size, seed=self.seed, epoch=epoch)
+        return _cached_plan(self, epoch)
+
+    @property
+    def window_batches(self) -> int:
+        return max(1, -(-self.shuffle_window // self.batch_size))
+
+    def batch(self, epoch: int, index: int) -> list[tuple[Shard, int] | None]:
+        """The samples of rank-local batch `index` of `epoch` as (shard, sample index), None for padding (rule 4)."""
+        plan, size = self.plan(epoch), self.batch_size
+        if not 0 <= index < plan.steps:
+            raise IndexError(f"batch {index} of an epoch of {plan.steps}")
+        if self.train:
+            first = index - index % self.window_batches
+            window = _window(self, epoch, first, min(first + self.window_batches, plan.steps))
+            positions = window[(index - first) * size:(index - first + 1) * size]
+        else:
+            positions = range(index * size, (index + 1) * size)
+        return [plan.locate(p) if p < plan.num_real else None for p in positions]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_plan(planner: EpochPlanner, epoch: int) -> RankPlan:
+    return rank_plan(list(planner.shards), train=planner.train, batch_size=planner.batch_size, rank=planner.rank,
+                     world_size=planner.world_size, seed=planner.seed, epoch=epoch)
+
+
+@functools.lru_cache(maxsize=4)
+def _window(planner: EpochPlanner, epoch: int, first: int, last: int) -> list[int]:
+    """The permuted positions of the train window of batches [first, last): a window is asked for once per batch."""
+    positions = list(range(first * planner.batch_size, last * planner.batch_size))
+    random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{first}").shuffle(positions)
+    return positions

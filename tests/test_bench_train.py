@@ -34,7 +34,7 @@ def test_real_backend_without_shards_is_a_usage_error():
 def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
     out = tmp_path / "r.jsonl"
     bench_train.main(TINY + ["--data_path", str(sample_shards), "--feed", "host:workers=1",
-                             "--feed", "dali:workers=1,name=dali_w1,prebuild=1", "--fp8", "--recheck",
+                             "--feed", "dali:workers=1,name=dali_w1,readers=1", "--fp8", "--recheck",
                              "--out", str(out)])
     lines = [json.loads(s) for s in out.read_text().splitlines()]
     loops = [r["loop"] for r in lines]
@@ -45,7 +45,7 @@ def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
     summaries = {r["feed"]: r for r in lines if r["loop"] == "summary"}
     assert {s["backend"] for s in summaries.values()} == {"host", "dali"}
     assert by_loop["ours_dali_w1"]["backend"] == "dali" and by_loop["ours_dali_w1"]["steps_per_epoch"] > 0
-    assert by_loop["ours_dali_w1"]["prebuild"] is True and "prebuild" not in by_loop["ours_host"]
+    assert by_loop["ours_dali_w1"]["readers"] == 1 and "readers" not in by_loop["ours_host"]
     for name, s in summaries.items():
         assert s["feed_ratio"] == pytest.approx(by_loop[f"ours_{name}"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
                                                 rel=1e-3, abs=1e-4)
@@ -58,8 +58,8 @@ def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
         assert 0 <= by_loop[f"ours_{name}"]["max_wait_s"] <= by_loop[f"ours_{name}"]["seconds"]
 
 
-@pytest.mark.parametrize("feed", ["tape:workers=1", "host:workers", "host:threads=2", "host,name=x", "host:prebuild=1",
-                                  "dali:prebuild=yes", "dali:workers=two", "dali:workers=0", "dali:hw_decoder_load=2",
+@pytest.mark.parametrize("feed", ["tape:workers=1", "host:workers", "host:threads=2", "host,name=x", "host:readers=1",
+                                  "dali:readers=yes", "dali:readers=0", "dali:workers=two", "dali:workers=0", "dali:hw_decoder_load=2",
                                   "host:steps=0", "host:steps=2,epochs=1"])
 def test_bad_feed_is_a_usage_error(sample_shards, feed):
     with pytest.raises(SystemExit) as e:

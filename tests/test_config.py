@@ -60,9 +60,9 @@ def test_bad_input_exits_2(argv, capsys):
 
 
 def test_backend_options_come_from_their_own_flags():
-    cfg = parse_config(["--backend", "dali", "--data_path", "x", "--dali-hw-decoder-load", "1", "--dali-prebuild",
+    cfg = parse_config(["--backend", "dali", "--data_path", "x", "--dali-hw-decoder-load", "1", "--dali-readers", "3",
                         "--host-slots-per-worker", "3"])
-    assert cfg.backend_options() == DaliOptions(hw_decoder_load=1.0, prebuild=True)
+    assert cfg.backend_options() == DaliOptions(hw_decoder_load=1.0, readers=3)
     assert cfg.host == HostOptions(slots_per_worker=3)
     assert parse_config(["--backend", "synthetic"]).backend_options() is None
     assert json.loads(json.dumps(cfg.to_dict()))["dali"]["hw_decoder_load"] == 1.0  # config.json holds plain values

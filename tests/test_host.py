@@ -173,6 +173,26 @@ def test_an_abandoned_epoch_does_not_disturb_the_next(colour_shards):
     assert sorted(ids) == list(range(48))
 
 
+def test_workers_run_on_into_the_next_epoch(colour_shards):
+    with loader(colour_shards, dtype=torch.uint8, workers=2) as l:
+        l.set_epoch(0)
+        epoch0 = [b[0].clone() for b in l]
+        # Unasked, each worker makes the next epoch's first batch (as far as its free slots go)...
+        assert all(conn.poll(timeout=30) for conn in l._conns)
+        gen = l._gen
+        l.set_epoch(1)
+        epoch1 = [b[0].clone() for b in l]
+        assert l._gen == gen, "epoch 1 followed on: the workers were not restarted"
+        l.set_epoch(5)  # ...and a jump restarts them at the epoch asked for
+        epoch5 = [b[0].clone() for b in l]
+        assert l._gen == gen + 1
+    with loader(colour_shards, dtype=torch.uint8, workers=3) as fresh:  # batches do not depend on the worker count
+        for epoch, seen in ((1, epoch1), (5, epoch5)):
+            fresh.set_epoch(epoch)
+            assert all(torch.equal(a, b) for a, (b, _) in zip(seen, fresh)) and len(seen) == len(fresh)
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))
+
+
 def test_killed_worker_raises_quickly_and_cleans_up(colour_shards):
     l = loader(colour_shards, workers=1, batch_size=2)
     pids, names = l.worker_pids, shm_names(l)

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pipeline.format import Shard, ShardError
-from pipeline.plan import RankPlan, batch_segments, consumer_order, rank_plan, worker_batches
+from pipeline.plan import EpochPlanner, RankPlan, consumer_order, rank_plan, worker_batches
 
 WORLD_SIZES = range(1, 65)
 WORKER_COUNTS = range(1, 17)
@@ -69,12 +69,11 @@ def test_val_covers_every_sample_exactly_once_padding_in_the_tail(batch_size):
         assert sorted(seen) == sorted(samples(plans(SHARDS, 1, 1, train=False)[0].segments))
         for p in ps:
             assert p.num_padding == p.steps * batch_size - p.num_real >= 0
-            real_per_batch = []
-            for i in range(p.steps):
-                segs, padding = batch_segments(p, range(i, i + 1))
-                real = sum(len(s) for s in segs)
-                assert real + padding == batch_size
-                real_per_batch.append(real)
+            planner = EpochPlanner(tuple(SHARDS), False, batch_size, ps.index(p), world_size, 7)
+            batches = [planner.batch(0, i) for i in range(p.steps)]
+            assert [r for b in batches for r in b if r] == [(SHARDS[int(s[1:5])], i) for s, i in samples(p.segments)]
+            real_per_batch = [sum(r is not None for r in b) for b in batches]
+            assert all(len(b) == batch_size for b in batches)
             full = [r == batch_size for r in real_per_batch]
             # Full batches first, then at most one partial batch, then padding only.
             assert full == sorted(full, reverse=True)
@@ -86,28 +85,35 @@ def test_worker_batches_and_consumer_order_partition_the_steps():
     for steps in list(range(0, 40)) + [97, 1251]:
         for workers in WORKER_COUNTS:
             runs = [worker_batches(steps, w, workers) for w in range(workers)]
-            flat = [i for run in runs for i in run]
-            assert flat == list(range(steps)), "contiguous runs, in worker order, covering every step once"
+            assert sorted(i for run in runs for i in run) == list(range(steps)), "every step once"
             assert max(map(len, runs)) - min(map(len, runs)) <= 1
             order = consumer_order(steps, workers)
-            assert [w for w, _ in order] == [i % workers for i in range(steps)]
-            assert sorted(i for _, i in order) == list(range(steps))
+            assert [i for _, i in order] == list(range(steps)), "batches come out in order"
             for w, run in enumerate(runs):
                 assert [i for v, i in order if v == w] == list(run)
 
 
-def test_worker_segments_partition_the_rank_plan():
-    for world_size in (1, 3, 8):
-        for workers in WORKER_COUNTS:
-            for train in (True, False):
-                p = plans(SHARDS, world_size, 6, train=train)[world_size - 1]
-                parts, padding = [], 0
-                for w in range(workers):
-                    segs, pad = batch_segments(p, worker_batches(p.steps, w, workers))
-                    parts += samples(segs)
-                    padding += pad
-                assert parts == samples(p.segments)
-                assert padding == p.num_padding
+@pytest.mark.parametrize("window", [1, 7, 64, 10_000])
+def test_train_batches_deal_out_each_window_of_the_rank_span(window):
+    batch_size, world_size = 6, 3
+    for rank in range(world_size):
+        planner = EpochPlanner(tuple(SHARDS), True, batch_size, rank, world_size, 7, shuffle_window=window)
+        for epoch in (0, 1):
+            p = planner.plan(epoch)
+            span = [(SHARDS[int(s[1:5])], i) for s, i in samples(p.segments)]
+            batches = [planner.batch(epoch, i) for i in range(p.steps)]
+            assert all(len(b) == batch_size and None not in b for b in batches)
+            assert sorted(map(str, sum(batches, []))) == sorted(map(str, span)), "the span's samples, each once"
+            per_window = planner.window_batches * batch_size
+            for i, b in enumerate(batches):  # each batch draws from its own window of the span only
+                first = i // planner.window_batches * per_window
+                assert {str(r) for r in b} <= {str(r) for r in span[first:first + per_window]}
+            assert batches == [planner.batch(epoch, i) for i in range(p.steps)], "a pure function of (epoch, i)"
+            if window >= 64:
+                assert sum(batches, []) != span, "permuted within the window"
+        assert planner.batch(0, 0) != planner.batch(1, 0)
+    with pytest.raises(IndexError):
+        planner.batch(0, p.steps)
 
 
 def test_train_too_small_for_one_batch_per_rank_is_a_clear_error():

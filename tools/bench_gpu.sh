@@ -81,12 +81,13 @@ make_data() {
 
 bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in one process; "all" adds every feed
   local bs=$1 max="$data/shards-max$max_side" feeds=(--feed dali:workers=8)
-  # 2026-11-26 on an H100 (docs/benchmarks.md): 4 threads and hw_decoder_load 0 fed worse than 8 threads at 0.65,
-  # and each epoch restart cost ~2 s; so: more hardware decoding, and the restart with and without building ahead.
+  # 2026-11-26 on an H100 (docs/benchmarks.md): 4 threads and hw_decoder_load 0 fed worse than 8 threads at 0.65;
+  # so: more hardware decoding, and three epochs with their boundaries (one pipeline: no restart), 2 and 4 readers.
   [ "${2:-}" = all ] && feeds+=(--feed dali:workers=8,hw_decoder_load=1,name=dali_hw1
+    --feed dali:workers=8,hw_decoder_load=0.8,name=dali_hw08 --feed dali:workers=8,hw_decoder_load=0.9,name=dali_hw09
     --feed "host:workers=$host_workers" --feed "host:workers=$host_workers,data_path=$max,name=host_max$max_side"
     --feed dali:workers=8,name=dali_3epochs,epochs=3
-    --feed dali:workers=8,prebuild=1,name=dali_3epochs_prebuild,epochs=3)
+    --feed dali:workers=8,readers=4,name=dali_3epochs_r4,epochs=3)
   "$py" tools/bench_train.py --device "$device" --batch-size "$bs" --compile --fp8 --recheck \
     --data_path "$data/shards" --warmup 20 --steps 80 "${feeds[@]}" "${train_args[@]}" --out "$results"
 }

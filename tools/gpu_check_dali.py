@@ -8,9 +8,9 @@ there, then:
      absolute pixel difference (0..255) between nvJPEG's and libjpeg-turbo's decode, per image (max) and overall;
   2. grid: tools/parity_grid.py --device cuda, host vs DALI-on-GPU, train and val PNGs under --work;
   3. speed: the pipeline alone (nothing consumes the batches), train split, for normalize_in torch and dali. Per
-     epoch, the first batch (pipeline rebuild + decoder start + first decode) is timed apart from the rest:
-     `steady_img_s` is the rest, `epoch_start_s` the first batch's latency. On ImageNet an epoch is ~5,000 batches
-     of 256, so `epoch_start_s` amortizes away; on this small set it would not. The device is synchronized only at
+     epoch, the first batch is timed apart from the rest: `steady_img_s` is the rest, `epoch_start_s` the first
+     batch's latency (epoch 0: the pipeline's build, the decoders' start and the first decode; later epochs follow
+     on in the same pipeline, so theirs should be one batch's time). The device is synchronized only at
      the end of each timed span.
 Prints one JSON line per result and writes them all to --work/gpu_check_dali.json.
 """
