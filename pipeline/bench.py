@@ -14,14 +14,18 @@ How to read it: one JSON line per `--interval` seconds (progress bar on stderr),
 holding `img_s` for the whole measured span. `img_s_per_worker` divides by `--workers` (compare it with a one-core
 decode micro-benchmark to see scaling). `mb_s` is compressed bytes read from the shards. `data_wait` is the share of
 wall time the loop spent waiting for the next batch: near 1 without `--model` (the loop has nothing else to do),
-and the fraction of step time lost to input with it. `--baseline SRC` runs a stock torchvision ImageFolder +
-DataLoader on the source ImageFolder with the same workers, batch size and seconds right after, and adds
-`baseline_img_s` and `ratio` (backend / baseline). `img_per_cpu_s` divides images by the CPU seconds that this
-process and all its descendants used (Linux), and `cpu_cores` is how many cores they kept busy: the per-core
-efficiency, which unlike img/s holds up on a machine shared with other jobs; with --baseline, `cpu_ratio` compares
-it (the figure to read on a shared or small box; the ratio of img/s is the one that counts on a dedicated host).
-Val padding samples (label -1) are not counted as images. Device work is synchronized only at reporting
-boundaries. On `--device cpu` without `--model` the main process runs torch with one thread (see run()).
+and the fraction of step time lost to input with it. `batch_wait_s` is the mean wait for a batch inside an epoch,
+`boundary_wait_s` the longest wait for an epoch's first batch (`epoch_starts` in the span): with a consumer
+slower than the pipeline (`--model`, or `--step-ms` for a stand-in step) a loader that runs on across epochs keeps
+it near `batch_wait_s`; one that restarts at each epoch (`--epoch-stride 2` forces that) pays its start-up there.
+`--baseline SRC` runs a stock torchvision ImageFolder + DataLoader on the source ImageFolder with the same workers,
+batch size and seconds right after, and adds `baseline_img_s` and `ratio` (backend / baseline). `img_per_cpu_s`
+divides images by the CPU seconds that this process and all its descendants used (Linux), and `cpu_cores` is how
+many cores they kept busy: the per-core efficiency, which unlike img/s holds up on a machine shared with other
+jobs; with --baseline, `cpu_ratio` compares it (the figure to read on a shared or small box; the ratio of img/s
+is the one that counts on a dedicated host). Val padding samples (label -1) are not counted as images. Device
+work is synchronized only at reporting boundaries. On `--device cpu` without `--model` the main process runs
+torch with one thread (see run()).
 `--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
 neither disk nor processes count), and with `--baseline` (any value) the torchvision transform on the same bytes.
 """
@@ -60,6 +64,10 @@ class BenchConfig:
     baseline: str | None = knob(None, 'ImageFolder root (holding train/ and val/): also time torchvision on it')
     model: str | None = knob(None, 'timm model name: also run forward+backward on each batch')
     decode_only: bool = knob(False, "time the host worker's decode path in this process on one core, no loader")
+    step_ms: float = knob(0.0, "without --model: a stand-in step that sleeps this long per batch, so the pipeline "
+                               "can run ahead (and boundary_wait_s shows whether it does across epoch boundaries)")
+    epoch_stride: int = knob(1, "epochs go 0, stride, 2*stride, ...: 2 makes each epoch a jump, so the loader "
+                                "restarts at every epoch start (what running on saves)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +112,7 @@ def sync(device: torch.device) -> None:
 def model_step(cfg: BenchConfig, num_classes: int, device: torch.device):
     """A plain forward+backward+SGD step of a timm model, or a do-nothing step."""
     if cfg.model is None:
-        return lambda images, labels: None
+        return (lambda images, labels: time.sleep(cfg.step_ms / 1000)) if cfg.step_ms else (lambda images, labels: None)
     if cfg.dtype == "uint8":
         raise ValueError("--model needs normalized input; drop --dtype uint8")
     import timm
@@ -122,7 +130,7 @@ def model_step(cfg: BenchConfig, num_classes: int, device: torch.device):
 
 def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) -> dict:
     """Run `loader` (epochs back to back) for cfg.seconds after warm-up; print interval lines; return the totals."""
-    batches = endless(loader)
+    batches, steps = endless(loader, cfg.epoch_stride), len(loader)
     for _ in range(cfg.warmup):
         step(*next(batches))
     sync(device)  # sync point: the clock starts with no warm-up work still queued on the device
@@ -130,14 +138,21 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
     total = fresh_counts(loader, device)
     interval = fresh_counts(loader, device)
     bar = tqdm(unit="img", unit_scale=True, desc=label, file=sys.stderr, mininterval=1.0)
-    for (images, labels), waited in timed(batches):
+    for k, ((images, labels), waited) in enumerate(timed(batches), start=cfg.warmup):
         step(images, labels)
         n = labels.shape[0]
         padding = (labels < 0).sum()  # val padding is not an image; summed on the device, read at sync points
+        first_of_epoch = k % steps == 0
         for acc in (total, interval):
             acc["images"] += n
             acc["padding"] += padding
             acc["wait"] += waited
+            if first_of_epoch:
+                acc["boundaries"] += 1
+                acc["boundary_wait"] = max(acc["boundary_wait"], waited)
+            else:
+                acc["batch_waits"] += 1
+                acc["batch_wait"] += waited
         bar.update(n)
         now = time.perf_counter()
         done = now - start >= cfg.seconds
@@ -156,7 +171,8 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
 
 def fresh_counts(loader, device: torch.device) -> dict:
     return {"images": 0, "padding": torch.zeros((), dtype=torch.int64, device=device), "wait": 0.0,
-            "bytes": getattr(loader, "bytes_read", 0), "cpu": tree_cpu_seconds()}
+            "bytes": getattr(loader, "bytes_read", 0), "cpu": tree_cpu_seconds(), "boundaries": 0,
+            "boundary_wait": 0.0, "batch_waits": 0, "batch_wait": 0.0}
 
 
 def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
@@ -166,6 +182,10 @@ def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
     workers = getattr(loader, "num_workers", cfg.workers)  # the host backend starts no more workers than steps
     out = {"img_s": round(img_s, 1), "img_s_per_worker": round(img_s / workers, 1),
            "data_wait": round(acc["wait"] / seconds, 3), "seconds": round(seconds, 2), "images": images}
+    if acc["batch_waits"]:
+        out["batch_wait_s"] = round(acc["batch_wait"] / acc["batch_waits"], 4)  # mean, batches inside an epoch
+    if acc["boundaries"]:  # the longest wait for an epoch's first batch, and how many epoch starts the span held
+        out.update(boundary_wait_s=round(acc["boundary_wait"], 4), epoch_starts=acc["boundaries"])
     if hasattr(loader, "bytes_read"):
         out["mb_s"] = round((loader.bytes_read - acc["bytes"]) / seconds / 1e6, 1)
     cpu = tree_cpu_seconds()
@@ -285,7 +305,7 @@ def decode_only(cfg: BenchConfig) -> dict:
 
 def check(cfg: BenchConfig) -> None:
     """Mistakes caught before any worker starts or a minute of measuring is spent."""
-    for name in ("batch_size", "workers", "img_size"):
+    for name in ("batch_size", "workers", "img_size", "epoch_stride"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.seconds <= 0:

@@ -91,13 +91,14 @@ class Loader(Protocol):
     def close(self) -> None: ...
 
 
-def endless(loader: Loader):
-    """Batches from epoch 0, 1, 2, ... back to back: for benchmarks that run by the clock, not by epochs."""
+def endless(loader: Loader, stride: int = 1):
+    """Batches from epoch 0, stride, 2*stride, ... back to back: for benchmarks that run by the clock, not by epochs.
+    A stride above 1 makes every epoch a jump, which a loader cannot run on into."""
     epoch = 0
     while True:
         loader.set_epoch(epoch)
         yield from loader
-        epoch += 1
+        epoch += stride
 
 
 def timed(batches: Iterator) -> Iterator[tuple[object, float]]:

@@ -1,5 +1,6 @@
 """pipeline.bench: short runs print JSON lines whose last one carries the figures."""
 import json
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ class PaddedLoader:
     def set_epoch(self, epoch):
         pass
 
+    def __len__(self):
+        return 3
+
     def __iter__(self):
         for _ in range(3):
             self.real += 3
@@ -80,3 +84,30 @@ def test_workers_reported_are_the_ones_started(sample_shards, capsys):
             "--workers", "4", "--seconds", "1", "--interval", "5", "--warmup", "0", "--img-size", "32"]
     assert bench.main(argv) == 0
     assert json_lines(capsys.readouterr().out)[-1]["workers"] == 2
+
+
+class SlowStartLoader:
+    """Three batches an epoch; the first of each epoch takes 50 ms, as a loader that restarts per epoch would."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 3
+
+    def __iter__(self):
+        for i in range(3):
+            if i == 0:
+                time.sleep(0.05)
+            yield torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int64)
+
+
+def test_epoch_boundary_waits_are_reported_apart(capsys):
+    cfg = bench.BenchConfig(seconds=0.5, interval=10.0, warmup=1, step_ms=2.0)
+    result = bench.measure(SlowStartLoader(), cfg, torch.device("cpu"), bench.model_step(cfg, 4, "cpu"), "slow")
+    assert result["boundary_wait_s"] >= 0.05 > 0.02 > result["batch_wait_s"]
+    # Warm-up took batch 0; from there every third batch starts an epoch.
+    assert result["epoch_starts"] == result["images"] // 2 // 3 + (result["images"] // 2 % 3 > 2)

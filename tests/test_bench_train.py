@@ -59,8 +59,8 @@ def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
 
 
 @pytest.mark.parametrize("feed", ["tape:workers=1", "host:workers", "host:threads=2", "host,name=x", "host:readers=1",
-                                  "dali:readers=yes", "dali:readers=0", "dali:workers=two", "dali:workers=0", "dali:hw_decoder_load=2",
-                                  "host:steps=0", "host:steps=2,epochs=1"])
+                                  "dali:readers=yes", "dali:readers=0", "dali:workers=two", "dali:workers=0",
+                                  "dali:hw_decoder_load=2", "host:steps=0", "host:steps=2,epochs=1"])
 def test_bad_feed_is_a_usage_error(sample_shards, feed):
     with pytest.raises(SystemExit) as e:
         bench_train.main(TINY + ["--data_path", str(sample_shards), "--feed", feed])
