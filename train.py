@@ -18,10 +18,10 @@ from model import CheckpointMismatch
 from pipeline import PipelineError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
-from trainlib.build import build_loaders, build_trainer, class_count, seed_everything
+from trainlib.build import build_loaders, build_trainer, check_model, class_count, seed_everything
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
-from trainlib.engine import Trainer
+from trainlib.engine import Trainer, check_resumable
 from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
 
 
@@ -61,21 +61,28 @@ def run(cfg: TrainConfig) -> None:
     if len(set(seen)) > 1:
         raise ConfigError(f"--resume {cfg.resume}: ranks found different checkpoints {sorted(set(map(str, seen)))}; "
                           f"put --output on storage that every node sees, or pass --resume PATH")
-    log = RunLog(cfg.output, append=resume_path is not None) if placement.is_main else QuietLog()
-    loaders = ()
+    log, loaders = QuietLog(), ()
     try:
-        log.write_json("config.json", cfg.to_dict())
-        classes = class_count(cfg)
+        # Everything that can be checked is, before the run folder appears: a failed start leaves nothing behind
+        # that a later --resume auto could mistake for a run.
+        classes = class_count(cfg)  # reads the shards' manifest
+        check_model(cfg, classes)
+        state = checkpoint.load(resume_path) if resume_path is not None else None
         loaders = build_loaders(cfg, device, placement, classes)
         train_loader, val_loader = loaders
+        steps_per_epoch = len(train_loader) if train_loader is not None else 1
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
+        if state is not None and not cfg.evaluate:
+            check_resumable(state, cfg, steps_per_epoch)
+        if placement.is_main:
+            log = RunLog(cfg.output, append=resume_path is not None)
+        log.write_json("config.json", cfg.to_dict())
         log.write_json("env.json", {**environment(device, placement.world_size), **{
             f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))
             if hasattr(loader, "describe")}})
-        steps_per_epoch = len(train_loader) if train_loader is not None else 1
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)
-        if resume_path is not None:
-            trainer.load_state_dict(checkpoint.load(resume_path))
+        if state is not None:
+            trainer.load_state_dict(state)
             log.print(f"resumed {resume_path}: epoch {trainer.epoch} step {trainer.step_in_epoch} "
                       f"(global {trainer.global_step})")
         else:
@@ -101,15 +108,18 @@ def run(cfg: TrainConfig) -> None:
 
 
 def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
-    fps = trainer.meter.mean_img_s()
-    summary = {"fps": fps, "input_wait": trainer.meter.mean_input_wait(), "best_acc1": trainer.best_acc1,
+    meter = trainer.meter
+    fps, scope = meter.mean_img_s(), "after warm-up"
+    if fps is None:  # a run that never left its warm-up: its only figure is over every step it timed
+        fps, scope = meter.all_img_s(), "all steps, inside warm-up"
+    summary = {"fps": fps, "fps_scope": scope, "input_wait": meter.mean_input_wait(), "best_acc1": trainer.best_acc1,
                "global_step": trainer.global_step, "epochs_done": trainer.epoch, "wall_s": wall_s}
     log.record("summary", **summary)
     log.write_json("summary.json", summary)
-    if fps is None:
-        log.print(f"FPS@all n/a (no steps after the {cfg.warmup_log_steps} warm-up steps)")
-    else:
+    if scope == "after warm-up":
         log.print(f"FPS@all {fps:.3f}")
+    else:
+        log.print(f"FPS@all {fps or 0.0:.3f} ({meter.all_steps} steps, inside the {cfg.warmup_log_steps}-step warm-up)")
     best = "n/a" if trainer.best_acc1 is None else f"{trainer.best_acc1:.3f}"
     log.print(f"summary: {trainer.global_step} steps, best Acc@1 {best}, wall {wall_s:.1f} s, "
               f"output {cfg.output}")

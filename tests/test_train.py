@@ -156,6 +156,24 @@ def test_a_resume_file_that_is_no_checkpoint_fails_in_one_line(tmp_path, capsys)
                        "--output", str(tmp_path / "o"), "--resume", str(junk)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "junk.pth: not a readable checkpoint" in err
+    assert not (tmp_path / "o").exists()  # a failed start leaves no run behind for --resume auto to find
+
+
+def test_a_bad_data_path_leaves_no_run_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train.main([*TINY, "--data_path", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 1
+    assert "no shard manifest here" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_run_inside_its_warm_up_prints_a_numeric_fps(tmp_path, capsys):
+    out = tmp_path / "short"
+    run_ok([*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--max-steps", "3",
+            "--warmup-log-steps", "10", "--eval-freq", "0", "--output", str(out), "-p", "1", "--no-plots"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("FPS@all")][-1]
+    fps = float(line.split()[1])
+    assert fps > 0 and line.endswith("(3 steps, inside the 10-step warm-up)")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fps"] == pytest.approx(fps, rel=1e-3) and summary["fps_scope"] == "all steps, inside warm-up"
 
 
 def test_resume_with_another_length_is_refused(tmp_path, capsys):
@@ -164,8 +182,10 @@ def test_resume_with_another_length_is_refused(tmp_path, capsys):
     common = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
               "--output", str(out), "--no-plots", "--max-steps", "2"]
     run_ok([*common, "--epochs", "2"])
+    before = (out / "metrics.jsonl").read_text(), (out / "config.json").read_text()
     assert train.main([*common, "--epochs", "3", "--resume", "auto"]) == 1
     assert "planned as 2 epochs" in capsys.readouterr().err
+    assert ((out / "metrics.jsonl").read_text(), (out / "config.json").read_text()) == before  # the run untouched
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -178,6 +198,7 @@ def test_model_mistakes_fail_in_one_line(tmp_path, capsys, argv, message):
     assert train.main([*base, *argv]) in (1, 2)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_npu_without_torch_npu_fails_in_one_line():

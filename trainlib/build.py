@@ -3,6 +3,7 @@ train.py and the benchmarks (tools/bench_train.py) call the same ones, so a benc
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,13 +48,27 @@ def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
     return train, val
 
 
+def check_model(cfg: TrainConfig, classes: int) -> None:
+    """The model's mistakes before anything is written: --img-size against the patch size (on the meta device, so
+    nothing is allocated) and a --pretrained file that is not there."""
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such checkpoint file")
+    with torch.device("meta"):
+        model = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, drop_path=cfg.drop_path)
+    check_patch_size(cfg, model)
+
+
+def check_patch_size(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch and (cfg.img_size % patch[0] or cfg.img_size % patch[1]):
+        raise ConfigError(f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
+
+
 def build_model_for(cfg: TrainConfig, device, classes: int) -> torch.nn.Module:
     """The bare model on the device, with --pixel-input, --fp8 and --channels-last applied."""
     model = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, pretrained=cfg.pretrained,
                         drop_path=cfg.drop_path).to(device.device)
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch and (cfg.img_size % patch[0] or cfg.img_size % patch[1]):
-        raise ConfigError(f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
+    check_patch_size(cfg, model)
     if cfg.pixel_input:
         defaults = model_defaults(cfg.model)
         model = use_pixel_input(model, defaults["mean"], defaults["std"])

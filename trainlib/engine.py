@@ -43,6 +43,18 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
+def check_resumable(state: dict, cfg: TrainConfig, steps_per_epoch: int) -> None:
+    """CheckpointError unless `state` continues a run of this schedule length."""
+    planned = (state["config"]["epochs"], state["steps_per_epoch"])
+    if planned != (cfg.epochs, steps_per_epoch):
+        # The LR schedule spans epochs x steps per epoch; continuing it over another length would restart the
+        # cosine or cut it short without a word.
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's run was planned as {planned[0]} epochs x {planned[1]} steps; this one as "
+            f"{cfg.epochs} x {steps_per_epoch} (--epochs, --batch-size, world size or data changed). "
+            f"Resume with the same settings, or start a new run from its weights with --pretrained")
+
+
 class Trainer:
     """One run's mutable training state and the loops that advance it."""
 
@@ -86,9 +98,9 @@ class Trainer:
         waits = timed(batches)
         while self.step_in_epoch < steps_per_epoch and not self.reached_max_steps():
             (images, labels), wait_s = next(waits)
-            self.meter.step(wait_s)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
             loss_sum += self.step(images, labels)
+            self.meter.step(wait_s)  # after the step: an interval that counts it also times its compute
             self.step_in_epoch, self.global_step, interval = self.step_in_epoch + 1, self.global_step + 1, interval + 1
             if self.step_in_epoch % cfg.print_freq == 0 or self.step_in_epoch == steps_per_epoch:
                 self.log_train(loss_sum / interval, lr)
@@ -157,14 +169,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams."""
-        planned = (state["config"]["epochs"], state["steps_per_epoch"])
-        if planned != (self.cfg.epochs, self.steps_per_epoch):
-            # The LR schedule spans epochs x steps per epoch; continuing it over another length would restart the
-            # cosine or cut it short without a word.
-            raise checkpoint.CheckpointError(
-                f"the checkpoint's run was planned as {planned[0]} epochs x {planned[1]} steps; this one as "
-                f"{self.cfg.epochs} x {self.steps_per_epoch} (--epochs, --batch-size, world size or data changed). "
-                f"Resume with the same settings, or start a new run from its weights with --pretrained")
+        if not self.cfg.evaluate:  # evaluation runs no schedule
+            check_resumable(state, self.cfg, self.steps_per_epoch)
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:  # another model, image size or class count
