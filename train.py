@@ -113,7 +113,8 @@ def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
     if fps is None:  # a run that never left its warm-up: its only figure is over every step it timed
         fps, scope = meter.all_img_s(), "all steps, inside warm-up"
     summary = {"fps": fps, "fps_scope": scope, "input_wait": meter.mean_input_wait(), "best_acc1": trainer.best_acc1,
-               "global_step": trainer.global_step, "epochs_done": trainer.epoch, "wall_s": wall_s}
+               "global_step": trainer.global_step, "epochs_done": trainer.epoch, "wall_s": wall_s,
+               "skipped_samples": trainer.skipped_samples}
     log.record("summary", **summary)
     log.write_json("summary.json", summary)
     if scope == "after warm-up":

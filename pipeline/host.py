@@ -10,7 +10,6 @@ over a slot number; the parent copies the slot out (into pinned memory on an acc
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import multiprocessing as mp
 import os
 import re
@@ -30,7 +29,6 @@ from pipeline.format import PipelineError, read_manifest, shard_list
 from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
 from pipeline.plan import consumer_order
 
-log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 SHM_NAME = re.compile(r"vitpipe_(\d+)_[0-9a-f]{8}_\d+_\d+$")  # vitpipe_<parent pid>_<token>_<worker>_<slot>
 START_METHODS = ("forkserver", "spawn")
@@ -226,6 +224,7 @@ class HostLoader:
         # Workers beyond `steps` would get no batches (pipeline/plan.py rule 4), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))
         self.skipped = 0  # corrupt samples replaced (on_error="skip")
+        self.skipped_shards: dict[str, int] = {}  # where they were: shard file name -> count
         self.bytes_read = 0  # compressed bytes read from shards
         self._gen = 0  # numbers the workers' runs: a new one starts where the epochs asked for stop following on
         self._run_epoch = None  # the epoch the current run produces next; None: no run to follow on from
@@ -378,9 +377,8 @@ class HostLoader:
                 self._recv(w)
             raise WorkerError(f"host worker {w} (pid {p.pid}) died with exit code {p.exitcode}")
 
-    def _account(self, nbytes: int, skipped: int) -> None:
+    def _account(self, nbytes: int, skipped: dict[str, int]) -> None:
         self.bytes_read += nbytes
-        if skipped and not self.skipped:
-            log.warning("rank %d: skipping undecodable samples (on_error='skip'); loader.skipped counts them",
-                        self.spec.rank)
-        self.skipped += skipped
+        for name, count in skipped.items():
+            self.skipped += count
+            self.skipped_shards[name] = self.skipped_shards.get(name, 0) + count

@@ -5,7 +5,8 @@ A worker never sees image bytes from the parent: it gets (epoch) commands, works
 rule in `pipeline/plan.py`, reads their samples with the one reader (`pipeline/reader.py`), and tells the parent
 "slot k holds batch i". A batch's crops and flips are seeded by (seed, epoch, rank, batch), so the batches do not
 depend on how many workers made them. Parent -> worker messages, all tuples: ("epoch", gen, epoch),
-("release", gen, slot), ("stop",). Worker -> parent: ("batch", gen, slot, epoch, batch_index, bytes_read, skipped),
+("release", gen, slot), ("stop",). Worker -> parent: ("batch", gen, slot, epoch, batch_index, bytes_read,
+{shard file: samples skipped}),
 ("sample_error", gen, text), ("crash", text). After "epoch" a worker runs on into the following epochs, as far as
 its free slots allow, so the next epoch's first batches are ready when it starts; a new "epoch" (a new `gen`, which
 numbers the parent's runs) restarts it elsewhere, and messages about an abandoned run are ignored.
@@ -18,7 +19,7 @@ import random
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -155,7 +156,8 @@ def fill_batch(cfg: WorkerConfig, samples: list[Sample | None], images, labels, 
         except SampleError:
             if not cfg.skip_bad:
                 raise
-            stats.skipped += 1
+            name = os.path.basename(sample.shard)
+            stats.skipped[name] = stats.skipped.get(name, 0) + 1
             images[i], labels[i] = 0, -1
             bad.append(i)
     if cfg.train and bad:
@@ -171,7 +173,7 @@ def fill_batch(cfg: WorkerConfig, samples: list[Sample | None], images, labels, 
 @dataclass
 class Stats:
     bytes_read: int = 0
-    skipped: int = 0
+    skipped: dict = field(default_factory=dict)  # shard file name -> samples skipped there
 
 
 def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader) -> None:
@@ -187,7 +189,7 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
         rng = random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{batch_index}")
         fill_batch(cfg, samples, images, labels, rng, stats)
         mailbox.conn.send(("batch", mailbox.gen, slot, epoch, batch_index, stats.bytes_read, stats.skipped))
-        stats.bytes_read = stats.skipped = 0
+        stats.bytes_read, stats.skipped = 0, {}
 
 
 def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:

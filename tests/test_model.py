@@ -1,4 +1,5 @@
-"""model/: timm's ViT built locally, local checkpoints loaded with head re-initialisation, FLOPs that match a counter."""
+"""model/: timm's ViT built locally, local checkpoints loaded with head re-initialisation, FLOPs that match a
+counter."""
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import timm
 import torch
 
 import train
+from pipeline.format import read_index, shard_list
 from trainlib import checkpoint, devices
 from trainlib.engine import Trainer
 
@@ -240,3 +242,20 @@ def test_dali_trains_and_its_options_reach_the_loader(sample_shards, tmp_path):
     assert len(metrics(out, "train")) >= 6 and metrics(out, "eval")[-1]["samples"] == 16
     env = json.loads((out / "env.json").read_text())
     assert "1 reader processes" in env["train_loader"] and "1 reader processes" in env["val_loader"]
+
+
+def test_skipped_samples_are_reported_per_epoch_and_in_the_summary(sample_shards, tmp_path, capsys):
+    data = tmp_path / "shards"
+    shutil.copytree(sample_shards, data)
+    shard = shard_list(data, "train")[1]
+    size = Path(shard.path).stat().st_size * 2 // 3
+    cut = sum(max(o + n for o, n in parts.values()) > size for _, parts in read_index(shard.index_path))
+    os.truncate(shard.path, size)
+    out = tmp_path / "run"
+    run_ok([*TINY, "--data_path", str(data), "--batch-size", "8", "--epochs", "2", "--eval-freq", "0",
+            "--on-error", "skip", "--output", str(out), "--no-plots"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if "undecodable" in x]
+    assert lines == [f"Epoch [{e}] train: skipped {cut} undecodable samples (--on-error skip) from "
+                     f"train-000001.tar x{cut}" for e in (0, 1)] and cut > 0
+    assert [(r["epoch"], r["samples"]) for r in metrics(out, "skipped")] == [(0, cut), (1, cut)]
+    assert json.loads((out / "summary.json").read_text())["skipped_samples"] == 2 * cut

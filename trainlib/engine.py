@@ -67,6 +67,7 @@ class Trainer:
         self.log, self.placement, self.num_classes = log, placement, num_classes
         self.steps_per_epoch = steps_per_epoch
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
+        self.skipped_samples = 0  # --on-error skip: samples replaced, all ranks, train and val
         self.meter = Throughput(device, cfg.batch_size * placement.world_size, cfg.warmup_log_steps)
         peak = device.peak_flops(amp_dtype)
         self.train_flops_per_s_peak = peak * placement.world_size if peak and flops_per_image else None
@@ -90,6 +91,7 @@ class Trainer:
         re-entered from its start and the finished steps are drawn and dropped: the loader yields the same batches in
         the same order, at the cost of reading them again."""
         cfg, steps_per_epoch = self.cfg, self.steps_per_epoch
+        skipped_before = dict(getattr(loader, "skipped_shards", {}))
         batches = iter(loader)
         for _ in range(self.step_in_epoch):
             next(batches)
@@ -108,6 +110,7 @@ class Trainer:
             if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.step_in_epoch < steps_per_epoch:
                 self.save_checkpoint()
         self.meter.pause()
+        self.report_skipped(loader, skipped_before, "train")
 
     def reached_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
@@ -133,17 +136,37 @@ class Trainer:
         """Exact Acc@1 / Acc@5 over the whole val split (all ranks' shares, padding skipped)."""
         self.model.eval()
         topk = TopK(self.device.device, self.num_classes)
+        skipped_before = dict(getattr(loader, "skipped_shards", {}))
         t0 = time.perf_counter()
         for images, labels in loader:
             with self.device.autocast(self.amp_dtype):
                 logits = self.model(images)
             topk.update(logits, labels)
         acc1, acc5, n = topk.result()
+        self.report_skipped(loader, skipped_before, "val")
         self.model.train()
         self.log.print(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
         self.log.record("eval", epoch=self.epoch, global_step=self.global_step, acc1=acc1, acc5=acc5, samples=n,
                         seconds=time.perf_counter() - t0)
         return acc1, acc5, n
+
+    def report_skipped(self, loader, before: dict[str, int], split: str) -> None:
+        """Samples `loader` skipped since `before` (--on-error skip), summed over ranks (a collective): printed,
+        recorded in metrics.jsonl and added to `skipped_samples`, when there are any."""
+        now = getattr(loader, "skipped_shards", {})
+        mine = {name: count - before.get(name, 0) for name, count in now.items() if count > before.get(name, 0)}
+        shards: dict[str, int] = {}
+        for part in distributed.all_gather(mine):
+            for name, count in part.items():
+                shards[name] = shards.get(name, 0) + count
+        total = sum(shards.values())
+        if not total:
+            return
+        self.skipped_samples += total
+        where = ", ".join(f"{name} x{count}" for name, count in sorted(shards.items()))
+        self.log.print(f"Epoch [{self.epoch}] {split}: skipped {total} undecodable samples (--on-error skip) from "
+                       f"{where}")
+        self.log.record("skipped", epoch=self.epoch, split=split, samples=total, shards=shards)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -152,6 +175,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_acc1": self.best_acc1, "world_size": self.placement.world_size, "config": self.cfg.to_dict(),
+                "skipped_samples": self.skipped_samples,
                 "steps_per_epoch": self.steps_per_epoch}
 
     def save_checkpoint(self, best: bool = False) -> None:
@@ -182,6 +206,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_acc1 = state["global_step"], state["best_acc1"]
+        self.skipped_samples = state.get("skipped_samples", 0)  # older checkpoints did not count
         if state["world_size"] != self.placement.world_size:
             self.log.print(f"note: checkpoint from {state['world_size']} ranks, resuming on "
                            f"{self.placement.world_size}: batches and random streams differ from an uninterrupted run")
