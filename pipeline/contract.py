@@ -10,9 +10,11 @@ the shorter side to floor(img_size / crop_pct), center crop).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -99,6 +101,25 @@ def endless(loader: Loader, stride: int = 1):
         loader.set_epoch(epoch)
         yield from loader
         epoch += stride
+
+
+@contextlib.contextmanager
+def main_not_replayed():
+    """Start processes (spawn, forkserver) without them running the user's `__main__` again. multiprocessing hands a
+    new interpreter the main script's path or module name, and the child runs it, unguarded top-level code included:
+    a quick script without `if __name__ == "__main__":` would then build loaders inside every worker. Our workers'
+    code lives in importable modules and needs nothing of the main script, so the main module's path and spec are
+    hidden while the processes start, and restored after."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 def timed(batches: Iterator) -> Iterator[tuple[object, float]]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.cli import knob
-from pipeline.contract import LoaderSpec, eval_resize, to_model_input
+from pipeline.contract import LoaderSpec, eval_resize, main_not_replayed, to_model_input
 from pipeline.format import ShardError, read_manifest, shard_list
 from pipeline.plan import EpochPlanner
 from pipeline.reader import SampleError, ShardReader, parse_label
@@ -271,7 +271,8 @@ class DaliLoader:
             return images, labels, jpegs.shape()
 
         pipe = graph()
-        pipe.build()
+        with main_not_replayed():  # spawned reader processes must not run the user's script again
+            pipe.build()
         self.builds += 1
         return pipe
 

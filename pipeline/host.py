@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.cli import knob
-from pipeline.contract import LoaderSpec, to_model_input
+from pipeline.contract import LoaderSpec, main_not_replayed, to_model_input
 from pipeline.format import PipelineError, read_manifest, shard_list
 from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
 from pipeline.plan import consumer_order
@@ -260,7 +260,8 @@ class HostLoader:
                 num_classes=num_classes, slot_names=tuple(names))
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
-            proc.start()
+            with main_not_replayed():  # no main guard needed in the user's script
+                proc.start()
             child_end.close()  # only the worker holds its end now, so our exit reads as EOF there
             self._procs.append(proc)
             self._conns.append(parent_end)

@@ -193,6 +193,27 @@ def test_workers_run_on_into_the_next_epoch(colour_shards):
     assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))
 
 
+@pytest.mark.parametrize("backend", ["host", "dali"])
+def test_a_script_without_a_main_guard_works(colour_shards, tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    script = tmp_path / "quick.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        import torch
+        from pipeline import build_loader
+        print("top level ran", flush=True)
+        loader = build_loader(data_path=sys.argv[1], backend="{backend}", batch_size=4, device="cpu", workers=2,
+                              img_size=16, dtype=torch.uint8)
+        print("samples", sum(len(y) for _, y in loader), flush=True)
+        loader.close()
+    """))
+    proc = subprocess.run([sys.executable, str(script), str(colour_shards)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["top level ran", "samples 48"]  # the workers did not run the script again
+
+
 def test_killed_worker_raises_quickly_and_cleans_up(colour_shards):
     l = loader(colour_shards, workers=1, batch_size=2)
     pids, names = l.worker_pids, shm_names(l)
