@@ -75,7 +75,7 @@ def run(cfg: TrainConfig) -> None:
         if state is not None and not cfg.evaluate:
             check_resumable(state, cfg, steps_per_epoch)
         if placement.is_main:
-            log = RunLog(cfg.output, append=resume_path is not None)
+            log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
         log.write_json("config.json", cfg.to_dict())
         log.write_json("env.json", {**environment(device, placement.world_size), **{
             f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))

@@ -259,3 +259,28 @@ def test_skipped_samples_are_reported_per_epoch_and_in_the_summary(sample_shards
                      f"train-000001.tar x{cut}" for e in (0, 1)] and cut > 0
     assert [(r["epoch"], r["samples"]) for r in metrics(out, "skipped")] == [(0, cut), (1, cut)]
     assert json.loads((out / "summary.json").read_text())["skipped_samples"] == 2 * cut
+
+
+def test_tensorboard_gets_the_figures_of_metrics_jsonl(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    run_ok([*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--max-steps", "6",
+            "--eval-freq", "0", "--output", str(out), "-p", "2", "--no-plots", "--tensorboard"])
+    events = event_accumulator.EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/img_s", "train/input_wait", "summary/fps"} <= set(tags)
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    expected = [(r["global_step"], r["loss"]) for r in metrics(out, "train")]
+    assert [s for s, _ in losses] == [s for s, _ in expected] == [2, 4, 6]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--backend", "synthetic", "--tensorboard", "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and "needs the tensorboard package" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

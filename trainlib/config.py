@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 from pipeline import IMAGENET_CLASSES, options_class
@@ -82,6 +83,8 @@ class TrainConfig:
     print_freq: int = knob(10, "log every N steps", "-p")
     warmup_log_steps: int = knob(10, "steps left out of the mean img/s (compile, allocator and pipeline warm-up)")
     plots: bool = knob(True, "write plots.png (loss, img/s, input wait) at the end")
+    tensorboard: bool = knob(False, "also write the figures of metrics.jsonl as TensorBoard scalars to <output>/tb "
+                                    "(rank 0; needs the tensorboard package: pip install -e '.[tensorboard]')")
     # devices and launch (under torchrun its environment wins over --rank/--world-size/--addr/--dist-url)
     device: str = knob("auto", "auto, gpu (= cuda), cuda, npu or cpu", choices=("auto", "gpu", "cuda", "npu", "cpu"))
     gpu: int = knob(None, "device index for a single-process run (torchrun: LOCAL_RANK)")
@@ -121,6 +124,9 @@ class TrainConfig:
             raise ConfigError("--on-error skip needs --backend host: DALI fails a whole batch on a bad JPEG")
         if self.evaluate and not (self.pretrained or self.resume):
             raise ConfigError("--evaluate needs weights: give --pretrained PATH or --resume PATH")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
+                              "(or pip install tensorboard)")
 
     def backend_options(self):
         """What `pipeline.build_loader(options=...)` takes for this run's backend."""

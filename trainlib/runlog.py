@@ -1,6 +1,7 @@
 """What a run leaves in its output folder: config.json and env.json at the start, metrics.jsonl as it goes (one JSON
-object per line; "kind" is "train", "eval" or "summary"), summary.json and plots.png at the end. Only rank 0 writes
-or prints; other ranks get a `QuietLog` whose methods do nothing."""
+object per line; "kind" is "train", "eval", "skipped" or "summary"), summary.json and plots.png at the end, and with
+--tensorboard the same figures as TensorBoard scalars under tb/. Only rank 0 writes or prints; other ranks get a
+`QuietLog` whose methods do nothing."""
 from __future__ import annotations
 
 import json
@@ -15,27 +16,40 @@ import torch
 
 from pipeline import atomicio
 
-METRICS, SUMMARY, PLOTS = "metrics.jsonl", "summary.json", "plots.png"
+METRICS, SUMMARY, PLOTS, TENSORBOARD = "metrics.jsonl", "summary.json", "plots.png", "tb"
+POSITION = ("epoch", "step", "global_step")  # where a figure was taken, not a figure
 
 
 class RunLog:
-    def __init__(self, output: Path, append: bool):
+    def __init__(self, output: Path, append: bool, tensorboard: bool = False):
         self.output = Path(output)
         self.output.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the file; a fresh run in the same folder starts it over.
         self._metrics = open(self.output / METRICS, "a" if append else "w", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # only with the flag: tensorboard is an optional extra
+
+            self._tb = SummaryWriter(str(self.output / TENSORBOARD))
 
     def print(self, line: str) -> None:
         print(line, flush=True)
 
     def record(self, kind: str, **fields) -> None:
         self._metrics.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        if self._tb is not None and "global_step" in fields:
+            # The same figures as scalars "<kind>/<field>" (train/loss, eval/acc1, ...) over the global step.
+            for name, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in POSITION:
+                    self._tb.add_scalar(f"{kind}/{name}", value, fields["global_step"])
 
     def write_json(self, name: str, obj) -> None:
         atomicio.write_json(self.output / name, obj)
 
     def close(self) -> None:
         self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 class QuietLog:
