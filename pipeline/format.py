@@ -4,7 +4,8 @@
 A shard folder holds, per split, `<split>-NNNNNN.tar` (webdataset: `<key>.jpg` with the JPEG bytes, `<key>.cls` with
 the ASCII decimal label) and `<split>-NNNNNN.idx` beside it (DALI's wds2idx v1.2 index: the byte offset and size of
 every member, so readers seek instead of scanning), plus `classes.json` (class folder names, label order),
-timm's `_info.json`, and `manifest.json`, written last: its presence means the set is complete.
+timm's `_info.json`, and `manifest.json`, written last: its presence means the set is complete. The folder may be an
+S3 prefix (`s3://bucket/prefix`): every read goes through `pipeline/storage.py`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pipeline import atomicio
+from pipeline import atomicio, storage
 
 FORMAT = "vitshards-1"
 SPLITS = ("train", "val")
@@ -62,7 +63,7 @@ def index_text(lines: list[str]) -> str:
 def read_index(path: str | Path, num_samples: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """[(key, {ext: (offset, size)})] in tar order. `num_samples`, when given, must match (the manifest's count)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = storage.read_bytes(path).decode().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: unreadable index ({e})") from e
     head = lines[0].split() if lines else []
@@ -154,11 +155,16 @@ class Manifest:
 
 
 def read_manifest(data_path: str | Path) -> Manifest:
-    path = Path(data_path) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: no shard manifest here; make shards with tools/make_shards.py first")
+    path = storage.join(data_path, MANIFEST)
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no shard manifest here; make shards with tools/make_shards.py first") from None
+    except ShardError as e:
+        if str(e).endswith("no such object"):
+            raise ShardError(f"{path}: no shard manifest here; make shards with tools/make_shards.py first") \
+                from None
+        raise
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(obj, dict):
@@ -167,9 +173,9 @@ def read_manifest(data_path: str | Path) -> Manifest:
 
 
 def read_classes(data_path: str | Path) -> list[str]:
-    path = Path(data_path) / CLASSES
+    path = storage.join(data_path, CLASSES)
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable class list ({e})") from e
 
@@ -196,12 +202,12 @@ def shard_list(data_path: str | Path, split: str, manifest: Manifest | None = No
     manifest = manifest or read_manifest(data_path)
     entry = manifest.splits.get(split)
     if not entry or not entry.shards:
-        raise ShardError(f"{Path(data_path) / MANIFEST}: no '{split}' shards in this data set")
-    root, shards = Path(data_path), []
+        raise ShardError(f"{storage.join(data_path, MANIFEST)}: no '{split}' shards in this data set")
+    present, shards = storage.names(data_path), []  # one listing, not a request per file
     for s in entry.shards:
-        tar, idx = root / s.name, root / s.index
-        for f in (tar, idx):
-            if not f.is_file():
-                raise ShardError(f"{f}: listed in the manifest but missing; rerun tools/make_shards.py to complete it")
-        shards.append(Shard(str(tar), str(idx), s.num_samples))
+        for name in (s.name, s.index):
+            if name not in present:
+                raise ShardError(f"{storage.join(data_path, name)}: listed in the manifest but missing; rerun "
+                                 f"tools/make_shards.py to complete it")
+        shards.append(Shard(storage.join(data_path, s.name), storage.join(data_path, s.index), s.num_samples))
     return shards

@@ -23,9 +23,10 @@ from multiprocessing import connection, shared_memory
 import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.cli import knob
 from pipeline.contract import LoaderSpec, main_not_replayed, to_model_input
-from pipeline.format import PipelineError, read_manifest, shard_list
+from pipeline.format import PipelineError, ShardError, read_manifest, shard_list
 from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
 from pipeline.plan import consumer_order
 
@@ -256,8 +257,8 @@ class HostLoader:
             cfg = WorkerConfig(
                 worker=w, num_workers=self.num_workers, planner=self.planner, img_size=spec.img_size,
                 crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
-                hflip=spec.hflip, skip_bad=spec.on_error == "skip",
-                num_classes=num_classes, slot_names=tuple(names))
+                hflip=spec.hflip, skip_bad=spec.on_error == "skip", num_classes=num_classes,
+                slot_names=tuple(names), environment=tuple(storage.environment().items()))
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
             with main_not_replayed():  # no main guard needed in the user's script
@@ -351,7 +352,7 @@ class HostLoader:
                 if msg[1] != gen:
                     continue  # about an abandoned iteration
                 if msg[0] == "sample_error":
-                    raise SampleError(msg[2])
+                    raise (SampleError if msg[3] else ShardError)(msg[2])
                 _, _, slot, made_epoch, index, nbytes, skipped = msg
                 if (made_epoch, index) != (epoch, batch_index):
                     raise WorkerError(f"host worker {worker} sent batch {index} of run epoch {made_epoch}, expected "

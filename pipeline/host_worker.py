@@ -6,10 +6,10 @@ rule in `pipeline/plan.py`, reads their samples with the one reader (`pipeline/r
 "slot k holds batch i". A batch's crops and flips are seeded by (seed, epoch, rank, batch), so the batches do not
 depend on how many workers made them. Parent -> worker messages, all tuples: ("epoch", gen, epoch),
 ("release", gen, slot), ("stop",). Worker -> parent: ("batch", gen, slot, epoch, batch_index, bytes_read,
-{shard file: samples skipped}),
-("sample_error", gen, text), ("crash", text). After "epoch" a worker runs on into the following epochs, as far as
-its free slots allow, so the next epoch's first batches are ready when it starts; a new "epoch" (a new `gen`, which
-numbers the parent's runs) restarts it elsewhere, and messages about an abandoned run are ignored.
+{shard file: samples skipped}), ("sample_error", gen, text, one sample or not), ("crash", text). After "epoch" a
+worker runs on into the following epochs, as far as its free slots allow, so the next epoch's first batches are
+ready when it starts; a new "epoch" (a new `gen`, which numbers the parent's runs) restarts it elsewhere, and
+messages about an abandoned run are ignored.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ class WorkerConfig:
     skip_bad: bool
     num_classes: int | None  # labels outside [0, num_classes) are corrupt samples; None: not checked
     slot_names: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...] = ()  # the parent's AWS_* settings (a forkserver may predate them)
 
     @property
     def train(self) -> bool:
@@ -207,8 +208,8 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
                 epoch += 1
         except Interrupted as stop:
             msg = stop.message
-        except SampleError as e:
-            mailbox.conn.send(("sample_error", mailbox.gen, str(e)))
+        except ShardError as e:  # a sample, or a shard that cannot be read: one line for the parent to raise
+            mailbox.conn.send(("sample_error", mailbox.gen, str(e), isinstance(e, SampleError)))
             msg = mailbox.conn.recv()
 
 
@@ -217,6 +218,7 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
     for name in THREAD_ENV:
         os.environ[name] = "1"
+    os.environ.update(dict(cfg.environment))
     if "torch" in sys.modules:  # imported with the `pipeline` package; keep its pools at one thread too
         sys.modules["torch"].set_num_threads(1)
     shms = [shared_memory.SharedMemory(name=n) for n in cfg.slot_names]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
 
+from pipeline import storage
 from pipeline.format import Shard, ShardError, read_index
 
 
@@ -68,38 +68,42 @@ class ShardReader:
         return entries
 
     def read(self, refs: list[tuple[Shard, int]]) -> list[Sample]:
-        """The samples `refs` names, in that order; each shard is opened once and read in offset order."""
+        """The samples `refs` names, in that order. Per shard, one request covers each sample's members (a local
+        file: seek and read; S3: ranged GETs, near ones merged, several in flight)."""
         out: list[Sample | None] = [None] * len(refs)
         by_shard: dict[Shard, list[int]] = {}
         for i, (shard, _) in enumerate(refs):
             by_shard.setdefault(shard, []).append(i)
         for shard, positions in by_shard.items():
             entries = self.index(shard)
-            try:
-                with open(shard.path, "rb") as f:
-                    for i in sorted(positions, key=lambda i: refs[i][1]):
-                        out[i] = self._read_one(f, shard, entries[refs[i][1]])
-            except OSError as e:
-                raise ShardError(f"{shard.path}: unreadable shard ({e.strerror or e})") from e
+            for i, sample in zip(positions, self._read_entries(shard, [entries[refs[i][1]] for i in positions])):
+                out[i] = sample
         return out
 
-    def read_all(self, shard: Shard, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+    def read_all(self, shard: Shard, start: int = 0, stop: int | None = None) -> list[Sample]:
         """Samples [start, stop) of one shard, in order."""
-        entries = self.index(shard)[start:stop]
-        with open(shard.path, "rb") as f:
-            for entry in entries:
-                yield self._read_one(f, shard, entry)
+        return self._read_entries(shard, self.index(shard)[start:stop])
 
     @staticmethod
-    def _read_one(f, shard: Shard, entry) -> Sample:
-        key, parts = entry
-        data, problem = {}, None
-        for ext in ("jpg", "cls"):
-            if ext in parts:
-                offset, size = parts[ext]
-                f.seek(offset)
-                data[ext] = f.read(size)
-                if len(data[ext]) < size and problem is None:
-                    problem = (f"the shard is cut short: its .{ext} needs bytes {offset}-{offset + size} of the file, "
-                               f"which ends at {offset + len(data[ext])} (remake the shards)")
-        return Sample(shard.path, key, data.get("jpg", b""), data.get("cls", b""), problem)
+    def _read_entries(shard: Shard, entries: list) -> list[Sample]:
+        spans = [(min(o for o, _ in parts.values()), max(o + n for o, n in parts.values())) for _, parts in entries]
+        try:
+            blobs = storage.read_ranges(shard.path, spans)
+        except OSError as e:
+            raise ShardError(f"{shard.path}: unreadable shard ({e.strerror or e})") from e
+        return [_sample(shard, entry, span[0], blob) for entry, span, blob in zip(entries, spans, blobs)]
+
+
+def _sample(shard: Shard, entry, start: int, blob: bytes) -> Sample:
+    """The sample's members cut out of `blob` (the file's bytes from `start`); a member the blob does not fully hold
+    means the file is shorter than its index says."""
+    key, parts = entry
+    data, problem = {}, None
+    for ext in ("jpg", "cls"):
+        if ext in parts:
+            offset, size = parts[ext]
+            data[ext] = blob[offset - start:offset - start + size]
+            if len(data[ext]) < size and problem is None:
+                problem = (f"the shard is cut short: its .{ext} needs bytes {offset}-{offset + size} of the file, "
+                           f"which ends at {start + len(blob)} (remake the shards)")
+    return Sample(shard.path, key, data.get("jpg", b""), data.get("cls", b""), problem)

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import storage
 from pipeline.format import Manifest, ShardError, ShardInfo, read_index
 from pipeline.imagefolder import Scan, plan_shards
 
@@ -37,15 +38,15 @@ def read_tar(blob: bytes) -> list:
     return out
 
 
-def check_shard(src: Path, dst: Path, shard: ShardInfo, entries: list, split_rej: set, converted: set) -> list:
+def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, split_rej: set, converted: set) -> list:
     """Problems found in one shard (empty list when it is fine)."""
     name = shard.name
-    blob = (dst / name).read_bytes()
+    blob = storage.read_bytes(storage.join(dst, name))
     if len(blob) != shard.bytes or hashlib.sha256(blob).hexdigest() != shard.sha256:
         return [f"{name}: size or sha256 differs from the manifest"]
     try:
         samples = read_tar(blob)
-        index = read_index(dst / shard.index)
+        index = read_index(storage.join(dst, shard.index))
     except (OSError, ValueError, tarfile.TarError, ShardError) as e:
         return [f"{name}: {e}"]
     problems = []
@@ -68,7 +69,7 @@ def check_shard(src: Path, dst: Path, shard: ShardInfo, entries: list, split_rej
     return problems
 
 
-def verify(src: Path, dst: Path, scan: Scan, manifest: Manifest, limit: int = 20) -> list:
+def verify(src: Path, dst: str | Path, scan: Scan, manifest: Manifest, limit: int = 20) -> list:
     """Check all shards; prints the result and returns the list of problems."""
     problems = []
     rejected = {r["path"] for r in manifest.rejected}
@@ -86,6 +87,8 @@ def verify(src: Path, dst: Path, scan: Scan, manifest: Manifest, limit: int = 20
                 problems += check_shard(src, dst, shard, entries, rejected, converted)
             except OSError as e:
                 problems.append(f"{shard.name}: {e.strerror or e} ({e.filename})")
+            except ShardError as e:  # object storage
+                problems.append(str(e))
     checked = sum(s.num_samples for s in manifest.splits.values())
     if problems:
         print(f"verify: FAILED, {len(problems)} problems:")

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tarfile
+import tempfile
 import time
 import warnings
 from contextlib import closing
@@ -24,9 +25,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import atomicio
-from pipeline.format import (CLASSES, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings, ShardInfo,
-                             SplitInfo, index_line, index_text, is_shard_file, shard_name, write_set_files)
+from pipeline import atomicio, storage
+from pipeline.format import (CLASSES, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings, ShardError,
+                             ShardInfo, SplitInfo, index_line, index_text, is_shard_file, shard_name,
+                             write_set_files)
 from pipeline.imagefolder import Scan, SplitScan, UsageError, plan_shards, scan_source
 
 # Fixed tar header fields: the same input gives byte-identical shards on any machine, any day.
@@ -177,10 +179,12 @@ def _write_tar(tmp: Path, src: Path, entries: list, split: str, settings: Settin
 def build_shard(job: tuple) -> dict:
     """Worker entry point: write `<name>.tar`, `<name>.idx`, then the `.parts/<name>.json` record.
 
-    job = (split, index, entries, src, dst, settings, plan_id). The record is written last and
-    atomically, so its presence (with matching plan id and sizes) proves the shard is complete.
+    job = (split, index, entries, src, dst, settings, plan_id, remote). The record is written last and
+    atomically, so its presence (with matching plan id and sizes) proves the shard is complete. With `remote` (an
+    s3:// prefix), `dst` is a staging folder: the shard and its index are uploaded, then the record, and the local
+    copies removed, so staging holds at most one shard per worker.
     """
-    split, index, entries, src, dst, settings, plan_id = job  # one tuple: what Pool.imap hands a worker
+    split, index, entries, src, dst, settings, plan_id, remote = job  # one tuple: what Pool.imap hands a worker
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     name = shard_name(split, index)
     tar_path, idx_path = dst / f"{name}.tar", dst / f"{name}.idx"
@@ -195,9 +199,18 @@ def build_shard(job: tuple) -> dict:
         atomicio.fsync_dir(dst)  # both renames are durable before the record says "done"
         rec.update({"plan_id": plan_id, "split": split, "name": f"{name}.tar", "index": f"{name}.idx",
                     "index_bytes": len(index)})
-        atomicio.write_json(dst / PARTS_DIR / f"{name}.json", rec, fsync=False)
+        if remote:
+            storage.upload(tar_path, storage.join(remote, tar_path.name))
+            storage.upload(idx_path, storage.join(remote, idx_path.name))
+            storage.put_bytes(storage.join(remote, f"{PARTS_DIR}/{name}.json"), json.dumps(rec).encode())
+            tar_path.unlink()
+            idx_path.unlink()
+        else:
+            atomicio.write_json(dst / PARTS_DIR / f"{name}.json", rec, fsync=False)
     except OSError as e:
         raise ShardWriteError(f"writing {name}: {e.strerror or e} ({e.filename or dst})") from None
+    except ShardError as e:  # an upload that failed after botocore's retries
+        raise ShardWriteError(f"uploading {name}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return rec
@@ -228,50 +241,88 @@ def make_plan_id(settings: Settings, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+class Destination:
+    """Where the set goes: a local folder, or an S3 prefix written through a local staging folder (shards are built
+    there, uploaded, and removed; the set's files are uploaded last, manifest.json at the very end)."""
+
+    def __init__(self, out: str | Path, staging: str | Path | None = None):
+        self.remote = str(out).rstrip("/") if storage.is_s3(out) else None
+        if self.remote:
+            self.local = Path(staging) if staging else Path(tempfile.mkdtemp(prefix="make_shards_staging_"))
+        else:
+            self.local = Path(os.path.abspath(out))
+
+    def __str__(self) -> str:
+        return self.remote or str(self.local)
+
+    def read_json(self, name: str):
+        try:
+            return json.loads(storage.read_bytes(storage.join(self.remote or self.local, name)))
+        except (OSError, ValueError):
+            return None
+        except ShardError as e:
+            if str(e).endswith("no such object"):
+                return None
+            raise  # wrong credentials, no server: not "nothing here"
+
+    def listing(self) -> dict[str, int]:
+        """Name -> size of what is there, `.parts/<name>.json` records included."""
+        if self.remote:
+            return storage.sizes(self.remote)
+        found = {}
+        for folder, prefix in ((self.local, ""), (self.local / PARTS_DIR, f"{PARTS_DIR}/")):
+            if folder.is_dir():  # sub-folders count as something there (size -1), files with their size
+                found.update({prefix + e.name: e.stat().st_size if e.is_file() else -1 for e in os.scandir(folder)
+                              if e.name != PARTS_DIR})
+        return found
+
+    def remove(self, names: list[str]) -> None:
+        if self.remote:
+            storage.delete(self.remote, names)
+        else:
+            for name in names:
+                (self.local / name).unlink(missing_ok=True)
+
+    def publish(self, names: list[str]) -> None:
+        """Upload files finished in staging, in this order (a remote set only)."""
+        for name in names if self.remote else ():
+            storage.upload(self.local / name, storage.join(self.remote, name))
 
 
 def ours(name: str) -> bool:
     """Files this writer puts into DST (what --overwrite may delete, and what 'DST is empty' ignores)."""
-    return name in OUTPUT_FILES or name == PARTS_DIR or atomicio.is_temp_name(name) or is_shard_file(name)
+    top = name.split("/", 1)[0]
+    return top in OUTPUT_FILES or top == PARTS_DIR or atomicio.is_temp_name(top) or is_shard_file(top)
 
 
-def prepare_out(dst: Path, settings: Settings, plan_id: str, overwrite: bool) -> None:
-    """Make sure DST is empty, or a (partial) run of this very plan, or may be overwritten."""
-    dst.mkdir(parents=True, exist_ok=True)
-    atomicio.remove_temp_files(dst)
-    atomicio.remove_temp_files(dst / PARTS_DIR)
-    old = read_json(dst / PLAN_FILE) or read_json(dst / MANIFEST) or {}
-    present = [n for n in os.listdir(dst) if n != PARTS_DIR]
-    if old.get("plan_id") == plan_id or not present:
-        return
+def prepare_out(dest: Destination, settings: Settings, plan_id: str, overwrite: bool) -> dict[str, int]:
+    """Make sure DST is empty, or a (partial) run of this very plan, or may be overwritten. Returns what is there."""
+    dest.local.mkdir(parents=True, exist_ok=True)
+    atomicio.remove_temp_files(dest.local)
+    atomicio.remove_temp_files(dest.local / PARTS_DIR)
+    present = dest.listing()
+    old = dest.read_json(PLAN_FILE) or dest.read_json(MANIFEST) or {}
+    if old.get("plan_id") == plan_id or not [n for n in present if not n.startswith(PARTS_DIR + "/")]:
+        return present
     if not overwrite:
         if old:
             diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(settings).items()
                     if old.get(k) != v]
             why = ", ".join(diff) if diff else "the source files changed (names, sizes or times)"
-            raise UsageError(f"{dst} holds shards of another data set or settings ({why}); "
+            raise UsageError(f"{dest} holds shards of another data set or settings ({why}); "
                              "pass --overwrite to replace them or pick another --out")
-        raise UsageError(f"{dst} is not empty and holds no make_shards output; pick another --out")
-    for name in os.listdir(dst):
-        if ours(name):
-            path = dst / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise UsageError(f"{dest} is not empty and holds no make_shards output; pick another --out")
+    dest.remove([n for n in present if ours(n)])
+    return {}
 
 
-def finished_record(dst: Path, name: str, plan_id: str):
+def finished_record(dest: Destination, present: dict[str, int], name: str, plan_id: str):
     """The record of a shard finished by an earlier run of this plan, or None if it must be (re)built."""
-    rec = read_json(dst / PARTS_DIR / f"{name}.json")
+    rec = dest.read_json(f"{PARTS_DIR}/{name}.json") if f"{PARTS_DIR}/{name}.json" in present else None
     if not rec or rec.get("plan_id") != plan_id:
         return None
-    tar, idx = dst / rec["name"], dst / rec["index"]
     # Sizes, not hashes: re-hashing every finished shard would cost as much as a --verify.
-    if not (tar.is_file() and idx.is_file() and tar.stat().st_size == rec["bytes"]
-            and idx.stat().st_size == rec.get("index_bytes")):
+    if present.get(rec["name"]) != rec["bytes"] or present.get(rec["index"]) != rec.get("index_bytes"):
         return None
     return rec
 
@@ -290,17 +341,18 @@ def run_jobs(jobs: list, workers: int):
         yield from pool.imap_unordered(build_shard, jobs)
 
 
-def build(src: Path, dst: Path, scan: Scan, settings: Settings, plan_id: str, workers: int) -> dict:
+def build(src: Path, dest: Destination, present: dict[str, int], scan: Scan, settings: Settings, plan_id: str,
+          workers: int) -> dict:
     """Build every shard not already finished; returns {shard name: record}."""
     records, jobs = {}, []
     for split in scan.splits.values():
         for i, entries in enumerate(plan_shards(split, settings.seed, settings.samples_per_shard)):
             name = shard_name(split.name, i)
-            rec = finished_record(dst, name, plan_id)
+            rec = finished_record(dest, present, name, plan_id)
             if rec:
                 records[name] = rec
             else:
-                jobs.append((split.name, i, entries, src, dst, settings, plan_id))
+                jobs.append((split.name, i, entries, src, dest.local, settings, plan_id, dest.remote))
     if records:
         print(f"resuming: {len(records)} shards already built, {len(jobs)} to build")
     total = sum(len(j[2]) for j in jobs)
@@ -326,7 +378,7 @@ def split_info(split: SplitScan, recs: list) -> tuple[SplitInfo, list]:
     return info, rejected
 
 
-def write_outputs(dst: Path, scan: Scan, settings: Settings, plan_id: str, records: dict) -> Manifest:
+def write_outputs(dest: Destination, scan: Scan, settings: Settings, plan_id: str, records: dict) -> Manifest:
     splits, converted, rejected, ignored = {}, [], [], []
     for name, split in scan.splits.items():
         recs = [records[k] for k in sorted(records) if k.startswith(name + "-")]
@@ -335,33 +387,42 @@ def write_outputs(dst: Path, scan: Scan, settings: Settings, plan_id: str, recor
         converted += sorted((c for r in recs for c in r["converted"]), key=lambda c: c["path"])
         ignored += split.ignored
     manifest = Manifest(settings, plan_id, len(scan.classes), splits, converted, rejected, ignored)
-    write_set_files(dst, manifest, scan.classes)
+    write_set_files(dest.local, manifest, scan.classes)
+    dest.publish([CLASSES, TIMM_INFO, MANIFEST])  # the manifest last: a reader never sees a half-written set
     return manifest
 
 
-def write_shards(src: Path, dst: Path, given: dict, workers: int = 1, overwrite: bool = False) -> tuple[Manifest, Scan]:
-    """ImageFolder `src` -> shard set `dst`, resuming an interrupted run of the same plan. `given`: the Settings
-    values asked for (None = keep what DST's plan says, else the default). Returns the manifest and the scan (for a
-    verify). UsageError for input the user must fix, ShardWriteError when writing fails."""
-    src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
+def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, overwrite: bool = False,
+                 staging: str | Path | None = None) -> tuple[Manifest, Scan]:
+    """ImageFolder `src` -> shard set `out` (a folder or an s3:// prefix, built through `staging`), resuming an
+    interrupted run of the same plan. `given`: the Settings values asked for (None = keep what the plan in `out`
+    says, else the default). Returns the manifest and the scan (for a verify). UsageError for input the user must
+    fix, ShardWriteError when writing fails, ShardError when S3 cannot be used."""
+    src = Path(os.path.abspath(src))
     if workers < 1:
         raise UsageError("--workers must be >= 1")
     if not src.is_dir():
         raise UsageError(f"--data_path {src} is not a folder")
-    if dst.exists() and not dst.is_dir():
-        raise UsageError(f"--out {dst} exists and is not a folder")
-    previous = read_json(dst / PLAN_FILE) or {}
+    if not storage.is_s3(out) and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    dest = Destination(out, staging)
+    previous = dest.read_json(PLAN_FILE) or {}
     settings = resolve_settings(given, src, previous if previous.get("source") == str(src) else {})
     scan = scan_source(src)
     if not any(s.num_files for s in scan.splits.values()):
         raise UsageError(f"--data_path {src} holds no files under train/ or val/")
     plan_id = make_plan_id(settings, scan.fingerprint)
-    prepare_out(dst, settings, plan_id, overwrite)
-    (dst / PARTS_DIR).mkdir(exist_ok=True)
-    atomicio.write_json(dst / PLAN_FILE, {**dataclasses.asdict(settings), "plan_id": plan_id,
-                                         "fingerprint": scan.fingerprint})
-    records = build(src, dst, scan, settings, plan_id, workers)
-    return write_outputs(dst, scan, settings, plan_id, records), scan
+    try:
+        present = prepare_out(dest, settings, plan_id, overwrite)
+        (dest.local / PARTS_DIR).mkdir(exist_ok=True)
+        atomicio.write_json(dest.local / PLAN_FILE, {**dataclasses.asdict(settings), "plan_id": plan_id,
+                                                    "fingerprint": scan.fingerprint})
+        dest.publish([PLAN_FILE])
+        records = build(src, dest, present, scan, settings, plan_id, workers)
+        return write_outputs(dest, scan, settings, plan_id, records), scan
+    finally:
+        if dest.remote and staging is None:
+            shutil.rmtree(dest.local, ignore_errors=True)  # a staging folder of our own: nothing in it is needed
 
 
 def remove_leftovers(dst: Path) -> None:

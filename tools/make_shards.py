@@ -1,6 +1,7 @@
 """Pack an ImageFolder (`SRC/train/<class>/*`, `SRC/val/<class>/*`) into webdataset tar shards.
 
     python tools/make_shards.py --data_path SRC --out DST [--samples-per-shard 1000] [--workers 8]
+    python tools/make_shards.py --data_path SRC --out s3://BUCKET/PREFIX [--staging DIR]   # into object storage
 
 Writes `DST/{train,val}-NNNNNN.tar` (+ a DALI `.idx` beside each), `DST/classes.json`, timm's
 `DST/_info.json` and `DST/manifest.json`. Every file appears under its final name only when complete;
@@ -18,24 +19,29 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline import verify, writer
-from pipeline.format import MANIFEST, Manifest, Settings
+from pipeline.format import MANIFEST, Manifest, Settings, ShardError
 from pipeline.imagefolder import UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 DEFAULTS = Settings()
 
 
-def folder_arg(text: str) -> Path:
-    # Path("") would quietly become the current folder.
+def folder_arg(text: str) -> Path | str:
+    # Path("") would quietly become the current folder, and Path would fold the // of an s3:// URL.
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return Path(text)
+    return text if text.startswith("s3://") else Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_path", type=folder_arg, required=True, help="ImageFolder root holding train/ and/or val/")
-    p.add_argument("--out", type=folder_arg, required=True, help="output folder for shards")
+    p.add_argument("--out", type=folder_arg, required=True,
+                   help="output folder for shards, or s3://BUCKET/PREFIX (credentials and endpoint from AWS_* "
+                        "environment variables; docs/data.md)")
+    p.add_argument("--staging", type=folder_arg, default=None,
+                   help="with an s3:// --out: local folder where shards are built before upload (default: a "
+                        "temporary folder; it holds about one shard per worker at a time)")
     p.add_argument("--samples-per-shard", type=int, help=f"default {DEFAULTS.samples_per_shard}")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes; 1 = in-process")
     p.add_argument("--max-side", type=int, help="re-encode images longer than this (px); default: keep")
@@ -66,10 +72,10 @@ def print_summary(manifest: Manifest, limit: int = 20) -> None:
 
 def run(args) -> int:
     given = {k: getattr(args, k) for k in ("seed", "samples_per_shard", "max_side", "quality", "check")}
-    manifest, scan = writer.write_shards(args.data_path, args.out, given, args.workers, args.overwrite)
+    manifest, scan = writer.write_shards(args.data_path, args.out, given, args.workers, args.overwrite, args.staging)
     print_summary(manifest)
-    if args.verify and verify.verify(Path(os.path.abspath(args.data_path)), Path(os.path.abspath(args.out)), scan,
-                                     manifest):
+    out = args.out if isinstance(args.out, str) else os.path.abspath(args.out)
+    if args.verify and verify.verify(Path(os.path.abspath(args.data_path)), out, scan, manifest):
         return EXIT_VERIFY
     return EXIT_REJECTED if manifest.rejected else EXIT_OK
 
@@ -84,6 +90,9 @@ def main(argv=None) -> int:
     except writer.ShardWriteError as e:
         print(f"make_shards: error: {e}; temporary files removed, finished shards kept", file=sys.stderr)
         return EXIT_FAILED
+    except ShardError as e:  # object storage that cannot be used: credentials, endpoint, bucket
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as e:
         print(f"make_shards: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return EXIT_FAILED
@@ -92,7 +101,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        writer.remove_leftovers(args.out)  # workers are gone by now (leaving the pool ends them)
+        if not isinstance(args.out, str):
+            writer.remove_leftovers(args.out)  # workers are gone by now (leaving the pool ends them)
 
 
 if __name__ == "__main__":
