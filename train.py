@@ -10,6 +10,7 @@ Flags: `python train.py -h` or docs/training.md (both generated from trainlib.co
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ from trainlib import checkpoint, distributed
 from trainlib.build import build_loaders, build_trainer, check_model, class_count, seed_everything
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
-from trainlib.engine import Trainer, check_resumable
+from trainlib.engine import DivergedError, Preempted, Trainer, check_resumable
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a process killed by it would report; here the checkpoint is written
 from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
 
 
@@ -76,11 +79,14 @@ def run(cfg: TrainConfig) -> None:
             check_resumable(state, cfg, steps_per_epoch)
         if placement.is_main:
             log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
+            for stale in checkpoint.remove_stale_temp_files(cfg.output):  # left by a writer killed mid-save
+                log.print(f"removed {stale}, a checkpoint write that a killed process left unfinished")
         log.write_json("config.json", cfg.to_dict())
         log.write_json("env.json", {**environment(device, placement.world_size), **{
             f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))
             if hasattr(loader, "describe")}})
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)
+        stop_on_signals(trainer)
         if state is not None:
             trainer.load_state_dict(state)
             log.print(f"resumed {resume_path}: epoch {trainer.epoch} step {trainer.step_in_epoch} "
@@ -105,6 +111,16 @@ def run(cfg: TrainConfig) -> None:
                 loader.close()
         log.close()
         distributed.teardown()
+
+
+def stop_on_signals(trainer: Trainer) -> None:
+    """SIGTERM (what Slurm and Kubernetes send before they kill a job) and SIGUSR1 (Slurm's --signal) ask the trainer
+    to stop at the next step boundary all ranks agree on, with a checkpoint at that step; see Trainer.stop_agreed."""
+    def request_stop(signum, frame):
+        trainer.stop_signal = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
 
 
 def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
@@ -138,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DeviceError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    except (PipelineError, CheckpointMismatch, checkpoint.CheckpointError, DaliMissingError, FileNotFoundError) as e:
+    except (PipelineError, CheckpointMismatch, checkpoint.CheckpointError, DaliMissingError, FileNotFoundError,
+            DivergedError, distributed.DistributedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         # Loaders and the process group were closed on the way out; the last checkpoint is intact (atomic writes).
         print(f"train.py: interrupted; rerun with --resume auto --output {cfg.output} to continue", file=sys.stderr)

@@ -20,6 +20,7 @@ FORMAT = "vitshards-1"
 SPLITS = ("train", "val")
 MANIFEST, CLASSES, TIMM_INFO = "manifest.json", "classes.json", "_info.json"
 PLAN_FILE, PARTS_DIR = ".plan.json", ".parts"  # the writer's resume state: its plan, one record per finished shard
+LOCK_FILE = ".lock"  # held by the one writer at work on a folder
 INDEX_VERSION = "v1.2"
 TIMM_SPLIT_NAMES = {"train": "train", "val": "validation"}  # timm's wds reader calls the held-out split "validation"
 _SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.(tar|idx)$")

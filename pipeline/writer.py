@@ -8,6 +8,7 @@ function of its job, so a shard's bytes depend only on the source files and the 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tarfile
 import tempfile
 import time
@@ -26,7 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import atomicio, storage
-from pipeline.format import (CLASSES, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings, ShardError,
+from pipeline.format import (CLASSES, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings,
+                             ShardError,
                              ShardInfo, SplitInfo, index_line, index_text, is_shard_file, shard_name,
                              write_set_files)
 from pipeline.imagefolder import Scan, SplitScan, UsageError, plan_shards, scan_source
@@ -34,7 +37,7 @@ from pipeline.imagefolder import Scan, SplitScan, UsageError, plan_shards, scan_
 # Fixed tar header fields: the same input gives byte-identical shards on any machine, any day.
 TAR_MTIME = 0
 TAR_MODE = 0o444
-OUTPUT_FILES = (MANIFEST, PLAN_FILE, CLASSES, TIMM_INFO)
+OUTPUT_FILES = (MANIFEST, PLAN_FILE, CLASSES, TIMM_INFO, LOCK_FILE)
 
 
 class Rejected(Exception):
@@ -289,6 +292,27 @@ class Destination:
             storage.upload(self.local / name, storage.join(self.remote, name))
 
 
+def lock_folder(folder: Path, name: str):
+    """An exclusive lock on `folder` for this run (an open file; closing it releases the lock). A second writer is
+    refused in one line naming the first: two writers would delete each other's temporary files and could leave
+    shards that disagree with the manifest. The kernel drops the lock of a process that dies, so a crash leaves
+    nothing stale."""
+    f = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(f"{name} is being written by another make_shards ({holder}); wait for it to finish or stop "
+                         f"it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
 def ours(name: str) -> bool:
     """Files this writer puts into DST (what --overwrite may delete, and what 'DST is empty' ignores)."""
     top = name.split("/", 1)[0]
@@ -302,7 +326,8 @@ def prepare_out(dest: Destination, settings: Settings, plan_id: str, overwrite: 
     atomicio.remove_temp_files(dest.local / PARTS_DIR)
     present = dest.listing()
     old = dest.read_json(PLAN_FILE) or dest.read_json(MANIFEST) or {}
-    if old.get("plan_id") == plan_id or not [n for n in present if not n.startswith(PARTS_DIR + "/")]:
+    if old.get("plan_id") == plan_id or not [n for n in present if not n.startswith(PARTS_DIR + "/")
+                                             and n != LOCK_FILE]:
         return present
     if not overwrite:
         if old:
@@ -312,7 +337,7 @@ def prepare_out(dest: Destination, settings: Settings, plan_id: str, overwrite: 
             raise UsageError(f"{dest} holds shards of another data set or settings ({why}); "
                              "pass --overwrite to replace them or pick another --out")
         raise UsageError(f"{dest} is not empty and holds no make_shards output; pick another --out")
-    dest.remove([n for n in present if ours(n)])
+    dest.remove([n for n in present if ours(n) and n != LOCK_FILE])  # the lock: ours, and held right now
     return {}
 
 
@@ -412,7 +437,9 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
     if not any(s.num_files for s in scan.splits.values()):
         raise UsageError(f"--data_path {src} holds no files under train/ or val/")
     plan_id = make_plan_id(settings, scan.fingerprint)
+    dest.local.mkdir(parents=True, exist_ok=True)
     try:
+        lock = lock_folder(dest.local, str(dest))
         present = prepare_out(dest, settings, plan_id, overwrite)
         (dest.local / PARTS_DIR).mkdir(exist_ok=True)
         atomicio.write_json(dest.local / PLAN_FILE, {**dataclasses.asdict(settings), "plan_id": plan_id,
@@ -423,6 +450,8 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
     finally:
         if dest.remote and staging is None:
             shutil.rmtree(dest.local, ignore_errors=True)  # a staging folder of our own: nothing in it is needed
+        if "lock" in locals():
+            lock.close()  # releases the lock (the kernel does so too when the process dies, however it dies)
 
 
 def remove_leftovers(dst: Path) -> None:

@@ -2,7 +2,11 @@ import errno
 import io
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -278,3 +282,27 @@ def test_dali_accepts_the_index(sample_shards):
     pipe.build()
     jpg, cls = pipe.run()
     assert sorted(int(bytes(cls.at(i))) for i in range(16)) == sorted([0, 1, 2, 3] * 4)
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_not_stale(sample_folder, tmp_path, capsys):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    # A first writer that holds the lock (the library call make_shards makes), then dies by SIGKILL.
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from pipeline import writer
+        lock = writer.lock_folder(Path({str(dst)!r}), "out")
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert make_shards.main(["--data_path", str(sample_folder), "--out", str(dst), "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"being written by another make_shards (pid {holder.pid} on " in err
+        assert not (dst / "manifest.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert make_shards.main(["--data_path", str(sample_folder), "--out", str(dst), "--workers", "1"]) == 0

@@ -7,9 +7,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,3 +286,76 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch, caps
         train.main([*TINY, "--backend", "synthetic", "--tensorboard", "--output", str(tmp_path / "o")])
     assert e.value.code == 2 and "needs the tensorboard package" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_divergence_stops_the_run_and_never_reaches_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
+              "--output", str(out), "--no-plots", "--save-steps", "1", "-p", "100"]
+    assert train.main([*common, "--lr", "1e6", "--max-steps", "40", "--clip-grad", "0", "--warmup-epochs", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the training loss became non-finite" in err, err
+    if (out / "last.pth").exists():  # the steps before the loss broke may have been saved: all of them finite
+        state = checkpoint.load(out / "last.pth")
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (out / "summary.json").exists()
+
+
+def test_a_full_disk_is_one_line_and_stale_temporary_files_go(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".last.pth.999999999.tmp"  # as a process killed while saving leaves it (no such pid)
+    writer = subprocess.Popen(["sleep", "60"])  # a writer that still runs: its file is not ours to remove
+    live = out / f".last.pth.{writer.pid}.tmp"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(out)], capture_output=True).returncode:
+        writer.kill()
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        (out / stale.name).write_bytes(b"half a checkpoint")
+        (out / live.name).write_bytes(b"being written")
+        assert train.main([*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4",
+                           "--eval-freq", "0", "--output", str(out), "--no-plots", "--max-steps", "2",
+                           "--model", "vit_tiny_patch16_224"]) == 1
+        captured = capsys.readouterr()
+        assert f"removed {out / stale.name}" in captured.out and (out / live.name).exists()
+        assert captured.err.count("\n") == 1 and "last.pth: no space left on device (" in captured.err, captured.err
+        assert "MiB free there, the checkpoint needs about" in captured.err
+        assert not [p for p in out.iterdir() if p.name.startswith(".last.pth.") and p.name != live.name]
+    finally:
+        writer.kill()
+        subprocess.run(["umount", str(out)], check=True)
+
+
+def test_a_rank_that_never_comes_is_an_error_not_a_hang(tmp_path):
+    # Rank 0 of 2 alone: joining the group must give up after --dist-timeout, in one line, instead of waiting forever.
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--backend", "synthetic", "--num-classes", "10",
+           "--world-size", "2", "--rank", "0", "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--dist-timeout", "5",
+           "--output", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and "could not join the process group" in proc.stderr
+    assert "within 5 s" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_sigterm_checkpoints_the_exact_step_and_resume_continues_there(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-u", str(ROOT / "train.py"), *TINY, "--backend", "synthetic", "--num-classes", "10",
+           "--batch-size", "4", "--eval-freq", "0", "--output", str(out), "--no-plots", "-p", "1",
+           "--max-steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until it trains, then preempt it as Slurm or Kubernetes would
+        if line.startswith("Epoch [0][20/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_PREEMPTED, err[-2000:]
+    assert time.monotonic() - t0 < 30 and err.strip().count("\n") == 0 and "stopped by SIGTERM at global step" in err
+    step = int(err.split("global step ")[1].split()[0])
+    state = checkpoint.load(out / "last.pth")
+    assert state["global_step"] == step >= 20 and state["step_in_epoch"] == step
+    rows = metrics(out, "train")
+    assert rows[-1]["global_step"] == step  # -p 1: every step logged, the last one is the checkpoint's
+    run_ok([*cmd[3:], "--resume", "auto", "--max-steps", str(step + 3)])
+    resumed = metrics(out, "train")[-3:]
+    assert [r["global_step"] for r in resumed] == [step + 1, step + 2, step + 3]

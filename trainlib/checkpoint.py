@@ -8,8 +8,10 @@ next, or the one in progress), "step_in_epoch" (steps of that epoch already done
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +42,52 @@ def set_rng_state(state: dict, device) -> None:
 
 def save(path: Path, state: dict) -> None:
     """torch.save under a temporary name in the same folder, then rename: a crash mid-write leaves the previous
-    file intact."""
+    file intact. A full disk is one CheckpointError line saying how much space is there and how much is needed."""
     path = Path(path)
     tmp = atomicio.temp_path(path)
     try:
         torch.save(state, tmp)
         atomicio.finish_temp(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        need, free = tensor_bytes(state), shutil.disk_usage(path.parent).free
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not as ENOSPC.
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (isinstance(e, RuntimeError) and free < need):
+            raise CheckpointError(f"{path}: no space left on device ({free / 2**20:.0f} MiB free there, the "
+                                  f"checkpoint needs about {need / 2**20:.0f} MiB); the previous {path.name}, if "
+                                  f"any, is intact") from None
         raise
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Temporary checkpoint files (`.<name>.<pid>.tmp`) of writers that no longer run: a process killed while saving
+    leaves one behind. A live writer's file is kept."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
+        if not atomicio.is_temp_name(tmp.name):
+            continue
+        pid = int(tmp.name.rsplit(".", 2)[-2])
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or another user's): not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def copy_as(src: Path, dst: Path) -> None:

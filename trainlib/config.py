@@ -90,6 +90,8 @@ class TrainConfig:
     gpu: int = knob(None, "device index for a single-process run (torchrun: LOCAL_RANK)")
     dist_backend: str = knob(None, "process-group backend; default nccl (cuda), hccl (npu), gloo (cpu)")
     dist_url: str = knob("env://", "rendezvous outside torchrun: env:// or tcp://HOST:PORT (sets MASTER_ADDR/PORT)")
+    dist_timeout: float = knob(600.0, "seconds joining the group or any collective may wait for the other ranks; "
+                                      "then the run fails, so a lost rank is an error torchrun can restart on")
     addr: str = knob(None, "MASTER_ADDR outside torchrun (the seed's --addr)")
     world_size: int = knob(1, "outside torchrun: processes in the job; with --multiprocessing-distributed: nodes")
     rank: int = knob(0, "outside torchrun: this process's rank; with --multiprocessing-distributed: node rank")
@@ -108,7 +110,7 @@ class TrainConfig:
                 raise ConfigError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_classes", "val_batch_size", "max_steps", "steps_per_epoch", "eval_freq", "save_steps",
                      "warmup_steps", "warmup_log_steps", "nproc_per_node", "lr", "weight_decay", "clip_grad",
-                     "warmup_epochs", "drop_path", "min_lr"):
+                     "warmup_epochs", "drop_path", "min_lr", "dist_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:

@@ -7,9 +7,11 @@ Precedence: when RANK and WORLD_SIZE are in the environment (torchrun, or our sp
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -20,6 +22,11 @@ import torch.distributed as dist
 from trainlib.config import ConfigError, TrainConfig
 
 DEFAULT_PORT = "29500"  # torchrun's default, so mixed launches agree
+INIT_ATTEMPTS = 3  # joining the group, when a peer refuses the connection (gloo under load does, now and then)
+
+
+class DistributedError(RuntimeError):
+    """The process group could not be joined; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,21 @@ def setup(cfg: TrainConfig, device, where: Placement) -> None:
         return
     if "RANK" not in os.environ:
         rendezvous_env(cfg)
-    dist.init_process_group(backend=cfg.dist_backend or device.dist_backend, init_method="env://",
-                            rank=where.rank, world_size=where.world_size)
+    timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+    for attempt in range(INIT_ATTEMPTS):
+        try:
+            # The timeout bounds joining the group and every collective after it: a lost peer becomes an error
+            # (which torchrun's --max-restarts can act on), not a hang.
+            dist.init_process_group(backend=cfg.dist_backend or device.dist_backend, init_method="env://",
+                                    rank=where.rank, world_size=where.world_size, timeout=timeout)
+            return
+        except (RuntimeError, ValueError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+            refused = "refused" in str(e).lower() or "connectfullmesh" in str(e).lower()
+            if not refused or attempt + 1 == INIT_ATTEMPTS:
+                raise DistributedError(f"rank {where.rank} of {where.world_size} could not join the process group "
+                                       f"at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                                       f"{cfg.dist_timeout:.0f} s ({str(e).splitlines()[0][:200]})") from None
+            time.sleep(2 ** attempt)  # a refused connection: the peer may still be starting; try again
 
 
 def teardown() -> None:
@@ -82,6 +102,12 @@ def all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

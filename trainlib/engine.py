@@ -43,6 +43,14 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived; the run stopped at a step boundary with a checkpoint. The message says where."""
+
+
+class DivergedError(RuntimeError):
+    """The training loss stopped being a finite number; the message says when. No checkpoint was written after it."""
+
+
 def check_resumable(state: dict, cfg: TrainConfig, steps_per_epoch: int) -> None:
     """CheckpointError unless `state` continues a run of this schedule length."""
     planned = (state["config"]["epochs"], state["steps_per_epoch"])
@@ -68,6 +76,11 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
         self.skipped_samples = 0  # --on-error skip: samples replaced, all ranks, train and val
+        # Steps whose loss was not finite, counted on the device (no per-step sync), read where the host syncs anyway:
+        # at log lines and before a checkpoint is written.
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device.device)
+        self.last_checked_step = 0
+        self.stop_signal: str | None = None  # set by a signal handler (train.py): stop at the next agreed boundary
         self.meter = Throughput(device, cfg.batch_size * placement.world_size, cfg.warmup_log_steps)
         peak = device.peak_flops(amp_dtype)
         self.train_flops_per_s_peak = peak * placement.world_size if peak and flops_per_image else None
@@ -76,6 +89,7 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.device.autocast(self.amp_dtype):
             loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.cfg.label_smoothing)
+        self.nonfinite_steps += (~torch.isfinite(loss.detach())).to(torch.int64)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.clip_grad:
@@ -104,13 +118,47 @@ class Trainer:
             loss_sum += self.step(images, labels)
             self.meter.step(wait_s)  # after the step: an interval that counts it also times its compute
             self.step_in_epoch, self.global_step, interval = self.step_in_epoch + 1, self.global_step + 1, interval + 1
-            if self.step_in_epoch % cfg.print_freq == 0 or self.step_in_epoch == steps_per_epoch:
+            logged = self.step_in_epoch % cfg.print_freq == 0 or self.step_in_epoch == steps_per_epoch
+            if logged:
                 self.log_train(loss_sum / interval, lr)
                 loss_sum, interval = torch.zeros_like(loss_sum), 0
             if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.step_in_epoch < steps_per_epoch:
                 self.save_checkpoint()
+            if self.stop_agreed(logged):
+                self.save_checkpoint()
+                saved = (f"checkpoint written, rerun with --resume auto --output {cfg.output} to continue from there"
+                         if cfg.save_checkpoints else "no checkpoint (--no-save-checkpoints)")
+                raise Preempted(f"stopped by {self.stop_signal} at global step {self.global_step} (epoch "
+                                f"{self.epoch}, step {self.step_in_epoch}); {saved}")
         self.meter.pause()
         self.report_skipped(loader, skipped_before, "train")
+
+    def stop_agreed(self, at_log_line: bool) -> bool:
+        """Whether every rank stops here. One process checks its flag after every step. Ranks must agree on the step
+        (a rank that stops alone hangs the others in their next collective), so several processes compare flags
+        where they synchronize anyway, at log lines (--print-freq): the stop then comes within one log interval."""
+        if self.placement.world_size == 1:
+            return self.stop_signal is not None
+        if not at_log_line:
+            return False
+        flag = torch.tensor(int(self.stop_signal is not None), device=self.device.device)
+        if int(distributed.sum_over_ranks(flag).item()):  # sync: at a log line, the device is idle already
+            self.stop_signal = self.stop_signal or "a signal to another rank"
+            return True
+        return False
+
+    def check_finite(self) -> None:
+        """DivergedError if any rank's loss was not finite since the last check (a collective; syncs). Under fp16 the
+        loss scaler skips such steps by design, so there they are left to it."""
+        if self.scaler.is_enabled():
+            return
+        bad = int(distributed.sum_over_ranks(self.nonfinite_steps.clone()).item())  # sync: log lines, checkpoints
+        if bad:
+            raise DivergedError(f"the training loss became non-finite (nan/inf) in {bad} step(s) between global "
+                                f"steps {self.last_checked_step + 1} and {self.global_step}; stopped without "
+                                f"writing a checkpoint after it: lower --lr, raise --warmup-epochs or --clip-grad, "
+                                f"and resume from the last good checkpoint")
+        self.last_checked_step = self.global_step
 
     def reached_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
@@ -118,6 +166,7 @@ class Trainer:
     def log_train(self, mean_loss: torch.Tensor, lr: float) -> None:
         m = self.meter.lap()  # closes the timed interval (synchronizes)
         loss = distributed.mean_over_ranks(mean_loss).item()  # sync: the device is idle already, this costs a copy
+        self.check_finite()
         mfu = (m["img_s"] * self.train_flops_per_image / self.train_flops_per_s_peak
                if self.train_flops_per_s_peak else None)
         self.log.record("train", epoch=self.epoch, step=self.step_in_epoch, global_step=self.global_step, loss=loss,
@@ -183,6 +232,7 @@ class Trainer:
         if not self.cfg.save_checkpoints:
             return
         self.meter.pause()  # checkpoint writing is not training throughput
+        self.check_finite()  # never a checkpoint of a diverged model
         rng = distributed.all_gather(checkpoint.rng_state(self.device))
         if self.placement.is_main:
             out = Path(self.cfg.output)
