@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
@@ -177,15 +178,26 @@ class Stats:
     skipped: dict = field(default_factory=dict)  # shard file name -> samples skipped there
 
 
-def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader) -> None:
+def read_batch(planner: EpochPlanner, reader: ShardReader, epoch: int, batch_index: int) -> list[Sample | None]:
+    """The encoded samples of one batch, None for padding."""
+    refs = planner.batch(epoch, batch_index)
+    real = iter(reader.read([r for r in refs if r is not None]))
+    return [next(real) if r is not None else None for r in refs]
+
+
+def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader,
+              read_ahead: ThreadPoolExecutor) -> None:
     planner, stats = cfg.planner, Stats()
-    for batch_index in worker_batches(planner.plan(epoch).steps, cfg.worker, cfg.num_workers):
+    mine = list(worker_batches(planner.plan(epoch).steps, cfg.worker, cfg.num_workers))
+    # The next batch's bytes are read on a thread while this one decodes: reading waits on the disk or the network
+    # (object storage: round trips), decoding on the CPU, so they overlap.
+    pending = read_ahead.submit(read_batch, planner, reader, epoch, mine[0]) if mine else None
+    for k, batch_index in enumerate(mine):
         slot = mailbox.take_slot()
         images, labels = slots[slot]
-        refs = planner.batch(epoch, batch_index)
-        real = reader.read([r for r in refs if r is not None])
-        it = iter(real)
-        samples = [next(it) if r is not None else None for r in refs]
+        samples = pending.result()
+        if k + 1 < len(mine):
+            pending = read_ahead.submit(read_batch, planner, reader, epoch, mine[k + 1])
         # Seeded by everything that identifies the batch: a rerun reproduces it, whichever worker makes it.
         rng = random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{batch_index}")
         fill_batch(cfg, samples, images, labels, rng, stats)
@@ -194,7 +206,7 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
 
 
 def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
-    reader = ShardReader()
+    reader, read_ahead = ShardReader(), ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
     msg = mailbox.conn.recv()
     while msg[0] != "stop":
         if msg[0] != "epoch":
@@ -204,7 +216,7 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
         epoch = msg[2]
         try:
             while True:  # epoch after epoch, until a command interrupts (take_slot waits for free slots)
-                run_epoch(cfg, epoch, mailbox, slots, reader)
+                run_epoch(cfg, epoch, mailbox, slots, reader, read_ahead)
                 epoch += 1
         except Interrupted as stop:
             msg = stop.message

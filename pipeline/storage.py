@@ -80,6 +80,9 @@ def read_ranges(location: str | Path, ranges: list[tuple[int, int]]) -> list[byt
 
     out: list[bytes] = [b""] * len(ranges)
     for request, data in zip(requests, _pool().map(fetch, requests)):
+        if len(request) == 3 and ranges[request[2]] == (request[0], request[1]):
+            out[request[2]] = data  # a request for exactly one range: no copy
+            continue
         for i in request[2:]:
             start, stop = ranges[i]
             out[i] = data[start - request[0]:stop - request[0]]
