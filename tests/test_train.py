@@ -180,15 +180,24 @@ def test_a_run_inside_its_warm_up_prints_a_numeric_fps(tmp_path, capsys):
     assert summary["fps"] == pytest.approx(fps, rel=1e-3) and summary["fps_scope"] == "all steps, inside warm-up"
 
 
-def test_resume_with_another_length_is_refused(tmp_path, capsys):
-    # The cosine schedule spans epochs x steps; continuing it over another length would silently restart it.
+def test_epochs_extend_a_finished_run_and_never_cut_below_its_position(tmp_path, capsys):
     out = tmp_path / "run"
     common = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
-              "--output", str(out), "--no-plots", "--max-steps", "2"]
+              "--output", str(out), "--no-plots", "--steps-per-epoch", "3", "-p", "1", "--resume", "auto"]
     run_ok([*common, "--epochs", "2"])
+    assert checkpoint.load(out / "last.pth")["global_step"] == 6
+    capsys.readouterr()
+    run_ok([*common, "--epochs", "3"])  # the most common resume: train a finished run for longer
+    assert "note: --epochs 2 -> 3: the LR schedule is recomputed" in capsys.readouterr().out
+    rows = metrics(out, "train")
+    assert [r["global_step"] for r in rows[-3:]] == [7, 8, 9] and checkpoint.load(out / "last.pth")["epoch"] == 3
+    # The LR the extended run used at each step is the 3-epoch schedule's, as a fresh 3-epoch run would use.
+    fresh = tmp_path / "fresh"
+    run_ok([*common[:-2], "--epochs", "3", "--output", str(fresh)])  # no --resume; the later --output wins
+    assert [r["lr"] for r in rows[-3:]] == pytest.approx([r["lr"] for r in metrics(fresh, "train")[-3:]])
     before = (out / "metrics.jsonl").read_text(), (out / "config.json").read_text()
-    assert train.main([*common, "--epochs", "3", "--resume", "auto"]) == 1
-    assert "planned as 2 epochs" in capsys.readouterr().err
+    assert train.main([*common, "--epochs", "1"]) == 1  # 3 steps: below the checkpoint's 9
+    assert "--epochs 1 ends before the checkpoint's position (global step 9" in capsys.readouterr().err
     assert ((out / "metrics.jsonl").read_text(), (out / "config.json").read_text()) == before  # the run untouched
 
 

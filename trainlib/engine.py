@@ -4,6 +4,7 @@ loader."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,15 +53,17 @@ class DivergedError(RuntimeError):
 
 
 def check_resumable(state: dict, cfg: TrainConfig, steps_per_epoch: int) -> None:
-    """CheckpointError unless `state` continues a run of this schedule length."""
-    planned = (state["config"]["epochs"], state["steps_per_epoch"])
-    if planned != (cfg.epochs, steps_per_epoch):
-        # The LR schedule spans epochs x steps per epoch; continuing it over another length would restart the
-        # cosine or cut it short without a word.
+    """CheckpointError unless `state` can continue here: the same steps per epoch (batch size, world size and data
+    decide them, and the position in the epoch is counted in them), and --epochs not below where it stands."""
+    if state["steps_per_epoch"] != steps_per_epoch:
         raise checkpoint.CheckpointError(
-            f"the checkpoint's run was planned as {planned[0]} epochs x {planned[1]} steps; this one as "
-            f"{cfg.epochs} x {steps_per_epoch} (--epochs, --batch-size, world size or data changed). "
-            f"Resume with the same settings, or start a new run from its weights with --pretrained")
+            f"the checkpoint's run has {state['steps_per_epoch']} steps per epoch, this one {steps_per_epoch} "
+            f"(--batch-size, world size or data changed). Resume with the same settings, or start a new run from its "
+            f"weights with --pretrained")
+    if cfg.epochs * steps_per_epoch < state["global_step"]:
+        raise checkpoint.CheckpointError(
+            f"--epochs {cfg.epochs} ends before the checkpoint's position (global step {state['global_step']}, "
+            f"epoch {state['epoch']}); give at least --epochs {-(-state['global_step'] // steps_per_epoch)}")
 
 
 class Trainer:
@@ -146,6 +149,19 @@ class Trainer:
             self.stop_signal = self.stop_signal or "a signal to another rank"
             return True
         return False
+
+    def fast_forward_schedule(self, state: dict) -> None:
+        """--epochs changed on resume: the warm-up + cosine schedule is recomputed over the new length and stepped to
+        the checkpoint's position, so the LR there is the new curve's value (after a decay, extending a run raises
+        it: the cosine restarts its descent from that point of the longer curve)."""
+        before = self.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            for _ in range(state["global_step"]):
+                self.scheduler.step()
+        self.log.print(f"note: --epochs {state['config']['epochs']} -> {self.cfg.epochs}: the LR schedule is "
+                       f"recomputed over the new length; at global step {state['global_step']} the LR is "
+                       f"{self.optimizer.param_groups[0]['lr']:.3e} (the checkpoint's last was {before:.3e})")
 
     def check_finite(self) -> None:
         """DivergedError if any rank's loss was not finite since the last check (a collective; syncs). Under fp16 the
@@ -251,7 +267,10 @@ class Trainer:
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
                                              f"(another --model, --img-size or data set?)") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.cfg.evaluate or state["config"]["epochs"] == self.cfg.epochs:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            self.fast_forward_schedule(state)
         if state["scaler"] and self.scaler.is_enabled():  # resumed under another precision: fp16's scale starts anew
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
