@@ -93,15 +93,7 @@ def names(root: str | Path) -> set[str]:
     """The names of the files directly under `root` (a folder or an S3 prefix): one listing, not a request per file."""
     if not is_s3(root):
         return {p.name for p in Path(root).iterdir() if p.is_file()} if Path(root).is_dir() else set()
-    bucket, prefix = split_s3(str(root))
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-
-    def listing(client):
-        found = set()
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            found |= {obj["Key"][len(prefix):] for obj in page.get("Contents", [])}
-        return found
-    return _s3_call(str(root), listing)
+    return {name for name in sizes(str(root)) if "/" not in name}
 
 
 def sizes(root: str) -> dict[str, int]:
