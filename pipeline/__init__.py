@@ -28,6 +28,9 @@ def build_loader(*, data_path=None, split: str = "train", backend: str = "host",
     if backend == "dali":
         from pipeline.dali import DaliLoader  # raises one clear line when DALI is not installed
         return DaliLoader(spec)
+    if backend == "hybrid":
+        from pipeline.hybrid import HybridLoader  # DALI and host workers, each a share of the batches
+        return HybridLoader(spec)
     if backend == "synthetic":
         from pipeline.synthetic import SyntheticLoader
         return SyntheticLoader(spec)
@@ -42,6 +45,9 @@ def options_class(backend: str):
     if backend == "dali":
         from pipeline.dali import DaliOptions
         return DaliOptions
+    if backend == "hybrid":
+        from pipeline.hybrid import HybridOptions
+        return HybridOptions
     return None
 
 

@@ -22,9 +22,9 @@ from typing import Iterator, Protocol
 import torch
 
 from pipeline.format import Shard
-from pipeline.plan import EpochPlanner
+from pipeline.plan import EpochPlanner, share_of
 
-BACKENDS = ("host", "dali", "synthetic")
+BACKENDS = ("host", "dali", "hybrid", "synthetic")
 IMAGENET_CLASSES = 1000  # what synthetic labels stand in for when no shards say otherwise
 
 
@@ -53,6 +53,7 @@ class LoaderSpec:
     num_classes: int = IMAGENET_CLASSES  # synthetic labels
     options: object = None  # the backend's own typed options (pipeline.host.HostOptions, pipeline.dali.DaliOptions);
     # None = that backend's defaults
+    part: tuple[float, int] | None = None  # (share, 0 or 1): make only that part of each epoch's batches (hybrid)
 
     @property
     def train(self) -> bool:
@@ -79,6 +80,10 @@ class LoaderSpec:
             raise TypeError(f"options for this backend are a {cls.__name__}, got {type(opts).__name__}")
         opts.validate()
         return opts
+
+    def batches(self, steps: int) -> list[int]:
+        """The rank-local batch indices this loader makes each epoch: all of them, or its part (hybrid)."""
+        return list(range(steps)) if self.part is None else share_of(steps, *self.part)
 
     def planner(self, shards: list[Shard]) -> EpochPlanner:
         """The epoch/rank plan of this rank over `shards` (pipeline/plan.py)."""

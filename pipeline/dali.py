@@ -72,16 +72,18 @@ def padding_jpeg() -> np.ndarray:
 
 
 class BatchSource:
-    """DALI's parallel external source for one loader: batch g of the pipeline's run is batch g % steps of epoch
-    first_epoch + g // steps (plan rule 4), returned as (JPEG bytes per sample, int64 labels). Stateless per call,
-    as DALI's workers require; it never ends, so DALI reads and decodes across epoch boundaries."""
+    """DALI's parallel external source for one loader: batch g of the pipeline's run is batch batches[g % n] of epoch
+    first_epoch + g // n, n = len(batches) (plan rule 4), returned as (JPEG bytes per sample, int64 labels).
+    Stateless per call, as DALI's workers require; it never ends, so DALI reads and decodes across epoch
+    boundaries."""
 
-    def __init__(self, planner: EpochPlanner, first_epoch: int, steps: int, num_classes: int | None):
-        self.planner, self.first_epoch, self.steps, self.num_classes = planner, first_epoch, steps, num_classes
+    def __init__(self, planner: EpochPlanner, first_epoch: int, batches: list[int], num_classes: int | None):
+        self.planner, self.first_epoch, self.batches, self.num_classes = planner, first_epoch, batches, num_classes
         self.reader = ShardReader()
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
-        epoch, index = self.first_epoch + info.iteration // self.steps, info.iteration % self.steps
+        n = len(self.batches)
+        epoch, index = self.first_epoch + info.iteration // n, self.batches[info.iteration % n]
         refs = self.planner.batch(epoch, index)
         samples = iter(self.reader.read([r for r in refs if r is not None]))
         jpegs, labels = [], np.full(len(refs), -1, np.int64)
@@ -193,7 +195,8 @@ class DaliLoader:
         self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
         self.num_classes = manifest.num_classes  # None: labels are only checked to be >= 0
         plan = self.planner.plan(epoch=0)  # raises when the split cannot fill one batch per rank
-        self.steps, self.num_real = plan.steps, plan.num_real  # the same for every epoch
+        self.batches = spec.batches(plan.steps)  # all of an epoch's, or a hybrid's part; the same every epoch
+        self.steps = len(self.batches)
         self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts.hw_decoder_load)) \
             if spec.device.type == "cuda" else HostOutput(spec.device, self.dali.feed_ndarray)
         # DALI normalizes only into float/half; uint8 output (model folds normalization in) is always "torch".
@@ -240,7 +243,7 @@ class DaliLoader:
         for step in range(self.steps):
             if gen != self._gen:
                 raise RuntimeError("a newer iteration over this DaliLoader replaced this one")
-            batch = self._next_batch(pipe, step)
+            batch = self._next_batch(pipe, self.batches[step])
             self._pulled += 1
             yield batch
 
@@ -254,7 +257,7 @@ class DaliLoader:
     # -- building -------------------------------------------------------------------------------------------------
     def _build_pipeline(self, first_epoch: int):
         s, fn, types = self.spec, self.dali.fn, self.dali.types
-        source = BatchSource(self.planner, first_epoch, self.steps, self.num_classes)
+        source = BatchSource(self.planner, first_epoch, self.batches, self.num_classes)
         # Reader processes: forked on the CPU (fast); spawned for a GPU, whose CUDA state must not be forked.
         start = "spawn" if self.output.device_id is not None else "fork"
 
@@ -340,7 +343,8 @@ class DaliLoader:
     def _suspects(self, step: int) -> list[str]:
         """The shards the failing batch can have come from. DALI reports errors per batch, and runs its queues a few
         batches ahead, so the batches up to that depth are named."""
-        ahead = range(step, min(self.steps, step + self.spec.prefetch + 2))
+        k = self.batches.index(step)
+        ahead = self.batches[k:k + self.spec.prefetch + 2]
         names = {Path(ref[0].path).name for i in ahead for ref in self.planner.batch(self.epoch, i) if ref}
         return sorted(names) or ["(padding only)"]
 

@@ -221,8 +221,9 @@ class HostLoader:
         self.spec, self.epoch = spec, 0
         manifest = read_manifest(spec.data_path)
         self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
-        self.steps = self.planner.plan(epoch=0).steps
-        # Workers beyond `steps` would get no batches (pipeline/plan.py rule 4), so don't start them.
+        self.batches = spec.batches(self.planner.plan(epoch=0).steps)  # all of an epoch's, or a hybrid's part
+        self.steps = len(self.batches)
+        # Workers beyond `steps` would get no batches (pipeline/plan.py rule 5), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))
         self.skipped = 0  # corrupt samples replaced (on_error="skip")
         self.skipped_shards: dict[str, int] = {}  # where they were: shard file name -> count
@@ -258,7 +259,8 @@ class HostLoader:
                 worker=w, num_workers=self.num_workers, planner=self.planner, img_size=spec.img_size,
                 crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
                 hflip=spec.hflip, skip_bad=spec.on_error == "skip", num_classes=num_classes,
-                slot_names=tuple(names), environment=tuple(storage.environment().items()))
+                slot_names=tuple(names), environment=tuple(storage.environment().items()),
+                batches=tuple(self.batches))
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
             with main_not_replayed():  # no main guard needed in the user's script
@@ -307,7 +309,7 @@ class HostLoader:
                 conn.send(("epoch", self._gen, self.epoch))
         gen, run_epoch = self._gen, self._run_epoch
         self._run_epoch = None  # until this epoch's batches have all been taken
-        order = iter(consumer_order(self.steps, self.num_workers))
+        order = iter((worker, self.batches[k]) for worker, k in consumer_order(self.steps, self.num_workers))
         ahead = max(1, self.spec.prefetch)
         pending = deque()
         try:

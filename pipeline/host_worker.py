@@ -51,6 +51,7 @@ class WorkerConfig:
     num_classes: int | None  # labels outside [0, num_classes) are corrupt samples; None: not checked
     slot_names: tuple[str, ...]
     environment: tuple[tuple[str, str], ...] = ()  # the parent's AWS_* settings (a forkserver may predate them)
+    batches: tuple[int, ...] | None = None  # the rank-local batches the loader makes (None: all; hybrid: its part)
 
     @property
     def train(self) -> bool:
@@ -188,7 +189,8 @@ def read_batch(planner: EpochPlanner, reader: ShardReader, epoch: int, batch_ind
 def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader,
               read_ahead: ThreadPoolExecutor) -> None:
     planner, stats = cfg.planner, Stats()
-    mine = list(worker_batches(planner.plan(epoch).steps, cfg.worker, cfg.num_workers))
+    batches = cfg.batches if cfg.batches is not None else range(planner.plan(epoch).steps)
+    mine = [batches[k] for k in worker_batches(len(batches), cfg.worker, cfg.num_workers)]
     # The next batch's bytes are read on a thread while this one decodes: reading waits on the disk or the network
     # (object storage: round trips), decoding on the CPU, so they overlap.
     pending = read_ahead.submit(read_batch, planner, reader, epoch, mine[0]) if mine else None

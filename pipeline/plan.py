@@ -116,6 +116,16 @@ def rank_plan(shards: list[Shard], *, train: bool, batch_size: int, rank: int, w
     return RankPlan(tuple(_segments(ordered, lo, hi)), steps, batch_size, hi - lo)
 
 
+def share_of(steps: int, share: float, part: int) -> list[int]:
+    """The rank-local batch indices of part 0 (`share` of them, spread evenly over the epoch) or part 1 (the rest):
+    how the hybrid backend splits an epoch between its two decoders."""
+    first = [i for i in range(steps) if math.floor((i + 1) * share) > math.floor(i * share)]
+    if part == 0:
+        return first
+    taken = set(first)
+    return [i for i in range(steps) if i not in taken]
+
+
 def worker_batches(steps: int, worker: int, num_workers: int) -> range:
     """The rank-local batch indices worker `worker` of `num_workers` makes (rule 5)."""
     return range(worker, steps, num_workers)

@@ -87,7 +87,8 @@ bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in
     --feed dali:workers=8,hw_decoder_load=0.8,name=dali_hw08 --feed dali:workers=8,hw_decoder_load=0.9,name=dali_hw09
     --feed "host:workers=$host_workers" --feed "host:workers=$host_workers,data_path=$max,name=host_max$max_side"
     --feed dali:workers=8,name=dali_3epochs,epochs=3
-    --feed dali:workers=8,readers=4,name=dali_3epochs_r4,epochs=3)
+    --feed dali:workers=8,readers=4,name=dali_3epochs_r4,epochs=3
+    --feed "hybrid:workers=8,dali_share=0.75,name=hybrid75" --feed "hybrid:workers=8,dali_share=0.6,name=hybrid60")
   "$py" tools/bench_train.py --device "$device" --batch-size "$bs" --compile --fp8 --recheck \
     --data_path "$data/shards" --warmup 20 --steps 80 "${feeds[@]}" "${train_args[@]}" --out "$results"
 }

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile both the baseline and our model")
     p.add_argument("--clip-grad", type=float, default=1.0, help="ours: train.py's --clip-grad")
-    p.add_argument("--backend", choices=("host", "dali", "none"), default="none", help="(c)'s input; none skips (c)")
+    p.add_argument("--backend", choices=("host", "dali", "hybrid", "none"), default="none",
+                   help="(c)'s input; none skips (c)")
     p.add_argument("--data_path", default=None, help="shards made by tools/make_shards.py, for (c)")
     p.add_argument("--workers", type=int, default=8, help="decode processes (host) or threads (dali)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
@@ -101,9 +102,10 @@ def parse_feeds(args) -> list[dict]:
     feeds = []
     for spec in specs:
         backend, _, rest = spec.partition(":")
-        if backend not in ("host", "dali"):
-            raise ValueError(f"--feed {spec!r}: the backend is host or dali")
-        option_types = {f.name: f.type for f in dataclasses.fields(pipeline.options_class(backend))}
+        if backend not in ("host", "dali", "hybrid"):
+            raise ValueError(f"--feed {spec!r}: the backend is host, dali or hybrid")
+        option_types = {f.name: f.type for f in dataclasses.fields(pipeline.options_class(backend))
+                        if str(f.type) in OPTION_VALUES}  # scalar options (hybrid's nested dali/host keep defaults)
         feed, options = {"backend": backend, "name": backend, "data_path": args.data_path, "workers": args.workers}, {}
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")

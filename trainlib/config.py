@@ -13,7 +13,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-from pipeline import IMAGENET_CLASSES, options_class
+from pipeline import BACKENDS, IMAGENET_CLASSES, options_class
 from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
@@ -30,11 +30,13 @@ class TrainConfig:
     # data
     data_path: str = knob(None, "shard folder written by tools/make_shards.py (synthetic backend: optional)",
                           "--data-path", flag="--data_path")
-    backend: str = knob("host", "input pipeline (pipeline/): host = Pillow worker processes, dali, synthetic",
-                        choices=("host", "dali", "synthetic"))
+    backend: str = knob("host", "input pipeline (pipeline/): host = Pillow worker processes, dali, hybrid = both, "
+                                "each a share of the batches, synthetic", choices=BACKENDS)
     workers: int = knob(4, "decode processes (host) or threads (dali) per rank", "-j")
     host: HostOptions = knob(help="the host backend's own options", factory=HostOptions)
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
+    hybrid_dali_share: float = knob(0.5, "hybrid: share of each epoch's batches DALI decodes, the host workers the "
+                                         "rest; DALI's img/s / (DALI's + host's), each measured alone")
     img_size: int = knob(224, "train/eval resolution")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: "
                                f"{IMAGENET_CLASSES})")
@@ -122,8 +124,13 @@ class TrainConfig:
                 raise ConfigError(f"{backend} option {e} (--{backend}-* flags)") from None
         if self.backend != "synthetic" and not self.data_path:
             raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use --backend synthetic)")
-        if self.backend == "dali" and self.on_error == "skip":
+        if self.backend in ("dali", "hybrid") and self.on_error == "skip":
             raise ConfigError("--on-error skip needs --backend host: DALI fails a whole batch on a bad JPEG")
+        if self.backend == "hybrid":
+            try:
+                self.backend_options().validate()
+            except ValueError as e:
+                raise ConfigError(f"--hybrid-dali-share: {e}") from None
         if self.evaluate and not (self.pretrained or self.resume):
             raise ConfigError("--evaluate needs weights: give --pretrained PATH or --resume PATH")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -132,6 +139,8 @@ class TrainConfig:
 
     def backend_options(self):
         """What `pipeline.build_loader(options=...)` takes for this run's backend."""
+        if self.backend == "hybrid":
+            return options_class("hybrid")(dali_share=self.hybrid_dali_share, dali=self.dali, host=self.host)
         return getattr(self, self.backend) if options_class(self.backend) else None
 
     def to_dict(self) -> dict:

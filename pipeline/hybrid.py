@@ -1,0 +1,85 @@
+"""The hybrid backend: per rank, DALI (the GPU's JPEG engines, or its CPU operators) and the host workers (Pillow on
+the CPU cores) each make a share of every epoch's batches, and the loader yields them in batch order.
+
+Both decoders read through the one reader in the order `pipeline/plan.py` decides, so the hybrid yields exactly the
+samples each of them would, batch for batch; only which decoder made a batch (and so its crops) differs. The split
+is a fixed share (`HybridOptions.dali_share`), spread evenly over the epoch (`plan.share_of`): set it to DALI's
+rate / (DALI's + the host's), each measured alone with `python -m pipeline.bench`, so that neither waits for the
+other. Both parts run on across epoch boundaries, as their backends do alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from pipeline.cli import knob
+from pipeline.contract import LoaderSpec
+from pipeline.dali import DaliLoader, DaliOptions
+from pipeline.host import HostLoader, HostOptions
+
+
+@dataclass(frozen=True)
+class HybridOptions:
+    """The hybrid backend's own knob, and the options of its two parts."""
+
+    dali_share: float = knob(0.5, "hybrid: share of each epoch's batches that DALI decodes; the host workers decode "
+                                  "the rest. Set it to DALI's img/s / (DALI's + host's), each measured alone")
+    dali: DaliOptions = field(default_factory=DaliOptions)
+    host: HostOptions = field(default_factory=HostOptions)
+
+    def validate(self) -> None:
+        if not 0.0 < self.dali_share < 1.0:
+            raise ValueError(f"dali_share must be between 0 and 1 (exclusive; 0 or 1 is a plain backend), got "
+                             f"{self.dali_share!r}")
+        self.dali.validate()
+        self.host.validate()
+
+
+class HybridLoader:
+    def __init__(self, spec: LoaderSpec):
+        self.spec, self.opts = spec, spec.backend_options(HybridOptions)
+        share = self.opts.dali_share
+        self.dali = DaliLoader(dataclasses.replace(spec, options=self.opts.dali, part=(share, 0)))
+        try:
+            self.host = HostLoader(dataclasses.replace(spec, options=self.opts.host, part=(share, 1)))
+        except BaseException:
+            self.dali.close()
+            raise
+        self.steps = len(self.dali) + len(self.host)
+        self.dali_batches = set(self.dali.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dali.set_epoch(epoch)
+        self.host.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def bytes_read(self) -> int:
+        return self.dali.bytes_read + self.host.bytes_read
+
+    @property
+    def skipped_shards(self) -> dict[str, int]:
+        return self.host.skipped_shards  # DALI supports on_error="raise" only
+
+    def __iter__(self):
+        dali, host = iter(self.dali), iter(self.host)
+        for index in range(self.steps):
+            yield next(dali) if index in self.dali_batches else next(host)
+
+    def describe(self) -> str:
+        return (f"hybrid: {len(self.dali)} of {self.steps} batches an epoch by {self.dali.describe()}; the other "
+                f"{len(self.host)} by {self.host.describe()}")
+
+    def close(self) -> None:
+        try:
+            self.dali.close()
+        finally:
+            self.host.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,53 @@
+"""pipeline/hybrid.py on the CPU (DALI's CPU operators): DALI and the host workers each make their share of the
+batches, and together they yield exactly the host backend's samples, batch for batch, epoch after epoch."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train
+from pipeline import build_loader
+from pipeline.hybrid import HybridOptions
+
+pytest.importorskip("nvidia.dali")
+
+
+def batches(path, split, backend, share=0.75, rank=0, world_size=1, epochs=(0,), batch_size=4):
+    options = HybridOptions(dali_share=share) if backend == "hybrid" else None
+    with build_loader(data_path=path, split=split, backend=backend, batch_size=batch_size, device="cpu", rank=rank,
+                      world_size=world_size, workers=2, img_size=16, dtype=torch.uint8, options=options) as loader:
+        out = []
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            out.append([(x.shape, y.tolist()) for x, y in loader])
+        return out, loader
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_hybrid_yields_the_host_backends_samples_in_order(sample_shards, split):
+    for rank in range(2):
+        hybrid, loader = batches(sample_shards, split, "hybrid", rank=rank, world_size=2, epochs=(0, 1, 2))
+        host, _ = batches(sample_shards, split, "host", rank=rank, world_size=2, epochs=(0, 1, 2))
+        assert hybrid == host
+        assert len(loader.dali) == int(0.75 * len(loader)) and len(loader.dali) + len(loader.host) == len(loader)
+        assert loader.dali.builds == 1  # epochs followed on: one DALI pipeline for all three
+
+
+def test_the_share_is_spread_and_checked(sample_shards):
+    _, loader = batches(sample_shards, "train", "hybrid", share=0.5, batch_size=2)  # 24 batches
+    assert loader.dali.batches == list(range(1, 24, 2)) and loader.host.batches == list(range(0, 24, 2))
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dali_share must be between 0 and 1"):
+            batches(sample_shards, "train", "hybrid", share=share)
+
+
+def test_train_py_runs_the_hybrid_backend(sample_shards, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--model", "test_vit", "--img-size", "32", "--device", "cpu", "--workers", "1",
+                       "--data_path", str(sample_shards), "--backend", "hybrid", "--hybrid-dali-share", "0.6",
+                       "--batch-size", "8", "--epochs", "2", "--output", str(out), "--no-plots"]) == 0
+    env = json.loads((out / "env.json").read_text())
+    assert env["train_loader"].startswith("hybrid: 3 of 6 batches an epoch by dali")
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 12
