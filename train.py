@@ -64,7 +64,7 @@ def run(cfg: TrainConfig) -> None:
     if len(set(seen)) > 1:
         raise ConfigError(f"--resume {cfg.resume}: ranks found different checkpoints {sorted(set(map(str, seen)))}; "
                           f"put --output on storage that every node sees, or pass --resume PATH")
-    log, loaders = QuietLog(), ()
+    log, loaders, handlers = QuietLog(), (), {}
     try:
         # Everything that can be checked is, before the run folder appears: a failed start leaves nothing behind
         # that a later --resume auto could mistake for a run.
@@ -86,7 +86,7 @@ def run(cfg: TrainConfig) -> None:
             f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))
             if hasattr(loader, "describe")}})
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)
-        stop_on_signals(trainer)
+        handlers = stop_on_signals(trainer)
         if state is not None:
             trainer.load_state_dict(state)
             log.print(f"resumed {resume_path}: epoch {trainer.epoch} step {trainer.step_in_epoch} "
@@ -106,6 +106,8 @@ def run(cfg: TrainConfig) -> None:
         fit(cfg, trainer, train_loader, val_loader, log)
         summarize(cfg, trainer, log, time.perf_counter() - t_start)
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)  # as they were: a caller (a test, a notebook) keeps its own handling
         for loader in loaders:
             if loader is not None:
                 loader.close()
@@ -113,14 +115,14 @@ def run(cfg: TrainConfig) -> None:
         distributed.teardown()
 
 
-def stop_on_signals(trainer: Trainer) -> None:
+def stop_on_signals(trainer: Trainer) -> dict:
     """SIGTERM (what Slurm and Kubernetes send before they kill a job) and SIGUSR1 (Slurm's --signal) ask the trainer
-    to stop at the next step boundary all ranks agree on, with a checkpoint at that step; see Trainer.stop_agreed."""
+    to stop at the next step boundary all ranks agree on, with a checkpoint at that step; see Trainer.stop_agreed.
+    Returns the handlers they replace."""
     def request_stop(signum, frame):
         trainer.stop_signal = signal.Signals(signum).name
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
+    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
 
 def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:

@@ -187,7 +187,8 @@ def read_batch(planner: EpochPlanner, reader: ShardReader, epoch: int, batch_ind
 
 
 def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader,
-              read_ahead: ThreadPoolExecutor) -> None:
+              read_ahead: ThreadPoolExecutor) -> int:
+    """Make this worker's batches of `epoch`; returns how many there were."""
     planner, stats = cfg.planner, Stats()
     batches = cfg.batches if cfg.batches is not None else range(planner.plan(epoch).steps)
     mine = [batches[k] for k in worker_batches(len(batches), cfg.worker, cfg.num_workers)]
@@ -205,6 +206,7 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
         fill_batch(cfg, samples, images, labels, rng, stats)
         mailbox.conn.send(("batch", mailbox.gen, slot, epoch, batch_index, stats.bytes_read, stats.skipped))
         stats.bytes_read, stats.skipped = 0, {}
+    return len(mine)
 
 
 def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
@@ -217,9 +219,11 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
         mailbox.start(msg[1])
         epoch = msg[2]
         try:
-            while True:  # epoch after epoch, until a command interrupts (take_slot waits for free slots)
-                run_epoch(cfg, epoch, mailbox, slots, reader, read_ahead)
+            # Epoch after epoch, until a command interrupts (take_slot waits for free slots); a worker with no
+            # batches at all waits for the parent's next command instead.
+            while run_epoch(cfg, epoch, mailbox, slots, reader, read_ahead):
                 epoch += 1
+            msg = mailbox.conn.recv()
         except Interrupted as stop:
             msg = stop.message
         except ShardError as e:  # a sample, or a shard that cannot be read: one line for the parent to raise

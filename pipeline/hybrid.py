@@ -46,6 +46,10 @@ class HybridLoader:
             self.dali.close()
             raise
         self.steps = len(self.dali) + len(self.host)
+        if not len(self.dali) or not len(self.host):
+            self.close()
+            raise ValueError(f"dali_share {share} leaves one decoder none of the {self.steps} batches an epoch; "
+                             f"use that decoder's backend alone")
         self.dali_batches = set(self.dali.batches)
 
     def set_epoch(self, epoch: int) -> None:

@@ -51,3 +51,8 @@ def test_train_py_runs_the_hybrid_backend(sample_shards, tmp_path):
     env = json.loads((out / "env.json").read_text())
     assert env["train_loader"].startswith("hybrid: 3 of 6 batches an epoch by dali")
     assert json.loads((out / "summary.json").read_text())["global_step"] == 12
+
+
+def test_a_share_that_leaves_a_decoder_nothing_is_refused(sample_shards):
+    with pytest.raises(ValueError, match="leaves one decoder none of the 2 batches"):
+        batches(sample_shards, "val", "hybrid", share=0.4, batch_size=8)  # 16 val samples: 2 batches, DALI 0
