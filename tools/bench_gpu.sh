@@ -9,6 +9,7 @@
 #           on the hardware decoder, the host backend from the original and the --max-side shards, and DALI over
 #           three epochs (its per-epoch restarts included) with and without the next pipeline built ahead;
 #   alone   python -m pipeline.bench: each backend with no model attached;
+#   profile tools/profile_step.py: kernel time by category for (a) and (b), into RESULTS_DIR/profile.json;
 #   perf    tools/train_performance_1p.sh --compile --backend dali: the launch script users run.
 # Every figure is a JSON line in RESULTS_DIR/results.jsonl; every command's output goes to RESULTS_DIR/log.txt;
 # stages that would start past BUDGET_S seconds are skipped (and say so).
@@ -16,11 +17,13 @@
 # Usage: bash tools/bench_gpu.sh RESULTS_DIR [TRAIN_IMAGES]       (on a CUDA machine, requirements installed)
 # Environment: PYTHON (python3), DATA_DIR (/tmp/vitbench), DEVICE (cuda), BATCH_SIZES ("256 512"), BUDGET_S (420),
 #   MAX_SIDE (320), HOST_WORKERS (cores - 2: the main process keeps a core for launching kernels), DATA_ONLY,
-#   TRAIN_ARGS (extra tools/bench_train.py flags), TRAINPY_ARGS (extra train.py flags, for the train and perf stages).
+#   TRAIN_ARGS (extra tools/bench_train.py flags), TRAINPY_ARGS (extra train.py flags, for the train and perf stages),
+#   PROFILE_ARGS (extra tools/profile_step.py flags).
 #   CPU dry run (DALI's CPU path, tiny model):
 #     DEVICE=cpu BATCH_SIZES=16 TRAIN_ARGS="--model vit_tiny_patch16_224 --img-size 32 --steps 2 --warmup 1
 #     --no-compile --amp fp32" TRAINPY_ARGS="--model vit_tiny_patch16_224 --img-size 32 -b 16 --max-steps 20
-#     --no-compile" bash tools/bench_gpu.sh /tmp/r 512
+#     --no-compile" PROFILE_ARGS="--model vit_tiny_patch16_224 --img-size 32 --batch-size 16 --no-compile --amp fp32
+#     --steps 2 --warmup 1" bash tools/bench_gpu.sh /tmp/r 512
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The scripts in tools/ import the packages (pipeline, trainlib, model). tools/setup.sh installs them; a machine
@@ -37,6 +40,7 @@ cores=$(nproc)
 host_workers=${HOST_WORKERS:-$((cores > 3 ? cores - 2 : 1))}
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 read -r -a trainpy_args <<<"${TRAINPY_ARGS:-}"
+read -r -a profile_args <<<"${PROFILE_ARGS:-}"
 mkdir -p "$out"
 results="$out/results.jsonl" log="$out/log.txt"
 if [ -e "$results" ]; then  # one run per folder: tools/bench_report.py and the greps below read the whole files
@@ -115,6 +119,8 @@ for bs in ${BATCH_SIZES:-256 512}; do
   stage "step_bs$bs" bench_train "$bs" $all
   all=
 done
+stage profile "$py" tools/profile_step.py --device "$device" --batch-size 256 --compile --steps 10 \
+  --out "$out/profile.json" "${profile_args[@]}"
 stage alone_dali alone dali "$data/shards" 8
 stage alone_host alone host "$data/shards" "$host_workers"
 stage "alone_host_max$max_side" alone host "$data/shards-max$max_side" "$host_workers"

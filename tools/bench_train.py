@@ -33,15 +33,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import pipeline
 from pipeline import endless, timed
-from trainlib import distributed
-from trainlib.build import build_trainer
-from trainlib.config import parse_config
-from trainlib.devices import AMP_DTYPES, resolve_device
-from trainlib.runlog import QuietLog
+from trainlib.devices import resolve_device
+from trainlib.steps import baseline_step, our_step, synthetic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,42 +129,6 @@ def parse_feeds(args) -> list[dict]:
     return feeds
 
 
-def baseline_step(args, dev):
-    """(a): timm's model as timm builds it and the textbook step: fused AdamW, autocast, label smoothing, no extras."""
-    import timm
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
-    model.to(dev.device).train()
-    kernel = {"fused": True} if dev.kind == "cuda" else {"foreach": True}  # fused AdamW is a CUDA kernel
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kernel)
-    model = torch.compile(model) if args.compile else model
-    dtype = AMP_DTYPES[args.amp]
-    scaler = dev.grad_scaler(enabled=dtype == torch.float16)
-
-    def step(images, labels):
-        with dev.autocast(dtype):
-            loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss
-
-    return step
-
-
-def our_step(args, dev, fp8: bool = False):
-    """(b) and (d): train.py's Trainer.step itself, built by trainlib.build from flags a user would give train.py."""
-    cfg = parse_config(["--backend", "synthetic", "--device", args.device, "--model", args.model,
-                        "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
-                        "--num-classes", str(args.num_classes), "--amp", args.amp, "--clip-grad", str(args.clip_grad),
-                        "--compile" if args.compile else "--no-compile", "--fp8" if fp8 else "--no-fp8"])
-    # A schedule long enough never to wrap within a benchmark; its LR values do not change the step's cost.
-    trainer = build_trainer(cfg, dev, distributed.placement(cfg), QuietLog(), steps_per_epoch=10**6,
-                            classes=args.num_classes)
-    return trainer.step
-
-
 def run_loop(name: str, step, batches, args, dev, steps: int | None = None) -> dict:
     """Warm up, then time `steps` (--steps) steps. `batches` is an iterator; time blocked in next() is input wait."""
     steps = steps or args.steps
@@ -188,11 +148,6 @@ def run_loop(name: str, step, batches, args, dev, steps: int | None = None) -> d
         out["max_mem_gib"] = round(dev.max_memory_allocated() / 2**30, 2)
         dev.reset_peak_memory()
     return out
-
-
-def synthetic(args, dev, dtype):
-    return endless(pipeline.build_loader(backend="synthetic", batch_size=args.batch_size, device=dev.device,
-                                         img_size=args.img_size, num_classes=args.num_classes, dtype=dtype))
 
 
 def main(argv=None) -> dict:
