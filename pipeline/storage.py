@@ -8,9 +8,12 @@ Every failure becomes one `ShardError` line naming the URL.
 """
 from __future__ import annotations
 
+import http.client
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 from pathlib import Path
 
 S3 = "s3://"
@@ -133,10 +136,9 @@ def delete(root: str, keys: list[str]) -> None:
 # -- ranged reads -----------------------------------------------------------------------------------------------------
 # Image bytes are read with plain HTTP GETs of a presigned URL (one per object and process, valid for PRESIGN_S): the
 # signature covers the object, not the Range header, so a shard's many ranged reads skip botocore's per-request
-# signing and parsing, which cost more CPU than decoding the JPEG they fetch. urllib3 is botocore's own HTTP library.
+# signing and parsing, which cost more CPU than decoding the JPEG they fetch.
 PRESIGN_S = 6 * 3600
 _presigns: dict[tuple, tuple[float, str]] = {}
-_http: dict[int, object] = {}
 
 
 def _presigned(location: str) -> str:
@@ -152,24 +154,54 @@ def _presigned(location: str) -> str:
 
 
 def _ranged_get(location: str, url: str, start: int, stop: int) -> bytes:
-    pid = os.getpid()
-    if pid not in _http:
-        import urllib3
+    """One ranged GET over a kept-alive connection of this thread (http.client: the least work per request in
+    Python); connection failures and 5xx replies are retried with backoff, AWS_MAX_ATTEMPTS tries in all."""
+    parts = urlsplit(url)
+    target = parts.path + ("?" + parts.query if parts.query else "")
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", 5))
+    for attempt in range(attempts):
+        try:
+            conn = _connection(parts.scheme, parts.netloc)
+            conn.request("GET", target, headers={"Range": f"bytes={start}-{stop - 1}"})
+            reply = conn.getresponse()
+            data = reply.read()
+        except (OSError, http.client.HTTPException) as e:
+            _drop_connection(parts.scheme, parts.netloc)
+            if attempt + 1 == attempts:
+                raise _error(f"{location}: {type(e).__name__}: {e}") from None
+            time.sleep(0.5 * 2 ** attempt)
+            continue
+        if reply.status in (200, 206):
+            return data
+        if reply.status == 416:
+            return b""  # a range wholly past the end: the file is shorter than its index says
+        if reply.status >= 500 and attempt + 1 < attempts:
+            time.sleep(0.5 * 2 ** attempt)
+            continue
+        reason = {403: "access denied (credentials, or a presigned URL that expired)", 404: "no such object"}
+        raise _error(f"{location}: HTTP {reply.status} {reason.get(reply.status, reply.reason)}")
+    raise AssertionError("unreachable")
 
-        retries = urllib3.Retry(total=int(os.environ.get("AWS_MAX_ATTEMPTS", 5)) - 1, backoff_factor=0.5,
-                                status_forcelist=(500, 502, 503, 504), allowed_methods=None, raise_on_status=False)
-        _http[pid] = urllib3.PoolManager(maxsize=2 * PARALLEL_REQUESTS, retries=retries,
-                                         timeout=urllib3.Timeout(connect=10, read=60))
-    try:
-        reply = _http[pid].request("GET", url, headers={"Range": f"bytes={start}-{stop - 1}"})
-    except Exception as e:  # noqa: BLE001 - urllib3's connection errors, after its retries
-        raise _error(f"{location}: {type(e).__name__}: {e}") from None
-    if reply.status in (200, 206):
-        return reply.data
-    if reply.status == 416:
-        return b""  # a range wholly past the end: the file is shorter than its index says
-    reason = {403: "access denied (credentials, or a presigned URL that expired)", 404: "no such object"}
-    raise _error(f"{location}: HTTP {reply.status} {reason.get(reply.status, reply.reason)}")
+
+_threads = threading.local()
+
+
+def _connection(scheme: str, netloc: str) -> http.client.HTTPConnection:
+    pool = getattr(_threads, "connections", None)
+    if pool is None or getattr(_threads, "pid", None) != os.getpid():  # not across a fork
+        pool = _threads.connections = {}
+        _threads.pid = os.getpid()
+    key = (scheme, netloc)
+    if key not in pool:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        pool[key] = cls(netloc, timeout=60)
+    return pool[key]
+
+
+def _drop_connection(scheme: str, netloc: str) -> None:
+    conn = getattr(_threads, "connections", {}).pop((scheme, netloc), None)
+    if conn is not None:
+        conn.close()
 
 
 # -- the client -------------------------------------------------------------------------------------------------------
