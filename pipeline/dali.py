@@ -84,14 +84,12 @@ class BatchSource:
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
         n = len(self.batches)
         epoch, index = self.first_epoch + info.iteration // n, self.batches[info.iteration % n]
-        refs = self.planner.batch(epoch, index)
-        samples = iter(self.reader.read([r for r in refs if r is not None]))
-        jpegs, labels = [], np.full(len(refs), -1, np.int64)
-        for i, ref in enumerate(refs):
-            if ref is None:
+        samples = self.reader.read_batch(self.planner, epoch, index)
+        jpegs, labels = [], np.full(len(samples), -1, np.int64)
+        for i, sample in enumerate(samples):
+            if sample is None:
                 jpegs.append(padding_jpeg())
                 continue
-            sample = next(samples)
             labels[i] = parse_label(sample, self.num_classes)
             if not sample.jpg:
                 raise SampleError(f"{sample.shard}: sample {sample.key}: no .jpg component")

@@ -159,13 +159,8 @@ def read_manifest(data_path: str | Path) -> Manifest:
     path = storage.join(data_path, MANIFEST)
     try:
         obj = json.loads(storage.read_bytes(path))
-    except FileNotFoundError:
+    except FileNotFoundError:  # a folder or an S3 prefix alike
         raise ShardError(f"{path}: no shard manifest here; make shards with tools/make_shards.py first") from None
-    except ShardError as e:
-        if str(e).endswith("no such object"):
-            raise ShardError(f"{path}: no shard manifest here; make shards with tools/make_shards.py first") \
-                from None
-        raise
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(obj, dict):

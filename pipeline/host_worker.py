@@ -179,13 +179,6 @@ class Stats:
     skipped: dict = field(default_factory=dict)  # shard file name -> samples skipped there
 
 
-def read_batch(planner: EpochPlanner, reader: ShardReader, epoch: int, batch_index: int) -> list[Sample | None]:
-    """The encoded samples of one batch, None for padding."""
-    refs = planner.batch(epoch, batch_index)
-    real = iter(reader.read([r for r in refs if r is not None]))
-    return [next(real) if r is not None else None for r in refs]
-
-
 def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader,
               read_ahead: ThreadPoolExecutor) -> int:
     """Make this worker's batches of `epoch`; returns how many there were."""
@@ -194,13 +187,13 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
     mine = [batches[k] for k in worker_batches(len(batches), cfg.worker, cfg.num_workers)]
     # The next batch's bytes are read on a thread while this one decodes: reading waits on the disk or the network
     # (object storage: round trips), decoding on the CPU, so they overlap.
-    pending = read_ahead.submit(read_batch, planner, reader, epoch, mine[0]) if mine else None
+    pending = read_ahead.submit(reader.read_batch, planner, epoch, mine[0]) if mine else None
     for k, batch_index in enumerate(mine):
         slot = mailbox.take_slot()
         images, labels = slots[slot]
         samples = pending.result()
         if k + 1 < len(mine):
-            pending = read_ahead.submit(read_batch, planner, reader, epoch, mine[k + 1])
+            pending = read_ahead.submit(reader.read_batch, planner, epoch, mine[k + 1])
         # Seeded by everything that identifies the batch: a rerun reproduces it, whichever worker makes it.
         rng = random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{batch_index}")
         fill_batch(cfg, samples, images, labels, rng, stats)

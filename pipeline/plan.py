@@ -136,7 +136,9 @@ def consumer_order(steps: int, num_workers: int) -> list[tuple[int, int]]:
     return [(i % num_workers, i) for i in range(steps)]
 
 
-@dataclass(frozen=True)
+# eq=False: an identity hash. The plan caches below key on the planner once per batch; hashing the tuple of every
+# shard each time would cost more than the lookup it serves.
+@dataclass(frozen=True, eq=False)
 class EpochPlanner:
     """One rank's view of a split: its shards and the settings the rule depends on, so that every reader (the host
     loader, its workers, the DALI loader) asks for an epoch's plan the same way. Picklable: workers get a copy."""

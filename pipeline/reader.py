@@ -80,6 +80,13 @@ class ShardReader:
                 out[i] = sample
         return out
 
+    def read_batch(self, planner, epoch: int, index: int) -> list[Sample | None]:
+        """The encoded samples of batch `index` of `epoch` by the plan (`EpochPlanner.batch`), None for padding: what
+        both decoders start from."""
+        refs = planner.batch(epoch, index)
+        real = iter(self.read([r for r in refs if r is not None]))
+        return [next(real) if r is not None else None for r in refs]
+
     def read_all(self, shard: Shard, start: int = 0, stop: int | None = None) -> list[Sample]:
         """Samples [start, stop) of one shard, in order."""
         return self._read_entries(shard, self.index(shard)[start:stop])

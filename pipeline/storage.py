@@ -4,7 +4,8 @@ Readers go through `read_bytes` and `read_ranges` with a file's location (a loca
 format, the reader and the writer do not care which. S3 access is boto3's client, configured from the standard
 environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_REGION`), with botocore's own
 retries (backoff on timeouts, throttling and 5xx); boto3 is an optional extra, imported only for `s3://` locations.
-Every failure becomes one `ShardError` line naming the URL.
+Every failure becomes one line naming the URL: FileNotFoundError for an object that is not there (as for a local
+file, so callers treat both alike), ShardError for the rest.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def split_s3(url: str) -> tuple[str, str]:
 # -- reading ----------------------------------------------------------------------------------------------------------
 
 def read_bytes(location: str | Path) -> bytes:
-    """The whole file. FileNotFoundError for a local file that is not there, ShardError for S3 problems."""
+    """The whole file. FileNotFoundError when it is not there (a folder or S3), ShardError for other S3 problems."""
     if not is_s3(location):
         return Path(location).read_bytes()
     bucket, key = split_s3(str(location))
@@ -159,28 +160,27 @@ def _ranged_get(location: str, url: str, start: int, stop: int) -> bytes:
     parts = urlsplit(url)
     target = parts.path + ("?" + parts.query if parts.query else "")
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", 5))
-    for attempt in range(attempts):
+    for attempt in range(1, attempts + 1):
         try:
             conn = _connection(parts.scheme, parts.netloc)
             conn.request("GET", target, headers={"Range": f"bytes={start}-{stop - 1}"})
             reply = conn.getresponse()
-            data = reply.read()
+            data, status = reply.read(), reply.status
         except (OSError, http.client.HTTPException) as e:
             _drop_connection(parts.scheme, parts.netloc)
-            if attempt + 1 == attempts:
-                raise _error(f"{location}: {type(e).__name__}: {e}") from None
-            time.sleep(0.5 * 2 ** attempt)
-            continue
-        if reply.status in (200, 206):
+            data, status, failure = b"", None, f"{type(e).__name__}: {e}"
+        if status in (200, 206):
             return data
-        if reply.status == 416:
+        if status == 416:
             return b""  # a range wholly past the end: the file is shorter than its index says
-        if reply.status >= 500 and attempt + 1 < attempts:
-            time.sleep(0.5 * 2 ** attempt)
-            continue
-        reason = {403: "access denied (credentials, or a presigned URL that expired)", 404: "no such object"}
-        raise _error(f"{location}: HTTP {reply.status} {reason.get(reply.status, reply.reason)}")
-    raise AssertionError("unreachable")
+        if status == 404:
+            raise FileNotFoundError(f"{location}: no such object")
+        if status is not None:
+            failure = f"HTTP {status} " + ("access denied (credentials, or a presigned URL that expired)"
+                                           if status == 403 else reply.reason)
+        if attempt == attempts or (status is not None and status < 500):
+            raise _error(f"{location}: {failure}")
+        time.sleep(0.5 * 2 ** (attempt - 1))  # a failed connection or a 5xx: try again
 
 
 _threads = threading.local()
@@ -251,7 +251,9 @@ def _s3_call(url: str, call, allow_out_of_range: bool = False):
         code = e.response.get("Error", {}).get("Code", "")
         if allow_out_of_range and code == "InvalidRange":
             return b""  # a range wholly past the end: the file is shorter than the index says
-        reason = {"NoSuchKey": "no such object", "404": "no such object", "NoSuchBucket": "no such bucket",
+        if code in ("NoSuchKey", "404"):
+            raise FileNotFoundError(f"{url}: no such object") from None
+        reason = {"NoSuchBucket": "no such bucket",
                   "InvalidAccessKeyId": "the access key is not known to the server (AWS_ACCESS_KEY_ID)",
                   "SignatureDoesNotMatch": "wrong secret key (AWS_SECRET_ACCESS_KEY)",
                   "AccessDenied": "access denied"}.get(code, f"{code or 'error'}: {e}")

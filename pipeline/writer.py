@@ -261,12 +261,8 @@ class Destination:
     def read_json(self, name: str):
         try:
             return json.loads(storage.read_bytes(storage.join(self.remote or self.local, name)))
-        except (OSError, ValueError):
-            return None
-        except ShardError as e:
-            if str(e).endswith("no such object"):
-                return None
-            raise  # wrong credentials, no server: not "nothing here"
+        except (OSError, ValueError):  # not there (FileNotFoundError, from a folder or S3) or not JSON
+            return None  # wrong credentials or no server are ShardErrors: they propagate
 
     def listing(self) -> dict[str, int]:
         """Name -> size of what is there, `.parts/<name>.json` records included."""

@@ -3,6 +3,7 @@ loaders and process group exist. Device differences stay behind `trainlib.device
 loader."""
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -79,9 +80,9 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
         self.skipped_samples = 0  # --on-error skip: samples replaced, all ranks, train and val
-        # Steps whose loss was not finite, counted on the device (no per-step sync), read where the host syncs anyway:
-        # at log lines and before a checkpoint is written.
-        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device.device)
+        # The loss summed on the device since the last log line (no per-step sync). A non-finite loss makes the sum
+        # non-finite, so divergence is read where the host syncs anyway: at log lines and before a checkpoint.
+        self.loss_sum, self.loss_steps = torch.zeros((), device=device.device), 0
         self.last_checked_step = 0
         self.stop_signal: str | None = None  # set by a signal handler (train.py): stop at the next agreed boundary
         self.meter = Throughput(device, cfg.batch_size * placement.world_size, cfg.warmup_log_steps)
@@ -92,7 +93,6 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.device.autocast(self.amp_dtype):
             loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.cfg.label_smoothing)
-        self.nonfinite_steps += (~torch.isfinite(loss.detach())).to(torch.int64)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.clip_grad:
@@ -113,18 +113,19 @@ class Trainer:
         for _ in range(self.step_in_epoch):
             next(batches)
         self.meter.start()
-        loss_sum, interval = torch.zeros((), device=self.device.device), 0
+        self.loss_sum, self.loss_steps = torch.zeros_like(self.loss_sum), 0
         waits = timed(batches)
         while self.step_in_epoch < steps_per_epoch and not self.reached_max_steps():
             (images, labels), wait_s = next(waits)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
-            loss_sum += self.step(images, labels)
+            self.loss_sum += self.step(images, labels)
             self.meter.step(wait_s)  # after the step: an interval that counts it also times its compute
-            self.step_in_epoch, self.global_step, interval = self.step_in_epoch + 1, self.global_step + 1, interval + 1
+            self.step_in_epoch, self.global_step = self.step_in_epoch + 1, self.global_step + 1
+            self.loss_steps += 1
             logged = self.step_in_epoch % cfg.print_freq == 0 or self.step_in_epoch == steps_per_epoch
             if logged:
-                self.log_train(loss_sum / interval, lr)
-                loss_sum, interval = torch.zeros_like(loss_sum), 0
+                self.log_train(lr)
+                self.loss_sum, self.loss_steps = torch.zeros_like(self.loss_sum), 0
             if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.step_in_epoch < steps_per_epoch:
                 self.save_checkpoint()
             if self.stop_agreed(logged):
@@ -163,14 +164,16 @@ class Trainer:
                        f"recomputed over the new length; at global step {state['global_step']} the LR is "
                        f"{self.optimizer.param_groups[0]['lr']:.3e} (the checkpoint's last was {before:.3e})")
 
-    def check_finite(self) -> None:
-        """DivergedError if any rank's loss was not finite since the last check (a collective; syncs). Under fp16 the
-        loss scaler skips such steps by design, so there they are left to it."""
+    def check_finite(self, loss: float | None = None) -> None:
+        """DivergedError if any rank's loss was not finite since the last check. `loss`: the interval's mean over
+        ranks, already read at a log line; without it the loss sum is reduced and read here (a collective; syncs,
+        which a checkpoint does anyway). Under fp16 the loss scaler skips such steps by design: left to it."""
         if self.scaler.is_enabled():
             return
-        bad = int(distributed.sum_over_ranks(self.nonfinite_steps.clone()).item())  # sync: log lines, checkpoints
-        if bad:
-            raise DivergedError(f"the training loss became non-finite (nan/inf) in {bad} step(s) between global "
+        if loss is None:
+            loss = distributed.sum_over_ranks(self.loss_sum.clone()).item()  # sync: before a checkpoint
+        if not math.isfinite(loss):
+            raise DivergedError(f"the training loss became non-finite ({loss}) between global "
                                 f"steps {self.last_checked_step + 1} and {self.global_step}; stopped without "
                                 f"writing a checkpoint after it: lower --lr, raise --warmup-epochs or --clip-grad, "
                                 f"and resume from the last good checkpoint")
@@ -179,10 +182,11 @@ class Trainer:
     def reached_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
 
-    def log_train(self, mean_loss: torch.Tensor, lr: float) -> None:
+    def log_train(self, lr: float) -> None:
         m = self.meter.lap()  # closes the timed interval (synchronizes)
-        loss = distributed.mean_over_ranks(mean_loss).item()  # sync: the device is idle already, this costs a copy
-        self.check_finite()
+        # sync: the device is idle already, this costs a copy
+        loss = distributed.mean_over_ranks(self.loss_sum / self.loss_steps).item()
+        self.check_finite(loss)
         mfu = (m["img_s"] * self.train_flops_per_image / self.train_flops_per_s_peak
                if self.train_flops_per_s_peak else None)
         self.log.record("train", epoch=self.epoch, step=self.step_in_epoch, global_step=self.global_step, loss=loss,
