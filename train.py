@@ -19,23 +19,29 @@ from model import CheckpointMismatch
 from pipeline import PipelineError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
-from trainlib.build import build_loaders, build_trainer, check_model, class_count, seed_everything
+from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_model, class_count,
+                            seed_everything, train_samples)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
-from trainlib.engine import DivergedError, Preempted, Trainer, check_resumable
+from trainlib.engine import DivergedError, Preempted, Trainer, resume_point
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a process killed by it would report; here the checkpoint is written
 from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
 
 
-def fit(cfg: TrainConfig, trainer: Trainer, train_loader, val_loader, log) -> None:
-    """Epochs from the trainer's position to --epochs (or --max-steps), evaluating and checkpointing at epoch ends."""
+def fit(cfg: TrainConfig, trainer: Trainer, train_loader, val_loader, log, rest_loader=None) -> None:
+    """Epochs from the trainer's position to --epochs (or --max-steps), evaluating and checkpointing at epoch ends.
+    `rest_loader`: the rest of an epoch resumed on another layout (trainlib.engine.resume_point)."""
     while trainer.epoch < cfg.epochs:
-        train_loader.set_epoch(trainer.epoch)
-        trainer.train_epoch(train_loader)
-        if trainer.step_in_epoch < trainer.steps_per_epoch:  # stopped by --max-steps inside the epoch
+        loader = rest_loader if trainer.stages else train_loader
+        loader.set_epoch(trainer.epoch)
+        if trainer.step_in_epoch < trainer.epoch_steps:
+            trainer.train_epoch(loader)
+        if trainer.step_in_epoch < trainer.epoch_steps:  # stopped by --max-steps inside the epoch
             trainer.save_checkpoint()
             return
+        if loader is rest_loader:
+            rest_loader.close()  # its workers are done: the next epochs are whole ones
         best = False
         last_epoch = trainer.epoch + 1 == cfg.epochs
         if val_loader is not None and ((trainer.epoch + 1) % cfg.eval_freq == 0 or last_epoch):
@@ -44,6 +50,7 @@ def fit(cfg: TrainConfig, trainer: Trainer, train_loader, val_loader, log) -> No
             best = trainer.best_acc1 is None or acc1 > trainer.best_acc1
             trainer.best_acc1 = max(acc1, trainer.best_acc1 or acc1)
         trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
+        trainer.stages, trainer.epoch_steps = (), trainer.steps_per_epoch
         trainer.save_checkpoint(best=best)
         if trainer.reached_max_steps():
             return
@@ -75,8 +82,12 @@ def run(cfg: TrainConfig) -> None:
         train_loader, val_loader = loaders
         steps_per_epoch = len(train_loader) if train_loader is not None else 1
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
+        point, rest_loader = None, None
         if state is not None and not cfg.evaluate:
-            check_resumable(state, cfg, steps_per_epoch)
+            point = resume_point(state, cfg, placement.world_size, steps_per_epoch, train_samples(cfg))
+            if point.stages:  # an epoch resumed on another layout: a loader for its rest
+                rest_loader = build_rest_loader(cfg, device, placement, classes, state["epoch"], point.stages)
+                loaders += (rest_loader,)
         if placement.is_main:
             log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
             for stale in checkpoint.remove_stale_temp_files(cfg.output):  # left by a writer killed mid-save
@@ -88,7 +99,7 @@ def run(cfg: TrainConfig) -> None:
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)
         handlers = stop_on_signals(trainer)
         if state is not None:
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(state, point, len(rest_loader) if rest_loader is not None else steps_per_epoch)
             log.print(f"resumed {resume_path}: epoch {trainer.epoch} step {trainer.step_in_epoch} "
                       f"(global {trainer.global_step})")
         else:
@@ -103,7 +114,7 @@ def run(cfg: TrainConfig) -> None:
             # A finished run resumed (say by a launch script's --resume auto): keep its summary.json and figures.
             log.print(f"nothing to train: the checkpoint is at epoch {trainer.epoch}, step {trainer.global_step}")
             return
-        fit(cfg, trainer, train_loader, val_loader, log)
+        fit(cfg, trainer, train_loader, val_loader, log, rest_loader)
         summarize(cfg, trainer, log, time.perf_counter() - t_start)
     finally:
         for sig, handler in handlers.items():

@@ -22,7 +22,7 @@ from typing import Iterator, Protocol
 import torch
 
 from pipeline.format import Shard
-from pipeline.plan import EpochPlanner, share_of
+from pipeline.plan import EpochPlanner, Stage, share_of
 
 BACKENDS = ("host", "dali", "hybrid", "synthetic")
 IMAGENET_CLASSES = 1000  # what synthetic labels stand in for when no shards say otherwise
@@ -54,6 +54,8 @@ class LoaderSpec:
     options: object = None  # the backend's own typed options (pipeline.host.HostOptions, pipeline.dali.DaliOptions);
     # None = that backend's defaults
     part: tuple[float, int] | None = None  # (share, 0 or 1): make only that part of each epoch's batches (hybrid)
+    resumed_epoch: int | None = None  # train: the epoch an elastic resume continues (pipeline/plan.py rule 6); the
+    stages: tuple[Stage, ...] = ()  # layouts that ran part of it. The loader's length is that epoch's rest.
 
     @property
     def train(self) -> bool:
@@ -88,7 +90,7 @@ class LoaderSpec:
     def planner(self, shards: list[Shard]) -> EpochPlanner:
         """The epoch/rank plan of this rank over `shards` (pipeline/plan.py)."""
         return EpochPlanner(tuple(shards), self.train, self.batch_size, self.rank, self.world_size, self.seed,
-                            self.shuffle_window)
+                            self.shuffle_window, self.resumed_epoch, tuple(self.stages))
 
 
 class Loader(Protocol):

@@ -192,7 +192,7 @@ class DaliLoader:
         manifest = read_manifest(spec.data_path)
         self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
         self.num_classes = manifest.num_classes  # None: labels are only checked to be >= 0
-        plan = self.planner.plan(epoch=0)  # raises when the split cannot fill one batch per rank
+        plan = self.planner.plan(self.planner.first_epoch)  # raises when the split cannot fill one batch per rank
         self.batches = spec.batches(plan.steps)  # all of an epoch's, or a hybrid's part; the same every epoch
         self.steps = len(self.batches)
         self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts.hw_decoder_load)) \
@@ -248,7 +248,7 @@ class DaliLoader:
     def _follows(self) -> bool:
         """Whether the running pipeline's next batch is the first of the epoch asked for. Val reads the same order
         every epoch, so only whole epochs matter there."""
-        if self._pipe is None or self._pulled % self.steps:
+        if self._pipe is None or not self.steps or self._pulled % self.steps:
             return False
         return not self.spec.train or self._first_epoch + self._pulled // self.steps == self.epoch
 

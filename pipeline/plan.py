@@ -14,11 +14,17 @@ The rule (both backends read through it, so they put the same samples in the sam
      pure function of (epoch, i): any process can make any batch, and a window spans a short stretch of shards.
   5. Within a rank, host worker w of W makes batches w, w+W, w+2W, ...; the consumer takes batch i from worker
      i % W, so batches come out in order and the workers read the same window of shards at the same time.
+  6. Resuming a train epoch on another world size or batch size (an elastic resume): the layouts that ran part of it
+     are its `Stage`s. Each stage took, from every rank, the samples of its first `steps_done` batches; the epoch's
+     sequence less those samples (kept in sequence order, the spans' unread tails included) is the sequence that
+     the next layout splits by rules 2-4. So no sample is read twice in an epoch, and fewer than R*B samples of the
+     last layout sit it out, as in rule 3.
 """
 from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -87,33 +93,89 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, train: b
     return math.ceil(math.ceil(num_samples / world_size) / batch_size)
 
 
-def _segments(shards: list[Shard], start: int, stop: int) -> list[Segment]:
-    """Cut samples [start, stop) of the concatenated shards into per-shard segments."""
+def _segments(pieces: list[Segment], start: int, stop: int) -> list[Segment]:
+    """Cut samples [start, stop) of the concatenated pieces into segments."""
     out, offset = [], 0
-    for shard in shards:
-        lo, hi = max(start, offset), min(stop, offset + shard.num_samples)
+    for piece in pieces:
+        lo, hi = max(start, offset), min(stop, offset + len(piece))
         if lo < hi:
-            out.append(Segment(shard, lo - offset, hi - offset))
-        offset += shard.num_samples
+            out.append(Segment(piece.shard, piece.start + lo - offset, piece.start + hi - offset))
+        offset += len(piece)
         if offset >= stop:
             break
     return out
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A layout that trained part of an epoch before an elastic resume (rule 6): `steps_done` batches of
+    `batch_size` on each of `world_size` ranks."""
+
+    world_size: int
+    batch_size: int
+    steps_done: int
+
+
+def window_batches(shuffle_window: int, batch_size: int) -> int:
+    return max(1, -(-shuffle_window // batch_size))
+
+
+def window_order(seed: int, epoch: int, rank: int, first: int, last: int, batch_size: int, level: int) -> list[int]:
+    """The rank positions of train batches [first, last) (one window), permuted (rule 4). `level`: how many stages
+    ran before this layout in the epoch (rule 6); 0 keeps the key of a run never resumed elastically."""
+    positions = list(range(first * batch_size, last * batch_size))
+    key = f"{seed}:{epoch}:{rank}:{first}" + (f":{level}" if level else "")
+    random.Random(key).shuffle(positions)
+    return positions
+
+
+def remaining(pieces: list[Segment], stage: Stage, *, seed: int, epoch: int, level: int,
+              shuffle_window: int) -> list[Segment]:
+    """The epoch's sequence `pieces` less what `stage` read of it (rule 6), in sequence order."""
+    total, (ranks, size) = sum(map(len, pieces)), (stage.world_size, stage.batch_size)
+    steps, per_window = total // (ranks * size), window_batches(shuffle_window, size)
+    done = min(stage.steps_done, steps)
+    first = done - done % per_window
+    last = min(first + per_window, steps)
+    starts = list(itertools.accumulate(map(len, pieces), initial=0))
+    out: list[Segment] = []
+
+    def keep(seg: Segment) -> None:  # merging neighbours: a window's leftovers come one sample at a time
+        if out and out[-1].shard is seg.shard and out[-1].stop == seg.start:
+            out[-1] = Segment(seg.shard, out[-1].start, seg.stop)
+        else:
+            out.append(seg)
+
+    for rank in range(ranks):
+        lo, hi = rank_span(total, rank, ranks)
+        window = window_order(seed, epoch, rank, first, last, size, level)
+        taken = set(window[:(done - first) * size])
+        for p in range(lo + first * size, lo + last * size):  # the window in progress: what it has not read
+            if p - lo not in taken:
+                k = bisect.bisect_right(starts, p) - 1
+                piece = pieces[k]
+                keep(Segment(piece.shard, piece.start + p - starts[k], piece.start + p - starts[k] + 1))
+        for seg in _segments(pieces, lo + last * size, hi):
+            keep(seg)
+    return out
+
+
 def rank_plan(shards: list[Shard], *, train: bool, batch_size: int, rank: int, world_size: int, seed: int,
-              epoch: int) -> RankPlan:
+              epoch: int, stages: tuple[Stage, ...] = (), shuffle_window: int = 1) -> RankPlan:
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
-    total = sum(s.num_samples for s in shards)
+    pieces = [Segment(s, 0, s.num_samples) for s in epoch_order(shards, seed, epoch, shuffle=train)]
+    for level, stage in enumerate(stages):
+        pieces = remaining(pieces, stage, seed=seed, epoch=epoch, level=level, shuffle_window=shuffle_window)
+    total = sum(map(len, pieces))
     steps = steps_per_epoch(total, batch_size, world_size, train)
-    if train and steps == 0:
+    if train and steps == 0 and not stages:  # a resumed epoch's rest may be too short: it then ends at once
         raise ShardError(f"{total} train samples cannot fill one batch of {batch_size} on each of {world_size} "
                          f"ranks; lower --batch-size")
     lo, hi = rank_span(total, rank, world_size)
     if train:
         hi = lo + steps * batch_size  # the span's tail sits out this epoch
-    ordered = epoch_order(shards, seed, epoch, shuffle=train)
-    return RankPlan(tuple(_segments(ordered, lo, hi)), steps, batch_size, hi - lo)
+    return RankPlan(tuple(_segments(pieces, lo, hi)), steps, batch_size, hi - lo)
 
 
 def share_of(steps: int, share: float, part: int) -> list[int]:
@@ -150,6 +212,8 @@ class EpochPlanner:
     world_size: int
     seed: int
     shuffle_window: int = 1  # train: samples permuted together, rounded up to whole batches (rule 4)
+    resumed_epoch: int | None = None  # an epoch resumed on another layout, and the layouts that ran part of it
+    stages: tuple[Stage, ...] = ()
 
     def order(self, epoch: int) -> list[Shard]:
         return epoch_order(list(self.shards), self.seed, epoch, shuffle=self.train)
@@ -158,8 +222,16 @@ class EpochPlanner:
         return _cached_plan(self, epoch)
 
     @property
+    def first_epoch(self) -> int:
+        """The epoch a loader starts with: its step count is the loader's length (a resumed one may be shorter)."""
+        return self.resumed_epoch or 0
+
+    def stages_of(self, epoch: int) -> tuple[Stage, ...]:
+        return self.stages if epoch == self.resumed_epoch else ()
+
+    @property
     def window_batches(self) -> int:
-        return max(1, -(-self.shuffle_window // self.batch_size))
+        return window_batches(self.shuffle_window, self.batch_size)
 
     def batch(self, epoch: int, index: int) -> list[tuple[Shard, int] | None]:
         """The samples of rank-local batch `index` of `epoch` as (shard, sample index), None for padding (rule 4)."""
@@ -178,12 +250,12 @@ class EpochPlanner:
 @functools.lru_cache(maxsize=4)
 def _cached_plan(planner: EpochPlanner, epoch: int) -> RankPlan:
     return rank_plan(list(planner.shards), train=planner.train, batch_size=planner.batch_size, rank=planner.rank,
-                     world_size=planner.world_size, seed=planner.seed, epoch=epoch)
+                     world_size=planner.world_size, seed=planner.seed, epoch=epoch, stages=planner.stages_of(epoch),
+                     shuffle_window=planner.shuffle_window)
 
 
 @functools.lru_cache(maxsize=4)
 def _window(planner: EpochPlanner, epoch: int, first: int, last: int) -> list[int]:
     """The permuted positions of the train window of batches [first, last): a window is asked for once per batch."""
-    positions = list(range(first * planner.batch_size, last * planner.batch_size))
-    random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{first}").shuffle(positions)
-    return positions
+    return window_order(planner.seed, epoch, planner.rank, first, last, planner.batch_size,
+                        len(planner.stages_of(epoch)))

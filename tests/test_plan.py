@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pipeline.format import Shard, ShardError
-from pipeline.plan import EpochPlanner, RankPlan, consumer_order, rank_plan, worker_batches
+from pipeline.plan import EpochPlanner, RankPlan, Stage, consumer_order, rank_plan, worker_batches
 
 WORLD_SIZES = range(1, 65)
 WORKER_COUNTS = range(1, 17)
@@ -119,3 +119,43 @@ def test_train_batches_deal_out_each_window_of_the_rank_span(window):
 def test_train_too_small_for_one_batch_per_rank_is_a_clear_error():
     with pytest.raises(ShardError, match="lower --batch-size"):
         rank_plan(make_shards(2), train=True, batch_size=10_000, rank=0, world_size=2, seed=0, epoch=0)
+
+
+def read(planner_args: dict, epoch: int, steps=None) -> list[tuple[str, int]]:
+    """Every sample the ranks of one layout read in `epoch` (all ranks, first `steps` batches each)."""
+    out = []
+    for rank in range(planner_args["world_size"]):
+        planner = EpochPlanner(rank=rank, **planner_args)
+        for i in range(planner.plan(epoch).steps if steps is None else steps):
+            out += [(shard.path, k) for shard, k in planner.batch(epoch, i)]
+    return out
+
+
+@pytest.mark.parametrize("layouts", [[(2, 8, 5), (3, 4)], [(4, 2, 17), (1, 16)], [(2, 8, 3), (3, 5, 4), (2, 2)],
+                                     [(2, 8, 0), (1, 16)]])
+def test_an_elastic_resume_reads_the_rest_of_the_epoch_once(layouts):
+    # Rule 6: layouts (world size, batch size, steps done) each run part of epoch 3; the last one runs the rest.
+    shards = make_shards(9)
+    total = sum(s.num_samples for s in shards)
+    common = dict(shards=tuple(shards), train=True, seed=7, shuffle_window=24)
+    seen, stages = [], []
+    for world_size, batch_size, *done in layouts:
+        args = dict(common, batch_size=batch_size, world_size=world_size, resumed_epoch=3 if stages else None,
+                    stages=tuple(stages))
+        seen += read(args, 3, steps=done[0] if done else None)
+        if done:
+            stages.append(Stage(world_size, batch_size, done[0]))
+    world_size, batch_size = layouts[-1][:2]
+    assert len(seen) == len(set(seen)), "a sample was read twice in the epoch"
+    assert total - world_size * batch_size < len(seen) <= total  # the last layout's remainder sits out
+
+
+def test_the_first_layout_of_an_elastic_epoch_reads_what_it_read_before():
+    # The stage's own batches are recomputed from the plan of a run never resumed: the rest must exclude exactly them.
+    shards = make_shards(5)
+    args = dict(shards=tuple(shards), train=True, seed=1, shuffle_window=16, batch_size=4, world_size=2)
+    first = read(args, 0, steps=3)
+    rest = read(dict(args, world_size=1, batch_size=8, resumed_epoch=0, stages=(Stage(2, 4, 3),)), 0)
+    assert not set(first) & set(rest)
+    total = sum(s.num_samples for s in shards)
+    assert total - 8 < len(first) + len(rest) <= total  # the spans' tails the first layout left out are read now

@@ -188,7 +188,8 @@ def test_epochs_extend_a_finished_run_and_never_cut_below_its_position(tmp_path,
     assert checkpoint.load(out / "last.pth")["global_step"] == 6
     capsys.readouterr()
     run_ok([*common, "--epochs", "3"])  # the most common resume: train a finished run for longer
-    assert "note: --epochs 2 -> 3: the LR schedule is recomputed" in capsys.readouterr().out
+    assert "note: the LR schedule is recomputed for 3 epochs of 3 steps (the checkpoint's: 2 of 3)" in \
+        capsys.readouterr().out
     rows = metrics(out, "train")
     assert [r["global_step"] for r in rows[-3:]] == [7, 8, 9] and checkpoint.load(out / "last.pth")["epoch"] == 3
     # The LR the extended run used at each step is the 3-epoch schedule's, as a fresh 3-epoch run would use.
@@ -197,7 +198,7 @@ def test_epochs_extend_a_finished_run_and_never_cut_below_its_position(tmp_path,
     assert [r["lr"] for r in rows[-3:]] == pytest.approx([r["lr"] for r in metrics(fresh, "train")[-3:]])
     before = (out / "metrics.jsonl").read_text(), (out / "config.json").read_text()
     assert train.main([*common, "--epochs", "1"]) == 1  # 3 steps: below the checkpoint's 9
-    assert "--epochs 1 ends before the checkpoint's position (global step 9" in capsys.readouterr().err
+    assert "--epochs 1 ends before the checkpoint's position (epoch 3, step 0, global step 9" in capsys.readouterr().err
     assert ((out / "metrics.jsonl").read_text(), (out / "config.json").read_text()) == before  # the run untouched
 
 
@@ -368,3 +369,50 @@ def test_sigterm_checkpoints_the_exact_step_and_resume_continues_there(tmp_path)
     run_ok([*cmd[3:], "--resume", "auto", "--max-steps", str(step + 3)])
     resumed = metrics(out, "train")[-3:]
     assert [r["global_step"] for r in resumed] == [step + 1, step + 2, step + 3]
+
+
+def test_an_elastic_resume_trains_the_rest_of_the_epoch_on_another_layout(sample_shards, tmp_path, capsys):
+    # 48 train samples. 1 rank x 8 stops after 2 steps (16 samples); 2 ranks x 4 (the same global batch) go on with
+    # the 32 left, 4 steps, and stop after 2; 1 rank x 4 (another global batch) trains the last 16 in 4 steps.
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    common = [*TINY, "--data_path", str(sample_shards), "--epochs", "2", "--eval-freq", "0", "-p", "1", "--no-plots"]
+    run_ok([*common, "--batch-size", "8", "--output", str(ref)])
+    run_ok([*common, "--batch-size", "8", "--output", str(out), "--max-steps", "2"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *common, "--batch-size", "4", "--output", str(out), "--resume", "auto", "--max-steps", "4"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 0 goes on with the 4 steps of samples it has not trained on" in proc.stdout
+    state = checkpoint.load(out / "last.pth")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 4)
+    assert state["epoch_stages"] == [[1, 8, 2]] and state["world_size"] == 2
+    # The same global batch: the schedule is the uninterrupted run's, step for step.
+    lrs = {r["global_step"]: r["lr"] for r in metrics(ref, "train")}
+    assert [(r["global_step"], r["lr"]) for r in metrics(out, "train")[-2:]] == [(3, lrs[3]), (4, lrs[4])]
+
+    capsys.readouterr()
+    run_ok([*common, "--batch-size", "4", "--output", str(out), "--resume", "auto"])
+    text = capsys.readouterr().out
+    assert "epoch 0 goes on with the 4 steps of samples it has not trained on" in text
+    assert "the LR schedule is recomputed for 2 epochs of 12 steps (the checkpoint's: 2 of 6); at step 8" in text
+    rows = metrics(out, "train")[-16:]
+    assert [(r["epoch"], r["step"]) for r in rows[:4]] == [(0, 1), (0, 2), (0, 3), (0, 4)]  # the rest: 16 samples
+    assert [(r["epoch"], r["step"]) for r in rows[4:]] == [(1, s) for s in range(1, 13)]  # then whole epochs of 4
+    assert [r["global_step"] for r in rows] == list(range(9, 25))  # the schedule ends with the run
+    # From there the LR is the schedule a fresh run on this layout follows, step for step.
+    run_ok([*common, "--batch-size", "4", "--output", str(tmp_path / "fresh")])
+    fresh = {r["global_step"]: r["lr"] for r in metrics(tmp_path / "fresh", "train")}
+    assert [r["lr"] for r in rows] == pytest.approx([fresh[r["global_step"]] for r in rows])
+    state = checkpoint.load(out / "last.pth")
+    assert (state["epoch"], state["step_in_epoch"], state["epoch_stages"]) == (2, 0, [])
+
+
+def test_an_elastic_resume_needs_the_same_data(sample_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [*TINY, "--data_path", str(sample_shards), "--epochs", "2", "--eval-freq", "0", "--output", str(out)]
+    run_ok([*common, "--batch-size", "8", "--max-steps", "2"])
+    state = checkpoint.load(out / "last.pth")
+    checkpoint.save(out / "last.pth", {**state, "train_samples": 47})
+    assert train.main([*common, "--batch-size", "4", "--resume", "auto"]) == 1
+    assert "its data is not this run's train split" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 
 import pipeline
 from model import build_model, flops_per_image, fp8_supported, model_defaults, use_fp8, use_pixel_input
-from pipeline.format import num_classes
+from pipeline.format import num_classes, read_manifest
 from trainlib.config import ConfigError, TrainConfig
 from trainlib.distributed import Placement
 from trainlib.engine import Trainer, build_optimizer, build_scheduler
@@ -30,17 +30,38 @@ def seed_everything(seed: int, device) -> None:
     device.manual_seed(seed)
 
 
-def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
-    """(train loader or None under --evaluate, val loader or None without evaluation) for this rank."""
+def train_samples(cfg: TrainConfig) -> int | None:
+    """The train split's sample count (None without shards): an elastic resume needs the same data."""
+    if not cfg.data_path or cfg.backend == "synthetic":
+        return None
+    return read_manifest(cfg.data_path).splits["train"].num_samples
+
+
+def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int) -> dict:
     defaults = model_defaults(cfg.model)
     # Images arrive as uint8 when the model folds normalization in (--pixel-input), else in the autocast dtype: the
     # first layer would cast them anyway, and half the bytes move.
     dtype = torch.uint8 if cfg.pixel_input else device.amp_dtype(cfg.amp)
-    common = dict(data_path=cfg.data_path, backend=cfg.backend, device=device.device, rank=placement.rank,
-                  world_size=placement.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
-                  mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
-                  on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes,
-                  options=cfg.backend_options())
+    return dict(data_path=cfg.data_path, backend=cfg.backend, device=device.device, rank=placement.rank,
+                world_size=placement.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
+                mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
+                on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes,
+                options=cfg.backend_options())
+
+
+def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: int, epoch: int, stages):
+    """A train loader for the rest of `epoch`, which the layouts `stages` ran part of (pipeline/plan.py rule 6).
+    Under hybrid the host workers make it alone: a short rest may leave one decoder no batch."""
+    args = loader_args(cfg, device, placement, classes)
+    if cfg.backend == "hybrid":
+        args.update(backend="host", options=cfg.backend_options().host)
+    return pipeline.build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
+                                 **args)
+
+
+def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
+    """(train loader or None under --evaluate, val loader or None without evaluation) for this rank."""
+    common = loader_args(cfg, device, placement, classes)
     train = None if cfg.evaluate else pipeline.build_loader(split="train", batch_size=cfg.batch_size, **common)
     val = None
     if cfg.evaluate or cfg.eval_freq:
@@ -101,4 +122,5 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
     return Trainer(cfg, raw_model=raw_model, model=model, optimizer=optimizer,
                    scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=device,
                    amp_dtype=device.amp_dtype(cfg.amp), log=log, placement=placement,
-                   steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops)
+                   steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops,
+                   train_samples=train_samples(cfg))

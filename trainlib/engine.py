@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from model import TRAIN_FLOPS_FACTOR
 from pipeline import timed
 from trainlib import checkpoint, distributed
 from trainlib.config import TrainConfig
+from pipeline.plan import Stage
 from trainlib.metrics import Throughput, TopK
 
 
@@ -53,32 +55,58 @@ class DivergedError(RuntimeError):
     """The training loss stopped being a finite number; the message says when. No checkpoint was written after it."""
 
 
-def check_resumable(state: dict, cfg: TrainConfig, steps_per_epoch: int) -> None:
-    """CheckpointError unless `state` can continue here: the same steps per epoch (batch size, world size and data
-    decide them, and the position in the epoch is counted in them), and --epochs not below where it stands."""
-    if state["steps_per_epoch"] != steps_per_epoch:
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint's run continues in this run's layout (world size x batch size)."""
+
+    step_in_epoch: int  # steps of this layout already done in the checkpoint's epoch
+    stages: tuple[Stage, ...] = ()  # layouts that ran part of that epoch before this one (pipeline/plan.py rule 6)
+    exact: bool = True  # the checkpoint's layout: the same batches and random streams as an uninterrupted run
+
+
+def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch: int,
+                 train_samples: int | None) -> ResumePoint:
+    """How `state` continues here, or CheckpointError. The same layout resumes exactly, at its step. Another world
+    size or batch size (an elastic resume) continues the interrupted epoch with the samples no layout has read yet
+    (pipeline/plan.py rule 6); the data must be the same. --epochs may grow, not drop below the position."""
+    needed = state["epoch"] + (state["step_in_epoch"] > 0)
+    if cfg.epochs < needed:
         raise checkpoint.CheckpointError(
-            f"the checkpoint's run has {state['steps_per_epoch']} steps per epoch, this one {steps_per_epoch} "
-            f"(--batch-size, world size or data changed). Resume with the same settings, or start a new run from its "
-            f"weights with --pretrained")
-    if cfg.epochs * steps_per_epoch < state["global_step"]:
+            f"--epochs {cfg.epochs} ends before the checkpoint's position (epoch {state['epoch']}, step "
+            f"{state['step_in_epoch']}, global step {state['global_step']}); give at least --epochs {needed}")
+    stages = tuple(Stage(*s) for s in state.get("epoch_stages", ()))
+    layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"]
+    if layout == (cfg.batch_size, world_size) and state["steps_per_epoch"] == steps_per_epoch:
+        return ResumePoint(state["step_in_epoch"], stages)
+    if state.get("train_samples") is None or state["train_samples"] != train_samples:
         raise checkpoint.CheckpointError(
-            f"--epochs {cfg.epochs} ends before the checkpoint's position (global step {state['global_step']}, "
-            f"epoch {state['epoch']}); give at least --epochs {-(-state['global_step'] // steps_per_epoch)}")
+            f"the checkpoint's run has {state['steps_per_epoch']} steps per epoch, this one {steps_per_epoch}, and "
+            f"{'its data is not' if state.get('train_samples') else 'no record shows its data is'} this run's train "
+            f"split: resume on the same data, or start a new run from its weights with --pretrained")
+    if cfg.steps_per_epoch or state["config"].get("steps_per_epoch"):
+        raise checkpoint.CheckpointError(
+            "--steps-per-epoch caps epochs for performance runs; such a run resumes only on its own world size "
+            "and batch size")
+    if state["step_in_epoch"]:  # the epoch goes on with the samples the layouts before did not read
+        stages += (Stage(state["world_size"], layout[0], state["step_in_epoch"]),)
+    return ResumePoint(0, stages, exact=False)
 
 
 class Trainer:
     """One run's mutable training state and the loops that advance it."""
 
     def __init__(self, cfg: TrainConfig, *, raw_model, model, optimizer, scheduler, device, amp_dtype, log, placement,
-                 steps_per_epoch: int, num_classes: int, flops_per_image: float | None):
+                 steps_per_epoch: int, num_classes: int, flops_per_image: float | None,
+                 train_samples: int | None = None):
         # raw_model: the bare module (checkpoints, clipping); model: what runs the step (DDP and/or compiled).
         self.cfg, self.raw_model, self.model = cfg, raw_model, model
         self.optimizer, self.scheduler, self.device, self.amp_dtype = optimizer, scheduler, device, amp_dtype
         self.scaler = device.grad_scaler(enabled=amp_dtype == torch.float16)
         self.log, self.placement, self.num_classes = log, placement, num_classes
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch, self.train_samples = steps_per_epoch, train_samples
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
+        # This epoch's steps and the layouts that ran part of it before an elastic resume (none: a whole epoch).
+        self.epoch_steps, self.stages = steps_per_epoch, ()
         self.skipped_samples = 0  # --on-error skip: samples replaced, all ranks, train and val
         # The loss summed on the device since the last log line (no per-step sync). A non-finite loss makes the sum
         # non-finite, so divergence is read where the host syncs anyway: at log lines and before a checkpoint.
@@ -107,7 +135,7 @@ class Trainer:
         """Run the current epoch from `self.step_in_epoch` to its end, or until --max-steps. A resumed epoch is
         re-entered from its start and the finished steps are drawn and dropped: the loader yields the same batches in
         the same order, at the cost of reading them again."""
-        cfg, steps_per_epoch = self.cfg, self.steps_per_epoch
+        cfg, steps_per_epoch = self.cfg, self.epoch_steps
         skipped_before = dict(getattr(loader, "skipped_shards", {}))
         batches = iter(loader)
         for _ in range(self.step_in_epoch):
@@ -151,18 +179,19 @@ class Trainer:
             return True
         return False
 
-    def fast_forward_schedule(self, state: dict) -> None:
-        """--epochs changed on resume: the warm-up + cosine schedule is recomputed over the new length and stepped to
-        the checkpoint's position, so the LR there is the new curve's value (after a decay, extending a run raises
-        it: the cosine restarts its descent from that point of the longer curve)."""
-        before = self.optimizer.param_groups[0]["lr"]
+    def fast_forward_schedule(self, state: dict, position: int) -> None:
+        """--epochs or the steps per epoch changed on resume: the warm-up + cosine schedule, built over this run's
+        length, is stepped to `position`, the step from which the steps left end the run with it. After a decay,
+        extending a run raises the LR: the cosine restarts its descent from that point of the longer curve."""
+        before = state["optimizer"]["param_groups"][0]["lr"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
-            for _ in range(state["global_step"]):
+            for _ in range(position):
                 self.scheduler.step()
-        self.log.print(f"note: --epochs {state['config']['epochs']} -> {self.cfg.epochs}: the LR schedule is "
-                       f"recomputed over the new length; at global step {state['global_step']} the LR is "
-                       f"{self.optimizer.param_groups[0]['lr']:.3e} (the checkpoint's last was {before:.3e})")
+        self.log.print(f"note: the LR schedule is recomputed for {self.cfg.epochs} epochs of {self.steps_per_epoch} "
+                       f"steps (the checkpoint's: {state['config']['epochs']} of {state['steps_per_epoch']}); at step "
+                       f"{position} of it the LR is {self.optimizer.param_groups[0]['lr']:.3e} (the checkpoint's last "
+                       f"was {before:.3e})")
 
     def check_finite(self, loss: float | None = None) -> None:
         """DivergedError if any rank's loss was not finite since the last check. `loss`: the interval's mean over
@@ -191,7 +220,7 @@ class Trainer:
                if self.train_flops_per_s_peak else None)
         self.log.record("train", epoch=self.epoch, step=self.step_in_epoch, global_step=self.global_step, loss=loss,
                         lr=lr, mfu=mfu, mem_bytes=self.device.max_memory_allocated(), **m)
-        line = (f"Epoch [{self.epoch}][{self.step_in_epoch}/{self.steps_per_epoch}] loss {loss:.4f} lr {lr:.3e} "
+        line = (f"Epoch [{self.epoch}][{self.step_in_epoch}/{self.epoch_steps}] loss {loss:.4f} lr {lr:.3e} "
                 f"img/s {m['img_s']:.1f} input wait {100 * m['input_wait']:.1f}%")
         if m["img_s_mean"] is not None:
             line += (f" | since warm-up: img/s {m['img_s_mean']:.1f} input wait {100 * m['input_wait_mean']:.1f}% "
@@ -244,8 +273,9 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_acc1": self.best_acc1, "world_size": self.placement.world_size, "config": self.cfg.to_dict(),
-                "skipped_samples": self.skipped_samples,
-                "steps_per_epoch": self.steps_per_epoch}
+                "skipped_samples": self.skipped_samples, "steps_per_epoch": self.steps_per_epoch,
+                "batch_size": self.cfg.batch_size, "train_samples": self.train_samples,
+                "epoch_stages": [[s.world_size, s.batch_size, s.steps_done] for s in self.stages]}
 
     def save_checkpoint(self, best: bool = False) -> None:
         """last.pth (and best.pth); collective: every rank contributes its RNG state, rank 0 writes."""
@@ -261,31 +291,43 @@ class Trainer:
                 checkpoint.copy_as(out / checkpoint.LAST, out / checkpoint.BEST)
         self.meter.start()
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams."""
-        if not self.cfg.evaluate:  # evaluation runs no schedule
-            check_resumable(state, self.cfg, self.steps_per_epoch)
+    def load_state_dict(self, state: dict, point: ResumePoint | None = None, epoch_steps: int | None = None) -> None:
+        """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams.
+        `point` (from `resume_point`) places it in this layout, whose loader for the rest of the epoch has
+        `epoch_steps` steps; None (evaluation) takes the weights alone."""
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:  # another model, image size or class count
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
                                              f"(another --model, --img-size or data set?)") from None
+        self.epoch, self.global_step, self.best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
+        if point is None:
+            return
+        fresh_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the new schedule's start, before any step
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.cfg.evaluate or state["config"]["epochs"] == self.cfg.epochs:
-            self.scheduler.load_state_dict(state["scheduler"])
-        else:
-            self.fast_forward_schedule(state)
         if state["scaler"] and self.scaler.is_enabled():  # resumed under another precision: fp16's scale starts anew
             self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.global_step, self.best_acc1 = state["global_step"], state["best_acc1"]
+        self.epoch, self.step_in_epoch, self.stages = state["epoch"], point.step_in_epoch, point.stages
+        self.epoch_steps = self.steps_per_epoch if epoch_steps is None else epoch_steps
         self.skipped_samples = state.get("skipped_samples", 0)  # older checkpoints did not count
-        if state["world_size"] != self.placement.world_size:
-            self.log.print(f"note: checkpoint from {state['world_size']} ranks, resuming on "
-                           f"{self.placement.world_size}: batches and random streams differ from an uninterrupted run")
-            # Fresh per-rank streams (drop path differs across ranks), new ones for each resume point.
-            seed = self.cfg.seed + self.placement.rank + 1_000_003 * self.global_step
-            torch.manual_seed(seed)
-            self.device.manual_seed(seed)
+        # The schedule's position: the step from which the steps this run has left end it with the schedule.
+        steps_left = self.epoch_steps - self.step_in_epoch + (self.cfg.epochs - self.epoch - 1) * self.steps_per_epoch
+        self.global_step = self.cfg.epochs * self.steps_per_epoch - steps_left
+        if (self.global_step == state["global_step"] and
+                self.cfg.epochs * self.steps_per_epoch == state["config"]["epochs"] * state["steps_per_epoch"]):
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # the schedulers step from the LR they find: give them their start back
+            for group, lr in zip(self.optimizer.param_groups, fresh_lrs):
+                group["lr"] = lr
+            self.fast_forward_schedule(state, self.global_step)
+        if point.exact:
+            checkpoint.set_rng_state(state["rng"][self.placement.rank], self.device)
             return
-        checkpoint.set_rng_state(state["rng"][self.placement.rank], self.device)
+        self.log.print(f"note: elastic resume: the checkpoint's run had {state['world_size']} ranks x batch "
+                       f"{state.get('batch_size', state['config']['batch_size'])}, this one {self.placement.world_size} "
+                       f"x {self.cfg.batch_size}; epoch {self.epoch} goes on with the {self.epoch_steps} steps of "
+                       f"samples it has not trained on; random streams start anew")
+        # Fresh per-rank streams (drop path differs across ranks), new ones for each resume point.
+        seed = self.cfg.seed + self.placement.rank + 1_000_003 * self.global_step
+        torch.manual_seed(seed)
+        self.device.manual_seed(seed)
