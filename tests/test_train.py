@@ -347,6 +347,21 @@ def test_a_rank_that_never_comes_is_an_error_not_a_hang(tmp_path):
     assert "within 5 s" in proc.stderr and not (tmp_path / "o").exists()
 
 
+def test_a_rank_that_starts_before_the_store_host_waits_for_it(tmp_path):
+    # Rank 1 first: its connection to rank 0's store is refused until rank 0 comes up; both must then train.
+    args = [sys.executable, str(ROOT / "train.py"), *TINY, "--backend", "synthetic", "--num-classes", "10",
+            "--world-size", "2", "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--dist-timeout", "60",
+            "--steps-per-epoch", "2", "--epochs", "1", "--eval-freq", "0", "--no-plots", "--no-save-checkpoints"]
+    late = subprocess.Popen([*args, "--rank", "1", "--output", str(tmp_path / "o1")], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)
+    first = subprocess.run([*args, "--rank", "0", "--output", str(tmp_path / "o0")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    _, err = late.communicate(timeout=60)
+    assert first.returncode == 0 and late.returncode == 0, first.stderr[-2000:] + err[-2000:]
+    assert "summary: 2 steps" in first.stdout
+
+
 def test_sigterm_checkpoints_the_exact_step_and_resume_continues_there(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-u", str(ROOT / "train.py"), *TINY, "--backend", "synthetic", "--num-classes", "10",
@@ -416,3 +431,46 @@ def test_an_elastic_resume_needs_the_same_data(sample_shards, tmp_path, capsys):
     checkpoint.save(out / "last.pth", {**state, "train_samples": 47})
     assert train.main([*common, "--batch-size", "4", "--resume", "auto"]) == 1
     assert "its data is not this run's train split" in capsys.readouterr().err
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of train.py rank `rank` under a torchrun (not its loader workers, which share its environment)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if (proc.name.isdigit() and int(proc.name) != launcher_pid and any(a.endswith(b"train.py") for a in cmdline)
+                and f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ)):
+            return int(proc.name)
+    return None
+
+
+def test_kill_9_of_a_rank_restarts_under_torchrun_and_ends_as_an_uninterrupted_run(sample_shards, tmp_path):
+    # drop path draws random numbers every step: equal weights also prove each rank's streams were restored.
+    common = [*TINY, "--data_path", str(sample_shards), "--epochs", "2", "--eval-freq", "0", "-p", "1",
+              "--batch-size", "4", "--no-plots", "--drop-path", "0.1", "--save-steps", "2", "--dist-timeout", "60"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    proc = subprocess.run([*launch, str(ROOT / "train.py"), *common, "--output", str(ref)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cmd = [*launch, "--max-restarts", "1", str(ROOT / "train.py"), *common, "--output", str(out), "--resume", "auto"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, killed = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and line.startswith("Epoch [0][5/"):  # a checkpoint at global step 4 stands
+            killed = rank_pid(proc.pid, 1)
+            os.kill(killed, signal.SIGKILL)
+    proc.wait(timeout=300)
+    text = "".join(lines)
+    assert killed and proc.returncode == 0, text[-3000:]
+    assert "resumed " in text and "epoch 0 step 4 (global 4)" in text
+    ours, theirs = checkpoint.load(out / "last.pth"), checkpoint.load(ref / "last.pth")
+    assert ours["global_step"] == theirs["global_step"] == 12
+    for name, weight in theirs["model"].items():
+        assert torch.allclose(ours["model"][name], weight, rtol=0, atol=1e-6), name

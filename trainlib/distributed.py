@@ -11,7 +11,6 @@ import datetime
 import logging
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -22,7 +21,6 @@ import torch.distributed as dist
 from trainlib.config import ConfigError, TrainConfig
 
 DEFAULT_PORT = "29500"  # torchrun's default, so mixed launches agree
-INIT_ATTEMPTS = 3  # joining the group, when a peer refuses the connection (gloo under load does, now and then)
 
 
 class DistributedError(RuntimeError):
@@ -74,20 +72,26 @@ def setup(cfg: TrainConfig, device, where: Placement) -> None:
     if "RANK" not in os.environ:
         rendezvous_env(cfg)
     timeout = datetime.timedelta(seconds=cfg.dist_timeout)
-    for attempt in range(INIT_ATTEMPTS):
-        try:
-            # The timeout bounds joining the group and every collective after it: a lost peer becomes an error
-            # (which torchrun's --max-restarts can act on), not a hang.
-            dist.init_process_group(backend=cfg.dist_backend or device.dist_backend, init_method="env://",
-                                    rank=where.rank, world_size=where.world_size, timeout=timeout)
-            return
-        except (RuntimeError, ValueError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
-            refused = "refused" in str(e).lower() or "connectfullmesh" in str(e).lower()
-            if not refused or attempt + 1 == INIT_ATTEMPTS:
-                raise DistributedError(f"rank {where.rank} of {where.world_size} could not join the process group "
-                                       f"at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
-                                       f"{cfg.dist_timeout:.0f} s ({str(e).splitlines()[0][:200]})") from None
-            time.sleep(2 ** attempt)  # a refused connection: the peer may still be starting; try again
+    where_to = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    try:
+        # The store (hosted by rank 0, or by torchrun's agent). Its clients retry a refused connection until the
+        # timeout themselves, so a rank that starts before the host waits for it.
+        store, _, _ = next(dist.rendezvous("env://", where.rank, where.world_size, timeout=timeout))
+    except (RuntimeError, ValueError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+        raise DistributedError(f"rank {where.rank} of {where.world_size} could not join the process group at "
+                               f"{where_to} within {cfg.dist_timeout:.0f} s (its store: "
+                               f"{str(e).splitlines()[0][:200]})") from None
+    # torchrun keeps its store across --max-restarts: without a key space of their own, restarted ranks read the
+    # dead ones' addresses and gloo connects to ports nobody listens on (refused until it times out).
+    store = dist.PrefixStore(f"vit-fast/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    try:
+        # The timeout bounds joining the group and every collective after it: a lost peer becomes an error (which
+        # torchrun's --max-restarts can act on), not a hang.
+        dist.init_process_group(backend=cfg.dist_backend or device.dist_backend, store=store, rank=where.rank,
+                                world_size=where.world_size, timeout=timeout)
+    except (RuntimeError, ValueError) as e:
+        raise DistributedError(f"rank {where.rank} of {where.world_size} could not join the process group at "
+                               f"{where_to} within {cfg.dist_timeout:.0f} s ({str(e).splitlines()[0][:200]})") from None
 
 
 def teardown() -> None:
