@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from pipeline import BACKENDS, IMAGENET_CLASSES, LoaderSpec, build_loader, endless, timed
 from pipeline.cli import add_flags, from_args, knob
+from pipeline.host import HostOptions
 from pipeline.format import ShardError
 
 @dataclass
@@ -68,6 +69,8 @@ class BenchConfig:
                                "can run ahead (and boundary_wait_s shows whether it does across epoch boundaries)")
     epoch_stride: int = knob(1, "epochs go 0, stride, 2*stride, ...: 2 makes each epoch a jump, so the loader "
                                 "restarts at every epoch start (what running on saves)")
+    host: HostOptions = knob(help="the host backend's own options (--host-decoder region|pillow, ...)",
+                             factory=HostOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +226,8 @@ def run(cfg: BenchConfig) -> dict:
 
         importlib.import_module("torch_npu")  # registers the "npu" device with torch
     step = model_step(cfg, num_classes_of(cfg), device)
-    loader = build_loader(backend=cfg.backend, **spec_for(cfg, device))
+    options = cfg.host if cfg.backend == "host" else None
+    loader = build_loader(backend=cfg.backend, options=options, **spec_for(cfg, device))
     describe = loader.describe() if hasattr(loader, "describe") else cfg.backend
     print(f"bench: {describe}", file=sys.stderr)
     try:
@@ -282,6 +286,7 @@ def decode_only(cfg: BenchConfig) -> dict:
     from pipeline.host_worker import WorkerConfig, decode
     from pipeline.reader import ShardReader
 
+    cfg.host.validate()  # a decoder asked for and not built is an error, not a silent fallback
     torch.set_num_threads(1)  # the torchvision path's ToTensor/Normalize would otherwise use every core
     spec = LoaderSpec(**spec_for(cfg, torch.device("cpu")))
     samples, reader = [], ShardReader()
@@ -290,10 +295,11 @@ def decode_only(cfg: BenchConfig) -> dict:
             break
         samples += reader.read_all(shard)
     worker = WorkerConfig(0, 1, LoaderSpec(**{**spec_for(cfg, spec.device), "batch_size": 1}).planner([]),
-                          cfg.img_size, spec.crop_pct, spec.scale, spec.ratio, spec.hflip, False, None, ())
+                          cfg.img_size, spec.crop_pct, spec.scale, spec.ratio, spec.hflip, False, None, (),
+                          decoder=cfg.host.resolved_decoder)
     out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
     result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
-              "pillow": pillow_flavour(), "samples": len(samples),
+              "pillow": pillow_flavour(), "decoder": worker.decoder, "samples": len(samples),
               "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out), samples, cfg.seconds), 1)}
     if cfg.baseline:
         transform = baseline_transform(spec)

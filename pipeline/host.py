@@ -28,6 +28,7 @@ from pipeline.cli import knob
 from pipeline.contract import LoaderSpec, main_not_replayed, to_model_input
 from pipeline.format import PipelineError, ShardError, read_manifest, shard_list
 from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
+from pipeline.jpeg import DECODERS, decoder_available, default_decoder
 from pipeline.plan import consumer_order
 
 SHM_DIR = "/dev/shm"
@@ -45,6 +46,9 @@ class HostOptions:
     timeout_s: float = knob(300.0, "host: a decode process silent this long is an error (hung decode, dead disk)")
     start_method: str = knob("forkserver", "host: how decode processes start (never a fork of a process that holds "
                                            "CUDA/NPU state)", choices=START_METHODS)
+    decoder: str = knob("auto", "host: 'region' decodes only each crop box (the C extension, built at install "
+                                "where libjpeg's headers are); 'pillow' decodes whole images; 'auto': region when "
+                                "built", choices=("auto", *DECODERS))
 
     def validate(self) -> None:
         if self.slots_per_worker < 1:
@@ -53,6 +57,15 @@ class HostOptions:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        if self.decoder not in ("auto", *DECODERS):
+            raise ValueError(f"decoder must be one of auto, {', '.join(DECODERS)}, got {self.decoder!r}")
+        if not decoder_available(self.resolved_decoder):
+            raise ValueError("decoder 'region' is not built: reinstall with libjpeg's headers present (Debian/Ubuntu: "
+                             "apt-get install libjpeg-dev; then pip install -e .), or use decoder 'pillow'")
+
+    @property
+    def resolved_decoder(self) -> str:
+        return default_decoder() if self.decoder == "auto" else self.decoder
 
 
 class WorkerError(RuntimeError):
@@ -260,7 +273,7 @@ class HostLoader:
                 crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
                 hflip=spec.hflip, skip_bad=spec.on_error == "skip", num_classes=num_classes,
                 slot_names=tuple(names), environment=tuple(storage.environment().items()),
-                batches=tuple(self.batches))
+                batches=tuple(self.batches), decoder=self.opts.resolved_decoder)
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
             with main_not_replayed():  # no main guard needed in the user's script
@@ -281,7 +294,8 @@ class HostLoader:
 
     def describe(self) -> str:
         s = self.spec
-        return (f"host: {self.num_workers} Pillow worker processes ({self.opts.start_method}), {pillow_flavour()}, "
+        return (f"host: {self.num_workers} worker processes ({self.opts.start_method}), decoder "
+                f"{self.opts.resolved_decoder}, {pillow_flavour()}, "
                 f"{self.opts.slots_per_worker} shm slots of {s.batch_size}x{s.img_size}x{s.img_size}x3 uint8 "
                 f"per worker, prefetch {s.prefetch} -> {s.device}")
 

@@ -13,7 +13,7 @@ messages about an abandoned run are ignored.
 """
 from __future__ import annotations
 
-import io
+import functools
 import os
 import random
 import signal
@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline.contract import center_crop_box, random_resized_crop
 from pipeline.format import ShardError
+from pipeline.jpeg import crop_resize
 from pipeline.plan import EpochPlanner, worker_batches
 from pipeline.reader import Sample, SampleError, ShardReader, parse_label
 
@@ -52,6 +53,7 @@ class WorkerConfig:
     slot_names: tuple[str, ...]
     environment: tuple[tuple[str, str], ...] = ()  # the parent's AWS_* settings (a forkserver may predate them)
     batches: tuple[int, ...] | None = None  # the rank-local batches the loader makes (None: all; hybrid: its part)
+    decoder: str = "pillow"  # pipeline/jpeg.py: "region" or "pillow"
 
     @property
     def train(self) -> bool:
@@ -83,31 +85,20 @@ def slot_nbytes(batch_size: int, img_size: int) -> int:
 
 
 def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray) -> None:
-    """Crop box first, DCT-scaled decode when the box is >= 2x the output, one resize to the output size, flip, into
-    `out` (S,S,3) uint8."""
+    """The sample's crop box (train: RandomResizedCrop; val: resize-then-center-crop), decoded and resized to the
+    output size (pipeline/jpeg.py), flipped, into `out` (S,S,3) uint8."""
     size = cfg.img_size
     if not sample.jpg:
         raise SampleError(f"{sample.shard}: sample {sample.key}: no .jpg component")
+    if cfg.train:
+        box_of = functools.partial(random_resized_crop, rng=rng, scale=cfg.scale, ratio=cfg.ratio)
+    else:
+        box_of = functools.partial(center_crop_box, img_size=size, crop_pct=cfg.crop_pct)
+    resample = Image.BILINEAR if cfg.train else Image.BICUBIC  # torchvision train / timm ViT eval
     try:
-        im = Image.open(io.BytesIO(sample.jpg))
-        width, height = im.size
-        if cfg.train:
-            left, top, w, h = random_resized_crop(width, height, rng, cfg.scale, cfg.ratio)
-        else:
-            left, top, w, h = center_crop_box(width, height, size, cfg.crop_pct)
-        if min(w, h) >= 2 * size:
-            # JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT; draft picks the smallest that keeps the box >= size.
-            im.draft("RGB", (width * size / w, height * size / h))
-        sx, sy = im.size[0] / width, im.size[1] / height
-        if im.mode not in ("RGB", "L", "CMYK"):
-            im = im.convert("RGB")  # palette/alpha images (a PNG named .jpg) would resize in the wrong space
-        resample = Image.BILINEAR if cfg.train else Image.BICUBIC  # torchvision train / timm ViT eval
-        im = im.resize((size, size), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - whatever Pillow raises here, the bytes caused it: name the sample
+        pixels = crop_resize(sample.jpg, box_of, size, resample, cfg.decoder)
+    except Exception as e:  # noqa: BLE001 - whatever Pillow or libjpeg raise here, the bytes caused it: name the sample
         raise SampleError(f"{sample.shard}: sample {sample.key}: undecodable image ({type(e).__name__}: {e})") from e
-    pixels = np.asarray(im)
     out[...] = pixels[:, ::-1] if cfg.train and rng.random() < cfg.hflip else pixels
 
 

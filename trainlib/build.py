@@ -54,7 +54,7 @@ def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: i
     Under hybrid the host workers make it alone: a short rest may leave one decoder no batch."""
     args = loader_args(cfg, device, placement, classes)
     if cfg.backend == "hybrid":
-        args.update(backend="host", options=cfg.backend_options().host)
+        args.update(backend="host", options=cfg.host)
     return pipeline.build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
                                  **args)
 

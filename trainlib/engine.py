@@ -323,9 +323,9 @@ class Trainer:
         if point.exact:
             checkpoint.set_rng_state(state["rng"][self.placement.rank], self.device)
             return
-        self.log.print(f"note: elastic resume: the checkpoint's run had {state['world_size']} ranks x batch "
-                       f"{state.get('batch_size', state['config']['batch_size'])}, this one {self.placement.world_size} "
-                       f"x {self.cfg.batch_size}; epoch {self.epoch} goes on with the {self.epoch_steps} steps of "
+        self.log.print(f"note: elastic resume: the checkpoint's run was {state['world_size']} x "
+                       f"{state.get('batch_size', state['config']['batch_size'])} (ranks x batch), this one "
+                       f"{self.placement.world_size} x {self.cfg.batch_size}; epoch {self.epoch} goes on with the {self.epoch_steps} steps of "
                        f"samples it has not trained on; random streams start anew")
         # Fresh per-rank streams (drop path differs across ranks), new ones for each resume point.
         seed = self.cfg.seed + self.placement.rank + 1_000_003 * self.global_step
