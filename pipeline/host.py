@@ -234,7 +234,8 @@ class HostLoader:
         self.spec, self.epoch = spec, 0
         manifest = read_manifest(spec.data_path)
         self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
-        self.batches = spec.batches(self.planner.plan(self.planner.first_epoch).steps)  # all of an epoch's, or a hybrid's part
+        # All of an epoch's batches, or a hybrid's part; the first epoch's (a resumed one may be shorter).
+        self.batches = spec.batches(self.planner.plan(self.planner.first_epoch).steps)
         self.steps = len(self.batches)
         # Workers beyond `steps` would get no batches (pipeline/plan.py rule 5), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))

@@ -28,7 +28,8 @@ def variants() -> dict[str, bytes]:
     astronaut = Image.fromarray(photos.astronaut()).resize((1000, 1000))  # room for 1/2 and 1/4 scale decodes
     return {"baseline": jpeg(coffee), "progressive": jpeg(coffee, progressive=True),
             "4:4:4": jpeg(coffee, subsampling=0), "grayscale": jpeg(coffee.convert("L")),
-            "cmyk": jpeg(coffee.convert("CMYK")), "large": jpeg(astronaut), "odd size": jpeg(coffee.crop((0, 0, 597, 389)))}
+            "cmyk": jpeg(coffee.convert("CMYK")), "large": jpeg(astronaut),
+            "odd size": jpeg(coffee.crop((0, 0, 597, 389)))}
 
 
 VARIANTS = variants()

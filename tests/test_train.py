@@ -430,7 +430,9 @@ def test_an_elastic_resume_needs_the_same_data(sample_shards, tmp_path, capsys):
     state = checkpoint.load(out / "last.pth")
     checkpoint.save(out / "last.pth", {**state, "train_samples": 47})
     assert train.main([*common, "--batch-size", "4", "--resume", "auto"]) == 1
-    assert "its data is not this run's train split" in capsys.readouterr().err
+    assert "the checkpoint's run trained on 47 samples, this one has 48: resume on the same data" in \
+        capsys.readouterr().err
+    assert train.main([*common, "--batch-size", "8", "--resume", "auto"]) == 1  # its own layout: the same rule
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:

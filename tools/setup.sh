@@ -11,12 +11,19 @@ py=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # setuptools warns on every editable install that local folders may shadow the package: here they are the package.
 PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[dev,dali]"
+# Pillow-SIMD where it builds (the host workers' resizes run several times faster); PILLOW_SIMD=0 keeps Pillow.
+if [ "${PILLOW_SIMD:-1}" != 0 ]; then
+    PYTHON=.venv/bin/python bash tools/install_pillow_simd.sh >/dev/null ||
+        echo "setup: keeping Pillow (the host backend works with it, slower); PILLOW_SIMD=0 skips this try" >&2
+fi
 .venv/bin/python - <<'PY'
-import torch, torchvision, timm, PIL
+import torch, torchvision, timm
+from pipeline.host import pillow_flavour
+from pipeline.jpeg import default_decoder
 try:
     import nvidia.dali as dali; d = dali.__version__
 except ImportError:
     d = "not installed (the dali backend is unavailable)"
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-      f"Pillow {PIL.__version__}, DALI {d}")
+      f"{pillow_flavour()}, host decoder {default_decoder()}, DALI {d}")
 PY

@@ -16,9 +16,9 @@ from torch.optim import lr_scheduler
 
 from model import TRAIN_FLOPS_FACTOR
 from pipeline import timed
+from pipeline.plan import Stage
 from trainlib import checkpoint, distributed
 from trainlib.config import TrainConfig
-from pipeline.plan import Stage
 from trainlib.metrics import Throughput, TopK
 
 
@@ -76,13 +76,20 @@ def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch
             f"{state['step_in_epoch']}, global step {state['global_step']}); give at least --epochs {needed}")
     stages = tuple(Stage(*s) for s in state.get("epoch_stages", ()))
     layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"]
-    if layout == (cfg.batch_size, world_size) and state["steps_per_epoch"] == steps_per_epoch:
+    recorded = state.get("train_samples")  # None in checkpoints older than elastic resume, and without shards
+    same_data = recorded == train_samples if recorded is not None else state["steps_per_epoch"] == steps_per_epoch
+    if layout == (cfg.batch_size, world_size) and state["steps_per_epoch"] == steps_per_epoch and same_data:
         return ResumePoint(state["step_in_epoch"], stages)
-    if state.get("train_samples") is None or state["train_samples"] != train_samples:
+    if not same_data:
         raise checkpoint.CheckpointError(
-            f"the checkpoint's run has {state['steps_per_epoch']} steps per epoch, this one {steps_per_epoch}, and "
-            f"{'its data is not' if state.get('train_samples') else 'no record shows its data is'} this run's train "
-            f"split: resume on the same data, or start a new run from its weights with --pretrained")
+            f"the checkpoint's run trained on {recorded or state['steps_per_epoch']} "
+            f"{'samples' if recorded else 'steps per epoch'}, this one has {train_samples or steps_per_epoch}: "
+            f"resume on the same data, or start a new run from its weights with --pretrained")
+    if recorded is None:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's run was {layout[1]} x {layout[0]} (ranks x batch), this one {world_size} x "
+            f"{cfg.batch_size}, and the checkpoint does not record its data (synthetic input, or an older "
+            f"checkpoint): it resumes only on its own layout")
     if cfg.steps_per_epoch or state["config"].get("steps_per_epoch"):
         raise checkpoint.CheckpointError(
             "--steps-per-epoch caps epochs for performance runs; such a run resumes only on its own world size "
@@ -325,8 +332,8 @@ class Trainer:
             return
         self.log.print(f"note: elastic resume: the checkpoint's run was {state['world_size']} x "
                        f"{state.get('batch_size', state['config']['batch_size'])} (ranks x batch), this one "
-                       f"{self.placement.world_size} x {self.cfg.batch_size}; epoch {self.epoch} goes on with the {self.epoch_steps} steps of "
-                       f"samples it has not trained on; random streams start anew")
+                       f"{self.placement.world_size} x {self.cfg.batch_size}; epoch {self.epoch} goes on with the "
+                       f"{self.epoch_steps} steps of samples it has not trained on; random streams start anew")
         # Fresh per-rank streams (drop path differs across ranks), new ones for each resume point.
         seed = self.cfg.seed + self.placement.rank + 1_000_003 * self.global_step
         torch.manual_seed(seed)
