@@ -26,6 +26,7 @@ from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer, resume_point
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a process killed by it would report; here the checkpoint is written
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, the same checkpoint
 from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
 
 
@@ -127,13 +128,17 @@ def run(cfg: TrainConfig) -> None:
 
 
 def stop_on_signals(trainer: Trainer) -> dict:
-    """SIGTERM (what Slurm and Kubernetes send before they kill a job) and SIGUSR1 (Slurm's --signal) ask the trainer
-    to stop at the next step boundary all ranks agree on, with a checkpoint at that step; see Trainer.stop_agreed.
-    Returns the handlers they replace."""
+    """SIGTERM (what Slurm and Kubernetes send before they kill a job), SIGUSR1 (Slurm's --signal) and a first Ctrl-C
+    (SIGINT) ask the trainer to stop at the next step boundary all ranks agree on, with a checkpoint at that step; see
+    Trainer.stop_agreed. A second Ctrl-C stops at once (KeyboardInterrupt). Returns the handlers they replace."""
     def request_stop(signum, frame):
+        if signum == signal.SIGINT and trainer.stop_signal == "SIGINT":
+            raise KeyboardInterrupt
         trainer.stop_signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("train.py: stopping at the next step with a checkpoint; Ctrl-C again stops at once", file=sys.stderr)
 
-    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
 
 def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Preempted as e:
         print(f"train.py: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if "SIGINT" in str(e) else EXIT_PREEMPTED
     except KeyboardInterrupt:
         # Loaders and the process group were closed on the way out; the last checkpoint is intact (atomic writes).
         print(f"train.py: interrupted; rerun with --resume auto --output {cfg.output} to continue", file=sys.stderr)

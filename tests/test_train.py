@@ -362,7 +362,8 @@ def test_a_rank_that_starts_before_the_store_host_waits_for_it(tmp_path):
     assert "summary: 2 steps" in first.stdout
 
 
-def test_sigterm_checkpoints_the_exact_step_and_resume_continues_there(tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, train.EXIT_PREEMPTED), (signal.SIGINT, 130)])
+def test_a_stop_signal_checkpoints_the_exact_step_and_resume_continues_there(tmp_path, sig, status):
     out = tmp_path / "run"
     cmd = [sys.executable, "-u", str(ROOT / "train.py"), *TINY, "--backend", "synthetic", "--num-classes", "10",
            "--batch-size", "4", "--eval-freq", "0", "--output", str(out), "--no-plots", "-p", "1",
@@ -370,12 +371,14 @@ def test_sigterm_checkpoints_the_exact_step_and_resume_continues_there(tmp_path)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until it trains, then preempt it as Slurm or Kubernetes would
         if line.startswith("Epoch [0][20/"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == train.EXIT_PREEMPTED, err[-2000:]
-    assert time.monotonic() - t0 < 30 and err.strip().count("\n") == 0 and "stopped by SIGTERM at global step" in err
+    assert proc.returncode == status, err[-2000:]
+    # SIGINT (Ctrl-C) also says, at once, that a second one stops without a checkpoint.
+    assert time.monotonic() - t0 < 30 and err.strip().count("\n") == (sig == signal.SIGINT)
+    assert f"stopped by {sig.name} at global step" in err
     step = int(err.split("global step ")[1].split()[0])
     state = checkpoint.load(out / "last.pth")
     assert state["global_step"] == step >= 20 and state["step_in_epoch"] == step

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The host backend against torchvision on the same JPEGs: the figures of docs/pipeline.md ("Region decode and
+# Pillow-SIMD"). Makes the sample JPEGs (mean ~95 KB, 300-640 px, like ImageNet's) and their shards if absent, then
+# runs `python -m pipeline.bench` for each decoder and output dtype with the torchvision baseline, on --max-side 320
+# shards, for the one-core decode path, and at 1 and 2 workers. One JSON line per run goes to OUT/host.jsonl.
+#
+#   bash tools/bench_host.sh DATA_DIR OUT_DIR          # PYTHON=.venv/bin/python by default; SECONDS_PER_RUN=20
+#
+# The Pillow flavour is whatever the environment has (the "pillow" field of each line says which): run it once
+# with Pillow-SIMD (tools/setup.sh's default) and once after `pip install --force-reinstall pillow` to compare.
+set -euo pipefail
+[ $# -eq 2 ] || { echo "usage: bash tools/bench_host.sh DATA_DIR OUT_DIR" >&2; exit 2; }
+data=$1 out=$2
+py=${PYTHON:-.venv/bin/python}
+secs=${SECONDS_PER_RUN:-20}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+[ -d "$data/jpeg/train" ] || "$py" "$here/make_sample_data.py" "$data/jpeg" --classes 4 --train-per-class 128 \
+    --val-per-class 16 --seed 1
+[ -f "$data/shards/manifest.json" ] || "$py" "$here/make_shards.py" --data_path "$data/jpeg" --out "$data/shards" \
+    --samples-per-shard 128
+[ -f "$data/shards320/manifest.json" ] || "$py" "$here/make_shards.py" --data_path "$data/jpeg" \
+    --out "$data/shards320" --samples-per-shard 128 --max-side 320
+
+bench() {  # label, then pipeline.bench flags
+    local label=$1; shift
+    "$py" -m pipeline.bench --batch-size 64 --seconds "$secs" --interval 1000 "$@" 2>/dev/null | tail -1 |
+        "$py" -c "import json, sys; d = json.loads(sys.stdin.read()); d['run'] = sys.argv[1]; print(json.dumps(d))" \
+        "$label" | tee -a "$out/host.jsonl"
+}
+for decoder in region pillow; do
+    for dtype in float32 uint8; do
+        bench "loader $dtype $decoder" --data_path "$data/shards" --baseline "$data/jpeg" --workers 2 --dtype "$dtype" \
+            --host-decoder "$decoder"
+    done
+    for split in train val; do
+        bench "one core $split $decoder" --data_path "$data/shards" --decode-only --baseline x --split "$split" \
+            --host-decoder "$decoder" --seconds 8
+    done
+done
+for dtype in float32 uint8; do
+    bench "loader $dtype region max-side 320" --data_path "$data/shards320" --workers 2 --dtype "$dtype"
+done
+for workers in 1 2; do
+    bench "scaling uint8 region W=$workers" --data_path "$data/shards" --workers "$workers" --dtype uint8
+done
