@@ -9,6 +9,7 @@
 # The Pillow flavour is whatever the environment has (the "pillow" field of each line says which): run it once
 # with Pillow-SIMD (tools/setup.sh's default) and once after `pip install --force-reinstall pillow` to compare.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 [ $# -eq 2 ] || { echo "usage: bash tools/bench_host.sh DATA_DIR OUT_DIR" >&2; exit 2; }
 data=$1 out=$2
 py=${PYTHON:-.venv/bin/python}

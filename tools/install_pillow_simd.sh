@@ -13,6 +13,7 @@
 # cache. The flavour in use: `python -m pipeline.bench --data_path SHARDS --decode-only --seconds 3`, field "pillow".
 # Undo: `pip uninstall -y pillow-simd && pip install --force-reinstall pillow`.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 
 PYTHON=${PYTHON:-python}
 VERSION=${PILLOW_SIMD_VERSION:-12.1.1.post0}  # `pip index versions pillow-simd` lists the current ones
