@@ -135,7 +135,7 @@ def stop_on_signals(trainer: Trainer) -> dict:
         if signum == signal.SIGINT and trainer.stop_signal == "SIGINT":
             raise KeyboardInterrupt
         trainer.stop_signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:
+        if signum == signal.SIGINT and trainer.placement.is_main:
             print("train.py: stopping at the next step with a checkpoint; Ctrl-C again stops at once", file=sys.stderr)
 
     return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}

@@ -34,7 +34,8 @@ def train_samples(cfg: TrainConfig) -> int | None:
     """The train split's sample count (None without shards): an elastic resume needs the same data."""
     if not cfg.data_path or cfg.backend == "synthetic":
         return None
-    return read_manifest(cfg.data_path).splits["train"].num_samples
+    split = read_manifest(cfg.data_path).splits.get("train")  # a val-only set serves --evaluate
+    return split.num_samples if split is not None else None
 
 
 def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int) -> dict:
