@@ -90,3 +90,16 @@ def test_region_decoder_reports_cmyk_for_pillow_and_rejects_a_box_outside():
         _jpegregion.decode_region(VARIANTS["baseline"], 600, 0, 10, 10, 1)
     pixels, x0, y0, width, height = _jpegregion.decode_region(VARIANTS["baseline"], 101, 50, 30, 20, 1)
     assert x0 <= 101 and x0 + width >= 131 and (y0, height) == (50, 20) and len(pixels) == width * height * 3
+
+
+def test_without_the_extension_auto_decodes_with_pillow_and_region_is_refused(monkeypatch):
+    import pipeline.jpeg
+    from pipeline.host import HostOptions
+    monkeypatch.setattr(pipeline.jpeg, "_jpegregion", None)
+    assert HostOptions().resolved_decoder == "pillow"
+    HostOptions().validate()
+    with pytest.raises(ValueError, match="decoder 'region' is not built"):
+        HostOptions(decoder="region").validate()
+    data = VARIANTS["baseline"]
+    box = lambda w, h: (10, 20, 300, 200)  # noqa: E731
+    assert crop_resize(data, box, 64, Image.BILINEAR, "region").shape == (64, 64, 3)  # falls back, same output
