@@ -68,8 +68,8 @@ class HostOptions:
         return default_decoder() if self.decoder == "auto" else self.decoder
 
 
-class WorkerError(RuntimeError):
-    """A decode process died or raised; the message carries its traceback or exit code."""
+class WorkerError(PipelineError):
+    """A decode process died or raised; one line says what and where (a crash's traceback is in the file it names)."""
 
 
 def pillow_flavour() -> str:

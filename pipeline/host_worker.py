@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.format import ShardError
+from pipeline.format import PipelineError, ShardError
 from pipeline.jpeg import crop_resize
 from pipeline.plan import EpochPlanner, worker_batches
 from pipeline.reader import Sample, SampleError, ShardReader, parse_label
@@ -100,6 +101,24 @@ def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarra
     except Exception as e:  # noqa: BLE001 - whatever Pillow or libjpeg raise here, the bytes caused it: name the sample
         raise SampleError(f"{sample.shard}: sample {sample.key}: undecodable image ({type(e).__name__}: {e})") from e
     out[...] = pixels[:, ::-1] if cfg.train and rng.random() < cfg.hflip else pixels
+
+
+def crash_report(worker: int, error: BaseException) -> str:
+    """One line for the parent to raise: the error and where it happened, and a file with the whole traceback (what
+    a bug report needs), in the temp folder. Input errors (PipelineError) already say what is wrong: as they are."""
+    if isinstance(error, PipelineError):
+        return f"host worker {worker}: {error}"
+    path = os.path.join(tempfile.gettempdir(), f"vitpipe-worker-{os.getpid()}.traceback")
+    try:
+        with open(path, "w") as f:
+            f.write(traceback.format_exc())
+        where = f"; traceback in {path}"
+    except OSError:
+        where = ""
+    frames = traceback.extract_tb(error.__traceback__)
+    at = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    text = (str(error).splitlines() or [""])[0]
+    return f"host worker {worker} (pid {os.getpid()}) failed: {type(error).__name__}: {text}{at}{where}"
 
 
 class Mailbox:
@@ -229,9 +248,9 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
         serve(cfg, Mailbox(conn, len(slots)), slots)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone; nothing to report to
-    except BaseException:
+    except BaseException as e:
         try:
-            conn.send(("crash", f"host worker {cfg.worker} (pid {os.getpid()}) failed:\n{traceback.format_exc()}"))
+            conn.send(("crash", crash_report(cfg.worker, e)))
         except OSError:
             pass
         raise SystemExit(1)

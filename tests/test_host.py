@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import build_loader
 from pipeline.host import SampleError, WorkerError
 import make_shards
-from pipeline.format import ShardError, read_manifest, shard_list
+from pipeline.format import PipelineError, ShardError, read_manifest, shard_list
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (30, 95, 160, 225)  # per-channel colour levels; 4**3 = 64 distinguishable samples
@@ -373,3 +373,17 @@ def test_cuda_stream_transfer_matches_the_cpu_path(colour_shards):
         gpu = [(x.cpu(), y.cpu()) for x, y in l]  # .cpu() on the consumer stream: waits on the loader's event
     assert len(cpu) == len(gpu)
     assert all(torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1]) for a, b in zip(cpu, gpu))
+
+
+def test_a_worker_crash_is_one_line_naming_where_and_the_traceback_file():
+    from pipeline.host_worker import crash_report
+    try:
+        {}["missing"]
+    except KeyError as e:
+        line = crash_report(3, e)
+    assert "\n" not in line and line.startswith("host worker 3 (pid ") and "KeyError: 'missing'" in line
+    assert " at test_host.py:" in line and "in test_a_worker_crash_is_one_line" in line
+    path = line.split("traceback in ")[1]
+    assert "Traceback (most recent call last)" in Path(path).read_text()
+    os.unlink(path)
+    assert issubclass(WorkerError, PipelineError)  # train.py prints such errors in one line, exit 1
