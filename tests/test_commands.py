@@ -53,3 +53,12 @@ def test_tools_import_only_the_library():
 def test_the_top_level_holds_one_module():
     assert sorted(p.name for p in ROOT.glob("*.py")) == ["train.py"]
     assert not (ROOT / "tools" / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("script", ["demo.sh", "setup.sh", "bench_gpu.sh", "bench_host.sh", "install_pillow_simd.sh"])
+def test_shell_scripts_answer_help_without_doing_anything(script, tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "tools" / script), "-h"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) >= 2, proc.stderr
+    assert not proc.stdout.startswith("#") and "set -" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing made

@@ -25,6 +25,7 @@
 #     --no-compile" PROFILE_ARGS="--model vit_tiny_patch16_224 --img-size 32 --batch-size 16 --no-compile --amp fp32
 #     --steps 2 --warmup 1" bash tools/bench_gpu.sh /tmp/r 512
 set -uo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 # The scripts in tools/ import the packages (pipeline, trainlib, model). tools/setup.sh installs them; a machine
 # without a package index (where `pip install -e .` cannot fetch its build backend) finds them from the checkout.

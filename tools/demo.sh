@@ -4,6 +4,7 @@
 # the throughput and the accuracy (chance is 10%). Assumes the requirements are installed; PYTHON picks the python.
 # Anything after the script name goes to train.py (e.g. --epochs 4, --device cuda).
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py="${PYTHON:-python}"
 mkdir -p output

@@ -2,8 +2,11 @@
 # Create .venv (if absent) and install this checkout into it, editable, with everything the demo, the tests and the
 # benchmarks need (pyproject.toml: requirements.txt + the dev and dali extras). Afterwards `import pipeline` works
 # from any directory in that environment, and so do the scripts in tools/.
+# Where a C compiler and libjpeg's headers are, that builds the host workers' region decoder, and Pillow-SIMD replaces
+# Pillow (tools/install_pillow_simd.sh; a line says so when it cannot be built, and PILLOW_SIMD=0 skips the try).
 # Usage: bash tools/setup.sh        (from anywhere; PYTHON=python3.12 to pick an interpreter)
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "setup: Python >= 3.10 needed, $py is $("$py" -V 2>&1)" >&2; exit 2; }
