@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Preempted as e:
         print(f"train.py: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED if "SIGINT" in str(e) else EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if e.signal == "SIGINT" else EXIT_PREEMPTED
     except KeyboardInterrupt:
         # Loaders and the process group were closed on the way out; the last checkpoint is intact (atomic writes).
         print(f"train.py: interrupted; rerun with --resume auto --output {cfg.output} to continue", file=sys.stderr)

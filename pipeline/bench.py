@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from pipeline import BACKENDS, IMAGENET_CLASSES, LoaderSpec, build_loader, endless, timed
 from pipeline.cli import add_flags, from_args, knob
+from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.format import ShardError
 
@@ -71,6 +72,8 @@ class BenchConfig:
                                 "restarts at every epoch start (what running on saves)")
     host: HostOptions = knob(help="the host backend's own options (--host-decoder region|pillow, ...)",
                              factory=HostOptions)
+    dali: DaliOptions = knob(help="the dali backend's own options (--dali-normalize-in torch|dali, ...)",
+                             factory=DaliOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +229,7 @@ def run(cfg: BenchConfig) -> dict:
 
         importlib.import_module("torch_npu")  # registers the "npu" device with torch
     step = model_step(cfg, num_classes_of(cfg), device)
-    options = cfg.host if cfg.backend == "host" else None
+    options = {"host": cfg.host, "dali": cfg.dali}.get(cfg.backend)
     loader = build_loader(backend=cfg.backend, options=options, **spec_for(cfg, device))
     describe = loader.describe() if hasattr(loader, "describe") else cfg.backend
     print(f"bench: {describe}", file=sys.stderr)

@@ -29,7 +29,7 @@ from pipeline.cli import knob
 from pipeline.contract import LoaderSpec, eval_resize, main_not_replayed, to_model_input
 from pipeline.format import ShardError, read_manifest, shard_list
 from pipeline.plan import EpochPlanner
-from pipeline.reader import SampleError, ShardReader, parse_label
+from pipeline.reader import ShardReader, usable_label
 
 INSTALL_HINT = "the dali backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 (x86_64/aarch64 Linux)"
 NORMALIZE_IN = ("torch", "dali")
@@ -90,9 +90,7 @@ class BatchSource:
             if sample is None:
                 jpegs.append(padding_jpeg())
                 continue
-            labels[i] = parse_label(sample, self.num_classes)
-            if not sample.jpg:
-                raise SampleError(f"{sample.shard}: sample {sample.key}: no .jpg component")
+            labels[i] = usable_label(sample, self.num_classes)
             jpegs.append(np.frombuffer(sample.jpg, np.uint8))
         return jpegs, labels
 

@@ -239,7 +239,6 @@ class HostLoader:
         self.steps = len(self.batches)
         # Workers beyond `steps` would get no batches (pipeline/plan.py rule 5), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))
-        self.skipped = 0  # corrupt samples replaced (on_error="skip")
         self.skipped_shards: dict[str, int] = {}  # where they were: shard file name -> count
         self.bytes_read = 0  # compressed bytes read from shards
         self._gen = 0  # numbers the workers' runs: a new one starts where the epochs asked for stop following on
@@ -285,6 +284,11 @@ class HostLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples replaced so far (on_error="skip"), all shards."""
+        return sum(self.skipped_shards.values())
 
     def __len__(self) -> int:
         return self.steps
@@ -399,5 +403,4 @@ class HostLoader:
     def _account(self, nbytes: int, skipped: dict[str, int]) -> None:
         self.bytes_read += nbytes
         for name, count in skipped.items():
-            self.skipped += count
             self.skipped_shards[name] = self.skipped_shards.get(name, 0) + count

@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.format import PipelineError, ShardError
+from pipeline.format import ShardError
 from pipeline.jpeg import crop_resize
 from pipeline.plan import EpochPlanner, worker_batches
-from pipeline.reader import Sample, SampleError, ShardReader, parse_label
+from pipeline.reader import Sample, SampleError, ShardReader, usable_label
 
 # One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -87,10 +87,8 @@ def slot_nbytes(batch_size: int, img_size: int) -> int:
 
 def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray) -> None:
     """The sample's crop box (train: RandomResizedCrop; val: resize-then-center-crop), decoded and resized to the
-    output size (pipeline/jpeg.py), flipped, into `out` (S,S,3) uint8."""
+    output size (pipeline/jpeg.py), flipped, into `out` (S,S,3) uint8. The sample is usable (`usable_label`)."""
     size = cfg.img_size
-    if not sample.jpg:
-        raise SampleError(f"{sample.shard}: sample {sample.key}: no .jpg component")
     if cfg.train:
         box_of = functools.partial(random_resized_crop, rng=rng, scale=cfg.scale, ratio=cfg.ratio)
     else:
@@ -105,9 +103,7 @@ def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarra
 
 def crash_report(worker: int, error: BaseException) -> str:
     """One line for the parent to raise: the error and where it happened, and a file with the whole traceback (what
-    a bug report needs), in the temp folder. Input errors (PipelineError) already say what is wrong: as they are."""
-    if isinstance(error, PipelineError):
-        return f"host worker {worker}: {error}"
+    a bug report needs), in the temp folder. (Input errors never get here: `serve` sends those as they are.)"""
     path = os.path.join(tempfile.gettempdir(), f"vitpipe-worker-{os.getpid()}.traceback")
     try:
         with open(path, "w") as f:
@@ -164,7 +160,7 @@ def fill_batch(cfg: WorkerConfig, samples: list[Sample | None], images, labels, 
             continue
         stats.bytes_read += sample.nbytes
         try:
-            labels[i] = parse_label(sample, cfg.num_classes)
+            labels[i] = usable_label(sample, cfg.num_classes)
             decode(sample, cfg, rng, images[i])
         except SampleError:
             if not cfg.skip_bad:

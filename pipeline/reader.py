@@ -28,11 +28,13 @@ class Sample:
         return len(self.jpg) + len(self.cls)
 
 
-def parse_label(sample: Sample, num_classes: int | None) -> int:
-    """The `.cls` member as a class index; SampleError naming shard and key when it is not one (say, a shard cut short
-    inside that member)."""
+def usable_label(sample: Sample, num_classes: int | None) -> int:
+    """The `.cls` member as a class index, once the sample is known to be usable by a decoder; SampleError naming
+    shard and key when it is not (a shard cut short, no `.jpg`, a `.cls` that is no label in range)."""
     if sample.problem:
         raise SampleError(f"{sample.shard}: sample {sample.key}: {sample.problem}")
+    if not sample.jpg:
+        raise SampleError(f"{sample.shard}: sample {sample.key}: no .jpg component")
     try:
         label = int(sample.cls.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):

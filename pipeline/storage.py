@@ -14,8 +14,8 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 from pathlib import Path
+from urllib.parse import urlsplit
 
 S3 = "s3://"
 # Ranged GETs closer than this are merged into one request (the bytes between are read and dropped), up to
@@ -214,6 +214,8 @@ ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 def environment() -> dict[str, str]:
     """The AWS_* settings of this process, for worker processes that may have started before they were set."""
     return {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}
+
+
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -239,7 +241,7 @@ def _pool() -> ThreadPoolExecutor:
     return _pools[pid]
 
 
-def _s3_call(url: str, call, allow_out_of_range: bool = False):
+def _s3_call(url: str, call):
     """`call(client)`, with every failure turned into one ShardError line naming `url`."""
     try:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -249,8 +251,6 @@ def _s3_call(url: str, call, allow_out_of_range: bool = False):
         return call(_client())
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
-        if allow_out_of_range and code == "InvalidRange":
-            return b""  # a range wholly past the end: the file is shorter than the index says
         if code in ("NoSuchKey", "404"):
             raise FileNotFoundError(f"{url}: no such object") from None
         reason = {"NoSuchBucket": "no such bucket",

@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from pipeline import atomicio, storage
 from pipeline.format import (CLASSES, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings,
-                             ShardError,
-                             ShardInfo, SplitInfo, index_line, index_text, is_shard_file, shard_name,
+                             ShardError, ShardInfo, SplitInfo, index_line, index_text, is_shard_file, shard_name,
                              write_set_files)
 from pipeline.imagefolder import Scan, SplitScan, UsageError, plan_shards, scan_source
 
@@ -434,6 +433,7 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
         raise UsageError(f"--data_path {src} holds no files under train/ or val/")
     plan_id = make_plan_id(settings, scan.fingerprint)
     dest.local.mkdir(parents=True, exist_ok=True)
+    lock = None
     try:
         lock = lock_folder(dest.local, str(dest))
         present = prepare_out(dest, settings, plan_id, overwrite)
@@ -446,7 +446,7 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
     finally:
         if dest.remote and staging is None:
             shutil.rmtree(dest.local, ignore_errors=True)  # a staging folder of our own: nothing in it is needed
-        if "lock" in locals():
+        if lock is not None:
             lock.close()  # releases the lock (the kernel does so too when the process dies, however it dies)
 
 

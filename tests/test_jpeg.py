@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from skimage import data as photos
 
 from pipeline.contract import center_crop_box, random_resized_crop
@@ -76,10 +76,20 @@ def test_val_boxes_decode_at_a_reduced_scale_and_still_match():
 def test_bad_bytes_raise_and_a_cut_inside_the_box_is_an_error(decoder):
     data = VARIANTS["baseline"]
     whole = lambda w, h: (0, 0, w, h)  # noqa: E731
-    with pytest.raises(Exception):
+    with pytest.raises((ValueError, OSError), match="truncated"):  # libjpeg's ValueError, Pillow's OSError
         crop_resize(data[:len(data) // 2], whole, 224, Image.BILINEAR, decoder)
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):  # no JPEG header left
         crop_resize(data[:300] + bytes(2000) + data[2300:], whole, 224, Image.BILINEAR, decoder)
+
+
+@region_built
+def test_a_cut_below_the_box_is_not_read_by_the_region_decoder():
+    # Documented: the region decoder stops below the box, so it never meets the missing rows; Pillow decodes all.
+    cut = VARIANTS["baseline"][:len(VARIANTS["baseline"]) * 2 // 3]
+    top = lambda w, h: (0, 0, w, h // 5)  # noqa: E731
+    assert crop_resize(cut, top, 64, Image.BILINEAR, "region").shape == (64, 64, 3)
+    with pytest.raises(OSError, match="truncated"):
+        crop_resize(cut, top, 64, Image.BILINEAR, "pillow")
 
 
 @region_built

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from pipeline.format import shard_list
-from pipeline.reader import SampleError, ShardReader, parse_label
+from pipeline.reader import SampleError, ShardReader, usable_label
 
 
 def test_reads_any_samples_in_the_order_asked(sample_shards):
@@ -21,7 +21,7 @@ def test_reads_any_samples_in_the_order_asked(sample_shards):
     starts = {shard: sum(s.num_samples for s in shards[:k]) for k, shard in enumerate(shards)}
     assert [(s.key, s.jpg, s.cls) for s in got] == [(everything[starts[sh] + i].key, everything[starts[sh] + i].jpg,
                                                      everything[starts[sh] + i].cls) for sh, i in refs]
-    assert all(s.jpg[:2] == b"\xff\xd8" and 0 <= parse_label(s, 4) < 4 for s in got)
+    assert all(s.jpg[:2] == b"\xff\xd8" and 0 <= usable_label(s, 4) < 4 for s in got)
     copy = pickle.loads(pickle.dumps(reader))  # what a worker process gets: no cached indexes
     assert copy._indexes == {} and [s.key for s in copy.read(refs)] == [s.key for s in got]
 
@@ -33,7 +33,7 @@ def test_a_shard_cut_short_is_named_when_its_sample_is_used(sample_shards, tmp_p
     with open(shard.path, "r+b") as f:
         f.truncate(f.seek(0, 2) // 2)
     samples = list(ShardReader().read_all(shard))
-    assert parse_label(samples[0], 4) >= 0  # the first half still reads
+    assert usable_label(samples[0], 4) >= 0  # the first half still reads
     with pytest.raises(SampleError, match=r"train-000000\.tar: sample \S+: the shard is cut short"):
         for s in samples:
-            parse_label(s, 4)
+            usable_label(s, 4)

@@ -48,7 +48,12 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived; the run stopped at a step boundary with a checkpoint. The message says where."""
+    """A stop signal arrived; the run stopped at a step boundary with a checkpoint. The message says where; `signal`
+    is the signal's name ("a signal to another rank" when a peer received it)."""
+
+    def __init__(self, message: str, signal: str):
+        super().__init__(message)
+        self.signal = signal
 
 
 class DivergedError(RuntimeError):
@@ -168,7 +173,7 @@ class Trainer:
                 saved = (f"checkpoint written, rerun with --resume auto --output {cfg.output} to continue from there"
                          if cfg.save_checkpoints else "no checkpoint (--no-save-checkpoints)")
                 raise Preempted(f"stopped by {self.stop_signal} at global step {self.global_step} (epoch "
-                                f"{self.epoch}, step {self.step_in_epoch}); {saved}")
+                                f"{self.epoch}, step {self.step_in_epoch}); {saved}", self.stop_signal)
         self.meter.pause()
         self.report_skipped(loader, skipped_before, "train")
 
