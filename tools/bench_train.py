@@ -37,26 +37,18 @@ import torch
 import pipeline
 from pipeline import endless, timed
 from trainlib.devices import resolve_device
-from trainlib.steps import baseline_step, our_step, synthetic
+from trainlib.steps import add_step_flags, baseline_step, our_step, synthetic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vit_base_patch32_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=pipeline.IMAGENET_CLASSES)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile both the baseline and our model")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="ours: train.py's --clip-grad")
+    add_step_flags(p)
     p.add_argument("--backend", choices=("host", "dali", "hybrid", "none"), default="none",
                    help="(c)'s input; none skips (c)")
     p.add_argument("--data_path", default=None, help="shards made by tools/make_shards.py, for (c)")
     p.add_argument("--workers", type=int, default=8, help="decode processes (host) or threads (dali)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
     p.add_argument("--steps", type=int, default=100, help="timed steps per loop")
-    p.add_argument("--device", default="auto", help="auto, cuda, npu or cpu (train.py's names)")
     p.add_argument("--loops", default="a,b,c", help="which loops to run, comma separated")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--feed", action="append", default=[], metavar="BACKEND[:key=value,...]",

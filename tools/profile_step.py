@@ -24,9 +24,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline import IMAGENET_CLASSES
 from trainlib.devices import resolve_device
-from trainlib.steps import baseline_step, our_step, synthetic
+from trainlib.steps import add_step_flags, baseline_step, our_step, synthetic
 
 # (category, substrings of kernel or operator names), matched in this order against the lower-cased name.
 CATEGORIES = (
@@ -47,14 +46,7 @@ def category(name: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_base_patch32_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=IMAGENET_CLASSES)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile both")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="ours: train.py's --clip-grad")
-    p.add_argument("--device", default="auto", help="auto, cuda, npu or cpu (train.py's names)")
+    add_step_flags(p)
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
     p.add_argument("--steps", type=int, default=10, help="profiled steps per loop")
     p.add_argument("--top", type=int, default=12, help="largest kernels listed per loop")

@@ -3,9 +3,11 @@ measure the same things:
   (a) `baseline_step`: timm's model as timm builds it and the textbook step (fused AdamW, autocast, label smoothing);
   (b) `our_step`: train.py's own `Trainer.step`, built by `trainlib.build` from the flags a user would give train.py.
 `setup` is anything with the attributes model, img_size, num_classes, batch_size, amp (bf16/fp16/fp32), compile,
-clip_grad and device (the benchmarks pass their parsed flags).
+clip_grad and device: the flags `add_step_flags` gives a benchmark's parser.
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,19 @@ from trainlib.build import build_trainer
 from trainlib.config import parse_config
 from trainlib.devices import AMP_DTYPES
 from trainlib.runlog import QuietLog
+
+
+def add_step_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that define the compared steps, the same in every benchmark."""
+    p.add_argument("--model", default="vit_base_patch32_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=pipeline.IMAGENET_CLASSES)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile both the baseline and our model")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="ours: train.py's --clip-grad")
+    p.add_argument("--device", default="auto", help="auto, cuda, npu or cpu (train.py's names)")
 
 
 def baseline_step(args, dev):
