@@ -46,7 +46,7 @@ from pipeline import BACKENDS, IMAGENET_CLASSES, LoaderSpec, build_loader, endle
 from pipeline.cli import add_flags, from_args, knob
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
-from pipeline.format import ShardError
+from pipeline.format import ShardError, read_manifest
 
 @dataclass
 class BenchConfig:
@@ -242,8 +242,8 @@ def run(cfg: BenchConfig) -> dict:
     final = {"final": True, **result, "backend": cfg.backend, "workers": getattr(loader, "num_workers", cfg.workers),
              "batch_size": cfg.batch_size,
              "split": cfg.split, "img_size": cfg.img_size, "device": str(device), "model": cfg.model,
-             "pillow": pillow_flavour(), "loader": describe, "torch": torch.__version__,
-             "python": platform.python_version()}
+             "pillow": pillow_flavour(), "loader": describe, "restart_markers": restart_markers(cfg),
+             "torch": torch.__version__, "python": platform.python_version()}
     if cfg.baseline:
         from pipeline.baseline import TorchvisionLoader
 
@@ -259,6 +259,11 @@ def run(cfg: BenchConfig) -> dict:
             final["baseline_img_per_cpu_s"] = base_result["img_per_cpu_s"]
             final["cpu_ratio"] = round(result["img_per_cpu_s"] / base_result["img_per_cpu_s"], 2)
     return final
+
+
+def restart_markers(cfg: BenchConfig) -> bool | None:
+    """Whether the shards were made with restart markers (what the region decoder can skip by); None: no shards."""
+    return read_manifest(cfg.data_path).settings.restart_markers if cfg.data_path else None
 
 
 def time_single_core(fn, items: list, seconds: float) -> float:
@@ -302,7 +307,8 @@ def decode_only(cfg: BenchConfig) -> dict:
                           decoder=cfg.host.resolved_decoder)
     out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
     result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
-              "pillow": pillow_flavour(), "decoder": worker.decoder, "samples": len(samples),
+              "pillow": pillow_flavour(), "decoder": worker.decoder, "restart_markers": restart_markers(cfg),
+              "samples": len(samples),
               "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out), samples, cfg.seconds), 1)}
     if cfg.baseline:
         transform = baseline_transform(spec)

@@ -121,6 +121,9 @@ class Settings:
     max_side: int | None = None  # re-encode images whose longer side exceeds this (px); None keeps originals
     quality: int = 95  # JPEG quality of re-encoded images (conversions, resizes)
     check: str = "decode"  # decode: Pillow decodes every image; header: header + end-marker check only
+    # Every JPEG re-encoded losslessly with a restart marker after each MCU (pipeline/jpeg.py `recode`: the same
+    # pixels), so the host decoder entropy-decodes only a crop's MCUs. False in sets made before the option.
+    restart_markers: bool = False
     source: str = ""  # the ImageFolder's absolute path
 
 

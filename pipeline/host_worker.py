@@ -95,10 +95,12 @@ def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarra
         box_of = functools.partial(center_crop_box, img_size=size, crop_pct=cfg.crop_pct)
     resample = Image.BILINEAR if cfg.train else Image.BICUBIC  # torchvision train / timm ViT eval
     try:
-        pixels = crop_resize(sample.jpg, box_of, size, resample, cfg.decoder)
+        image = crop_resize(sample.jpg, box_of, size, resample, cfg.decoder)
     except Exception as e:  # noqa: BLE001 - whatever Pillow or libjpeg raise here, the bytes caused it: name the sample
         raise SampleError(f"{sample.shard}: sample {sample.key}: undecodable image ({type(e).__name__}: {e})") from e
-    out[...] = pixels[:, ::-1] if cfg.train and rng.random() < cfg.hflip else pixels
+    if cfg.train and rng.random() < cfg.hflip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # a third of numpy's time for a reversed copy
+    out[...] = np.asarray(image)
 
 
 def crash_report(worker: int, error: BaseException) -> str:

@@ -1,9 +1,12 @@
-"""One image's decode for the host workers: a box of the source image, resized to size x size, as RGB uint8.
+"""One image's decode for the host workers: a box of the source image, resized to size x size, as an RGB image; and
+the lossless re-encode that makes shards whose boxes decode alone (`recode`, called by the shard writer).
 
 Two paths with the same output geometry (the box's float coordinates, the same DCT scale, the same resampling):
   region  the C extension `pipeline._jpegregion` decodes only the box's rows and iMCU columns (plus the resampling
           filter's margin) with libjpeg-turbo, and stops below the box: what a RandomResizedCrop leaves out is not
-          decoded. Built by `pip install -e .` where libjpeg's headers are (libjpeg-turbo's -dev package).
+          decoded. In a recoded JPEG (a restart marker after every MCU) not even entropy-decoded: the rows above
+          and the columns beside the box are skipped too. Built by `pip install -e .` where libjpeg's headers are
+          (libjpeg-turbo's -dev package).
   pillow  Pillow decodes the whole image (at the same DCT scale, through `draft`) and resizes the box. Used for CMYK
           and non-JPEG files, and everywhere when the extension is not built.
 Both decode at 1/2, 1/4 or 1/8 scale when the box is at least twice the output in both sides (the largest such
@@ -14,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 
-import numpy as np
 from PIL import Image
 
 try:
@@ -41,25 +43,45 @@ def scale_denominator(box_w: float, box_h: float, size: int) -> int:
     return d
 
 
-def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "region") -> np.ndarray:
+def recode(data: bytes) -> bytes:
+    """The JPEG `data` re-encoded losslessly (the same DCT coefficients, so every decoder gives the same pixels) as
+    baseline with optimized Huffman tables and a restart marker after every MCU, which lets the region decoder skip
+    to any MCU. CMYK/YCCK JPEGs come back unchanged. Needs the extension; ValueError on bytes libjpeg rejects."""
+    if _jpegregion is None:
+        raise RuntimeError("recode needs the region decoder (pipeline._jpegregion), which is not built")
+    recoded = _jpegregion.recode(data)
+    return data if recoded is None else recoded
+
+
+def has_restart_markers(data: bytes) -> bool:
+    """Whether `data` is a JPEG as `recode` writes them (False when the extension is not built)."""
+    layout = _jpegregion.size(data) if _jpegregion is not None else None
+    return bool(layout and layout[3])
+
+
+def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "region") -> Image.Image:
     """Decode `data`, take the box `box_of(width, height) -> (left, top, w, h)` (source pixels, floats), resize it to
-    size x size with `resample`: an (size, size, 3) uint8 array. Raises what Pillow or libjpeg raise on bad bytes."""
+    size x size with `resample`: an RGB image. Raises what Pillow or libjpeg raise on bad bytes."""
+    if decoder == "region" and _jpegregion is not None:
+        layout = _jpegregion.size(data)  # the JPEG's markers, read in C: a tenth of Image.open's cost here
+        if layout is not None and layout[2] in (1, 3):  # grey or colour; CMYK/YCCK (4) go to Pillow
+            width, height = layout[0], layout[1]
+            left, top, w, h = box_of(width, height)
+            return _region(data, width, height, (left, top, w, h), scale_denominator(w, h, size), size, resample)
     im = Image.open(io.BytesIO(data))  # reads the header only
     width, height = im.size
     left, top, w, h = box_of(width, height)
     denom = scale_denominator(w, h, size)
-    if decoder == "region" and _jpegregion is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
-        return _region(data, width, height, (left, top, w, h), denom, size, resample)
     if denom > 1:
         im.draft("RGB", (width // denom, height // denom))  # draft picks 1/denom for this request
     sx, sy = im.size[0] / width, im.size[1] / height
     if im.mode not in ("RGB", "L", "CMYK"):
         im = im.convert("RGB")  # palette/alpha images (a PNG named .jpg) would resize in the wrong space
     im = im.resize((size, size), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def _region(data: bytes, width: int, height: int, box, denom: int, size: int, resample: int) -> np.ndarray:
+def _region(data: bytes, width: int, height: int, box, denom: int, size: int, resample: int) -> Image.Image:
     # libjpeg's scaled size is ceil(side / denom), as Pillow's draft gives.
     scaled_w, scaled_h = -(-width // denom), -(-height // denom)
     sx, sy = scaled_w / width, scaled_h / height
@@ -72,5 +94,4 @@ def _region(data: bytes, width: int, height: int, box, denom: int, size: int, re
     x_end, y_end = min(scaled_w, math.ceil(x_hi) + margin), min(scaled_h, math.ceil(y_hi) + margin)
     pixels, x0, y0, rw, rh = _jpegregion.decode_region(data, x, y, x_end - x, y_end - y, denom)
     im = Image.frombuffer("RGB", (rw, rh), pixels, "raw", "RGB", 0, 1)
-    im = im.resize((size, size), resample, box=(x_lo - x0, y_lo - y0, x_hi - x0, y_hi - y0))
-    return np.asarray(im)
+    return im.resize((size, size), resample, box=(x_lo - x0, y_lo - y0, x_hi - x0, y_hi - y0))

@@ -2,8 +2,8 @@
 
 Checks per shard: size and sha256 as in the manifest; members come as `<key>.jpg`, `<key>.cls` pairs;
 the `.idx` lines point at exactly those bytes; the samples are the planned source files minus the
-rejected ones, each with its label; unconverted images are byte-identical to their source file and
-converted ones decode as RGB JPEGs. Per split: shard samples + rejected + ignored == files in SRC.
+rejected ones, each with its label; unconverted images are byte-identical to their source file (in a set made
+with restart markers: decode to its pixels, and carry the markers) and converted ones decode as RGB JPEGs. Per split: shard samples + rejected + ignored == files in SRC.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import storage
+from pipeline import jpeg, storage
 from pipeline.format import Manifest, ShardError, ShardInfo, read_index
 from pipeline.imagefolder import Scan, plan_shards
 
@@ -38,8 +39,14 @@ def read_tar(blob: bytes) -> list:
     return out
 
 
-def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, split_rej: set, converted: set) -> list:
-    """Problems found in one shard (empty list when it is fine)."""
+def same_pixels(a: bytes, b: bytes) -> bool:
+    with Image.open(io.BytesIO(a)) as x, Image.open(io.BytesIO(b)) as y:
+        return x.size == y.size and np.array_equal(np.asarray(x.convert("RGB")), np.asarray(y.convert("RGB")))
+
+
+def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, split_rej: set, converted: set,
+                recoded: bool = False) -> list:
+    """Problems found in one shard (empty list when it is fine); `recoded`: the set has restart markers."""
     name = shard.name
     blob = storage.read_bytes(storage.join(dst, name))
     if len(blob) != shard.bytes or hashlib.sha256(blob).hexdigest() != shard.sha256:
@@ -64,6 +71,11 @@ def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, spl
             with Image.open(io.BytesIO(jpg)) as im:
                 if im.format != "JPEG" or im.mode != "RGB":
                     problems.append(f"{name}/{key}: converted image is {im.format} {im.mode}")
+        elif recoded:
+            if not jpeg.has_restart_markers(jpg):
+                problems.append(f"{name}/{key}: no restart markers")
+            elif not same_pixels(jpg, (src / path).read_bytes()):
+                problems.append(f"{name}/{key}: pixels differ from {path}")
         elif jpg != (src / path).read_bytes():
             problems.append(f"{name}/{key}: bytes differ from {path}")
     return problems
@@ -84,7 +96,8 @@ def verify(src: Path, dst: str | Path, scan: Scan, manifest: Manifest, limit: in
             continue
         for shard, entries in tqdm(list(zip(info.shards, plan)), desc=f"verify {name}", unit="shard"):
             try:
-                problems += check_shard(src, dst, shard, entries, rejected, converted)
+                problems += check_shard(src, dst, shard, entries, rejected, converted,
+                                        manifest.settings.restart_markers)
             except OSError as e:
                 problems.append(f"{shard.name}: {e.strerror or e} ({e.filename})")
             except ShardError as e:  # object storage

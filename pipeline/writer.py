@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import atomicio, storage
+from pipeline import atomicio, jpeg, storage
 from pipeline.format import (CLASSES, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings,
                              ShardError, ShardInfo, SplitInfo, index_line, index_text, is_shard_file, shard_name,
                              write_set_files)
@@ -65,13 +65,25 @@ def _has_jpeg_end(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) >= 0
 
 
-def prepare_image(data: bytes, max_side, quality: int, check: str) -> tuple:
+def prepare_image(data: bytes, max_side, quality: int, check: str, restart_markers: bool = False) -> tuple:
     """(bytes to store, conversion reason or None); raises Rejected for what Pillow cannot decode.
 
-    RGB JPEGs are stored untouched unless `max_side` asks for a resize. Anything else that decodes
-    (CMYK or grayscale JPEG, PNG under a .JPEG name, ...) becomes an RGB JPEG, exactly the pixels an
-    ImageFolder loader's `.convert("RGB")` would have produced.
+    RGB JPEGs keep their pixels unless `max_side` asks for a resize: their bytes are stored untouched, or with
+    `restart_markers` re-encoded losslessly (`jpeg.recode`: the same DCT coefficients, a restart marker after every
+    MCU). Anything else that decodes (CMYK or grayscale JPEG, PNG under a .JPEG name, ...) becomes an RGB JPEG,
+    exactly the pixels an ImageFolder loader's `.convert("RGB")` would have produced (with `restart_markers`, then
+    recoded too).
     """
+    stored, reason = _prepare_image(data, max_side, quality, check, restart_markers)
+    if not restart_markers:
+        return stored, reason
+    try:
+        return jpeg.recode(stored), reason  # its entropy decode of every block also checks the whole stream
+    except ValueError as e:
+        raise Rejected(_decode_error("JPEG", e)) from None
+
+
+def _prepare_image(data: bytes, max_side, quality: int, check: str, recoded: bool) -> tuple:
     if not data:
         raise Rejected("empty file (0 bytes)")
     try:
@@ -87,6 +99,8 @@ def prepare_image(data: bytes, max_side, quality: int, check: str) -> tuple:
         too_big = bool(max_side) and max(w, h) > max_side
         # MPO is a camera JPEG with extra frames appended; its first frame is a plain JPEG stream.
         keep = fmt in ("JPEG", "MPO") and mode == "RGB" and not too_big
+        if keep and recoded:
+            return data, None  # recode's entropy decode of every block is the check
         if keep and check == "header":
             if not _has_jpeg_end(data):
                 raise Rejected(f"truncated {fmt}: no end-of-image marker")
@@ -159,8 +173,8 @@ def _write_tar(tmp: Path, src: Path, entries: list, split: str, settings: Settin
                 try:
                     data = (src / relpath).read_bytes()
                     rec["read_bytes"] += len(data)
-                    jpg, reason = prepare_image(data, settings.max_side, settings.quality,
-                                                settings.check)
+                    jpg, reason = prepare_image(data, settings.max_side, settings.quality, settings.check,
+                                                settings.restart_markers)
                 except (Rejected, OSError) as e:
                     why = str(e) if isinstance(e, Rejected) else f"cannot read: {e.strerror or e}"
                     rec["rejected"].append({"split": split, "path": relpath, "reason": why})
@@ -228,7 +242,12 @@ def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
             continue
         value = given.get(f.name)
         kw[f.name] = value if value is not None else previous.get(f.name, f.default)
+    if given.get("restart_markers") is None and not previous:  # a new set: on where the region decoder is built
+        kw["restart_markers"] = jpeg.decoder_available("region")
     settings = Settings(**kw, source=str(src))
+    if settings.restart_markers and not jpeg.decoder_available("region"):
+        raise UsageError("--restart-markers needs the region decoder (pipeline._jpegregion), which is not built: "
+                         "install libjpeg-turbo's headers (libjpeg62-turbo-dev) and rerun `pip install -e .`")
     if settings.samples_per_shard < 1:
         raise UsageError("--samples-per-shard must be >= 1")
     if settings.max_side is not None and settings.max_side < 16:
@@ -239,7 +258,10 @@ def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
 
 
 def make_plan_id(settings: Settings, fingerprint: str) -> str:
-    blob = json.dumps(dataclasses.asdict(settings), sort_keys=True) + fingerprint
+    fields = dataclasses.asdict(settings)
+    if not fields["restart_markers"]:
+        del fields["restart_markers"]  # the plan ids of sets made before the option stay valid: they resume
+    blob = json.dumps(fields, sort_keys=True) + fingerprint
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -326,8 +348,8 @@ def prepare_out(dest: Destination, settings: Settings, plan_id: str, overwrite: 
         return present
     if not overwrite:
         if old:
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(settings).items()
-                    if old.get(k) != v]
+            diff = [f"{k}: {old.get(k, getattr(Settings, k, None))!r} -> {v!r}"
+                    for k, v in dataclasses.asdict(settings).items() if old.get(k, getattr(Settings, k, None)) != v]
             why = ", ".join(diff) if diff else "the source files changed (names, sizes or times)"
             raise UsageError(f"{dest} holds shards of another data set or settings ({why}); "
                              "pass --overwrite to replace them or pick another --out")

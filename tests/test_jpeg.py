@@ -1,5 +1,6 @@
 """pipeline/jpeg.py: the region decoder gives the whole-image decode's pixels for the same box, on baseline,
-progressive, grayscale and CMYK JPEGs and at every DCT scale, and fails on bad bytes as Pillow does."""
+progressive, grayscale and CMYK JPEGs, as they are and recoded, and at every DCT scale, and fails on bad bytes as
+Pillow does; `recode` keeps every pixel, and lets the region decoder skip what lies outside the box unread."""
 from __future__ import annotations
 
 import io
@@ -7,14 +8,18 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from skimage import data as photos
 
 from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.jpeg import crop_resize, scale_denominator
+from pipeline.jpeg import crop_resize, decoder_available, has_restart_markers, recode, scale_denominator
 
-region_built = pytest.mark.skipif(not __import__("pipeline.jpeg").jpeg.decoder_available("region"),
+region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")
+
+
+def pixels(*args) -> np.ndarray:
+    return np.asarray(crop_resize(*args)).astype(int)
 
 
 def jpeg(image: Image.Image, **save) -> bytes:
@@ -33,6 +38,12 @@ def variants() -> dict[str, bytes]:
 
 
 VARIANTS = variants()
+if decoder_available("region"):  # the same images with a restart marker after every MCU, as make_shards stores them
+    VARIANTS.update({f"{name}, recoded": recode(data) for name, data in list(VARIANTS.items()) if name != "cmyk"})
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 @region_built
@@ -41,13 +52,13 @@ def test_region_decode_matches_the_whole_image_decode(name):
     data, diffs = VARIANTS[name], []
     for seed in range(40):
         box_of = lambda w, h, seed=seed: random_resized_crop(w, h, random.Random(seed))  # noqa: E731
-        region = crop_resize(data, box_of, 224, Image.BILINEAR, "region").astype(int)
-        whole = crop_resize(data, box_of, 224, Image.BILINEAR, "pillow").astype(int)
+        region = pixels(data, box_of, 224, Image.BILINEAR, "region")
+        whole = pixels(data, box_of, 224, Image.BILINEAR, "pillow")
         assert region.shape == whole.shape == (224, 224, 3)
         diffs.append(np.abs(region - whole).mean())
     val = lambda w, h: center_crop_box(w, h, 224, 0.9)  # noqa: E731
-    diffs.append(np.abs(crop_resize(data, val, 224, Image.BICUBIC, "region").astype(int)
-                        - crop_resize(data, val, 224, Image.BICUBIC, "pillow").astype(int)).mean())
+    diffs.append(np.abs(pixels(data, val, 224, Image.BICUBIC, "region")
+                        - pixels(data, val, 224, Image.BICUBIC, "pillow")).mean())
     assert max(diffs) <= 2.0, diffs  # grey levels per pixel, on average over one image
 
 
@@ -65,7 +76,7 @@ def test_val_boxes_decode_at_a_reduced_scale_and_still_match():
     data = VARIANTS["large"]
     box = center_crop_box(1000, 1000, 224, 0.9)
     assert scale_denominator(box[2], box[3], 224) == 4
-    region = crop_resize(data, lambda w, h: box, 224, Image.BICUBIC, "region").astype(int)
+    region = pixels(data, lambda w, h: box, 224, Image.BICUBIC, "region")
     reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
         (224, 224), Image.BICUBIC, box=(box[0], box[1], box[0] + box[2], box[1] + box[3]))).astype(int)
     assert np.abs(region - reference).mean() <= 2.0  # a full-resolution decode, not only the same scaled one
@@ -78,7 +89,7 @@ def test_bad_bytes_raise_and_a_cut_inside_the_box_is_an_error(decoder):
     whole = lambda w, h: (0, 0, w, h)  # noqa: E731
     with pytest.raises((ValueError, OSError), match="truncated"):  # libjpeg's ValueError, Pillow's OSError
         crop_resize(data[:len(data) // 2], whole, 224, Image.BILINEAR, decoder)
-    with pytest.raises(UnidentifiedImageError):  # no JPEG header left
+    with pytest.raises(OSError):  # no JPEG header left: UnidentifiedImageError, or "cannot load" (Pillow >= 13)
         crop_resize(data[:300] + bytes(2000) + data[2300:], whole, 224, Image.BILINEAR, decoder)
 
 
@@ -87,7 +98,7 @@ def test_a_cut_below_the_box_is_not_read_by_the_region_decoder():
     # Documented: the region decoder stops below the box, so it never meets the missing rows; Pillow decodes all.
     cut = VARIANTS["baseline"][:len(VARIANTS["baseline"]) * 2 // 3]
     top = lambda w, h: (0, 0, w, h // 5)  # noqa: E731
-    assert crop_resize(cut, top, 64, Image.BILINEAR, "region").shape == (64, 64, 3)
+    assert crop_resize(cut, top, 64, Image.BILINEAR, "region").size == (64, 64)
     with pytest.raises(OSError, match="truncated"):
         crop_resize(cut, top, 64, Image.BILINEAR, "pillow")
 
@@ -112,4 +123,78 @@ def test_without_the_extension_auto_decodes_with_pillow_and_region_is_refused(mo
         HostOptions(decoder="region").validate()
     data = VARIANTS["baseline"]
     box = lambda w, h: (10, 20, 300, 200)  # noqa: E731
-    assert crop_resize(data, box, 64, Image.BILINEAR, "region").shape == (64, 64, 3)  # falls back, same output
+    assert crop_resize(data, box, 64, Image.BILINEAR, "region").size == (64, 64)  # falls back, same output
+
+
+@region_built
+@pytest.mark.parametrize("name", [n for n in VARIANTS if "recoded" not in n])
+def test_recode_keeps_every_pixel_and_adds_restart_markers(name):
+    data = VARIANTS[name]
+    recoded = recode(data)
+    assert not has_restart_markers(data)
+    if name == "cmyk":  # libjpeg cannot re-encode it as RGB; make_shards converts CMYK to RGB before
+        assert recoded == data
+        return
+    assert has_restart_markers(recoded)
+    assert np.array_equal(decode(recoded), decode(data))
+    assert len(recoded) < 1.2 * len(data)  # a marker per MCU (2-3 bytes), Huffman tables fitted to the image
+
+
+@region_built
+def test_recode_rejects_bad_bytes():
+    data = VARIANTS["baseline"]
+    with pytest.raises(ValueError, match="truncated"):
+        recode(data[:len(data) // 2])
+    with pytest.raises(ValueError):
+        recode(data[:300] + bytes(2000) + data[2300:])
+
+
+@region_built
+@pytest.mark.parametrize("name", ["baseline", "grayscale", "odd size"])
+def test_a_recoded_file_gives_the_decoder_only_the_box_mcus(name):
+    from pipeline import _jpegregion
+    data = VARIANTS[f"{name}, recoded"]
+    width, height = Image.open(io.BytesIO(data)).size
+    x, y, w, h = width * 3 // 4, height * 3 // 4, 100, 80  # a box in the bottom-right corner
+    cut, x0, y0 = _jpegregion.region_jpeg(data, x, y, w, h, 1)
+    assert len(cut) < len(data) / 8  # the box's MCUs: about 1/20 of the image
+    part = decode(cut).astype(int)
+    assert x0 <= x and y0 <= y and x0 + part.shape[1] >= min(x + w, width) and y0 + part.shape[0] >= y + h
+    assert np.abs(part - decode(data)[y0:y0 + part.shape[0], x0:x0 + part.shape[1]]).mean() < 1.0
+    assert _jpegregion.region_jpeg(VARIANTS[name], x, y, w, h, 1) is None  # not recoded: decoded as it is
+
+
+@region_built
+def test_a_recoded_file_with_a_marker_out_of_sequence_or_cut_short_is_left_to_libjpeg():
+    from pipeline import _jpegregion
+    data = VARIANTS["baseline, recoded"]
+    at = data.index(b"\xff\xd3")  # the marker after the fourth MCU: renumbered, as a lost marker would leave it
+    shifted = data[:at] + b"\xff\xd5" + data[at + 2:]
+    box = (200, 200, 100, 100)
+    assert _jpegregion.region_jpeg(shifted, *box, 1) is None
+    assert np.abs(pixels(shifted, lambda w, h: box, 64, Image.BILINEAR, "region")
+                  - pixels(data, lambda w, h: box, 64, Image.BILINEAR, "region")).mean() < 1.0  # libjpeg resyncs
+    cut = data[:len(data) // 2]
+    assert crop_resize(cut, lambda w, h: (0, 0, w, h // 3), 64, Image.BILINEAR, "region").size == (64, 64)
+    with pytest.raises(ValueError, match="truncated"):  # a box that reaches the cut
+        crop_resize(cut, lambda w, h: (0, h // 2, w, h // 2), 64, Image.BILINEAR, "region")
+
+
+@region_built
+def test_a_recoded_region_has_the_whole_decode_pixels_at_every_scale():
+    from pipeline import _jpegregion
+    data = VARIANTS["large, recoded"]
+    for denom in (1, 2, 4, 8):
+        reference = np.asarray(Image.open(io.BytesIO(data)).reduce(1) if denom == 1 else _scaled(data, denom))
+        side = 1000 // denom
+        for x, y, w, h in ((101, 50, 30, 20), (0, 0, 7, 9), (3, 90, 60, 20), (side - 20, side - 9, 20, 9)):
+            out, x0, y0, width, height = _jpegregion.decode_region(data, x, y, w, h, denom)
+            assert x0 <= x and y0 <= y and x0 + width >= min(x + w, side) and y0 + height >= y + h
+            got = np.frombuffer(out, np.uint8).reshape(height, width, 3).astype(int)
+            assert np.abs(got - reference[y0:y0 + height, x0:x0 + width]).mean() < 1.0, (denom, x, y)
+
+
+def _scaled(data: bytes, denom: int) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (im.size[0] // denom, im.size[1] // denom))
+    return im.convert("RGB")

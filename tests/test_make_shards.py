@@ -16,6 +16,11 @@ from PIL import Image
 import make_shards
 
 from pipeline import writer
+from pipeline.jpeg import decoder_available, has_restart_markers
+from pipeline.verify import same_pixels
+
+region_built = pytest.mark.skipif(not decoder_available("region"),
+                                  reason="the region decoder is not built (no libjpeg headers at install)")
 
 
 def _run(src, dst, *extra, workers=1):
@@ -54,7 +59,12 @@ def test_round_trip_webdataset_and_tarfile(sample_folder, sample_shards):
             seen[sample["__key__"]] = (int(sample["cls"]), sample["jpg"])
         assert len(seen) == n
         for key, (label, data) in seen.items():
-            assert truth[(split, key)] == (label, data)
+            want_label, source = truth[(split, key)]
+            assert label == want_label
+            if decoder_available("region"):  # recoded by default: the same pixels, a restart marker per MCU
+                assert has_restart_markers(data) and same_pixels(data, source)
+            else:
+                assert data == source
         with tarfile.open(urls[0]) as tar:
             names = tar.getnames()
             assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o444 for m in tar.getmembers())
@@ -66,6 +76,33 @@ def test_round_trip_webdataset_and_tarfile(sample_folder, sample_shards):
     with tarfile.open(sample_shards / "train-000000.tar") as tar:
         labels = {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls")}
     assert len(labels) > 1
+
+
+def test_without_restart_markers_the_source_bytes_are_kept(sample_folder, tmp_path):
+    dst = tmp_path / "plain"
+    assert _run(sample_folder, dst, "--no-restart-markers", "--verify") == 0
+    truth = _labels_by_key(sample_folder)
+    for sample in wds.WebDataset([str(p) for p in sorted(dst.glob("train-*.tar"))], shardshuffle=False):
+        assert sample["jpg"] == truth[("train", sample["__key__"])][1]
+    assert json.loads((dst / "manifest.json").read_text())["restart_markers"] is False
+
+
+@region_built
+def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_path):
+    dst = tmp_path / "old"
+    assert _run(sample_folder, dst, "--no-restart-markers") == 0
+    for name in (".plan.json", "manifest.json"):  # as the version before the option wrote them
+        settings = json.loads((dst / name).read_text())
+        del settings["restart_markers"]
+        (dst / name).write_text(json.dumps(settings))
+    (dst / "val-000001.tar").unlink()
+    before = _outputs(dst)
+    assert _run(sample_folder, dst) == 0  # no flag: the set's own setting, not the new default
+    after = _outputs(dst)
+    assert after["val-000001.tar"] and {k: v for k, v in after.items() if k in before and k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+    assert not any(has_restart_markers(s["jpg"]) for s in wds.WebDataset(str(dst / "val-000001.tar"), shardshuffle=False))
+    assert _run(sample_folder, dst, "--restart-markers") == 2  # other settings: refused without --overwrite
 
 
 def test_index_points_at_member_bytes(sample_shards):

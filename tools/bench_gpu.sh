@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session as one script, most important figures first, inside a time budget:
-#   data    realistic sample JPEGs -> shards, and a second shard set re-encoded to --max-side MAX_SIDE (skipped when
+#   data    realistic sample JPEGs -> shards (with restart markers where the region decoder is built), a second
+#           set re-encoded to --max-side MAX_SIDE and a third with the source bytes (--no-restart-markers) (skipped when
 #           they exist; DATA_ONLY=1 stops here, so data can be made while the rest is being set up);
 #   tests   pytest -m gpu (CUDA paths of both backends, FP8 on CUDA vs CPU);
 #   train   train.py end to end on the GPU with the dali backend (eager, 2 epochs, eval): it runs, logs FPS, Acc@1;
@@ -8,7 +9,8 @@
 #           (d) FP8, the baseline always in the same process; the first batch size also feeds DALI with every JPEG
 #           on the hardware decoder, the host backend from the original and the --max-side shards, and DALI over
 #           three epochs (its per-epoch restarts included) with and without the next pipeline built ahead;
-#   alone   python -m pipeline.bench: each backend with no model attached;
+#   alone   python -m pipeline.bench: each backend with no model attached, DALI and the host backend also on the
+#           shards with the source bytes (what restart markers cost or give each);
 #   profile tools/profile_step.py: kernel time by category for (a) and (b), into RESULTS_DIR/profile.json;
 #   perf    tools/train_performance_1p.sh --compile --backend dali: the launch script users run.
 # Every figure is a JSON line in RESULTS_DIR/results.jsonl; every command's output goes to RESULTS_DIR/log.txt;
@@ -91,7 +93,10 @@ make_data() {
   } || return 1
   [ -f "$data/shards-max$max_side/manifest.json" ] ||
     "$py" tools/make_shards.py --data_path "$data/folder" --out "$data/shards-max$max_side" \
-      --samples-per-shard 1024 --max-side "$max_side"
+      --samples-per-shard 1024 --max-side "$max_side" || return 1
+  [ -f "$data/shards-plain/manifest.json" ] ||
+    "$py" tools/make_shards.py --data_path "$data/folder" --out "$data/shards-plain" --samples-per-shard 1024 \
+      --no-restart-markers
 }
 
 bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in one process; "all" adds every feed
@@ -134,6 +139,8 @@ stage profile "$py" tools/profile_step.py --device "$device" --batch-size 256 --
   --out "$out/profile.json" "${profile_args[@]}"
 stage alone_dali alone dali "$data/shards" 8
 stage alone_host alone host "$data/shards" "$host_workers"
+stage alone_dali_plain alone dali "$data/shards-plain" 8
+stage alone_host_plain alone host "$data/shards-plain" "$host_workers"
 stage "alone_host_max$max_side" alone host "$data/shards-max$max_side" "$host_workers"
 stage perf env OUTPUT_DIR=/tmp/vitbench-perf PYTHON="$py" bash tools/train_performance_1p.sh \
   --data_path="$data/shards" --device "$device" --backend dali --workers 8 --compile "${trainpy_args[@]}"

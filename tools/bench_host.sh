@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The host backend against torchvision on the same JPEGs: the figures of docs/pipeline.md ("Region decode and
-# Pillow-SIMD"). Makes the sample JPEGs (mean ~95 KB, 300-640 px, like ImageNet's) and their shards if absent, then
-# runs `python -m pipeline.bench` for each decoder and output dtype with the torchvision baseline, on --max-side 320
-# shards, for the one-core decode path, and at 1 and 2 workers. One JSON line per run goes to OUT/host.jsonl.
+# Pillow-SIMD"). Makes the sample JPEGs (mean ~95 KB, 300-640 px, like ImageNet's) and three shard sets: with
+# restart markers (make_shards' default where the region decoder is built), with the source bytes
+# (--no-restart-markers) and --max-side 320. Then runs `python -m pipeline.bench` for each decoder and output dtype
+# with the torchvision baseline (on the source JPEGs), for the one-core decode path, and at 1 and 2 workers. One
+# JSON line per run goes to OUT/host.jsonl.
 #
 #   bash tools/bench_host.sh DATA_DIR OUT_DIR          # PYTHON=.venv/bin/python by default; SECONDS_PER_RUN=20
 #
@@ -18,10 +20,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 [ -d "$data/jpeg/train" ] || "$py" "$here/make_sample_data.py" "$data/jpeg" --classes 4 --train-per-class 128 \
     --val-per-class 16 --seed 1
-[ -f "$data/shards/manifest.json" ] || "$py" "$here/make_shards.py" --data_path "$data/jpeg" --out "$data/shards" \
-    --samples-per-shard 128
-[ -f "$data/shards320/manifest.json" ] || "$py" "$here/make_shards.py" --data_path "$data/jpeg" \
-    --out "$data/shards320" --samples-per-shard 128 --max-side 320
+shards() {  # OUT_NAME, then make_shards flags; a rerun of the same settings resumes (finds nothing to do)
+    local name=$1; shift
+    "$py" "$here/make_shards.py" --data_path "$data/jpeg" --out "$data/$name" --samples-per-shard 128 "$@" >/dev/null
+}
+shards shards --restart-markers
+shards shards-plain --no-restart-markers
+shards shards320 --restart-markers --max-side 320
 
 bench() {  # label, then pipeline.bench flags
     local label=$1; shift
@@ -29,19 +34,21 @@ bench() {  # label, then pipeline.bench flags
         "$py" -c "import json, sys; d = json.loads(sys.stdin.read()); d['run'] = sys.argv[1]; print(json.dumps(d))" \
         "$label" | tee -a "$out/host.jsonl"
 }
-for decoder in region pillow; do
+for set in "region shards" "region shards-plain" "pillow shards-plain"; do
+    read -r decoder shards <<<"$set"
     for dtype in float32 uint8; do
-        bench "loader $dtype $decoder" --data_path "$data/shards" --baseline "$data/jpeg" --workers 2 --dtype "$dtype" \
-            --host-decoder "$decoder"
+        bench "loader $dtype $decoder $shards" --data_path "$data/$shards" --baseline "$data/jpeg" --workers 2 \
+            --dtype "$dtype" --host-decoder "$decoder"
     done
     for split in train val; do
-        bench "one core $split $decoder" --data_path "$data/shards" --decode-only --baseline x --split "$split" \
-            --host-decoder "$decoder" --seconds 8
+        bench "one core $split $decoder $shards" --data_path "$data/$shards" --decode-only --baseline x \
+            --split "$split" --host-decoder "$decoder" --seconds 8
     done
 done
 for dtype in float32 uint8; do
-    bench "loader $dtype region max-side 320" --data_path "$data/shards320" --workers 2 --dtype "$dtype"
+    bench "loader $dtype region shards320" --data_path "$data/shards320" --baseline "$data/jpeg" --workers 2 \
+        --dtype "$dtype"
 done
 for workers in 1 2; do
-    bench "scaling uint8 region W=$workers" --data_path "$data/shards" --workers "$workers" --dtype uint8
+    bench "scaling uint8 region shards W=$workers" --data_path "$data/shards" --workers "$workers" --dtype uint8
 done

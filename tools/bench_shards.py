@@ -5,9 +5,10 @@
 What it measures, on the same machine and files:
   * `cat`: one process opens and reads every file under SRC/train and SRC/val, summing bytes;
     the floor any sharder has to pay for input.
-  * `make_shards --check decode` (the default) and `--check header`, W workers, no `--max-side`, so
-    images are copied, not re-encoded. The clock covers the whole `main()` call: scan, plan, image
-    checks, tar + index writing with fsync, manifest. Output goes to a fresh temporary folder
+  * `make_shards --no-restart-markers` with `--check decode` (the default) and `--check header`, W workers, no
+    `--max-side`, so images are copied, not re-encoded; and `make_shards --restart-markers` (the default where the
+    region decoder is built), which re-encodes every JPEG losslessly (its entropy decode is the check). The clock
+    covers the whole `main()` call: scan, plan, image checks, tar + index writing with fsync, manifest. Output goes to a fresh temporary folder
     (`--tmp`, default the system's) that is deleted afterwards.
 By default all files are read once before timing, so both sides read from the page cache; each figure is
 the best of --repeats runs. `--cold` (root only) drops the page cache before every timed run instead, so
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 from pipeline.format import SPLITS
+from pipeline.jpeg import decoder_available
 from pipeline.writer import write_shards
 
 
@@ -82,11 +84,11 @@ def time_best(fn, repeats: int, tmp_root, cold: bool = False) -> float:
     return best
 
 
-def shard(src: Path, dst: Path, check: str, workers: int, per_shard: int) -> None:
+def shard(src: Path, dst: Path, settings: dict, workers: int, per_shard: int) -> None:
     """What `tools/make_shards.py` runs (its writer, without --verify), minus the printing."""
     # The progress bar would be timed too; keep it out of the measurement.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        write_shards(src, dst / "out", {"samples_per_shard": per_shard, "check": check}, workers)
+        write_shards(src, dst / "out", {"samples_per_shard": per_shard, **settings}, workers)
 
 
 def line(name: str, n: int, nbytes: int, seconds: float, **extra) -> dict:
@@ -114,10 +116,14 @@ def main(argv=None) -> int:
     t_copy = time_best(lambda d: copy(files, d, args.samples_per_shard), args.repeats, args.tmp, args.cold)
     print(json.dumps(line("copy", len(files), nbytes, t_copy, **host, ratio_vs_cat=round(t_cat / t_copy, 3))),
           flush=True)
-    for check in ("decode", "header"):
-        t = time_best(lambda d: shard(args.data_path, d, check, args.workers, args.samples_per_shard),
+    runs = {"make_shards --no-restart-markers --check decode": {"check": "decode", "restart_markers": False},
+            "make_shards --no-restart-markers --check header": {"check": "header", "restart_markers": False}}
+    if decoder_available("region"):
+        runs["make_shards --restart-markers"] = {"restart_markers": True}
+    for name, settings in runs.items():
+        t = time_best(lambda d: shard(args.data_path, d, settings, args.workers, args.samples_per_shard),
                       args.repeats, args.tmp, args.cold)
-        print(json.dumps(line(f"make_shards --check {check}", len(files), nbytes, t, **host,
+        print(json.dumps(line(name, len(files), nbytes, t, **host,
                               ratio_vs_cat=round(t_cat / t, 3), ratio_vs_copy=round(t_copy / t, 3))),
               flush=True)
     return 0
