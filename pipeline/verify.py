@@ -3,7 +3,8 @@
 Checks per shard: size and sha256 as in the manifest; members come as `<key>.jpg`, `<key>.cls` pairs;
 the `.idx` lines point at exactly those bytes; the samples are the planned source files minus the
 rejected ones, each with its label; unconverted images are byte-identical to their source file (in a set made
-with restart markers: decode to its pixels, and carry the markers) and converted ones decode as RGB JPEGs. Per split: shard samples + rejected + ignored == files in SRC.
+with restart markers: decode to its pixels, and carry the markers) and converted ones decode as RGB JPEGs.
+Per split: shard samples + rejected + ignored == files in SRC.
 """
 from __future__ import annotations
 

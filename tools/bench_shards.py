@@ -8,8 +8,8 @@ What it measures, on the same machine and files:
   * `make_shards --no-restart-markers` with `--check decode` (the default) and `--check header`, W workers, no
     `--max-side`, so images are copied, not re-encoded; and `make_shards --restart-markers` (the default where the
     region decoder is built), which re-encodes every JPEG losslessly (its entropy decode is the check). The clock
-    covers the whole `main()` call: scan, plan, image checks, tar + index writing with fsync, manifest. Output goes to a fresh temporary folder
-    (`--tmp`, default the system's) that is deleted afterwards.
+    covers the whole `main()` call: scan, plan, image checks, tar + index writing with fsync, manifest. Output
+    goes to a fresh temporary folder (`--tmp`, default the system's) that is deleted afterwards.
 By default all files are read once before timing, so both sides read from the page cache; each figure is
 the best of --repeats runs. `--cold` (root only) drops the page cache before every timed run instead, so
 `cat` reads from the disk, as a sharder meeting a data set for the first time does: that is the read rate
