@@ -106,6 +106,16 @@ def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_
     assert _run(sample_folder, dst, "--restart-markers") == 2  # other settings: refused without --overwrite
 
 
+def test_without_the_region_decoder_restart_markers_are_off_by_default_and_refused_when_asked(
+        sample_folder, tmp_path, monkeypatch, capsys):
+    import pipeline.jpeg
+    monkeypatch.setattr(pipeline.jpeg, "_jpegregion", None)
+    assert _run(sample_folder, tmp_path / "asked", "--restart-markers") == 2
+    assert "--restart-markers needs the region decoder" in capsys.readouterr().err
+    assert _run(sample_folder, tmp_path / "default") == 0
+    assert json.loads((tmp_path / "default" / "manifest.json").read_text())["restart_markers"] is False
+
+
 def test_index_points_at_member_bytes(sample_shards):
     for idx in sorted(sample_shards.glob("*.idx")):
         blob = idx.with_suffix(".tar").read_bytes()

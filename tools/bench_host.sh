@@ -3,8 +3,8 @@
 # Pillow-SIMD"). Makes the sample JPEGs (mean ~95 KB, 300-640 px, like ImageNet's) and three shard sets: with
 # restart markers (make_shards' default where the region decoder is built), with the source bytes
 # (--no-restart-markers) and --max-side 320. Then runs `python -m pipeline.bench` for each decoder and output dtype
-# with the torchvision baseline (on the source JPEGs), for the one-core decode path, and at 1 and 2 workers. One
-# JSON line per run goes to OUT/host.jsonl.
+# with the torchvision baseline (on the source JPEGs), for the one-core decode path, and at 1 and 2 workers pinned
+# to as many cores (taskset). One JSON line per run goes to OUT/host.jsonl.
 #
 #   bash tools/bench_host.sh DATA_DIR OUT_DIR          # PYTHON=.venv/bin/python by default; SECONDS_PER_RUN=20
 #
@@ -28,9 +28,10 @@ shards shards --restart-markers
 shards shards-plain --no-restart-markers
 shards shards320 --restart-markers --max-side 320
 
+pin=()  # a taskset prefix for the scaling runs
 bench() {  # label, then pipeline.bench flags
     local label=$1; shift
-    "$py" -m pipeline.bench --batch-size 64 --seconds "$secs" --interval 1000 "$@" 2>/dev/null | tail -1 |
+    "${pin[@]}" "$py" -m pipeline.bench --batch-size 64 --seconds "$secs" --interval 1000 "$@" 2>/dev/null | tail -1 |
         "$py" -c "import json, sys; d = json.loads(sys.stdin.read()); d['run'] = sys.argv[1]; print(json.dumps(d))" \
         "$label" | tee -a "$out/host.jsonl"
 }
@@ -49,6 +50,10 @@ for dtype in float32 uint8; do
     bench "loader $dtype region shards320" --data_path "$data/shards320" --baseline "$data/jpeg" --workers 2 \
         --dtype "$dtype"
 done
+# Scaling over cores: W workers and the main process pinned to W cores, so that one worker is not helped by a core
+# that the main process has to itself.
 for workers in 1 2; do
-    bench "scaling uint8 region shards W=$workers" --data_path "$data/shards" --workers "$workers" --dtype uint8
+    pin=(taskset -c "0-$((workers - 1))")
+    bench "scaling uint8 region shards W=$workers on $workers cores" --data_path "$data/shards" --workers "$workers" \
+        --dtype uint8
 done
