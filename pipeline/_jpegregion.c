@@ -8,8 +8,7 @@
  * simplejpeg and OpenCV decode whole images; PyTurboJPEG's cropping is the lossless transform, which re-encodes);
  * pipeline/jpeg.py keeps a Pillow fallback with the same output geometry.
  *
- * The entropy (Huffman) decoding is most of a decode (about three quarters of it on ImageNet-like photos), and it is
- * sequential: libjpeg must read every block above the region, and every column of the rows it keeps, to find where
+ * The entropy (Huffman) decoding is most of a decode of a photo, and it is sequential: libjpeg must read every block above the region, and every column of the rows it keeps, to find where
  * the next block starts. A restart marker after every MCU (the JPEG standard's resynchronisation points; the DC
  * predictors restart there) lets us find where any MCU starts by scanning for markers instead, so recode() writes
  * one after every MCU, and decode_region() of such a file builds a small JPEG of just the region's MCUs (the same

@@ -190,8 +190,8 @@ def _norm_constants(device: torch.device, mean: tuple, std: tuple) -> tuple[torc
 @functools.cache
 def keep_freed_batches_in_the_heap() -> None:
     """A float batch on the CPU is tens of MB (38.5 MB at 64 x 224 px). glibc hands blocks that large back to the
-    kernel when they are freed, so each batch's output is fresh pages that the kernel zero-fills on first touch: that
-    cost 3x the normalization itself here (docs/pipeline.md). Raising glibc's mmap and trim thresholds keeps freed
+    kernel when they are freed, so each batch's output is fresh pages that the kernel zero-fills on first touch
+    (docs/pipeline.md, "Measured figures"). Raising glibc's mmap and trim thresholds keeps freed
     batches in the heap for the next one, as jemalloc or tcmalloc would. Process-wide, once, on the first CPU batch;
     nothing happens where there is no glibc."""
     try:

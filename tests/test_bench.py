@@ -26,6 +26,8 @@ def test_host_run_reports_img_s(sample_shards, capsys):
     last = lines[-1]
     assert last["final"] and last["backend"] == "host" and last["workers"] == 1 and last["batch_size"] == 4
     assert "Pillow" in last["pillow"] and last["mb_s"] > 0 and 0 <= last["data_wait"] <= 1
+    from pipeline.format import read_manifest
+    assert last["restart_markers"] is read_manifest(sample_shards).settings.restart_markers  # the set's, as made
 
 
 def test_cli_with_baseline_reports_ratio(sample_shards, sample_folder):

@@ -36,7 +36,7 @@ def test_host_options_are_checked(sample_shards):
 
 def test_cpu_float_batches_reuse_freed_memory_instead_of_fresh_pages():
     # A 64 x 224 px float batch is 38.5 MB; without keep_freed_batches_in_the_heap every batch would be new pages
-    # that the kernel zero-fills on first touch (~9,400 minor page faults a batch), 3x the cost of normalizing.
+    # that the kernel zero-fills on first touch (~9,400 minor page faults a batch).
     import subprocess
     import sys
     script = """
