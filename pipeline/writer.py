@@ -33,7 +33,8 @@ from pipeline.format import (CLASSES, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE,
                              write_set_files)
 from pipeline.imagefolder import Scan, SplitScan, UsageError, plan_shards, scan_source
 
-# Fixed tar header fields: the same input gives byte-identical shards on any machine, any day.
+# Fixed tar header fields: the same input gives byte-identical shards on any machine, any day (re-encoded images:
+# with the same libjpeg).
 TAR_MTIME = 0
 TAR_MODE = 0o444
 OUTPUT_FILES = (MANIFEST, PLAN_FILE, CLASSES, TIMM_INFO, LOCK_FILE)
