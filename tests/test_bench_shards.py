@@ -1,0 +1,23 @@
+"""tools/bench_shards.py: reading vs sharding the same files, one JSON line per measurement."""
+import json
+
+import bench_shards
+
+from pipeline.jpeg import decoder_available
+
+
+def test_it_times_reading_and_each_kind_of_sharding(sample_folder, tmp_path, capsys):
+    assert bench_shards.main(["--data_path", str(sample_folder), "--workers", "1", "--repeats", "1",
+                              "--tmp", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = [line["bench"] for line in lines]
+    expected = ["cat", "copy", "make_shards --no-restart-markers --check decode",
+                "make_shards --no-restart-markers --check header"]
+    assert names == expected + (["make_shards --restart-markers"] if decoder_available("region") else [])
+    assert all(line["images"] == 64 and line["images_per_s"] > 0 for line in lines)
+    assert not list(tmp_path.iterdir())  # its shards are deleted afterwards
+
+
+def test_an_empty_source_is_one_error(tmp_path, capsys):
+    assert bench_shards.main(["--data_path", str(tmp_path)]) == 2
+    assert "no files" in capsys.readouterr().err
