@@ -17,8 +17,8 @@
  * (baseline, optimized Huffman tables), so every decoder gives the same pixels as from the original file.
  *
  * decode_region(data, x, y, w, h, denom) -> (pixels: bytes, x0, y0, width, height) | None
- *   (x, y, w, h): the region in the scaled image's pixels; denom: 1, 2, 4 or 8. The returned RGB rows (uint8,
- *   width*3 bytes each) cover at least the region: x0 <= x, y0 <= y, x0 + width >= x + w, y0 + height >= y + h,
+ *   (x, y, w, h): the region in the scaled image's pixels; denom: 1, 2, 4 or 8. The returned RGBX rows (uint8,
+ *   width*4 bytes each, the 4th byte padding: Pillow maps that layout without a copy) cover at least the region: x0 <= x, y0 <= y, x0 + width >= x + w, y0 + height >= y + h,
  *   since the region is widened to the iMCU grid. None for CMYK/YCCK images, which libjpeg cannot convert to RGB:
  *   the caller decodes those with Pillow. ValueError for bytes libjpeg cannot decode, with its message.
  * recode(data) -> bytes | None: the same image, baseline, with a restart marker after every MCU; None for CMYK/YCCK.
@@ -81,7 +81,7 @@ static PyObject *decode_buffer(const unsigned char *buf, size_t len, int x, int 
         jpeg_destroy_decompress(&cinfo);
         Py_RETURN_NONE;
     }
-    cinfo.out_color_space = JCS_RGB;
+    cinfo.out_color_space = JCS_EXT_RGBX;
     cinfo.scale_num = 1;
     cinfo.scale_denom = (unsigned int)denom;
     jpeg_start_decompress(&cinfo);
@@ -98,7 +98,7 @@ static PyObject *decode_buffer(const unsigned char *buf, size_t len, int x, int 
     width = (JDIMENSION)w;
     if (x0 > 0 || width < cinfo.output_width)
         jpeg_crop_scanline(&cinfo, &x0, &width);  /* widens to the iMCU grid: x0 <= x, width >= w */
-    pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)width * 3 * h);
+    pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)width * 4 * h);
     if (pixels == NULL) {
         jpeg_destroy_decompress(&cinfo);
         return NULL;
@@ -114,7 +114,7 @@ static PyObject *decode_buffer(const unsigned char *buf, size_t len, int x, int 
         }
         if (y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
         while (rows < h) {
-            row = out + (size_t)rows * width * 3;
+            row = out + (size_t)rows * width * 4;
             if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) break;
             rows++;
         }
@@ -404,7 +404,7 @@ static PyObject *size(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
-     "decode_region(data, x, y, w, h, denom) -> (bytes, x0, y0, width, height) | None: RGB rows covering the "
+     "decode_region(data, x, y, w, h, denom) -> (bytes, x0, y0, width, height) | None: RGBX rows covering the "
      "region (x, y, w, h) of the image decoded at 1/denom scale; None for CMYK/YCCK images."},
     {"recode", recode, METH_VARARGS,
      "recode(data) -> bytes | None: the same DCT coefficients, baseline, a restart marker after every MCU; None for "

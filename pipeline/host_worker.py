@@ -29,7 +29,7 @@ from PIL import Image
 
 from pipeline.contract import center_crop_box, random_resized_crop
 from pipeline.format import ShardError
-from pipeline.jpeg import crop_resize
+from pipeline.jpeg import crop_resize, rgb_bytes
 from pipeline.plan import EpochPlanner, worker_batches
 from pipeline.reader import Sample, SampleError, ShardReader, usable_label
 
@@ -100,7 +100,7 @@ def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarra
         raise SampleError(f"{sample.shard}: sample {sample.key}: undecodable image ({type(e).__name__}: {e})") from e
     if cfg.train and rng.random() < cfg.hflip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # cheaper than numpy's reversed-stride copy
-    out[...] = np.asarray(image)
+    out[...] = np.frombuffer(rgb_bytes(image), np.uint8).reshape(out.shape)
 
 
 def crash_report(worker: int, error: BaseException) -> str:

@@ -61,7 +61,8 @@ def has_restart_markers(data: bytes) -> bool:
 
 def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "region") -> Image.Image:
     """Decode `data`, take the box `box_of(width, height) -> (left, top, w, h)` (source pixels, floats), resize it to
-    size x size with `resample`: an RGB image. Raises what Pillow or libjpeg raise on bad bytes."""
+    size x size with `resample`: an RGB or RGBX image (RGB and a padding byte, what the region decoder hands over
+    without a copy); `rgb_bytes` gives either one's pixels. Raises what Pillow or libjpeg raise on bad bytes."""
     if decoder == "region" and _jpegregion is not None:
         layout = _jpegregion.size(data)  # the JPEG's markers, read in C: no Image.open
         if layout is not None and layout[2] in (1, 3):  # grey or colour; CMYK/YCCK (4) go to Pillow
@@ -81,6 +82,11 @@ def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "r
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def rgb_bytes(image: Image.Image) -> bytes:
+    """The pixels of an RGB or RGBX image as packed RGB, 3 bytes each, row by row."""
+    return image.tobytes("raw", "RGB")
+
+
 def _region(data: bytes, width: int, height: int, box, denom: int, size: int, resample: int) -> Image.Image:
     # libjpeg's scaled size is ceil(side / denom), as Pillow's draft gives.
     scaled_w, scaled_h = -(-width // denom), -(-height // denom)
@@ -93,5 +99,5 @@ def _region(data: bytes, width: int, height: int, box, denom: int, size: int, re
     x, y = max(0, math.floor(x_lo) - margin), max(0, math.floor(y_lo) - margin)
     x_end, y_end = min(scaled_w, math.ceil(x_hi) + margin), min(scaled_h, math.ceil(y_hi) + margin)
     pixels, x0, y0, rw, rh = _jpegregion.decode_region(data, x, y, x_end - x, y_end - y, denom)
-    im = Image.frombuffer("RGB", (rw, rh), pixels, "raw", "RGB", 0, 1)
+    im = Image.frombuffer("RGBX", (rw, rh), pixels, "raw", "RGBX", 0, 1)  # maps the bytes: no copy
     return im.resize((size, size), resample, box=(x_lo - x0, y_lo - y0, x_hi - x0, y_hi - y0))

@@ -12,14 +12,15 @@ from PIL import Image
 from skimage import data as photos
 
 from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.jpeg import crop_resize, decoder_available, has_restart_markers, recode, scale_denominator
+from pipeline.jpeg import crop_resize, decoder_available, has_restart_markers, recode, rgb_bytes, scale_denominator
 
 region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")
 
 
 def pixels(*args) -> np.ndarray:
-    return np.asarray(crop_resize(*args)).astype(int)
+    image = crop_resize(*args)
+    return np.frombuffer(rgb_bytes(image), np.uint8).reshape(image.size[1], image.size[0], 3).astype(int)
 
 
 def jpeg(image: Image.Image, **save) -> bytes:
@@ -110,7 +111,7 @@ def test_region_decoder_reports_cmyk_for_pillow_and_rejects_a_box_outside():
     with pytest.raises(ValueError, match="outside"):
         _jpegregion.decode_region(VARIANTS["baseline"], 600, 0, 10, 10, 1)
     pixels, x0, y0, width, height = _jpegregion.decode_region(VARIANTS["baseline"], 101, 50, 30, 20, 1)
-    assert x0 <= 101 and x0 + width >= 131 and (y0, height) == (50, 20) and len(pixels) == width * height * 3
+    assert x0 <= 101 and x0 + width >= 131 and (y0, height) == (50, 20) and len(pixels) == width * height * 4
 
 
 def test_without_the_extension_auto_decodes_with_pillow_and_region_is_refused(monkeypatch):
@@ -190,7 +191,7 @@ def test_a_recoded_region_has_the_whole_decode_pixels_at_every_scale():
         for x, y, w, h in ((101, 50, 30, 20), (0, 0, 7, 9), (3, 90, 60, 20), (side - 20, side - 9, 20, 9)):
             out, x0, y0, width, height = _jpegregion.decode_region(data, x, y, w, h, denom)
             assert x0 <= x and y0 <= y and x0 + width >= min(x + w, side) and y0 + height >= y + h
-            got = np.frombuffer(out, np.uint8).reshape(height, width, 3).astype(int)
+            got = np.frombuffer(out, np.uint8).reshape(height, width, 4)[..., :3].astype(int)  # RGBX
             assert np.abs(got - reference[y0:y0 + height, x0:x0 + width]).mean() < 1.0, (denom, x, y)
 
 
