@@ -16,9 +16,9 @@
  * the region is entropy-decoded. recode() is lossless: it copies the DCT coefficients and only re-packs them
  * (baseline, optimized Huffman tables), so every decoder gives the same pixels as from the original file.
  *
- * decode_region(data, x, y, w, h, denom) -> (pixels: bytes, x0, y0, width, height) | None
- *   (x, y, w, h): the region in the scaled image's pixels; denom: 1, 2, 4 or 8. The returned RGBX rows (uint8,
- *   width*4 bytes each, the 4th byte padding: Pillow maps that layout without a copy) cover at least the region: x0 <= x, y0 <= y, x0 + width >= x + w, y0 + height >= y + h,
+ * decode_region(data, x, y, w, h, denom, channels=3) -> (pixels: bytes, x0, y0, width, height) | None
+ *   (x, y, w, h): the region in the scaled image's pixels; denom: 1, 2, 4 or 8. The returned rows (uint8, RGB or,
+ *   with channels=4, RGBX: a padding byte a pixel, the layout Pillow maps without a copy) cover at least the region: x0 <= x, y0 <= y, x0 + width >= x + w, y0 + height >= y + h,
  *   since the region is widened to the iMCU grid. None for CMYK/YCCK images, which libjpeg cannot convert to RGB:
  *   the caller decodes those with Pillow. ValueError for bytes libjpeg cannot decode, with its message.
  * recode(data) -> bytes | None: the same image, baseline, with a restart marker after every MCU; None for CMYK/YCCK.
@@ -56,9 +56,10 @@ static void on_message(j_common_ptr cinfo, int level) {
         ((struct error_manager *)cinfo->err)->truncated = 1;
 }
 
-/* The region (x, y, w, h) of `buf` decoded at 1/denom scale; x0 and y0 of the result are offset by (dx, dy). */
+/* The region (x, y, w, h) of `buf` decoded at 1/denom scale into rows of `channels` bytes a pixel (3: RGB, 4:
+ * RGBX); x0 and y0 of the result are offset by (dx, dy). */
 static PyObject *decode_buffer(const unsigned char *buf, size_t len, int x, int y, int w, int h, int denom,
-                               int dx, int dy) {
+                               int channels, int dx, int dy) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     PyObject *pixels = NULL;
@@ -81,7 +82,7 @@ static PyObject *decode_buffer(const unsigned char *buf, size_t len, int x, int 
         jpeg_destroy_decompress(&cinfo);
         Py_RETURN_NONE;
     }
-    cinfo.out_color_space = JCS_EXT_RGBX;
+    cinfo.out_color_space = channels == 4 ? JCS_EXT_RGBX : JCS_RGB;
     cinfo.scale_num = 1;
     cinfo.scale_denom = (unsigned int)denom;
     jpeg_start_decompress(&cinfo);
@@ -98,7 +99,7 @@ static PyObject *decode_buffer(const unsigned char *buf, size_t len, int x, int 
     width = (JDIMENSION)w;
     if (x0 > 0 || width < cinfo.output_width)
         jpeg_crop_scanline(&cinfo, &x0, &width);  /* widens to the iMCU grid: x0 <= x, width >= w */
-    pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)width * 4 * h);
+    pixels = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)width * channels * h);
     if (pixels == NULL) {
         jpeg_destroy_decompress(&cinfo);
         return NULL;
@@ -114,7 +115,7 @@ static PyObject *decode_buffer(const unsigned char *buf, size_t len, int x, int 
         }
         if (y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
         while (rows < h) {
-            row = out + (size_t)rows * width * 4;
+            row = out + (size_t)rows * width * channels;
             if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) break;
             rows++;
         }
@@ -294,18 +295,23 @@ static int parse_region(PyObject *args, Py_buffer *data, int *x, int *y, int *w,
 
 static PyObject *decode_region(PyObject *self, PyObject *args) {
     Py_buffer data;
-    int x, y, w, h, denom, dx, dy;
+    int x, y, w, h, denom, dx, dy, channels = 3;
     unsigned char *cut;
     size_t cut_len;
     PyObject *result;
     (void)self;
-    if (parse_region(args, &data, &x, &y, &w, &h, &denom) != 0)
+    if (!PyArg_ParseTuple(args, "y*iiiii|i", &data, &x, &y, &w, &h, &denom, &channels))
         return NULL;
+    if ((denom != 1 && denom != 2 && denom != 4 && denom != 8) || (channels != 3 && channels != 4)) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8 and channels 3 or 4, got %d and %d", denom,
+                            channels);
+    }
     if (cut_region(data.buf, (size_t)data.len, x, y, w, h, denom, &cut, &cut_len, &dx, &dy) == 0) {
-        result = decode_buffer(cut, cut_len, x - dx, y - dy, w, h, denom, dx, dy);
+        result = decode_buffer(cut, cut_len, x - dx, y - dy, w, h, denom, channels, dx, dy);
         free(cut);
     } else {
-        result = decode_buffer(data.buf, (size_t)data.len, x, y, w, h, denom, 0, 0);
+        result = decode_buffer(data.buf, (size_t)data.len, x, y, w, h, denom, channels, 0, 0);
     }
     PyBuffer_Release(&data);
     return result;
@@ -404,8 +410,8 @@ static PyObject *size(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
-     "decode_region(data, x, y, w, h, denom) -> (bytes, x0, y0, width, height) | None: RGBX rows covering the "
-     "region (x, y, w, h) of the image decoded at 1/denom scale; None for CMYK/YCCK images."},
+     "decode_region(data, x, y, w, h, denom, channels=3) -> (bytes, x0, y0, width, height) | None: RGB (or RGBX) "
+     "rows covering the region (x, y, w, h) of the image decoded at 1/denom scale; None for CMYK/YCCK images."},
     {"recode", recode, METH_VARARGS,
      "recode(data) -> bytes | None: the same DCT coefficients, baseline, a restart marker after every MCU; None for "
      "CMYK/YCCK images."},

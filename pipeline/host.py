@@ -9,7 +9,6 @@ over a slot number; the parent copies the slot out (into pinned memory on an acc
 """
 from __future__ import annotations
 
-import importlib.metadata
 import multiprocessing as mp
 import os
 import re
@@ -28,7 +27,7 @@ from pipeline.cli import knob
 from pipeline.contract import LoaderSpec, main_not_replayed, to_model_input
 from pipeline.format import PipelineError, ShardError, read_manifest, shard_list
 from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
-from pipeline.jpeg import DECODERS, decoder_available, default_decoder
+from pipeline.jpeg import DECODERS, decoder_available, default_decoder, pillow_is_simd
 from pipeline.plan import consumer_order
 
 SHM_DIR = "/dev/shm"
@@ -73,16 +72,12 @@ class WorkerError(PipelineError):
 
 
 def pillow_flavour() -> str:
-    """'Pillow-SIMD 9.5.0.post1 (libjpeg-turbo 3.0.4)' or 'Pillow 13.0.0 (libjpeg-turbo 3.2.0)'. Pillow-SIMD installs
-    under its own distribution name and tags its versions '.postN'; either marks it."""
+    """'Pillow-SIMD 9.5.0.post1 (libjpeg-turbo 3.0.4)' or 'Pillow 13.0.0 (libjpeg-turbo 3.2.0)', of the Pillow that
+    runs (`pipeline.jpeg.pillow_is_simd`)."""
     import PIL
     from PIL import features
 
-    try:
-        importlib.metadata.version("pillow-simd")
-        simd = True
-    except importlib.metadata.PackageNotFoundError:
-        simd = ".post" in PIL.__version__
+    simd = pillow_is_simd()
     turbo = features.check_feature("libjpeg_turbo")
     jpeg = (features.version_feature("libjpeg_turbo") if turbo else features.version("jpg")) or "?"
     return f"{'Pillow-SIMD' if simd else 'Pillow'} {PIL.__version__} (libjpeg{'-turbo' if turbo else ''} {jpeg})"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 
+import PIL
 from PIL import Image
 
 try:
@@ -25,6 +26,17 @@ except ImportError:  # not built (no compiler or libjpeg headers at install): Pi
     _jpegregion = None
 
 DECODERS = ("region", "pillow")
+
+
+def pillow_is_simd() -> bool:
+    """Whether the Pillow that runs is Pillow-SIMD, which tags its versions '.postN' (its distribution's metadata can
+    outlive its files when a plain Pillow is installed over it)."""
+    return ".post" in PIL.__version__
+
+
+# The region decoder's rows: Pillow-SIMD resizes RGBX as fast as RGB, so RGBX, which Pillow maps without a copy;
+# stock Pillow resizes RGBX slower than RGB, more than the copy saves (docs/pipeline.md, "Measured figures").
+REGION_CHANNELS = 4 if pillow_is_simd() else 3
 
 
 def decoder_available(name: str) -> bool:
@@ -98,6 +110,7 @@ def _region(data: bytes, width: int, height: int, box, denom: int, size: int, re
     margin = math.ceil(max(x_hi - x_lo, y_hi - y_lo) / size) + 2
     x, y = max(0, math.floor(x_lo) - margin), max(0, math.floor(y_lo) - margin)
     x_end, y_end = min(scaled_w, math.ceil(x_hi) + margin), min(scaled_h, math.ceil(y_hi) + margin)
-    pixels, x0, y0, rw, rh = _jpegregion.decode_region(data, x, y, x_end - x, y_end - y, denom)
-    im = Image.frombuffer("RGBX", (rw, rh), pixels, "raw", "RGBX", 0, 1)  # maps the bytes: no copy
+    pixels, x0, y0, rw, rh = _jpegregion.decode_region(data, x, y, x_end - x, y_end - y, denom, REGION_CHANNELS)
+    mode = "RGBX" if REGION_CHANNELS == 4 else "RGB"
+    im = Image.frombuffer(mode, (rw, rh), pixels, "raw", mode, 0, 1)  # RGBX: maps the bytes, no copy
     return im.resize((size, size), resample, box=(x_lo - x0, y_lo - y0, x_hi - x0, y_hi - y0))

@@ -111,7 +111,11 @@ def test_region_decoder_reports_cmyk_for_pillow_and_rejects_a_box_outside():
     with pytest.raises(ValueError, match="outside"):
         _jpegregion.decode_region(VARIANTS["baseline"], 600, 0, 10, 10, 1)
     pixels, x0, y0, width, height = _jpegregion.decode_region(VARIANTS["baseline"], 101, 50, 30, 20, 1)
-    assert x0 <= 101 and x0 + width >= 131 and (y0, height) == (50, 20) and len(pixels) == width * height * 4
+    assert x0 <= 101 and x0 + width >= 131 and (y0, height) == (50, 20) and len(pixels) == width * height * 3
+    rgbx = _jpegregion.decode_region(VARIANTS["baseline"], 101, 50, 30, 20, 1, 4)[0]
+    assert len(rgbx) == width * height * 4 and rgbx[0::4] == pixels[0::3] and rgbx[2::4] == pixels[2::3]
+    with pytest.raises(ValueError, match="channels 3 or 4"):
+        _jpegregion.decode_region(VARIANTS["baseline"], 0, 0, 10, 10, 1, 2)
 
 
 def test_without_the_extension_auto_decodes_with_pillow_and_region_is_refused(monkeypatch):
@@ -189,7 +193,7 @@ def test_a_recoded_region_has_the_whole_decode_pixels_at_every_scale():
         reference = np.asarray(Image.open(io.BytesIO(data)).reduce(1) if denom == 1 else _scaled(data, denom))
         side = 1000 // denom
         for x, y, w, h in ((101, 50, 30, 20), (0, 0, 7, 9), (3, 90, 60, 20), (side - 20, side - 9, 20, 9)):
-            out, x0, y0, width, height = _jpegregion.decode_region(data, x, y, w, h, denom)
+            out, x0, y0, width, height = _jpegregion.decode_region(data, x, y, w, h, denom, 4)
             assert x0 <= x and y0 <= y and x0 + width >= min(x + w, side) and y0 + height >= y + h
             got = np.frombuffer(out, np.uint8).reshape(height, width, 4)[..., :3].astype(int)  # RGBX
             assert np.abs(got - reference[y0:y0 + height, x0:x0 + width]).mean() < 1.0, (denom, x, y)
@@ -199,3 +203,14 @@ def _scaled(data: bytes, denom: int) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (im.size[0] // denom, im.size[1] // denom))
     return im.convert("RGB")
+
+
+@region_built
+def test_rgb_and_rgbx_rows_give_the_same_crop(monkeypatch):
+    import pipeline.jpeg
+    box = lambda w, h: (37.5, 20.25, 300.0, 250.5)  # noqa: E731
+    out = {}
+    for channels in (3, 4):  # RGBX under Pillow-SIMD, RGB under stock Pillow
+        monkeypatch.setattr(pipeline.jpeg, "REGION_CHANNELS", channels)
+        out[channels] = pixels(VARIANTS["baseline, recoded"], box, 224, Image.BILINEAR, "region")
+    assert np.array_equal(out[3], out[4])
