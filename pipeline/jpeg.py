@@ -1,4 +1,4 @@
-"""One image's decode for the host workers: a box of the source image, resized to size x size, as an RGB image; and
+"""One image's decode for the host workers: a box of the source image, resized to size x size, as an RGB(X) image; and
 the lossless re-encode that makes shards whose boxes decode alone (`recode`, called by the shard writer).
 
 Two paths with the same output geometry (the box's float coordinates, the same DCT scale, the same resampling):
