@@ -282,12 +282,14 @@ static int cut_region(const unsigned char *b, size_t n, int x, int y, int w, int
     return 0;
 }
 
-static int parse_region(PyObject *args, Py_buffer *data, int *x, int *y, int *w, int *h, int *denom) {
-    if (!PyArg_ParseTuple(args, "y*iiiii", data, x, y, w, h, denom))
+/* The arguments of decode_region and region_jpeg: (data, x, y, w, h, denom[, channels]); -1 with the error set. */
+static int parse_region(PyObject *args, Py_buffer *data, int *x, int *y, int *w, int *h, int *denom, int *channels) {
+    if (!PyArg_ParseTuple(args, "y*iiiii|i", data, x, y, w, h, denom, channels))
         return -1;
-    if (*denom != 1 && *denom != 2 && *denom != 4 && *denom != 8) {
+    if ((*denom != 1 && *denom != 2 && *denom != 4 && *denom != 8) || (*channels != 3 && *channels != 4)) {
         PyBuffer_Release(data);
-        PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8, got %d", *denom);
+        PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8 and channels 3 or 4, got %d and %d", *denom,
+                     *channels);
         return -1;
     }
     return 0;
@@ -300,13 +302,8 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     size_t cut_len;
     PyObject *result;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iiiii|i", &data, &x, &y, &w, &h, &denom, &channels))
+    if (parse_region(args, &data, &x, &y, &w, &h, &denom, &channels) != 0)
         return NULL;
-    if ((denom != 1 && denom != 2 && denom != 4 && denom != 8) || (channels != 3 && channels != 4)) {
-        PyBuffer_Release(&data);
-        return PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8 and channels 3 or 4, got %d and %d", denom,
-                            channels);
-    }
     if (cut_region(data.buf, (size_t)data.len, x, y, w, h, denom, &cut, &cut_len, &dx, &dy) == 0) {
         result = decode_buffer(cut, cut_len, x - dx, y - dy, w, h, denom, channels, dx, dy);
         free(cut);
@@ -319,12 +316,12 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
 
 static PyObject *region_jpeg(PyObject *self, PyObject *args) {
     Py_buffer data;
-    int x, y, w, h, denom, dx, dy;
+    int x, y, w, h, denom, dx, dy, channels = 3;  /* channels: accepted, as decode_region's, and unused */
     unsigned char *cut;
     size_t cut_len;
     PyObject *result;
     (void)self;
-    if (parse_region(args, &data, &x, &y, &w, &h, &denom) != 0)
+    if (parse_region(args, &data, &x, &y, &w, &h, &denom, &channels) != 0)
         return NULL;
     if (cut_region(data.buf, (size_t)data.len, x, y, w, h, denom, &cut, &cut_len, &dx, &dy) != 0) {
         PyBuffer_Release(&data);

@@ -36,7 +36,7 @@ def pillow_is_simd() -> bool:
 
 # The region decoder's rows: Pillow-SIMD resizes RGBX as fast as RGB, so RGBX, which Pillow maps without a copy;
 # stock Pillow resizes RGBX slower than RGB, more than the copy saves (docs/pipeline.md, "Measured figures").
-REGION_CHANNELS = 4 if pillow_is_simd() else 3
+REGION_MODE = "RGBX" if pillow_is_simd() else "RGB"
 
 
 def decoder_available(name: str) -> bool:
@@ -110,7 +110,6 @@ def _region(data: bytes, width: int, height: int, box, denom: int, size: int, re
     margin = math.ceil(max(x_hi - x_lo, y_hi - y_lo) / size) + 2
     x, y = max(0, math.floor(x_lo) - margin), max(0, math.floor(y_lo) - margin)
     x_end, y_end = min(scaled_w, math.ceil(x_hi) + margin), min(scaled_h, math.ceil(y_hi) + margin)
-    pixels, x0, y0, rw, rh = _jpegregion.decode_region(data, x, y, x_end - x, y_end - y, denom, REGION_CHANNELS)
-    mode = "RGBX" if REGION_CHANNELS == 4 else "RGB"
-    im = Image.frombuffer(mode, (rw, rh), pixels, "raw", mode, 0, 1)  # RGBX: maps the bytes, no copy
+    pixels, x0, y0, rw, rh = _jpegregion.decode_region(data, x, y, x_end - x, y_end - y, denom, len(REGION_MODE))
+    im = Image.frombuffer(REGION_MODE, (rw, rh), pixels, "raw", REGION_MODE, 0, 1)  # RGBX: maps the bytes, no copy
     return im.resize((size, size), resample, box=(x_lo - x0, y_lo - y0, x_hi - x0, y_hi - y0))

@@ -210,7 +210,7 @@ def test_rgb_and_rgbx_rows_give_the_same_crop(monkeypatch):
     import pipeline.jpeg
     box = lambda w, h: (37.5, 20.25, 300.0, 250.5)  # noqa: E731
     out = {}
-    for channels in (3, 4):  # RGBX under Pillow-SIMD, RGB under stock Pillow
-        monkeypatch.setattr(pipeline.jpeg, "REGION_CHANNELS", channels)
-        out[channels] = pixels(VARIANTS["baseline, recoded"], box, 224, Image.BILINEAR, "region")
-    assert np.array_equal(out[3], out[4])
+    for mode in ("RGB", "RGBX"):  # RGBX under Pillow-SIMD, RGB under stock Pillow
+        monkeypatch.setattr(pipeline.jpeg, "REGION_MODE", mode)
+        out[mode] = pixels(VARIANTS["baseline, recoded"], box, 224, Image.BILINEAR, "region")
+    assert np.array_equal(out["RGB"], out["RGBX"])

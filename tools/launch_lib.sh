@@ -8,6 +8,10 @@ parse_launch_args() {
     case "$1" in
       --data_path=*) data_path="${1#*=}" ;;
       --data_path) data_path="${2:?--data_path needs a value}"; shift ;;
+      -h|--help)  # the script's header comment, as every script in tools/ answers; train.py's flags: train.py -h
+        sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        echo "Flags after --data_path go to train.py: python train.py -h lists them."
+        exit 0 ;;
       *) extra+=("$1") ;;
     esac
     shift
