@@ -27,7 +27,7 @@ from multiprocessing import shared_memory
 import numpy as np
 from PIL import Image
 
-from pipeline.contract import center_crop_box, random_resized_crop
+from pipeline.contract import center_crop_box, keep_freed_memory_in_the_heap, random_resized_crop
 from pipeline.format import ShardError
 from pipeline.jpeg import crop_resize, rgb_bytes
 from pipeline.plan import EpochPlanner, worker_batches
@@ -240,6 +240,7 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
     os.environ.update(dict(cfg.environment))
     if "torch" in sys.modules:  # imported with the `pipeline` package; keep its pools at one thread too
         sys.modules["torch"].set_num_threads(1)
+    keep_freed_memory_in_the_heap()
     shms = [shared_memory.SharedMemory(name=n) for n in cfg.slot_names]
     slots = [slot_arrays(s.buf, cfg.batch_size, cfg.img_size) for s in shms]
     try:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline import build_loader, timed
+from pipeline.contract import LoaderSpec, to_model_input
 from pipeline.host import HostOptions
 
 
@@ -36,7 +37,7 @@ def test_host_options_are_checked(sample_shards):
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc is what is tuned")
 def test_cpu_float_batches_reuse_freed_memory_instead_of_fresh_pages():
-    # A 64 x 224 px float batch is 38.5 MB; without keep_freed_batches_in_the_heap every batch would be new pages
+    # A 64 x 224 px float batch is 38.5 MB; without keep_freed_memory_in_the_heap every batch would be new pages
     # that the kernel zero-fills on first touch (~9,400 minor page faults a batch).
     import subprocess
     import sys
@@ -58,3 +59,42 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     faults = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                                 cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent)).stdout)
     assert faults < 9_400, faults  # fresh pages would be 94,000 (measured: 0 once the heap has grown)
+
+
+pixels_built = pytest.mark.skipif(__import__("pipeline.contract").contract._pixels is None,
+                                  reason="pipeline._pixels is not built (no C compiler at install)")
+
+
+@pixels_built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_one_pass_gives_the_same_bits_as_torch(monkeypatch, dtype, channels_last):
+    import pipeline.contract as contract
+
+    spec = LoaderSpec(data_path="x", split="train", batch_size=3, img_size=0, device=torch.device("cpu"),
+                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dtype=dtype, channels_last=channels_last)
+    pixels = torch.randint(0, 256, (3, 17, 13, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fast = to_model_input(pixels, spec, nhwc=True)
+    monkeypatch.setattr(contract, "_pixels", None)
+    chain = to_model_input(pixels, spec, nhwc=True)
+    assert fast.dtype == chain.dtype == dtype and fast.shape == (3, 3, 17, 13)
+    assert fast.stride() == chain.stride() and torch.equal(fast, chain)
+    if dtype != torch.uint8:  # and the chain is the contract: red channel, (x - 255 mean) / (255 std)
+        assert torch.allclose(fast[:, 0].float(), (pixels[..., 0].float() / 255 - 0.485) / 0.229, atol=1e-2)
+
+
+@pixels_built
+def test_cpu_one_pass_rejects_wrong_buffers():
+    from pipeline import _pixels
+
+    pixels = torch.zeros((2, 4, 4, 3), dtype=torch.uint8).numpy()
+    with pytest.raises(ValueError, match="want N x 16 x 3 pixels and as many outputs"):
+        _pixels.normalize(pixels, torch.empty(95).numpy(), 16, (0, 0, 0), (1, 1, 1), True)
+    with pytest.raises(ValueError, match="want N x 5 x 3 pixels"):  # 96 bytes are not whole images of 5 pixels
+        _pixels.planar(pixels, torch.empty(96, dtype=torch.uint8).numpy(), 5)
+    with pytest.raises(ValueError, match="want uint8 pixels into a 'f' buffer, got 'B' into 'd'"):
+        _pixels.normalize(pixels, torch.empty(96, dtype=torch.float64).numpy(), 16, (0, 0, 0), (1, 1, 1), True)
+    with pytest.raises(ValueError, match="pixels must be > 0"):
+        _pixels.planar(pixels, pixels.copy(), 0)
+    with pytest.raises(BufferError):  # a read-only output
+        _pixels.planar(pixels, bytes(96), 16)
