@@ -249,9 +249,3 @@ def _one_pass_on_cpu(images_u8: torch.Tensor, spec: LoaderSpec) -> torch.Tensor 
     _pixels.normalize(images_u8.numpy(), rows.numpy(), h * w, mean.view(3).tolist(), inv_std.view(3).tolist(),
                       not spec.channels_last)
     return out
-    if spec.dtype == torch.uint8:
-        return x.contiguous(memory_format=fmt)
-    # One copy does layout and uint8 -> float together, then two in-place ops: three kernels and no temporaries,
-    # where the out-of-place chain allocates and walks a float tensor per op.
-    out.copy_(x).sub_(mean).mul_(inv_std)
-    return out if spec.dtype == torch.float32 else out.to(spec.dtype)
