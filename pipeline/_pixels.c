@@ -58,6 +58,57 @@ MULTIVERSION static void to_planar_u8(const uint8_t *restrict src, uint8_t *rest
     }
 }
 
+/* RGBX rows (a padding byte after each pixel, what Pillow-SIMD's images hold) -> packed RGB rows, each mirrored
+ * when `flip`: the host workers' last step into a batch slot (pipeline/jpeg.py). */
+static void rgbx_to_rgb_scalar(const uint8_t *restrict src, uint8_t *restrict dst, Py_ssize_t width,
+                               Py_ssize_t rows, int flip, Py_ssize_t from) {
+    for (Py_ssize_t y = 0; y < rows; y++) {
+        const uint8_t *restrict s = src + y * width * 4;
+        uint8_t *restrict d = dst + y * width * 3;
+        for (Py_ssize_t x = from; x < width; x++) {
+            const uint8_t *p = s + (flip ? width - 1 - x : x) * 4;
+            d[3 * x] = p[0];
+            d[3 * x + 1] = p[1];
+            d[3 * x + 2] = p[2];
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* Four pixels a shuffle. Each 16-byte store runs 4 bytes past the 12 it means, into the next pixels, which the next
+ * store (or the next row's first) overwrites; the last 6 pixels of the last row go scalar, so no store leaves dst. */
+__attribute__((target("ssse3"))) static void rgbx_to_rgb_ssse3(const uint8_t *restrict src, uint8_t *restrict dst,
+                                                                Py_ssize_t width, Py_ssize_t rows, int flip) {
+    const __m128i keep = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+    const __m128i mirror = _mm_setr_epi8(12, 13, 14, 8, 9, 10, 4, 5, 6, 0, 1, 2, -1, -1, -1, -1);
+    const __m128i shuffle = flip ? mirror : keep;
+    Py_ssize_t x = 0;
+    for (Py_ssize_t y = 0; y < rows; y++) {
+        const uint8_t *s = src + y * width * 4;
+        uint8_t *d = dst + y * width * 3;
+        Py_ssize_t end = y + 1 < rows ? width - 3 : width - 6;  /* blocks of 4 starting below `end` */
+        for (x = 0; x < end; x += 4) {
+            const uint8_t *block = flip ? s + (width - 4 - x) * 4 : s + x * 4;
+            _mm_storeu_si128((__m128i *)(d + 3 * x), _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)block),
+                                                                       shuffle));
+        }
+        if (x < width)
+            rgbx_to_rgb_scalar(s, d, width, 1, flip, x);
+    }
+}
+#endif
+
+static void rgbx_to_rgb(const uint8_t *src, uint8_t *dst, Py_ssize_t width, Py_ssize_t rows, int flip) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("ssse3")) {
+        rgbx_to_rgb_ssse3(src, dst, width, rows, flip);
+        return;
+    }
+#endif
+    rgbx_to_rgb_scalar(src, dst, width, rows, flip, 0);
+}
+
 /* src and dst as C-contiguous buffers of the given element formats and equal element counts, a whole number of
  * images of `pixels` RGB pixels; 0, or -1 with ValueError set and nothing held. */
 static int get_buffers(PyObject *src_obj, PyObject *dst_obj, Py_ssize_t pixels, const char *dst_format,
@@ -128,7 +179,42 @@ static PyObject *planar(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *rgb_rows(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *dst_obj;
+    Py_ssize_t width;
+    int flip;
+    if (!PyArg_ParseTuple(args, "OOnp", &src_obj, &dst_obj, &width, &flip))
+        return NULL;
+    if (width <= 0) {
+        PyErr_SetString(PyExc_ValueError, "width must be > 0");
+        return NULL;
+    }
+    Py_buffer src, dst;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) != 0)
+        return NULL;
+    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) != 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    Py_ssize_t rows = src.len / (width * 4);
+    if (src.len != rows * width * 4 || dst.len != rows * width * 3) {
+        PyErr_Format(PyExc_ValueError, "want rows of %zd RGBX pixels into as many RGB ones, got %zd and %zd bytes",
+                     width, src.len, dst.len);
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rgbx_to_rgb(src.buf, dst.buf, width, rows, flip);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"rgb_rows", rgb_rows, METH_VARARGS,
+     "rgb_rows(src, dst, width, flip): RGBX rows of `width` pixels -> packed RGB rows, each mirrored when flip."},
     {"normalize", normalize, METH_VARARGS,
      "normalize(src, dst, pixels, mean, inv_std, planar): uint8 RGB rows -> (x - mean[c]) * inv_std[c] as float32, "
      "planar (N, 3, H, W) or interleaved."},

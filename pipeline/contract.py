@@ -230,8 +230,8 @@ def to_model_input(images_u8: torch.Tensor, spec: LoaderSpec, nhwc: bool) -> tor
 
 
 def _one_pass_on_cpu(images_u8: torch.Tensor, spec: LoaderSpec) -> torch.Tensor | None:
-    """A CPU batch of NHWC pixels in the contract's layout, float32 or uint8, by one pass of pipeline/_pixels.c: the
-    same bits as torch's chain in `to_model_input`, in a quarter of the time (docs/pipeline.md, "Measured figures").
+    """A CPU batch of NHWC pixels in the contract's layout, float32 or uint8, by one pass of pipeline/_pixels.c
+    instead of torch's three: the same bits as the chain in `to_model_input` (docs/pipeline.md, "The host backend").
     None where it does not apply: not built, not on the CPU, or a uint8 channels_last batch (a view is all it takes)."""
     if _pixels is None or images_u8.device.type != "cpu" or not images_u8.is_contiguous():
         return None

@@ -29,7 +29,7 @@ from PIL import Image
 
 from pipeline.contract import center_crop_box, keep_freed_memory_in_the_heap, random_resized_crop
 from pipeline.format import ShardError
-from pipeline.jpeg import crop_resize, rgb_bytes
+from pipeline.jpeg import crop_resize, rgb_into
 from pipeline.plan import EpochPlanner, worker_batches
 from pipeline.reader import Sample, SampleError, ShardReader, usable_label
 
@@ -98,9 +98,7 @@ def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarra
         image = crop_resize(sample.jpg, box_of, size, resample, cfg.decoder)
     except Exception as e:  # noqa: BLE001 - whatever Pillow or libjpeg raise here, the bytes caused it: name the sample
         raise SampleError(f"{sample.shard}: sample {sample.key}: undecodable image ({type(e).__name__}: {e})") from e
-    if cfg.train and rng.random() < cfg.hflip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # cheaper than numpy's reversed-stride copy
-    out[...] = np.frombuffer(rgb_bytes(image), np.uint8).reshape(out.shape)
+    rgb_into(image, out, flip=cfg.train and rng.random() < cfg.hflip)
 
 
 def crash_report(worker: int, error: BaseException) -> str:

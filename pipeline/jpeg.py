@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import PIL
 from PIL import Image
 
@@ -24,6 +25,10 @@ try:
     from pipeline import _jpegregion
 except ImportError:  # not built (no compiler or libjpeg headers at install): Pillow decodes whole images
     _jpegregion = None
+try:
+    from pipeline import _pixels
+except ImportError:  # not built (no C compiler at install): Pillow flips and packs the rows
+    _pixels = None
 
 DECODERS = ("region", "pillow")
 
@@ -74,7 +79,7 @@ def has_restart_markers(data: bytes) -> bool:
 def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "region") -> Image.Image:
     """Decode `data`, take the box `box_of(width, height) -> (left, top, w, h)` (source pixels, floats), resize it to
     size x size with `resample`: an RGB or RGBX image (RGB and a padding byte, what the region decoder hands over
-    without a copy); `rgb_bytes` gives either one's pixels. Raises what Pillow or libjpeg raise on bad bytes."""
+    without a copy); `rgb_into` writes either one's pixels. Raises what Pillow or libjpeg raise on bad bytes."""
     if decoder == "region" and _jpegregion is not None:
         layout = _jpegregion.size(data)  # the JPEG's markers, read in C: no Image.open
         if layout is not None and layout[2] in (1, 3):  # grey or colour; CMYK/YCCK (4) go to Pillow
@@ -94,9 +99,16 @@ def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "r
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def rgb_bytes(image: Image.Image) -> bytes:
-    """The pixels of an RGB or RGBX image as packed RGB, 3 bytes each, row by row."""
-    return image.tobytes("raw", "RGB")
+def rgb_into(image: Image.Image, out: np.ndarray, flip: bool = False) -> None:
+    """The pixels of an RGB or RGBX image, mirrored left to right when `flip`, into `out` (height, width, 3) uint8."""
+    if image.mode == "RGBX" and _pixels is not None:
+        # One pass of pipeline/_pixels.c from the rows as Pillow holds them (a plain copy out), where Pillow would
+        # copy a mirrored image, then pack its rows to RGB in a slower pass (docs/pipeline.md, "The host backend").
+        _pixels.rgb_rows(image.tobytes(), out, image.size[0], flip)
+        return
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # cheaper than numpy's reversed-stride copy
+    out[...] = np.frombuffer(image.tobytes("raw", "RGB"), np.uint8).reshape(out.shape)
 
 
 def _region(data: bytes, width: int, height: int, box, denom: int, size: int, resample: int) -> Image.Image:

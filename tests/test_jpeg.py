@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data as photos
 
 from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.jpeg import crop_resize, decoder_available, has_restart_markers, recode, rgb_bytes, scale_denominator
+from pipeline.jpeg import crop_resize, decoder_available, has_restart_markers, recode, rgb_into, scale_denominator
 
 region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")
@@ -20,7 +20,9 @@ region_built = pytest.mark.skipif(not decoder_available("region"),
 
 def pixels(*args) -> np.ndarray:
     image = crop_resize(*args)
-    return np.frombuffer(rgb_bytes(image), np.uint8).reshape(image.size[1], image.size[0], 3).astype(int)
+    out = np.empty((image.size[1], image.size[0], 3), np.uint8)
+    rgb_into(image, out)
+    return out.astype(int)
 
 
 def jpeg(image: Image.Image, **save) -> bytes:
@@ -214,3 +216,29 @@ def test_rgb_and_rgbx_rows_give_the_same_crop(monkeypatch):
         monkeypatch.setattr(pipeline.jpeg, "REGION_MODE", mode)
         out[mode] = pixels(VARIANTS["baseline, recoded"], box, 224, Image.BILINEAR, "region")
     assert np.array_equal(out["RGB"], out["RGBX"])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBX"])
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("kernel", ["built", "absent"])
+def test_rgb_into_writes_the_rows_mirrored_on_request(monkeypatch, mode, flip, kernel):
+    import pipeline.jpeg
+    if kernel == "absent":
+        monkeypatch.setattr(pipeline.jpeg, "_pixels", None)
+    elif pipeline.jpeg._pixels is None:
+        pytest.skip("pipeline._pixels is not built (no C compiler at install)")
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 4 * 9 + 3, 3), dtype=np.uint8)  # widths past the 4-pixel blocks
+    for width in (1, 5, 6, 7, 11, 39):
+        image = Image.fromarray(np.ascontiguousarray(rgb[:, :width])).convert(mode)
+        out = np.zeros((5, width, 3), np.uint8)
+        rgb_into(image, out, flip)
+        assert np.array_equal(out, rgb[:, :width][:, ::-1] if flip else rgb[:, :width]), width
+
+
+@pytest.mark.skipif(__import__("pipeline.jpeg").jpeg._pixels is None, reason="pipeline._pixels is not built")
+def test_rgb_rows_rejects_rows_of_the_wrong_size():
+    from pipeline import _pixels
+    with pytest.raises(ValueError, match="want rows of 4 RGBX pixels into as many RGB ones, got 32 and 23 bytes"):
+        _pixels.rgb_rows(bytes(32), np.zeros(23, np.uint8), 4, False)
+    with pytest.raises(ValueError, match="width must be > 0"):
+        _pixels.rgb_rows(bytes(32), np.zeros(24, np.uint8), 0, False)
