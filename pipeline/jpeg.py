@@ -101,10 +101,11 @@ def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "r
 
 def rgb_into(image: Image.Image, out: np.ndarray, flip: bool = False) -> None:
     """The pixels of an RGB or RGBX image, mirrored left to right when `flip`, into `out` (height, width, 3) uint8."""
-    if image.mode == "RGBX" and _pixels is not None:
-        # One pass of pipeline/_pixels.c from the rows as Pillow holds them (a plain copy out), where Pillow would
-        # copy a mirrored image, then pack its rows to RGB in a slower pass (docs/pipeline.md, "The host backend").
-        _pixels.rgb_rows(image.tobytes(), out, image.size[0], flip)
+    if image.mode in ("RGB", "RGBX") and _pixels is not None:
+        # Pillow holds both modes as 4 bytes a pixel, so their RGBX rows come out as a plain copy; one pass of
+        # pipeline/_pixels.c then drops the fourth byte (and mirrors), where Pillow would copy a mirrored image and
+        # pack its rows to RGB in a slower pass (docs/pipeline.md, "The host backend").
+        _pixels.rgb_rows(image.tobytes("raw", "RGBX"), out, image.size[0], flip)
         return
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # cheaper than numpy's reversed-stride copy
