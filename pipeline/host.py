@@ -2,10 +2,11 @@
 them to the device and normalizes there.
 
 Why this shape (measured, see docs/pipeline.md): a parent that reads files and feeds a process pool caps out on its
-own pipe long before the cores do, and float conversion on the CPU costs more than the decode. So each worker reads its
-own stretch of shards (seeking through the `.idx` index), decodes straight to the output size in uint8, and hands
-over a slot number; the parent copies the slot out (into pinned memory on an accelerator), returns the slot, and runs
-`to_model_input` on the device, `spec.prefetch` batches ahead on a side stream. Its own knobs: `HostOptions`.
+own pipe long before the cores do, and float pixels would be four times the bytes to move and copy. So each worker
+reads its own stretch of shards (seeking through the `.idx` index), decodes straight to the output size in uint8,
+and hands over a slot number; the parent copies the slot out (into pinned memory on an accelerator), returns the
+slot, and runs `to_model_input` on the device, `spec.prefetch` batches ahead on a side stream. Its own knobs:
+`HostOptions`.
 """
 from __future__ import annotations
 
