@@ -2,8 +2,9 @@
 # Create .venv (if absent) and install this checkout into it, editable, with everything the demo, the tests and the
 # benchmarks need (pyproject.toml: requirements.txt + the dev and dali extras). Afterwards `import pipeline` works
 # from any directory in that environment, and so do the scripts in tools/.
-# Where a C compiler and libjpeg's headers are, that builds the host workers' region decoder, and Pillow-SIMD replaces
-# Pillow (tools/install_pillow_simd.sh; a line says so when it cannot be built, and PILLOW_SIMD=0 skips the try).
+# Where a C compiler is, that builds the one-pass pixel kernels (pipeline/_pixels.c), with libjpeg's headers also the
+# host workers' region decoder, and Pillow-SIMD replaces Pillow (tools/install_pillow_simd.sh; a line says so when
+# it cannot be built, and PILLOW_SIMD=0 skips the try).
 # Usage: bash tools/setup.sh        (from anywhere; PYTHON=python3.12 to pick an interpreter)
 set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
@@ -22,11 +23,12 @@ fi
 .venv/bin/python - <<'PY'
 import torch, torchvision, timm
 from pipeline.host import pillow_flavour
-from pipeline.jpeg import default_decoder
+from pipeline.jpeg import _pixels, default_decoder
 try:
     import nvidia.dali as dali; d = dali.__version__
 except ImportError:
     d = "not installed (the dali backend is unavailable)"
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-      f"{pillow_flavour()}, host decoder {default_decoder()}, DALI {d}")
+      f"{pillow_flavour()}, host decoder {default_decoder()}, pixel kernels {'built' if _pixels else 'not built'}, "
+      f"DALI {d}")
 PY
