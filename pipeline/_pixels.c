@@ -1,8 +1,13 @@
 /*
- * The CPU side of pipeline/contract.py's to_model_input: a batch of uint8 RGB rows (N, H, W, 3) becomes the model's
- * input in one pass over it. torch takes three (a converting, transposing copy, then the subtraction, then the
- * multiplication), each over a float batch four times the size of the pixels (docs/pipeline.md, "Measured figures").
+ * Pixels in one pass, where Pillow and torch take several (docs/pipeline.md, "The host backend"):
+ *   - a host worker's resized image into its batch slot (pipeline/jpeg.py's rgb_into): Pillow's 4-byte rows to
+ *     packed RGB, mirrored for a flip;
+ *   - the CPU side of pipeline/contract.py's to_model_input: a batch of uint8 RGB rows (N, H, W, 3) to the model's
+ *     input. torch takes three passes (a converting, transposing copy, then the subtraction, then the
+ *     multiplication), each over a float batch four times the size of the pixels.
  *
+ * rgb_rows(src, dst, width, flip) -> None
+ *     src: rows of `width` RGBX pixels (4 bytes each); dst: as many rows of packed RGB, each mirrored when flip.
  * normalize(src, dst, pixels, mean, inv_std, planar) -> None
  *     dst[...] = (float(src) - mean[c]) * inv_std[c]: the same float32 operations in the same order as torch's
  *     chain, so the same bits. src: C-contiguous uint8, N * pixels * 3 bytes (RGB, row by row); dst: C-contiguous
