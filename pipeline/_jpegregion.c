@@ -8,18 +8,20 @@
  * simplejpeg and OpenCV decode whole images; PyTurboJPEG's cropping is the lossless transform, which re-encodes);
  * pipeline/jpeg.py keeps a Pillow fallback with the same output geometry.
  *
- * The entropy (Huffman) decoding is most of a decode of a photo, and it is sequential: libjpeg must read every block above the region, and every column of the rows it keeps, to find where
- * the next block starts. A restart marker after every MCU (the JPEG standard's resynchronisation points; the DC
- * predictors restart there) lets us find where any MCU starts by scanning for markers instead, so recode() writes
- * one after every MCU, and decode_region() of such a file builds a small JPEG of just the region's MCUs (the same
- * headers, with the region's size, and the region's MCU data with the markers renumbered) and decodes that: only
- * the region is entropy-decoded. recode() is lossless: it copies the DCT coefficients and only re-packs them
+ * The entropy (Huffman) decoding is most of a decode of a photo, and it is sequential: libjpeg must read every
+ * block above the region, and every column of the rows it keeps, to find where the next block starts. A restart
+ * marker after every MCU (the JPEG standard's resynchronisation points; the DC predictors restart there) lets us
+ * find where any MCU starts by scanning for markers instead, so recode() writes one after every MCU, and
+ * decode_region() of such a file builds a small JPEG of just the region's MCUs (the same headers, with the region's
+ * size, and the region's MCU data with the markers renumbered) and decodes that: only the region is
+ * entropy-decoded. recode() is lossless: it copies the DCT coefficients and only re-packs them
  * (baseline, optimized Huffman tables), so every decoder gives the same pixels as from the original file.
  *
  * decode_region(data, x, y, w, h, denom, channels=3) -> (pixels: bytes, x0, y0, width, height) | None
  *   (x, y, w, h): the region in the scaled image's pixels; denom: 1, 2, 4 or 8. The returned rows (uint8, RGB or,
- *   with channels=4, RGBX: a padding byte a pixel, the layout Pillow maps without a copy) cover at least the region: x0 <= x, y0 <= y, x0 + width >= x + w, y0 + height >= y + h,
- *   since the region is widened to the iMCU grid. None for CMYK/YCCK images, which libjpeg cannot convert to RGB:
+ *   with channels=4, RGBX: a padding byte a pixel, the layout Pillow maps without a copy) cover at least the
+ *   region: x0 <= x, y0 <= y, x0 + width >= x + w, y0 + height >= y + h, since the region is widened to the iMCU
+ *   grid. None for CMYK/YCCK images, which libjpeg cannot convert to RGB:
  *   the caller decodes those with Pillow. ValueError for bytes libjpeg cannot decode, with its message.
  * recode(data) -> bytes | None: the same image, baseline, with a restart marker after every MCU; None for CMYK/YCCK.
  * region_jpeg(data, x, y, w, h, denom) -> (jpeg: bytes, x0, y0) | None: for a recoded file, the JPEG that
@@ -282,14 +284,21 @@ static int cut_region(const unsigned char *b, size_t n, int x, int y, int w, int
     return 0;
 }
 
-/* The arguments of decode_region and region_jpeg: (data, x, y, w, h, denom[, channels]); -1 with the error set. */
+/* The arguments of decode_region, (data, x, y, w, h, denom[, channels]), and of region_jpeg (channels NULL: no
+ * such argument); -1 with the error set. */
 static int parse_region(PyObject *args, Py_buffer *data, int *x, int *y, int *w, int *h, int *denom, int *channels) {
-    if (!PyArg_ParseTuple(args, "y*iiiii|i", data, x, y, w, h, denom, channels))
+    int ok = channels ? PyArg_ParseTuple(args, "y*iiiii|i", data, x, y, w, h, denom, channels)
+                      : PyArg_ParseTuple(args, "y*iiiii", data, x, y, w, h, denom);
+    if (!ok)
         return -1;
-    if ((*denom != 1 && *denom != 2 && *denom != 4 && *denom != 8) || (*channels != 3 && *channels != 4)) {
+    if (*denom != 1 && *denom != 2 && *denom != 4 && *denom != 8) {
         PyBuffer_Release(data);
-        PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8 and channels 3 or 4, got %d and %d", *denom,
-                     *channels);
+        PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8, got %d", *denom);
+        return -1;
+    }
+    if (channels && *channels != 3 && *channels != 4) {
+        PyBuffer_Release(data);
+        PyErr_Format(PyExc_ValueError, "channels must be 3 or 4, got %d", *channels);
         return -1;
     }
     return 0;
@@ -316,12 +325,12 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
 
 static PyObject *region_jpeg(PyObject *self, PyObject *args) {
     Py_buffer data;
-    int x, y, w, h, denom, dx, dy, channels = 3;  /* channels: accepted, as decode_region's, and unused */
+    int x, y, w, h, denom, dx, dy;
     unsigned char *cut;
     size_t cut_len;
     PyObject *result;
     (void)self;
-    if (parse_region(args, &data, &x, &y, &w, &h, &denom, &channels) != 0)
+    if (parse_region(args, &data, &x, &y, &w, &h, &denom, NULL) != 0)
         return NULL;
     if (cut_region(data.buf, (size_t)data.len, x, y, w, h, denom, &cut, &cut_len, &dx, &dy) != 0) {
         PyBuffer_Release(&data);

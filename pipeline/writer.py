@@ -75,7 +75,7 @@ def prepare_image(data: bytes, max_side, quality: int, check: str, restart_marke
     exactly the pixels an ImageFolder loader's `.convert("RGB")` would have produced (with `restart_markers`, then
     recoded too).
     """
-    stored, reason = _prepare_image(data, max_side, quality, check, restart_markers)
+    stored, reason = _prepare_image(data, max_side, quality, check, recode_checks=restart_markers)
     if not restart_markers:
         return stored, reason
     try:
@@ -84,7 +84,7 @@ def prepare_image(data: bytes, max_side, quality: int, check: str, restart_marke
         raise Rejected(_decode_error("JPEG", e)) from None
 
 
-def _prepare_image(data: bytes, max_side, quality: int, check: str, recoded: bool) -> tuple:
+def _prepare_image(data: bytes, max_side, quality: int, check: str, recode_checks: bool) -> tuple:
     if not data:
         raise Rejected("empty file (0 bytes)")
     try:
@@ -100,8 +100,8 @@ def _prepare_image(data: bytes, max_side, quality: int, check: str, recoded: boo
         too_big = bool(max_side) and max(w, h) > max_side
         # MPO is a camera JPEG with extra frames appended; its first frame is a plain JPEG stream.
         keep = fmt in ("JPEG", "MPO") and mode == "RGB" and not too_big
-        if keep and recoded:
-            return data, None  # recode's entropy decode of every block is the check
+        if keep and recode_checks:
+            return data, None  # the caller's recode entropy-decodes every block: that is the check
         if keep and check == "header":
             if not _has_jpeg_end(data):
                 raise Rejected(f"truncated {fmt}: no end-of-image marker")
@@ -349,8 +349,8 @@ def prepare_out(dest: Destination, settings: Settings, plan_id: str, overwrite: 
         return present
     if not overwrite:
         if old:
-            diff = [f"{k}: {old.get(k, getattr(Settings, k, None))!r} -> {v!r}"
-                    for k, v in dataclasses.asdict(settings).items() if old.get(k, getattr(Settings, k, None)) != v]
+            was = {**{f.name: f.default for f in dataclasses.fields(Settings)}, **old}  # older sets lack new fields
+            diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(settings).items() if was.get(k) != v]
             why = ", ".join(diff) if diff else "the source files changed (names, sizes or times)"
             raise UsageError(f"{dest} holds shards of another data set or settings ({why}); "
                              "pass --overwrite to replace them or pick another --out")

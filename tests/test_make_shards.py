@@ -88,7 +88,7 @@ def test_without_restart_markers_the_source_bytes_are_kept(sample_folder, tmp_pa
 
 
 @region_built
-def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_path):
+def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_path, capsys):
     dst = tmp_path / "old"
     assert _run(sample_folder, dst, "--no-restart-markers") == 0
     for name in (".plan.json", "manifest.json"):  # as the version before the option wrote them
@@ -103,7 +103,9 @@ def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_
     assert "val-000001.tar" in after and {k: v for k, v in after.items() if k in kept} == kept
     rebuilt = wds.WebDataset(str(dst / "val-000001.tar"), shardshuffle=False)
     assert not any(has_restart_markers(s["jpg"]) for s in rebuilt)
+    capsys.readouterr()
     assert _run(sample_folder, dst, "--restart-markers") == 2  # other settings: refused without --overwrite
+    assert "restart_markers: False -> True" in capsys.readouterr().err  # the old set's missing field: its default
 
 
 def test_without_the_region_decoder_restart_markers_are_off_by_default_and_refused_when_asked(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The host backend against torchvision on the same JPEGs: the figures of docs/pipeline.md ("Region decode and
-# Pillow-SIMD"). Makes the sample JPEGs (mean ~95 KB, 300-640 px, like ImageNet's) and three shard sets: with
+# The host backend against torchvision on the same JPEGs: the figures of docs/pipeline.md ("Measured figures", its
+# first two sections). Makes the sample JPEGs (mean ~95 KB, 300-640 px, like ImageNet's) and three shard sets: with
 # restart markers (make_shards' default where the region decoder is built), with the source bytes
 # (--no-restart-markers) and --max-side 320. Then runs `python -m pipeline.bench` for each decoder and output dtype
 # with the torchvision baseline (on the source JPEGs), for the one-core decode path, and at 1 and 2 workers pinned

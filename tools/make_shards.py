@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "unreadable headers and cut-off JPEGs")
     p.add_argument("--restart-markers", action=argparse.BooleanOptionalAction, default=None,
                    help="re-encode each JPEG losslessly (the same pixels) with a restart marker after every MCU, "
-                        "so the host backend decodes only a crop's blocks: about 1.5x faster decodes for ~0-3%% "
-                        "more bytes (docs/data.md); default: on where the region decoder is built")
+                        "so the host backend decodes only a crop's blocks: about 1.4x its decode rate for about "
+                        "the same bytes (docs/data.md); default: on where the region decoder is built")
     p.add_argument("--verify", action="store_true", help="re-read all shards and check them against SRC")
     p.add_argument("--overwrite", action="store_true", help="replace shards of another data set/settings in DST")
     return p

@@ -21,14 +21,15 @@ if [ "${PILLOW_SIMD:-1}" != 0 ]; then
         echo "setup: keeping Pillow (the host backend works with it, slower); PILLOW_SIMD=0 skips this try" >&2
 fi
 .venv/bin/python - <<'PY'
-import torch, torchvision, timm
+import importlib.util, torch, torchvision, timm
 from pipeline.host import pillow_flavour
-from pipeline.jpeg import _pixels, default_decoder
+from pipeline.jpeg import default_decoder
+pixels = "built" if importlib.util.find_spec("pipeline._pixels") else "not built"
 try:
     import nvidia.dali as dali; d = dali.__version__
 except ImportError:
     d = "not installed (the dali backend is unavailable)"
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-      f"{pillow_flavour()}, host decoder {default_decoder()}, pixel kernels {'built' if _pixels else 'not built'}, "
+      f"{pillow_flavour()}, host decoder {default_decoder()}, pixel kernels {pixels}, "
       f"DALI {d}")
 PY
