@@ -19,8 +19,15 @@ from model import CheckpointMismatch
 from pipeline import PipelineError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
-from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_model, class_count,
-                            seed_everything, train_samples)
+from trainlib.build import (
+    build_loaders,
+    build_rest_loader,
+    build_trainer,
+    check_model,
+    class_count,
+    seed_everything,
+    train_samples,
+)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer, resume_point
@@ -96,7 +103,7 @@ def run(cfg: TrainConfig) -> None:
         log.write_json("config.json", cfg.to_dict())
         log.write_json("env.json", {**environment(device, placement.world_size), **{
             f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))
-            if hasattr(loader, "describe")}})
+            if loader is not None}})
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)
         handlers = stop_on_signals(trainer)
         if state is not None:

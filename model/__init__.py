@@ -1,6 +1,6 @@
 """Pure model code: timm's ViT built locally, checkpoint loading into it, its FLOPs, its step-speed adaptations."""
-from model.fp8 import fp8_supported, use_fp8
 from model.flops import TRAIN_FLOPS_FACTOR, flops_per_image
+from model.fp8 import fp8_supported, use_fp8
 from model.fused import use_pixel_input
 from model.vit import CheckpointMismatch, build_model, load_pretrained, model_defaults
 

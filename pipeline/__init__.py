@@ -1,55 +1,33 @@
-"""Shards -> batches on the device, and the shard format both ways.
+"""Shards -> batches on the device. The map, one line per stage and the module that owns it:
 
-`build_loader` is the one entry point train.py and the benchmarks use: the backend is a name, every backend honours
-the contract in `pipeline/contract.py`, and each declares its own typed options (`HostOptions`, `DaliOptions`).
-The on-disk format lives in `pipeline/format.py`, its writer in `pipeline/writer.py`, the epoch/rank plan in
-`pipeline/plan.py`.
+  ImageFolder --make_shards--> shard set   pipeline/shards/ (writer, verify, format, storage; torch-free, offline)
+  shard set -> epoch plan                   pipeline/plan.py: which samples make batch i of epoch e on rank r
+  plan -> encoded samples                   pipeline/shards/reader.py: JPEG bytes + label through the .idx offsets
+  samples -> uint8 batch                    pipeline/host.py + host_worker.py (Pillow processes), pipeline/dali.py
+                                            (one @pipeline_def), pipeline/hybrid.py (both): the crop, resize and
+                                            flip of pipeline/transforms.py
+  uint8 batch -> model input on the device  pipeline/transforms.py `to_model_input`
+  all of it behind one loader               pipeline/loader.py (`LoaderSpec`, `Loader`), pipeline/backends.py
+                                            (`build_loader`: the registry of backends and their options)
+  benchmarks                                pipeline/bench/ (`python -m pipeline.bench`, the torchvision baseline)
+
+`build_loader`, `LoaderSpec` and the other names below are imported from their modules on first use, so that
+`import pipeline.shards...` (the offline writer, a CPU-only data-prep box) never imports torch.
 """
 from __future__ import annotations
 
-import torch
+import importlib
 
-from pipeline.contract import BACKENDS, IMAGENET_CLASSES, Loader, LoaderSpec, endless, timed
-from pipeline.format import PipelineError, ShardError
-
-
-def build_loader(*, data_path=None, split: str = "train", backend: str = "host", batch_size: int,
-                 device: torch.device | str, rank: int = 0, world_size: int = 1, workers: int = 4, seed: int = 0,
-                 img_size: int = 224, **more) -> Loader:
-    """A loader for one rank. `more` takes any other LoaderSpec field (dtype, mean, std, crop_pct, prefetch,
-    on_error, options, ...); unknown names raise TypeError rather than being ignored."""
-    spec = LoaderSpec(data_path=None if data_path is None else str(data_path), split=split, batch_size=batch_size,
-                      device=torch.device(device), rank=rank, world_size=world_size, workers=workers, seed=seed,
-                      img_size=img_size, **more)
-    spec.validate()
-    if backend == "host":
-        from pipeline.host import HostLoader
-        return HostLoader(spec)
-    if backend == "dali":
-        from pipeline.dali import DaliLoader  # raises one clear line when DALI is not installed
-        return DaliLoader(spec)
-    if backend == "hybrid":
-        from pipeline.hybrid import HybridLoader  # DALI and host workers, each a share of the batches
-        return HybridLoader(spec)
-    if backend == "synthetic":
-        from pipeline.synthetic import SyntheticLoader
-        return SyntheticLoader(spec)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+_EXPORTS = {
+    "build_loader": "pipeline.backends", "BACKENDS": "pipeline.backends", "get_backend": "pipeline.backends",
+    "LoaderSpec": "pipeline.loader", "Loader": "pipeline.loader", "IMAGENET_CLASSES": "pipeline.loader",
+    "endless": "pipeline.loader", "timed": "pipeline.loader",
+    "PipelineError": "pipeline.shards.errors", "ShardError": "pipeline.shards.errors",
+}
+__all__ = list(_EXPORTS)
 
 
-def options_class(backend: str):
-    """The typed options class of `backend` (None for one without options). Importing it does not import DALI."""
-    if backend == "host":
-        from pipeline.host import HostOptions
-        return HostOptions
-    if backend == "dali":
-        from pipeline.dali import DaliOptions
-        return DaliOptions
-    if backend == "hybrid":
-        from pipeline.hybrid import HybridOptions
-        return HybridOptions
-    return None
-
-
-__all__ = ["build_loader", "options_class", "LoaderSpec", "Loader", "BACKENDS", "IMAGENET_CLASSES", "endless",
-           "timed", "PipelineError", "ShardError"]
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,8 +1,8 @@
 /*
  * Pixels in one pass, where Pillow and torch take several (docs/pipeline.md, "The host backend"):
- *   - a host worker's resized image into its batch slot (pipeline/jpeg.py's rgb_into): Pillow's 4-byte rows to
+ *   - a host worker's resized image into its batch slot (pipeline/transforms.py's rgb_into): Pillow's 4-byte rows to
  *     packed RGB, mirrored for a flip;
- *   - the CPU side of pipeline/contract.py's to_model_input: a batch of uint8 RGB rows (N, H, W, 3) to the model's
+ *   - the CPU side of pipeline/transforms.py's to_model_input: a batch of uint8 RGB rows (N, H, W, 3) to the model's
  *     input. torch takes three passes (a converting, transposing copy, then the subtraction, then the
  *     multiplication), each over a float batch four times the size of the pixels.
  *

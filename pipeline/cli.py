@@ -3,7 +3,9 @@
 
 A field declared with `knob(default, help, ...)` becomes one flag: `--field-name` (or the `flag=` spelling), extra
 spellings from `aliases`, `BooleanOptionalAction` for booleans, the field's type for the rest. A field whose default
-is itself a config dataclass (`knob(factory=DaliOptions, ...)`) contributes its fields under its name as prefix.
+is itself a config dataclass (`knob(factory=DaliOptions, ...)`) contributes its fields under its name as prefix. One
+declared `shared=True` adds no flags: it takes the values of the top-level field of the same name (the hybrid
+backend's `dali` and `host` parts are the run's `--dali-*` and `--host-*` options).
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 
 def knob(default=None, help: str = "", *aliases: str, choices=None, metavar=None, hidden: bool = False,
-         flag: str | None = None, const=None, factory=None):
-    """A config field plus what its flag needs. `const`: the flag may be given bare, meaning this value."""
+         flag: str | None = None, const=None, factory=None, shared: bool = False):
+    """A config field plus what its flag needs. `const`: the flag may be given bare, meaning this value. `shared`
+    (a nested config): no flags of its own, the top-level field of the same name's values."""
     meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "hidden": hidden, "flag": flag,
-            "const": const}
+            "const": const, "shared": shared}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -47,7 +50,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", dest: str 
     for f in fields(cls):
         sub = _nested(f)
         if sub is not None:
-            add_flags(parser, sub, f"{prefix}{f.name}_", f"{dest}{f.name}.", underscores)
+            if not f.metadata.get("shared"):
+                add_flags(parser, sub, f"{prefix}{f.name}_", f"{dest}{f.name}.", underscores)
             continue
         meta = f.metadata
         # argparse treats help as a %-format string: a literal "%" in a help text would crash -h.
@@ -72,7 +76,10 @@ def from_args(cls, values: dict, dest: str = ""):
     kw = {}
     for f in fields(cls):
         sub = _nested(f)
-        kw[f.name] = from_args(sub, values, f"{dest}{f.name}.") if sub is not None else values[dest + f.name]
+        if sub is None:
+            kw[f.name] = values[dest + f.name]
+        else:
+            kw[f.name] = from_args(sub, values, f"{'' if f.metadata.get('shared') else dest}{f.name}.")
     return cls(**kw)
 
 
@@ -82,7 +89,8 @@ def markdown_rows(cls, prefix: str = "") -> list[str]:
     for f in fields(cls):
         sub = _nested(f)
         if sub is not None:
-            rows += markdown_rows(sub, f"{prefix}{f.name}_")
+            if not f.metadata.get("shared"):
+                rows += markdown_rows(sub, f"{prefix}{f.name}_")
             continue
         if f.metadata.get("hidden"):
             continue

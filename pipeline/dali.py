@@ -1,12 +1,12 @@
-"""The NVIDIA DALI backend: shards -> batches decoded by DALI, behind the contract in `pipeline/contract.py`.
+"""The NVIDIA DALI backend: shards -> batches decoded by DALI, a `pipeline.loader.ShardLoader`.
 
 On a CUDA device the JPEGs are decoded on the GPU ("mixed": nvJPEG plus the hardware JPEG engines) with the train
 crop fused into the decode, resized once and handed to torch as uint8 (or normalized by DALI, see `normalize_in`).
 On any other device DALI runs its CPU operators (`device_id=None`) and the batch is copied to the device; this is
 the mode the CPU tests use.
 
-Which samples go into which batch is the rule in `pipeline/plan.py`, read by the one reader (`pipeline/reader.py`):
-DALI's parallel external source runs `BatchSource` in `readers` worker processes, each call turning one batch of the
+Which samples go into which batch is the rule in `pipeline/plan.py`, read by the one reader
+(`pipeline/shards/reader.py`): DALI's parallel external source runs `BatchSource` in `readers` worker processes, each call turning one batch of the
 run into its JPEG bytes and labels, so DALI sees exactly the host backend's samples in the same order. The pipeline
 is built once per loader and its source runs on across epoch boundaries (epoch e+1's first batches are read and
 decoded while epoch e's last steps train); it is rebuilt only when the epochs asked for stop following each other
@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from pipeline.cli import knob
-from pipeline.contract import LoaderSpec, eval_resize, main_not_replayed, to_model_input
-from pipeline.format import ShardError, read_manifest, shard_list
+from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import EpochPlanner
-from pipeline.reader import ShardReader, usable_label
+from pipeline.processes import main_not_replayed
+from pipeline.shards.errors import ShardError
+from pipeline.shards.reader import ShardReader, usable_label
+from pipeline.transforms import Transform, to_model_input
 
 INSTALL_HINT = "the dali backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 (x86_64/aarch64 Linux)"
 NORMALIZE_IN = ("torch", "dali")
@@ -46,10 +48,10 @@ class DaliMissingError(ImportError, RuntimeError):
 def import_dali() -> SimpleNamespace:
     """DALI's modules, imported only when the dali backend is asked for: the rest of the project runs without it."""
     try:
-        from nvidia.dali import fn, pipeline_def, types
-        import nvidia.dali.math as dali_math
-        from nvidia.dali.plugin.pytorch import feed_ndarray
         import nvidia.dali
+        import nvidia.dali.math as dali_math
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import feed_ndarray
     except ImportError as e:
         raise DaliMissingError(f"{INSTALL_HINT} ({e})") from None
     return SimpleNamespace(fn=fn, types=types, math=dali_math, pipeline_def=pipeline_def, feed_ndarray=feed_ndarray,
@@ -177,50 +179,63 @@ class HostOutput:
         pass
 
 
-class DaliLoader:
+def graph(dali: SimpleNamespace, source, t: Transform, decoder: dict, normalize: bool, dtype: torch.dtype,
+          channels_last: bool, depth: int):
+    """The whole DALI graph, as one `@pipeline_def` (DALI's own examples read the same way): the samples `source`
+    reads, the crop decoded (train: only the crop's pixels, ROI decode), one resize to the output size (+ flip), and,
+    when DALI `normalize`s, layout and normalization in one pass. Returns images, labels and each JPEG's byte count."""
+    fn, types = dali.fn, dali.types
+    jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=True,
+                                       prefetch_queue_depth=depth, dtype=[types.UINT8, types.INT64])
+    # Pixels as stored, no EXIF rotation: what Pillow's Image.open (host backend) and timm's loaders see.
+    decoder = dict(adjust_orientation=False, **decoder)
+    if t.train:
+        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(t.scale),
+                                               random_aspect_ratio=list(t.ratio), num_attempts=10, **decoder)
+        mirror = fn.random.coin_flip(probability=t.hflip)
+        # Without DALI normalization the flip rides on the resize (a region whose x runs 1 -> 0 comes out mirrored),
+        # so the GPU does decode + one resize per image and nothing else.
+        m = fn.cast(mirror, dtype=types.FLOAT)
+        region = {} if normalize else dict(roi_relative=True, roi_start=fn.stack(m * 0.0, m),
+                                           roi_end=fn.stack(m * 0.0 + 1.0, 1.0 - m))
+    else:
+        # timm's eval transform as one resize of the box that `Transform.crop_box` keeps, computed from the header.
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # (H, W, C)
+        height, width = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+        side = dali.math.min(height, width) * (t.img_size / t.eval_resize)
+        start = fn.stack((height - side) * 0.5, (width - side) * 0.5)
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+        mirror, region = 0, dict(roi_start=start, roi_end=start + side)
+    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[t.interpolation]
+    images = fn.resize(images, size=(t.img_size, t.img_size), interp_type=interp, antialias=True, **region)
+    if normalize:
+        images = fn.crop_mirror_normalize(
+            images, mirror=mirror, mean=[255 * m for m in t.mean], std=[255 * d for d in t.std],
+            dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
+            output_layout="HWC" if channels_last else "CHW")  # HWC viewed as NCHW is channels_last
+    return images, labels, jpegs.shape()
+
+
+class DaliLoader(ShardLoader):
     def __init__(self, spec: LoaderSpec):
         self.dali = import_dali()
-        if spec.data_path is None:
-            raise ValueError("the dali backend reads shards: pass data_path (a folder made by tools/make_shards.py)")
         if spec.on_error != "raise":
             raise ValueError("the dali backend supports on_error='raise' only: a DALI decoder that meets a bad JPEG "
                              "fails its whole batch, so it cannot count and skip one sample")
-        self.spec = spec
         self.opts = spec.backend_options(DaliOptions)
-        manifest = read_manifest(spec.data_path)
-        self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
-        self.num_classes = manifest.num_classes  # None: labels are only checked to be >= 0
-        plan = self.planner.plan(self.planner.first_epoch)  # raises when the split cannot fill one batch per rank
-        self.batches = spec.batches(plan.steps)  # all of an epoch's, or a hybrid's part; the same every epoch
-        self.steps = len(self.batches)
+        super().__init__(spec, "dali")
         self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts.hw_decoder_load)) \
             if spec.device.type == "cuda" else HostOutput(spec.device, self.dali.feed_ndarray)
         # DALI normalizes only into float/half; uint8 output (model folds normalization in) is always "torch".
         self.dali_normalizes = self.opts.normalize_in == "dali" and spec.dtype != torch.uint8
-        self.epoch = 0
-        self.bytes_read = 0  # JPEG bytes handed to the decoder, all epochs
-        self.builds = 0  # pipelines built so far: 1 while the epochs asked for follow each other
         self._pipe = None
-        self._first_epoch, self._pulled = 0, 0  # the running pipeline's first epoch, batches taken from it
-        self._gen = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.steps
 
     def close(self) -> None:
         """Free the pipeline and its reader processes. The loader stays usable: iterating builds anew."""
         self.output.drain()
         # Pipeline.__del__ shuts down DALI's threads and workers and frees its buffers, as the last reference goes.
         self._pipe = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.run.stop()
 
     def describe(self) -> str:
         s = self.spec
@@ -229,105 +244,31 @@ class DaliLoader:
                 f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
                 f"{s.batch_size}, {len(self.planner.shards)} shards, {self.opts.readers} reader processes")
 
-    def __iter__(self):
-        self._gen += 1  # a new iteration abandons any earlier one still suspended
-        gen = self._gen
-        if not self._follows():
-            self.close()
-            self._pipe, self._first_epoch, self._pulled = self._build_pipeline(self.epoch), self.epoch, 0
-        pipe = self._pipe
-        for step in range(self.steps):
-            if gen != self._gen:
-                raise RuntimeError("a newer iteration over this DaliLoader replaced this one")
-            batch = self._next_batch(pipe, self.batches[step])
-            self._pulled += 1
-            yield batch
-
-    def _follows(self) -> bool:
-        """Whether the running pipeline's next batch is the first of the epoch asked for. Val reads the same order
-        every epoch, so only whole epochs matter there."""
-        if self._pipe is None or not self.steps or self._pulled % self.steps:
-            return False
-        return not self.spec.train or self._first_epoch + self._pulled // self.steps == self.epoch
-
-    # -- building -------------------------------------------------------------------------------------------------
-    def _build_pipeline(self, first_epoch: int):
-        s, fn, types = self.spec, self.dali.fn, self.dali.types
-        source = BatchSource(self.planner, first_epoch, self.batches, self.num_classes)
+    # -- the run (pipeline/loader.py ShardLoader): one pipeline, whose source runs on across epochs ----------------
+    def start_run(self, epoch: int) -> None:
+        self.output.drain()
+        s = self.spec
+        source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes)
         # Reader processes: forked on the CPU (fast); spawned for a GPU, whose CUDA state must not be forked.
         start = "spawn" if self.output.device_id is not None else "fork"
-
-        @self.dali.pipeline_def(batch_size=s.batch_size, num_threads=s.workers, device_id=self.output.device_id,
-                                seed=pipeline_seed(s.seed, first_epoch, s.rank),
-                                prefetch_queue_depth=max(1, s.prefetch), py_num_workers=self.opts.readers,
-                                py_start_method=start,
-                                exec_dynamic=True)  # DALI 2.x default executor: outputs bound to torch's stream
-        def graph():
-            jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                               parallel=True, prefetch_queue_depth=max(2, s.prefetch),
-                                               dtype=[types.UINT8, types.INT64])
-            images = self._augment(jpegs)
-            return images, labels, jpegs.shape()
-
-        pipe = graph()
+        build = self.dali.pipeline_def(graph, batch_size=s.batch_size, num_threads=s.workers,
+                                       device_id=self.output.device_id, seed=pipeline_seed(s.seed, epoch, s.rank),
+                                       prefetch_queue_depth=max(1, s.prefetch), py_num_workers=self.opts.readers,
+                                       py_start_method=start,
+                                       exec_dynamic=True)  # DALI 2.x default executor: outputs bound to torch's stream
+        self._pipe = build(self.dali, source, s.transform, self.output.decoder, self.dali_normalizes, s.dtype,
+                           s.channels_last, max(2, s.prefetch))
         with main_not_replayed():  # spawned reader processes must not run the user's script again
-            pipe.build()
-        self.builds += 1
-        return pipe
+            self._pipe.build()
 
-    def _augment(self, jpegs):
-        """Decode + crop + one resize (+ flip), then, when DALI normalizes, layout and normalization in one pass."""
-        s, fn, types = self.spec, self.dali.fn, self.dali.types
-        # Pixels as stored, no EXIF rotation: what Pillow's Image.open (host backend) and timm's loaders see.
-        decoder = dict(adjust_orientation=False, **self.output.decoder)
-        if s.train:
-            # The crop is decided before decoding, so only the crop's pixels are decoded (ROI decode).
-            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(s.scale),
-                                                   random_aspect_ratio=list(s.ratio), num_attempts=10, **decoder)
-            mirror = fn.random.coin_flip(probability=s.hflip)
-            # Without DALI normalization, the flip rides on the resize (a region whose x runs 1 -> 0 comes out
-            # mirrored), so the GPU does decode + one resize per image and nothing else.
-            flip = {} if self.dali_normalizes else self._flip_roi(mirror)
-            images = fn.resize(images, size=(s.img_size, s.img_size), interp_type=types.INTERP_LINEAR,
-                               antialias=True, **flip)
-        else:
-            images = self._eval_resize(jpegs, decoder)
-            mirror = 0
-        if self.dali_normalizes:
-            return fn.crop_mirror_normalize(
-                images, mirror=mirror, mean=[255 * m for m in s.mean], std=[255 * d for d in s.std],
-                dtype=types.FLOAT16 if s.dtype == torch.float16 else types.FLOAT,
-                output_layout="HWC" if s.channels_last else "CHW")  # HWC viewed as NCHW is channels_last
-        return images
-
-    def _flip_roi(self, mirror) -> dict:
-        """fn.resize arguments selecting the whole image, left-right reversed where `mirror` is 1."""
-        fn, types = self.dali.fn, self.dali.types
-        m = fn.cast(mirror, dtype=types.FLOAT)
-        return dict(roi_relative=True, roi_start=fn.stack(m * 0.0, m), roi_end=fn.stack(m * 0.0 + 1.0, 1.0 - m))
-
-    def _eval_resize(self, jpegs, decoder):
-        """timm's eval transform as one resize: the region that survives "shorter side to eval_resize(), then the
-        central img_size square" (`center_crop_box`), computed from the JPEG header and resized bicubic to the output
-        size, so val pixels match the host backend's crop-then-resize."""
-        s, fn, types = self.spec, self.dali.fn, self.dali.types
-        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # (H, W, C) from the header
-        height, width = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
-        side = self.dali.math.min(height, width) * (s.img_size / eval_resize(s.img_size, s.crop_pct))
-        start = fn.stack((height - side) * 0.5, (width - side) * 0.5)
-        images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-        return fn.resize(images, size=(s.img_size, s.img_size), roi_start=start, roi_end=start + side,
-                         interp_type=types.INTERP_CUBIC, antialias=True)
-
-    # -- per batch ------------------------------------------------------------------------------------------------
-    def _next_batch(self, pipe, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         stream = self.output.stream()
+        index = self.batches[step]
         try:
             # Outputs come back ordered on torch's current stream: no host sync, the copy below waits on DALI's work.
-            images_dali, labels, jpeg_shapes = pipe.run(stream)
+            images_dali, labels, jpeg_shapes = self._pipe.run(stream)
         except Exception as e:  # noqa: BLE001 - DALI raises bare Exceptions for errors in its source workers
-            self.close()  # a failed pipeline cannot go on; the next iteration builds a new one
-            raise ShardError(f"DALI failed on {self.spec.split} batch {step} of epoch {self.epoch} (rank "
+            raise ShardError(f"DALI failed on {self.spec.split} batch {index} of epoch {self.epoch} (rank "
                              f"{self.spec.rank}), reading {', '.join(self._suspects(step))}: {dali_reason(e)}") from e
         labels = np.asarray(labels.as_array()).reshape(-1)
         self.bytes_read += int(np.asarray(jpeg_shapes.as_array()).reshape(len(labels), -1)[labels >= 0].sum())
@@ -339,8 +280,7 @@ class DaliLoader:
     def _suspects(self, step: int) -> list[str]:
         """The shards the failing batch can have come from. DALI reports errors per batch, and runs its queues a few
         batches ahead, so the batches up to that depth are named."""
-        k = self.batches.index(step)
-        ahead = self.batches[k:k + self.spec.prefetch + 2]
+        ahead = self.batches[step:step + self.spec.prefetch + 2]
         names = {Path(ref[0].path).name for i in ahead for ref in self.planner.batch(self.epoch, i) if ref}
         return sorted(names) or ["(padding only)"]
 

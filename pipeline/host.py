@@ -16,20 +16,31 @@ import re
 import secrets
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from multiprocessing import connection, shared_memory
 
 import numpy as np
 import torch
 
-from pipeline import storage
 from pipeline.cli import knob
-from pipeline.contract import LoaderSpec, main_not_replayed, to_model_input
-from pipeline.format import PipelineError, ShardError, read_manifest, shard_list
-from pipeline.host_worker import SampleError, WorkerConfig, slot_arrays, slot_nbytes, worker_main
-from pipeline.jpeg import DECODERS, decoder_available, default_decoder, pillow_is_simd
+from pipeline.host_worker import (
+    Crashed,
+    Release,
+    SampleFailed,
+    StartRun,
+    Stop,
+    WorkerConfig,
+    slot_arrays,
+    slot_nbytes,
+    worker_main,
+)
+from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import consumer_order
+from pipeline.processes import main_not_replayed
+from pipeline.shards import storage
+from pipeline.shards.errors import PipelineError, SampleError, ShardError
+from pipeline.shards.jpeg import DECODERS, decoder_available, default_decoder, pillow_is_simd
+from pipeline.transforms import to_model_input
 
 SHM_DIR = "/dev/shm"
 SHM_NAME = re.compile(r"vitpipe_(\d+)_[0-9a-f]{8}_\d+_\d+$")  # vitpipe_<parent pid>_<token>_<worker>_<slot>
@@ -74,7 +85,7 @@ class WorkerError(PipelineError):
 
 def pillow_flavour() -> str:
     """'Pillow-SIMD 9.5.0.post1 (libjpeg-turbo 3.0.4)' or 'Pillow 13.0.0 (libjpeg-turbo 3.2.0)', of the Pillow that
-    runs (`pipeline.jpeg.pillow_is_simd`)."""
+    runs (`pipeline.shards.jpeg.pillow_is_simd`)."""
     import PIL
     from PIL import features
 
@@ -161,7 +172,7 @@ def shutdown(procs, conns, shms, views) -> None:
     close(), garbage collection or interpreter exit via weakref.finalize."""
     for c in conns:
         try:
-            c.send(("stop",))
+            c.send(Stop())
         except OSError:
             pass
     for p in procs:
@@ -222,28 +233,16 @@ def check_shm_space(needed: int) -> None:
                            f"give the container more (docker --shm-size) or lower batch size / workers")
 
 
-class HostLoader:
+class HostLoader(ShardLoader):
     def __init__(self, spec: LoaderSpec):
-        if spec.data_path is None:
-            raise ValueError("the host backend reads shards: pass data_path (a folder made by tools/make_shards.py)")
         self.opts = spec.backend_options(HostOptions)
-        self.spec, self.epoch = spec, 0
-        manifest = read_manifest(spec.data_path)
-        self.planner = spec.planner(shard_list(spec.data_path, spec.split, manifest))
-        # All of an epoch's batches, or a hybrid's part; the first epoch's (a resumed one may be shorter).
-        self.batches = spec.batches(self.planner.plan(self.planner.first_epoch).steps)
-        self.steps = len(self.batches)
+        super().__init__(spec, "host")
         # Workers beyond `steps` would get no batches (pipeline/plan.py rule 5), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))
-        self.skipped_shards: dict[str, int] = {}  # where they were: shard file name -> count
-        self.bytes_read = 0  # compressed bytes read from shards
-        self._gen = 0  # numbers the workers' runs: a new one starts where the epochs asked for stop following on
-        self._run_epoch = None  # the epoch the current run produces next; None: no run to follow on from
-        self._last_epoch = None  # the epoch (as set_epoch gave it) whose batches were all taken last
-        self._iteration = 0
+        self._order = consumer_order(self.steps, self.num_workers)
         self._procs, self._conns, self._shms, self._views = [], [], [], []
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views)
-        self._start_workers(manifest.num_classes)
+        self._start_workers(self.manifest.num_classes)
         self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
 
     def _start_workers(self, num_classes) -> None:
@@ -265,11 +264,10 @@ class HostLoader:
                 names.append(shm.name)
             self._views.append([slot_arrays(s.buf, spec.batch_size, spec.img_size) for s in self._shms[-slots:]])
             cfg = WorkerConfig(
-                worker=w, num_workers=self.num_workers, planner=self.planner, img_size=spec.img_size,
-                crop_pct=spec.crop_pct, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
-                hflip=spec.hflip, skip_bad=spec.on_error == "skip", num_classes=num_classes,
-                slot_names=tuple(names), environment=tuple(storage.environment().items()),
-                batches=tuple(self.batches), decoder=self.opts.resolved_decoder)
+                worker=w, num_workers=self.num_workers, planner=self.planner, transform=spec.transform,
+                skip_bad=spec.on_error == "skip", num_classes=num_classes, slot_names=tuple(names),
+                environment=tuple(storage.environment().items()), batches=tuple(self.batches),
+                decoder=self.opts.resolved_decoder)
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
             with main_not_replayed():  # no main guard needed in the user's script
@@ -277,21 +275,6 @@ class HostLoader:
             child_end.close()  # only the worker holds its end now, so our exit reads as EOF there
             self._procs.append(proc)
             self._conns.append(parent_end)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def skipped(self) -> int:
-        """Corrupt samples replaced so far (on_error="skip"), all shards."""
-        return sum(self.skipped_shards.values())
-
-    def __len__(self) -> int:
-        return self.steps
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
 
     def describe(self) -> str:
         s = self.spec
@@ -302,62 +285,37 @@ class HostLoader:
 
     def close(self) -> None:
         self._finalizer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.run.stop()
 
     def __iter__(self):
         if not self._finalizer.alive:
             raise RuntimeError("this HostLoader is closed")
-        self._iteration += 1  # a new iteration abandons any earlier one still suspended
-        iteration = self._iteration
-        # The workers ran on into the epoch after the last one taken whole; if that is the epoch asked for, its first
-        # batches are already made. Val reads the same batches every epoch, so there any epoch follows on.
-        follows = self._run_epoch is not None and (not self.spec.train or self.epoch == self._last_epoch + 1)
-        if not follows:
-            self._gen += 1
-            self._run_epoch = self.epoch
-            for conn in self._conns:
-                conn.send(("epoch", self._gen, self.epoch))
-        gen, run_epoch = self._gen, self._run_epoch
-        self._run_epoch = None  # until this epoch's batches have all been taken
-        order = iter((worker, self.batches[k]) for worker, k in consumer_order(self.steps, self.num_workers))
-        ahead = max(1, self.spec.prefetch)
-        pending = deque()
-        try:
-            for _ in range(self.steps):
-                while len(pending) <= ahead:
-                    item = next(order, None)
-                    if item is None:
-                        # Every batch of the epoch is taken: the next iteration can follow on from here, even if the
-                        # consumer never asks this generator for its end (train.py stops after the last step).
-                        self._run_epoch, self._last_epoch = run_epoch + 1, self.epoch
-                        break
-                    pending.append(self._take(*item, gen, run_epoch))
-                if iteration != self._iteration:
-                    raise RuntimeError("a newer iteration over this HostLoader replaced this one")
-                yield self.transfer.finish(pending.popleft())
-        except GeneratorExit:
-            raise  # the consumer stopped early; the next iteration restarts the workers
-        except BaseException:
-            self.close()  # worker errors, Ctrl-C: no orphans, no leaked shared memory
-            raise
+        return super().__iter__()
 
-    def _take(self, worker: int, batch_index: int, gen: int, epoch: int):
-        """Wait for `worker`'s batch `batch_index` of `epoch`, start its transfer, give the slot back."""
-        slot = self._receive(worker, batch_index, gen, epoch)
+    # -- the run (pipeline/loader.py ShardLoader) -------------------------------------------------------------------
+    def start_run(self, epoch: int) -> None:
+        for conn in self._conns:
+            conn.send(StartRun(self.run.number, epoch))
+
+    def ahead(self) -> int:
+        return max(1, self.spec.prefetch)
+
+    def take(self, step: int):
+        """Wait for the worker's batch `step` of the run, start its transfer, give the slot back."""
+        worker, k = self._order[step]
+        slot = self._receive(worker, self.batches[k], self.run.number, self.run.epoch)
         images, labels = self._views[worker][slot]
         pending = self.transfer.start(images, labels)
         try:
-            self._conns[worker].send(("release", gen, slot))
+            self._conns[worker].send(Release(self.run.number, slot))
         except OSError:
             pass  # the worker is gone; the next wait on it reports why
         return pending
 
-    def _receive(self, worker: int, batch_index: int, gen: int, epoch: int) -> int:
+    def finish(self, taken):
+        return self.transfer.finish(taken)
+
+    def _receive(self, worker: int, batch_index: int, run: int, epoch: int) -> int:
         conn, timeout = self._conns[worker], float(self.opts.timeout_s)
         sentinels = [p.sentinel for p in self._procs]
         while True:
@@ -366,16 +324,15 @@ class HostLoader:
                 raise WorkerError(f"host worker {worker} sent nothing for {timeout:.0f} s (hung decode? slow disk?)")
             if conn in ready or conn.poll():
                 msg = self._recv(worker)
-                if msg[1] != gen:
-                    continue  # about an abandoned iteration
-                if msg[0] == "sample_error":
-                    raise (SampleError if msg[3] else ShardError)(msg[2])
-                _, _, slot, made_epoch, index, nbytes, skipped = msg
-                if (made_epoch, index) != (epoch, batch_index):
-                    raise WorkerError(f"host worker {worker} sent batch {index} of run epoch {made_epoch}, expected "
-                                      f"{batch_index} of {epoch}")
-                self._account(nbytes, skipped)
-                return slot
+                if msg.run != run:
+                    continue  # about an abandoned run
+                if isinstance(msg, SampleFailed):
+                    raise (SampleError if msg.one_sample else ShardError)(msg.text)
+                if (msg.epoch, msg.index) != (epoch, batch_index):
+                    raise WorkerError(f"host worker {worker} sent batch {msg.index} of run epoch {msg.epoch}, "
+                                      f"expected {batch_index} of {epoch}")
+                self._account(msg.bytes_read, msg.skipped)
+                return msg.slot
             self._raise_for_dead()
 
     def _recv(self, worker: int):
@@ -384,8 +341,8 @@ class HostLoader:
         except (EOFError, OSError):
             self._procs[worker].join(timeout=1)
             raise WorkerError(f"host worker {worker} exited (code {self._procs[worker].exitcode}) mid-epoch")
-        if msg[0] == "crash":
-            raise WorkerError(msg[1])
+        if isinstance(msg, Crashed):
+            raise WorkerError(msg.text)
         return msg
 
     def _raise_for_dead(self) -> None:

@@ -1,15 +1,13 @@
 """The decode process behind `pipeline.host.HostLoader`: reads its own shards, decodes with Pillow, writes uint8 batches
 into shared-memory slots that the parent lent it.
 
-A worker never sees image bytes from the parent: it gets (epoch) commands, works out its own batches with the shared
-rule in `pipeline/plan.py`, reads their samples with the one reader (`pipeline/reader.py`), and tells the parent
-"slot k holds batch i". A batch's crops and flips are seeded by (seed, epoch, rank, batch), so the batches do not
-depend on how many workers made them. Parent -> worker messages, all tuples: ("epoch", gen, epoch),
-("release", gen, slot), ("stop",). Worker -> parent: ("batch", gen, slot, epoch, batch_index, bytes_read,
-{shard file: samples skipped}), ("sample_error", gen, text, one sample or not), ("crash", text). After "epoch" a
-worker runs on into the following epochs, as far as its free slots allow, so the next epoch's first batches are
-ready when it starts; a new "epoch" (a new `gen`, which numbers the parent's runs) restarts it elsewhere, and
-messages about an abandoned run are ignored.
+A worker never sees image bytes from the parent: it gets `StartRun` commands, works out its own batches with the
+shared rule in `pipeline/plan.py`, reads their samples with the one reader (`pipeline/shards/reader.py`), and tells
+the parent `BatchReady` ("slot k holds batch i"). A batch's crops and flips are seeded by (seed, epoch, rank, batch),
+so the batches do not depend on how many workers made them. After `StartRun` a worker runs on into the following
+epochs, as far as its free slots allow, so the next epoch's first batches are ready when it starts; a new `StartRun`
+(a new run number, `pipeline.loader.EpochRun`) restarts it elsewhere, and messages about an abandoned run are
+ignored.
 """
 from __future__ import annotations
 
@@ -23,15 +21,52 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
-from pipeline.contract import center_crop_box, keep_freed_memory_in_the_heap, random_resized_crop
-from pipeline.format import ShardError
-from pipeline.jpeg import crop_resize, rgb_into
 from pipeline.plan import EpochPlanner, worker_batches
-from pipeline.reader import Sample, SampleError, ShardReader, usable_label
+from pipeline.processes import keep_freed_memory_in_the_heap
+from pipeline.shards.errors import SampleError, ShardError
+from pipeline.shards.jpeg import crop_resize
+from pipeline.shards.reader import Sample, ShardReader, usable_label
+from pipeline.transforms import PIL_RESAMPLE, Transform, rgb_into
+
+
+# -- the messages, parent -> worker ---------------------------------------------------------------------------------
+class StartRun(NamedTuple):
+    run: int  # the parent's run number
+    epoch: int  # the run's first epoch
+
+
+class Release(NamedTuple):
+    run: int
+    slot: int  # the parent has copied it out: the worker may fill it again
+
+
+class Stop(NamedTuple):
+    pass
+
+
+# -- worker -> parent -------------------------------------------------------------------------------------------------
+class BatchReady(NamedTuple):
+    run: int
+    slot: int
+    epoch: int
+    index: int  # the rank-local batch index
+    bytes_read: int  # compressed bytes since the last BatchReady
+    skipped: dict  # shard file name -> samples replaced (on_error="skip")
+
+
+class SampleFailed(NamedTuple):
+    run: int
+    text: str  # one line naming shard and sample
+    one_sample: bool  # a SampleError (one bad sample) rather than a shard that cannot be read
+
+
+class Crashed(NamedTuple):
+    text: str  # `crash_report`'s line
+
 
 # One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -44,21 +79,21 @@ class WorkerConfig:
     worker: int
     num_workers: int
     planner: EpochPlanner  # this rank's shards and the shared rule
-    img_size: int
-    crop_pct: float
-    scale: tuple[float, float]
-    ratio: tuple[float, float]
-    hflip: float
+    transform: Transform  # the split's policy (pipeline/transforms.py)
     skip_bad: bool
     num_classes: int | None  # labels outside [0, num_classes) are corrupt samples; None: not checked
     slot_names: tuple[str, ...]
     environment: tuple[tuple[str, str], ...] = ()  # the parent's AWS_* settings (a forkserver may predate them)
     batches: tuple[int, ...] | None = None  # the rank-local batches the loader makes (None: all; hybrid: its part)
-    decoder: str = "pillow"  # pipeline/jpeg.py: "region" or "pillow"
+    decoder: str = "pillow"  # pipeline/shards/jpeg.py: "region" or "pillow"
 
     @property
     def train(self) -> bool:
         return self.planner.train
+
+    @property
+    def img_size(self) -> int:
+        return self.transform.img_size
 
     @property
     def batch_size(self) -> int:
@@ -66,7 +101,7 @@ class WorkerConfig:
 
 
 class Interrupted(Exception):
-    """A command that ends the current epoch arrived; `message` is it."""
+    """A command that ends the current run arrived (`StartRun` or `Stop`); `message` is it."""
 
     def __init__(self, message):
         super().__init__(message)
@@ -86,19 +121,15 @@ def slot_nbytes(batch_size: int, img_size: int) -> int:
 
 
 def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray) -> None:
-    """The sample's crop box (train: RandomResizedCrop; val: resize-then-center-crop), decoded and resized to the
-    output size (pipeline/jpeg.py), flipped, into `out` (S,S,3) uint8. The sample is usable (`usable_label`)."""
-    size = cfg.img_size
-    if cfg.train:
-        box_of = functools.partial(random_resized_crop, rng=rng, scale=cfg.scale, ratio=cfg.ratio)
-    else:
-        box_of = functools.partial(center_crop_box, img_size=size, crop_pct=cfg.crop_pct)
-    resample = Image.BILINEAR if cfg.train else Image.BICUBIC  # torchvision train / timm ViT eval
+    """The sample's crop box by the transform policy, decoded and resized to the output size
+    (pipeline/shards/jpeg.py), flipped, into `out` (S,S,3) uint8. The sample is usable (`usable_label`)."""
+    t = cfg.transform
     try:
-        image = crop_resize(sample.jpg, box_of, size, resample, cfg.decoder)
+        image = crop_resize(sample.jpg, functools.partial(t.crop_box, rng=rng), t.img_size,
+                            PIL_RESAMPLE[t.interpolation], cfg.decoder)
     except Exception as e:  # noqa: BLE001 - whatever Pillow or libjpeg raise here, the bytes caused it: name the sample
         raise SampleError(f"{sample.shard}: sample {sample.key}: undecodable image ({type(e).__name__}: {e})") from e
-    rgb_into(image, out, flip=cfg.train and rng.random() < cfg.hflip)
+    rgb_into(image, out, flip=t.flips(rng))
 
 
 def crash_report(worker: int, error: BaseException) -> str:
@@ -123,18 +154,18 @@ class Mailbox:
     def __init__(self, conn, num_slots: int):
         self.conn = conn
         self.num_slots = num_slots
-        self.gen = -1
+        self.run = -1
         self.free: list[int] = []
 
-    def start(self, gen: int) -> None:
-        # A new iteration: the parent holds none of our slots any more (it copies out before releasing).
-        self.gen = gen
+    def start(self, run: int) -> None:
+        # A new run: the parent holds none of our slots any more (it copies out before releasing).
+        self.run = run
         self.free = list(range(self.num_slots))
 
     def handle(self, msg) -> None:
-        if msg[0] == "release":
-            if msg[1] == self.gen:  # a release from an abandoned iteration refers to a slot already reset
-                self.free.append(msg[2])
+        if isinstance(msg, Release):
+            if msg.run == self.run:  # a release from an abandoned run refers to a slot already reset
+                self.free.append(msg.slot)
         else:
             raise Interrupted(msg)
 
@@ -203,7 +234,7 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
         # Seeded by everything that identifies the batch: a rerun reproduces it, whichever worker makes it.
         rng = random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{batch_index}")
         fill_batch(cfg, samples, images, labels, rng, stats)
-        mailbox.conn.send(("batch", mailbox.gen, slot, epoch, batch_index, stats.bytes_read, stats.skipped))
+        mailbox.conn.send(BatchReady(mailbox.run, slot, epoch, batch_index, stats.bytes_read, stats.skipped))
         stats.bytes_read, stats.skipped = 0, {}
     return len(mine)
 
@@ -211,12 +242,12 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
 def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
     reader, read_ahead = ShardReader(), ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
     msg = mailbox.conn.recv()
-    while msg[0] != "stop":
-        if msg[0] != "epoch":
-            msg = mailbox.conn.recv()  # a late release for an iteration already over
+    while not isinstance(msg, Stop):
+        if not isinstance(msg, StartRun):
+            msg = mailbox.conn.recv()  # a late release for a run already over
             continue
-        mailbox.start(msg[1])
-        epoch = msg[2]
+        mailbox.start(msg.run)
+        epoch = msg.epoch
         try:
             # Epoch after epoch, until a command interrupts (take_slot waits for free slots); a worker with no
             # batches at all waits for the parent's next command instead.
@@ -226,7 +257,7 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
         except Interrupted as stop:
             msg = stop.message
         except ShardError as e:  # a sample, or a shard that cannot be read: one line for the parent to raise
-            mailbox.conn.send(("sample_error", mailbox.gen, str(e), isinstance(e, SampleError)))
+            mailbox.conn.send(SampleFailed(mailbox.run, str(e), isinstance(e, SampleError)))
             msg = mailbox.conn.recv()
 
 
@@ -236,7 +267,7 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
     for name in THREAD_ENV:
         os.environ[name] = "1"
     os.environ.update(dict(cfg.environment))
-    if "torch" in sys.modules:  # imported with the `pipeline` package; keep its pools at one thread too
+    if "torch" in sys.modules:  # a start method that carried it over (the workers' own modules import none)
         sys.modules["torch"].set_num_threads(1)
     keep_freed_memory_in_the_heap()
     shms = [shared_memory.SharedMemory(name=n) for n in cfg.slot_names]
@@ -247,7 +278,7 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
         pass  # the parent is gone; nothing to report to
     except BaseException as e:
         try:
-            conn.send(("crash", crash_report(cfg.worker, e)))
+            conn.send(Crashed(crash_report(cfg.worker, e)))
         except OSError:
             pass
         raise SystemExit(1)

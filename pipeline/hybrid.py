@@ -10,12 +10,12 @@ other. Both parts run on across epoch boundaries, as their backends do alone.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.cli import knob
-from pipeline.contract import LoaderSpec
 from pipeline.dali import DaliLoader, DaliOptions
 from pipeline.host import HostLoader, HostOptions
+from pipeline.loader import Loader, LoaderSpec
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class HybridOptions:
 
     dali_share: float = knob(0.5, "hybrid: share of each epoch's batches that DALI decodes; the host workers decode "
                                   "the rest. Set it to DALI's img/s / (DALI's + host's), each measured alone")
-    dali: DaliOptions = field(default_factory=DaliOptions)
-    host: HostOptions = field(default_factory=HostOptions)
+    dali: DaliOptions = knob(help="the DALI part's options: the run's --dali-*", factory=DaliOptions, shared=True)
+    host: HostOptions = knob(help="the host part's options: the run's --host-*", factory=HostOptions, shared=True)
 
     def validate(self) -> None:
         if not 0.0 < self.dali_share < 1.0:
@@ -35,9 +35,10 @@ class HybridOptions:
         self.host.validate()
 
 
-class HybridLoader:
+class HybridLoader(Loader):
     def __init__(self, spec: LoaderSpec):
-        self.spec, self.opts = spec, spec.backend_options(HybridOptions)
+        super().__init__(spec)
+        self.opts = spec.backend_options(HybridOptions)
         share = self.opts.dali_share
         self.dali = DaliLoader(dataclasses.replace(spec, options=self.opts.dali, part=(share, 0)))
         try:
@@ -46,6 +47,7 @@ class HybridLoader:
             self.dali.close()
             raise
         self.steps = len(self.dali) + len(self.host)
+        self.num_workers = self.host.num_workers
         if not len(self.dali) or not len(self.host):
             self.close()
             raise ValueError(f"dali_share {share} leaves one decoder none of the {self.steps} batches an epoch; "
@@ -53,11 +55,9 @@ class HybridLoader:
         self.dali_batches = set(self.dali.batches)
 
     def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
         self.dali.set_epoch(epoch)
         self.host.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.steps
 
     @property
     def bytes_read(self) -> int:
@@ -81,9 +81,3 @@ class HybridLoader:
             self.dali.close()
         finally:
             self.host.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -29,7 +29,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from pipeline.format import Shard, ShardError
+from pipeline.shards.errors import ShardError
+from pipeline.shards.format import Shard
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,6 @@ class RankPlan:
     steps: int
     batch_size: int
     num_real: int
-
-    @property
-    def num_padding(self) -> int:
-        return self.steps * self.batch_size - self.num_real
 
     @functools.cached_property
     def _starts(self) -> list[int]:
@@ -214,9 +211,6 @@ class EpochPlanner:
     shuffle_window: int = 1  # train: samples permuted together, rounded up to whole batches (rule 4)
     resumed_epoch: int | None = None  # an epoch resumed on another layout, and the layouts that ran part of it
     stages: tuple[Stage, ...] = ()
-
-    def order(self, epoch: int) -> list[Shard]:
-        return epoch_order(list(self.shards), self.seed, epoch, shuffle=self.train)
 
     def plan(self, epoch: int) -> RankPlan:
         return _cached_plan(self, epoch)

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.contract import LoaderSpec, to_model_input
-from pipeline.format import read_manifest
+from pipeline.loader import Loader, LoaderSpec
 from pipeline.plan import steps_per_epoch
+from pipeline.shards.format import read_manifest
+from pipeline.transforms import to_model_input
 
 IMAGENET_SAMPLES = {"train": 1_281_167, "val": 50_000}
 
 
-class SyntheticLoader:
+class SyntheticLoader(Loader):
     def __init__(self, spec: LoaderSpec):
-        self.spec = spec
+        super().__init__(spec)
         # With shards at hand the epoch has their length, so synthetic and real runs step the same; without, ImageNet's.
         num = IMAGENET_SAMPLES[spec.split]
         if spec.data_path is not None:
@@ -24,18 +25,9 @@ class SyntheticLoader:
         self.images = to_model_input(pixels.to(spec.device), spec, nhwc=True)
         self.labels = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=g).to(spec.device)
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return self.steps
-
     def __iter__(self):
         for _ in range(self.steps):
             yield self.images, self.labels
-
-    def close(self) -> None:
-        pass
 
     def describe(self) -> str:
         return "synthetic (one random batch, resident on the device)"

@@ -1,14 +1,15 @@
 """pipeline.bench: short runs print JSON lines whose last one carries the figures."""
 import json
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import bench
+from pipeline.bench import throughput as bench
+from pipeline.loader import Loader, LoaderSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--batch-size", "4", "--workers", "1", "--seconds", "1", "--interval", "0.4", "--warmup", "1",
@@ -26,7 +27,7 @@ def test_host_run_reports_img_s(sample_shards, capsys):
     last = lines[-1]
     assert last["final"] and last["backend"] == "host" and last["workers"] == 1 and last["batch_size"] == 4
     assert "Pillow" in last["pillow"] and last["mb_s"] > 0 and 0 <= last["data_wait"] <= 1
-    from pipeline.format import read_manifest
+    from pipeline.shards.format import read_manifest
     assert last["restart_markers"] is read_manifest(sample_shards).settings.restart_markers  # the set's, as made
 
 
@@ -51,19 +52,12 @@ def test_bad_data_path_is_one_clear_line(tmp_path, capsys):
     assert len(err) == 1 and "manifest" in err[0]
 
 
-class PaddedLoader:
+class PaddedLoader(Loader):
     """Batches of 4 with one padding label (-1) each; counts the real samples it handed out."""
 
-    num_workers = 2
-
     def __init__(self):
-        self.real = 0
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __len__(self):
-        return 3
+        super().__init__(LoaderSpec(data_path=None, split="val", batch_size=4, device=torch.device("cpu"), workers=2))
+        self.real, self.steps = 0, 3
 
     def __iter__(self):
         for _ in range(3):
@@ -88,17 +82,12 @@ def test_workers_reported_are_the_ones_started(sample_shards, capsys):
     assert json_lines(capsys.readouterr().out)[-1]["workers"] == 2
 
 
-class SlowStartLoader:
+class SlowStartLoader(Loader):
     """Three batches an epoch; the first of each epoch takes 50 ms, as a loader that restarts per epoch would."""
 
     def __init__(self):
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return 3
+        super().__init__(LoaderSpec(data_path=None, split="train", batch_size=2, device=torch.device("cpu")))
+        self.steps = 3
 
     def __iter__(self):
         for i in range(3):

@@ -1,10 +1,10 @@
 """tools/bench_report.py: the docs' summary objects come out of a real bench_train run's lines, ratios intact."""
 import json
 
-import pytest
-
 import bench_report
 import bench_train
+import pytest
+
 from tests.test_bench_train import TINY
 
 

@@ -3,7 +3,7 @@ import json
 
 import bench_shards
 
-from pipeline.jpeg import decoder_available
+from pipeline.shards.jpeg import decoder_available
 
 
 def test_it_times_reading_and_each_kind_of_sharding(sample_folder, tmp_path, capsys):

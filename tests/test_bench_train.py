@@ -1,9 +1,8 @@
 """tools/bench_train.py on CPU with a tiny ViT: the three loops run and the ratios come out of their figures."""
 import json
 
-import pytest
-
 import bench_train
+import pytest
 
 TINY = ["--model", "test_vit", "--img-size", "32", "--num-classes", "4", "--batch-size", "4",
         "--warmup", "1", "--steps", "3", "--device", "cpu", "--amp", "fp32"]

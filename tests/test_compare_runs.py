@@ -1,9 +1,8 @@
 """tools/compare_runs.py: per-epoch curves from train.py's metrics.jsonl, side by side."""
 import json
 
-import pytest
-
 import compare_runs
+import pytest
 
 
 def write_run(folder, losses: dict, accs: dict):

@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
-from trainlib.config import ConfigError, markdown_table, parse_config
 from trainlib import distributed
+from trainlib.config import ConfigError, markdown_table, parse_config
 
 SEED_8P = ["--data_path=/data/imagenet", "--addr=10.0.0.7", "--seed=49", "--workers=128", "--learning-rate=0.8",
            "--momentum=0.9", "--weight-decay=1.0e-04", "--print-freq=1", "--dist-url=tcp://127.0.0.1:23456",

@@ -15,9 +15,19 @@ from PIL import Image
 from pipeline import build_loader
 from pipeline.dali import DaliMissingError, DaliOptions
 from pipeline.host import HostOptions
-from pipeline.format import (Manifest, Settings, ShardError, ShardInfo, SplitInfo, index_line, index_text, shard_list,
-                             shard_name, write_set_files)
 from pipeline.plan import epoch_order, rank_plan, rank_span
+from pipeline.shards.errors import ShardError
+from pipeline.shards.format import (
+    Manifest,
+    Settings,
+    ShardInfo,
+    SplitInfo,
+    index_line,
+    index_text,
+    shard_list,
+    shard_name,
+    write_set_files,
+)
 
 NUM_LABELLED, PER_SHARD = 1000, 130  # labels 0..999, shards of uneven size (7 x 130 + 90)
 
@@ -270,14 +280,14 @@ def test_one_pipeline_runs_across_epochs_and_rebuilds_only_on_a_jump(labelled_sh
         for epoch, builds in ((0, 1), (1, 1), (2, 1), (5, 2), (6, 2)):  # 2 -> 5: a jump, as a resume makes
             loader.set_epoch(epoch)
             batches = [y.clone() for _, y in loader]
-            assert loader.builds == builds
+            assert loader.run.number == builds
             expected = [[int(s.path[-10:-4]) * PER_SHARD + i for s, i in planner.batch(epoch, k)]
                         for k in range(len(loader))]
             assert [b.tolist() for b in batches] == expected  # the plan's samples, in the plan's order
         loader.set_epoch(7)
         next(iter(loader))  # an epoch abandoned after one batch: the next one cannot follow on
         loader.set_epoch(8)
-        assert len([y for _, y in loader]) == len(loader) and loader.builds == 3
+        assert len([y for _, y in loader]) == len(loader) and loader.run.number == 3
     finally:
         loader.close()
 

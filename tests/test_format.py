@@ -1,4 +1,4 @@
-"""pipeline/format.py: the shard set's files are written and read in one place; bad files fail in one line that names
+"""pipeline/shards/format.py: the shard set's files are written and read in one place; bad files fail in one line that names
 them."""
 from __future__ import annotations
 
@@ -6,8 +6,22 @@ import json
 
 import pytest
 
-from pipeline.format import (MANIFEST, Manifest, Settings, ShardError, ShardInfo, SplitInfo, index_line, index_text,
-                             is_shard_file, num_classes, read_index, read_manifest, shard_list, write_set_files)
+from pipeline.shards.errors import ShardError
+from pipeline.shards.format import (
+    MANIFEST,
+    Manifest,
+    Settings,
+    ShardInfo,
+    SplitInfo,
+    index_line,
+    index_text,
+    is_shard_file,
+    num_classes,
+    read_index,
+    read_manifest,
+    shard_list,
+    write_set_files,
+)
 
 
 def small_manifest() -> Manifest:

@@ -11,15 +11,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import make_shards
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pipeline import build_loader
-from pipeline.host import SampleError, WorkerError
-import make_shards
-from pipeline.format import PipelineError, ShardError, read_manifest, shard_list
+from pipeline.host import WorkerError
+from pipeline.shards.errors import PipelineError, SampleError, ShardError
+from pipeline.shards.format import read_manifest, shard_list
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (30, 95, 160, 225)  # per-channel colour levels; 4**3 = 64 distinguishable samples
@@ -92,6 +93,15 @@ def gone(pid: int, within: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def worker_pids(l) -> list[int]:
+    return [p.pid for p in l._procs]
+
+
+def skipped(l) -> int:
+    """Corrupt samples replaced so far, all shards."""
+    return sum(l.skipped_shards.values())
 
 
 def shm_names(l) -> list[str]:
@@ -179,13 +189,13 @@ def test_workers_run_on_into_the_next_epoch(colour_shards):
         epoch0 = [b[0].clone() for b in l]
         # Unasked, each worker makes the next epoch's first batch (as far as its free slots go)...
         assert all(conn.poll(timeout=30) for conn in l._conns)
-        gen = l._gen
+        gen = l.run.number
         l.set_epoch(1)
         epoch1 = [b[0].clone() for b in l]
-        assert l._gen == gen, "epoch 1 followed on: the workers were not restarted"
+        assert l.run.number == gen, "epoch 1 followed on: the workers were not restarted"
         l.set_epoch(5)  # ...and a jump restarts them at the epoch asked for
         epoch5 = [b[0].clone() for b in l]
-        assert l._gen == gen + 1
+        assert l.run.number == gen + 1
     with loader(colour_shards, dtype=torch.uint8, workers=3) as fresh:  # batches do not depend on the worker count
         for epoch, seen in ((1, epoch1), (5, epoch5)):
             fresh.set_epoch(epoch)
@@ -216,7 +226,7 @@ def test_a_script_without_a_main_guard_works(colour_shards, tmp_path, backend):
 
 def test_killed_worker_raises_quickly_and_cleans_up(colour_shards):
     l = loader(colour_shards, workers=1, batch_size=2)
-    pids, names = l.worker_pids, shm_names(l)
+    pids, names = worker_pids(l), shm_names(l)
     it = iter(l)
     next(it)
     os.kill(pids[0], signal.SIGKILL)
@@ -247,7 +257,7 @@ def corrupted_copy(src: Path, dst: Path, split: str, how: str) -> str:
 def test_corrupt_sample_raises_naming_shard_and_key(colour_shards, tmp_path, how):
     key = corrupted_copy(colour_shards, tmp_path / "bad", "val", how)
     l = loader(tmp_path / "bad", split="val")
-    pids, names = l.worker_pids, shm_names(l)
+    pids, names = worker_pids(l), shm_names(l)
     with pytest.raises(SampleError, match=rf"val-000000\.tar: sample {key}:"):
         list(l)
     assert_cleaned(pids, names)
@@ -263,14 +273,14 @@ def test_a_truncated_shard_is_named_as_such_under_either_policy(colour_shards, t
     assert "\n" not in str(e.value)
     with loader(tmp_path / "cut", on_error="skip") as l:
         assert len(list(l)) == 12
-        assert l.skipped > 0 and l.skipped_shards == {"train-000002.tar": l.skipped}
+        assert skipped(l) > 0 and l.skipped_shards == {"train-000002.tar": skipped(l)}
 
 
 def test_skip_mode_counts_and_keeps_batch_shape(colour_shards, tmp_path):
     corrupted_copy(colour_shards, tmp_path / "bad", "train", "jpg")
     with loader(tmp_path / "bad", on_error="skip", dtype=torch.uint8) as l:
         batches = list(l)
-        assert l.skipped == 1
+        assert skipped(l) == 1
     assert len(batches) == 12 and all(b[0].shape == (4, 3, SIZE, SIZE) for b in batches)
     assert all(b[1].min() >= 0 for b in batches)
 
@@ -279,7 +289,7 @@ def test_skip_mode_keeps_val_exact(colour_shards, tmp_path):
     key = corrupted_copy(colour_shards, tmp_path / "bad", "val", "jpg")
     with loader(tmp_path / "bad", split="val", on_error="skip", dtype=torch.uint8) as l:
         batches = list(l)
-        assert l.skipped == 1
+        assert skipped(l) == 1
     ids, labels = ids_and_labels(batches)
     good = truth(colour_shards, "val")
     del good[key]
@@ -291,7 +301,7 @@ def test_skip_mode_keeps_val_exact(colour_shards, tmp_path):
 def test_a_broken_index_is_one_line_naming_it(colour_shards, tmp_path):
     corrupted_copy(colour_shards, tmp_path / "bad", "val", "idx")
     l = loader(tmp_path / "bad", split="val", workers=1)
-    pids, names = l.worker_pids, shm_names(l)
+    pids, names = worker_pids(l), shm_names(l)
     with pytest.raises(ShardError, match=r"val-000000\.idx:2: expected groups of") as e:
         list(l)
     assert "\n" not in str(e.value) and not isinstance(e.value, SampleError)
@@ -300,7 +310,7 @@ def test_a_broken_index_is_one_line_naming_it(colour_shards, tmp_path):
 
 def test_close_and_garbage_collection_leave_nothing_behind(colour_shards):
     l = loader(colour_shards)
-    pids, names = l.worker_pids, shm_names(l)
+    pids, names = worker_pids(l), shm_names(l)
     list(l)
     l.close()
     assert_cleaned(pids, names)
@@ -308,7 +318,7 @@ def test_close_and_garbage_collection_leave_nothing_behind(colour_shards):
         iter(l).__next__()
 
     l = loader(colour_shards)
-    pids, names = l.worker_pids, shm_names(l)
+    pids, names = worker_pids(l), shm_names(l)
     it = iter(l)
     next(it)
     del l, it  # abandoned mid-epoch: the finalizer must still stop the workers
@@ -321,7 +331,7 @@ DYING_PARENT = textwrap.dedent("""
     if __name__ == "__main__":
         l = build_loader(data_path=sys.argv[1], split="train", backend="host", batch_size=2, device="cpu",
                          workers=2, img_size=16)
-        print(" ".join(map(str, l.worker_pids)), " ".join(s.name for s in l._shms), flush=True)
+        print(" ".join(map(str, (p.pid for p in l._procs))), " ".join(s.name for s in l._shms), flush=True)
         it = iter(l)
         next(it)
         os.kill(os.getpid(), getattr(signal, sys.argv[2]))
@@ -345,7 +355,7 @@ def test_parent_interrupted_or_killed_leaves_no_orphans(colour_shards, sig):
 
 def test_decoder_matches_a_reference_resize(sample_shards):
     """Val crops equal Pillow's plain resize-then-center-crop up to resampling differences."""
-    from pipeline.contract import eval_resize
+    from pipeline.transforms import eval_resize
 
     with loader(sample_shards, split="val", workers=1, dtype=torch.uint8, batch_size=2, img_size=32) as l:
         images, labels = next(iter(l))
@@ -404,7 +414,7 @@ def test_a_worker_reuses_freed_memory_instead_of_fresh_pages(tmp_path):
     assert make_shards.main(["--data_path", str(tmp_path / "src"), "--out", str(tmp_path / "shards"),
                              "--samples-per-shard", "128", "--no-restart-markers", "--workers", "1"]) == 0
     with loader(tmp_path / "shards", batch_size=64, workers=1, dtype=torch.uint8) as l:
-        pid, taken, faults = l.worker_pids[0], 0, {}
+        pid, taken, faults = worker_pids(l)[0], 0, {}
         for epoch in range(20):
             l.set_epoch(epoch)
             for _ in l:

@@ -32,7 +32,7 @@ def test_hybrid_yields_the_host_backends_samples_in_order(sample_shards, split):
         host, _ = batches(sample_shards, split, "host", rank=rank, world_size=2, epochs=(0, 1, 2))
         assert hybrid == host
         assert len(loader.dali) == int(0.75 * len(loader)) and len(loader.dali) + len(loader.host) == len(loader)
-        assert loader.dali.builds == 1  # epochs followed on: one DALI pipeline for all three
+        assert loader.dali.run.number == 1  # epochs followed on: one DALI pipeline for all three
 
 
 def test_the_share_is_spread_and_checked(sample_shards):

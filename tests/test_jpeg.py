@@ -1,4 +1,4 @@
-"""pipeline/jpeg.py: the region decoder gives the whole-image decode's pixels for the same box, on baseline,
+"""pipeline/shards/jpeg.py: the region decoder gives the whole-image decode's pixels for the same box, on baseline,
 progressive, grayscale and CMYK JPEGs, as they are and recoded, and at every DCT scale, and fails on bad bytes as
 Pillow does; `recode` keeps every pixel, and lets the region decoder skip what lies outside the box unread."""
 from __future__ import annotations
@@ -11,8 +11,14 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from pipeline.contract import center_crop_box, random_resized_crop
-from pipeline.jpeg import crop_resize, decoder_available, has_restart_markers, recode, rgb_into, scale_denominator
+from pipeline.shards.jpeg import (
+    crop_resize,
+    decoder_available,
+    has_restart_markers,
+    recode,
+    scale_denominator,
+)
+from pipeline.transforms import center_crop_box, random_resized_crop, rgb_into
 
 region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")
@@ -108,7 +114,7 @@ def test_a_cut_below_the_box_is_not_read_by_the_region_decoder():
 
 @region_built
 def test_region_decoder_reports_cmyk_for_pillow_and_rejects_a_box_outside():
-    from pipeline import _jpegregion
+    from pipeline.shards import _jpegregion
     assert _jpegregion.decode_region(VARIANTS["cmyk"], 0, 0, 10, 10, 1) is None
     with pytest.raises(ValueError, match="outside"):
         _jpegregion.decode_region(VARIANTS["baseline"], 600, 0, 10, 10, 1)
@@ -121,9 +127,9 @@ def test_region_decoder_reports_cmyk_for_pillow_and_rejects_a_box_outside():
 
 
 def test_without_the_extension_auto_decodes_with_pillow_and_region_is_refused(monkeypatch):
-    import pipeline.jpeg
+    import pipeline.shards.jpeg
     from pipeline.host import HostOptions
-    monkeypatch.setattr(pipeline.jpeg, "_jpegregion", None)
+    monkeypatch.setattr(pipeline.shards.jpeg, "_jpegregion", None)
     assert HostOptions().resolved_decoder == "pillow"
     HostOptions().validate()
     with pytest.raises(ValueError, match="decoder 'region' is not built"):
@@ -159,7 +165,7 @@ def test_recode_rejects_bad_bytes():
 @region_built
 @pytest.mark.parametrize("name", ["baseline", "grayscale", "odd size"])
 def test_a_recoded_file_gives_the_decoder_only_the_box_mcus(name):
-    from pipeline import _jpegregion
+    from pipeline.shards import _jpegregion
     data = VARIANTS[f"{name}, recoded"]
     width, height = Image.open(io.BytesIO(data)).size
     x, y, w, h = width * 3 // 4, height * 3 // 4, 100, 80  # a box in the bottom-right corner
@@ -175,7 +181,7 @@ def test_a_recoded_file_gives_the_decoder_only_the_box_mcus(name):
 
 @region_built
 def test_a_recoded_file_with_a_marker_out_of_sequence_or_cut_short_is_left_to_libjpeg():
-    from pipeline import _jpegregion
+    from pipeline.shards import _jpegregion
     data = VARIANTS["baseline, recoded"]
     at = data.index(b"\xff\xd3")  # the marker after the fourth MCU: renumbered, as a lost marker would leave it
     shifted = data[:at] + b"\xff\xd5" + data[at + 2:]
@@ -191,7 +197,7 @@ def test_a_recoded_file_with_a_marker_out_of_sequence_or_cut_short_is_left_to_li
 
 @region_built
 def test_a_recoded_region_has_the_whole_decode_pixels_at_every_scale():
-    from pipeline import _jpegregion
+    from pipeline.shards import _jpegregion
     data = VARIANTS["large, recoded"]
     for denom in (1, 2, 4, 8):
         reference = np.asarray(_scaled(data, denom))
@@ -211,11 +217,11 @@ def _scaled(data: bytes, denom: int) -> Image.Image:
 
 @region_built
 def test_rgb_and_rgbx_rows_give_the_same_crop(monkeypatch):
-    import pipeline.jpeg
+    import pipeline.shards.jpeg
     box = lambda w, h: (37.5, 20.25, 300.0, 250.5)  # noqa: E731
     out = {}
     for mode in ("RGB", "RGBX"):  # RGBX under Pillow-SIMD, RGB under stock Pillow
-        monkeypatch.setattr(pipeline.jpeg, "REGION_MODE", mode)
+        monkeypatch.setattr(pipeline.shards.jpeg, "REGION_MODE", mode)
         out[mode] = pixels(VARIANTS["baseline, recoded"], box, 224, Image.BILINEAR, "region")
     assert np.array_equal(out["RGB"], out["RGBX"])
 
@@ -224,10 +230,10 @@ def test_rgb_and_rgbx_rows_give_the_same_crop(monkeypatch):
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("kernel", ["built", "absent"])
 def test_rgb_into_writes_the_rows_mirrored_on_request(monkeypatch, mode, flip, kernel):
-    import pipeline.jpeg
+    import pipeline.transforms
     if kernel == "absent":
-        monkeypatch.setattr(pipeline.jpeg, "_pixels", None)
-    elif pipeline.jpeg._pixels is None:
+        monkeypatch.setattr(pipeline.transforms, "_pixels", None)
+    elif pipeline.transforms._pixels is None:
         pytest.skip("pipeline._pixels is not built (no C compiler at install)")
     rgb = np.random.default_rng(0).integers(0, 256, (5, 4 * 9 + 3, 3), dtype=np.uint8)  # widths past the 4-pixel blocks
     for width in (1, 5, 6, 7, 11, 39):
@@ -237,7 +243,7 @@ def test_rgb_into_writes_the_rows_mirrored_on_request(monkeypatch, mode, flip, k
         assert np.array_equal(out, rgb[:, :width][:, ::-1] if flip else rgb[:, :width]), width
 
 
-@pytest.mark.skipif(__import__("pipeline.jpeg").jpeg._pixels is None, reason="pipeline._pixels is not built")
+@pytest.mark.skipif(__import__("pipeline.transforms").transforms._pixels is None, reason="pipeline._pixels is not built")
 def test_rgb_rows_rejects_rows_of_the_wrong_size():
     from pipeline import _pixels
     with pytest.raises(ValueError, match="want rows of 4 RGBX pixels into as many RGB ones, got 32 and 23 bytes"):

@@ -1,10 +1,9 @@
 import re
 
+import make_sample_data
 import numpy as np
 import pytest
 from PIL import Image
-
-import make_sample_data
 
 
 def _files(root):

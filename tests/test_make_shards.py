@@ -9,15 +9,14 @@ import tarfile
 import textwrap
 from pathlib import Path
 
+import make_shards
 import pytest
 import webdataset as wds
 from PIL import Image
 
-import make_shards
-
-from pipeline import writer
-from pipeline.jpeg import decoder_available, has_restart_markers
-from pipeline.verify import same_pixels
+from pipeline.shards import writer
+from pipeline.shards.jpeg import decoder_available, has_restart_markers
+from pipeline.shards.verify import same_pixels
 
 region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")
@@ -110,8 +109,8 @@ def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_
 
 def test_without_the_region_decoder_restart_markers_are_off_by_default_and_refused_when_asked(
         sample_folder, tmp_path, monkeypatch, capsys):
-    import pipeline.jpeg
-    monkeypatch.setattr(pipeline.jpeg, "_jpegregion", None)
+    import pipeline.shards.jpeg
+    monkeypatch.setattr(pipeline.shards.jpeg, "_jpegregion", None)
     assert _run(sample_folder, tmp_path / "asked", "--restart-markers") == 2
     assert "--restart-markers needs the region decoder" in capsys.readouterr().err
     assert _run(sample_folder, tmp_path / "default") == 0
@@ -341,7 +340,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_not_stale(sample_fol
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from pipeline import writer
+        from pipeline.shards import writer
         lock = writer.lock_folder(Path({str(dst)!r}), "out")
         print("locked", flush=True)
         time.sleep(120)

@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-from pipeline.format import Shard, ShardError
 from pipeline.plan import EpochPlanner, RankPlan, Stage, consumer_order, rank_plan, worker_batches
+from pipeline.shards.errors import ShardError
+from pipeline.shards.format import Shard
 
 WORLD_SIZES = range(1, 65)
 WORKER_COUNTS = range(1, 17)
@@ -39,7 +40,7 @@ def test_train_epoch_sees_each_sample_at_most_once(batch_size):
         assert len({p.steps for p in ps}) == 1, "every rank must run the same number of steps"
         seen = [s for p in ps for s in samples(p.segments)]
         assert len(seen) == len(set(seen)), f"world_size={world_size}: a sample read twice in one epoch"
-        assert all(p.num_real == p.steps * batch_size and p.num_padding == 0 for p in ps)
+        assert all(p.num_real == p.steps * batch_size for p in ps)
         assert 0 <= TOTAL - len(seen) < world_size * batch_size, f"world_size={world_size}: too many sit out"
 
 
@@ -68,7 +69,7 @@ def test_val_covers_every_sample_exactly_once_padding_in_the_tail(batch_size):
         seen = [s for p in ps for s in samples(p.segments)]
         assert sorted(seen) == sorted(samples(plans(SHARDS, 1, 1, train=False)[0].segments))
         for p in ps:
-            assert p.num_padding == p.steps * batch_size - p.num_real >= 0
+            assert p.steps * batch_size - p.num_real >= 0
             planner = EpochPlanner(tuple(SHARDS), False, batch_size, ps.index(p), world_size, 7)
             batches = [planner.batch(0, i) for i in range(p.steps)]
             assert [r for b in batches for r in b if r] == [(SHARDS[int(s[1:5])], i) for s, i in samples(p.segments)]

@@ -1,4 +1,4 @@
-"""pipeline/reader.py: samples by (shard, index) through the .idx, in the order asked for; a shard cut short is named
+"""pipeline/shards/reader.py: samples by (shard, index) through the .idx, in the order asked for; a shard cut short is named
 as such when its sample is used."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from pipeline.format import shard_list
-from pipeline.reader import SampleError, ShardReader, usable_label
+from pipeline.shards.errors import SampleError
+from pipeline.shards.format import shard_list
+from pipeline.shards.reader import ShardReader, usable_label
 
 
 def test_reads_any_samples_in_the_order_asked(sample_shards):

@@ -1,4 +1,4 @@
-"""pipeline/storage.py against a real S3 server (SeaweedFS on loopback): shards written to s3:// by
+"""pipeline/shards/storage.py against a real S3 server (SeaweedFS on loopback): shards written to s3:// by
 tools/make_shards.py, read back by both backends with the same epoch contract as from disk, train.py from s3://, and
 the failures: a server that goes away mid-epoch, wrong credentials, a missing object."""
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import train
-from pipeline import ShardError, build_loader, storage
-from pipeline.format import read_manifest, shard_list
+from pipeline import ShardError, build_loader
+from pipeline.shards import storage
+from pipeline.shards.format import read_manifest, shard_list
 from tests.s3server import S3Server
 
 BUCKET = "shards"

@@ -19,7 +19,7 @@ import timm
 import torch
 
 import train
-from pipeline.format import read_index, shard_list
+from pipeline.shards.format import read_index, shard_list
 from trainlib import checkpoint, devices
 from trainlib.engine import Trainer
 

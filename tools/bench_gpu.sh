@@ -32,13 +32,13 @@ cd "$(dirname "$0")/.."
 # The scripts in tools/ import the packages (pipeline, trainlib, model). tools/setup.sh installs them; a machine
 # without a package index (where `pip install -e .` cannot fetch its build backend) finds them from the checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# The host workers' region decoder (pipeline/_jpegregion.c) in place, as `pip install -e .` would build it; without
+# The host workers' region decoder (pipeline/shards/_jpegregion.c) in place, as `pip install -e .` would build it; without
 # a compiler or libjpeg's headers the host backend decodes whole images with Pillow (the bench lines say which).
-if ! ${PYTHON:-python3} -c "import pipeline._jpegregion" 2>/dev/null; then
+if ! ${PYTHON:-python3} -c "import pipeline.shards._jpegregion" 2>/dev/null; then
   ${PYTHON:-python3} - <<'PY' || echo "bench_gpu.sh: region decoder not built; the host backend uses Pillow's decode" >&2
 import subprocess, sysconfig
-out = "pipeline/_jpegregion" + sysconfig.get_config_var("EXT_SUFFIX")
-subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"], "pipeline/_jpegregion.c",
+out = "pipeline/shards/_jpegregion" + sysconfig.get_config_var("EXT_SUFFIX")
+subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"], "pipeline/shards/_jpegregion.c",
                 "-ljpeg", "-o", out], check=True, capture_output=True)
 PY
 fi

@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.format import SPLITS
-from pipeline.jpeg import decoder_available
-from pipeline.writer import write_shards
+from pipeline.shards.format import SPLITS
+from pipeline.shards.jpeg import decoder_available
+from pipeline.shards.writer import write_shards
 
 
 def source_files(src: Path) -> list:

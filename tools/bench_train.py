@@ -34,8 +34,8 @@ import time
 
 import torch
 
-import pipeline
-from pipeline import endless, timed
+from pipeline.backends import BACKENDS, build_loader, get_backend
+from pipeline.loader import endless, timed
 from trainlib.devices import resolve_device
 from trainlib.steps import add_step_flags, baseline_step, our_step, synthetic
 
@@ -43,7 +43,7 @@ from trainlib.steps import add_step_flags, baseline_step, our_step, synthetic
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_flags(p)
-    p.add_argument("--backend", choices=("host", "dali", "hybrid", "none"), default="none",
+    p.add_argument("--backend", choices=(*FEEDS, "none"), default="none",
                    help="(c)'s input; none skips (c)")
     p.add_argument("--data_path", default=None, help="shards made by tools/make_shards.py, for (c)")
     p.add_argument("--workers", type=int, default=8, help="decode processes (host) or threads (dali)")
@@ -76,6 +76,7 @@ def _positive(value: str) -> int:
     return n
 
 
+FEEDS = tuple(name for name in BACKENDS if get_backend(name).reads_shards)  # what (c) can be fed by
 # key: (conversion, what a good value is). A backend's own options are converted by their declared type.
 FEED_VALUES = {"name": (str, "a name"), "data_path": (str, "a folder"), "workers": (_positive, "an integer >= 1"),
                "steps": (_positive, "an integer >= 1"), "epochs": (_positive, "an integer >= 1")}
@@ -90,9 +91,9 @@ def parse_feeds(args) -> list[dict]:
     feeds = []
     for spec in specs:
         backend, _, rest = spec.partition(":")
-        if backend not in ("host", "dali", "hybrid"):
-            raise ValueError(f"--feed {spec!r}: the backend is host, dali or hybrid")
-        option_types = {f.name: f.type for f in dataclasses.fields(pipeline.options_class(backend))
+        if backend not in FEEDS:
+            raise ValueError(f"--feed {spec!r}: the backend is one of {', '.join(FEEDS)}")
+        option_types = {f.name: f.type for f in dataclasses.fields(get_backend(backend).options_class())
                         if str(f.type) in OPTION_VALUES}  # scalar options (hybrid's nested dali/host keep defaults)
         feed, options = {"backend": backend, "name": backend, "data_path": args.data_path, "workers": args.workers}, {}
         for item in filter(None, rest.split(",")):
@@ -108,7 +109,7 @@ def parse_feeds(args) -> list[dict]:
         if "steps" in feed and "epochs" in feed:
             raise ValueError(f"--feed {spec!r}: steps or epochs, not both")
         try:
-            feed["options"] = pipeline.options_class(backend)(**options)
+            feed["options"] = get_backend(backend).options_class()(**options)
             feed["options"].validate()
         except ValueError as e:
             raise ValueError(f"--feed {spec!r}: {e}") from None
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
             steps = feed.get("steps")
             fields = dict(backend=feed["backend"], workers=feed["workers"], **dataclasses.asdict(feed["options"]))
             try:
-                loader = pipeline.build_loader(data_path=feed["data_path"], split="train", backend=feed["backend"],
+                loader = build_loader(data_path=feed["data_path"], split="train", backend=feed["backend"],
                                                batch_size=args.batch_size, device=dev.device,
                                                workers=feed["workers"], img_size=args.img_size, dtype=torch.uint8,
                                                options=feed["options"])

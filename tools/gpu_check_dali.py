@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import atomicio, build_loader
+from pipeline import build_loader
 from pipeline.dali import DaliOptions
-from pipeline.format import MANIFEST
+from pipeline.shards import atomicio
+from pipeline.shards.format import MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from pipeline import atomicio
+from pipeline.shards import atomicio
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                   "immunohistochemistry", "camera", "grass", "gravel", "brick")

@@ -18,9 +18,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from pipeline import verify, writer
-from pipeline.format import MANIFEST, Manifest, Settings, ShardError
-from pipeline.imagefolder import UsageError
+from pipeline.shards import verify, writer
+from pipeline.shards.errors import ShardError, UsageError
+from pipeline.shards.format import MANIFEST, Manifest, Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 DEFAULTS = Settings()

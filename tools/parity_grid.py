@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import ShardError, atomicio, build_loader
+from pipeline import ShardError, build_loader
+from pipeline.shards import atomicio
 
 CAPTION = 14  # pixels of caption strip under each tile
 GAP = 16  # pixels between the two blocks

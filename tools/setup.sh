@@ -23,7 +23,7 @@ fi
 .venv/bin/python - <<'PY'
 import importlib.util, torch, torchvision, timm
 from pipeline.host import pillow_flavour
-from pipeline.jpeg import default_decoder
+from pipeline.shards.jpeg import default_decoder
 pixels = "built" if importlib.util.find_spec("pipeline._pixels") else "not built"
 try:
     import nvidia.dali as dali; d = dali.__version__

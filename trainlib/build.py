@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import pipeline
 from model import build_model, flops_per_image, fp8_supported, model_defaults, use_fp8, use_pixel_input
-from pipeline.format import num_classes, read_manifest
+from pipeline.backends import build_loader, get_backend, options_from
+from pipeline.loader import IMAGENET_CLASSES
+from pipeline.shards.format import num_classes, read_manifest
 from trainlib.config import ConfigError, TrainConfig
 from trainlib.distributed import Placement
 from trainlib.engine import Trainer, build_optimizer, build_scheduler
@@ -20,7 +21,7 @@ def class_count(cfg: TrainConfig) -> int:
     """--num-classes, else the shards' class count; synthetic input without shards stands in for ImageNet."""
     if cfg.num_classes:
         return cfg.num_classes
-    return num_classes(cfg.data_path) if cfg.data_path else pipeline.IMAGENET_CLASSES
+    return num_classes(cfg.data_path) if cfg.data_path else IMAGENET_CLASSES
 
 
 def seed_everything(seed: int, device) -> None:
@@ -32,7 +33,7 @@ def seed_everything(seed: int, device) -> None:
 
 def train_samples(cfg: TrainConfig) -> int | None:
     """The train split's sample count (None without shards): an elastic resume needs the same data."""
-    if not cfg.data_path or cfg.backend == "synthetic":
+    if not cfg.data_path or not get_backend(cfg.backend).reads_shards:
         return None
     split = read_manifest(cfg.data_path).splits.get("train")  # a val-only set serves --evaluate
     return split.num_samples if split is not None else None
@@ -52,21 +53,23 @@ def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int) ->
 
 def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: int, epoch: int, stages):
     """A train loader for the rest of `epoch`, which the layouts `stages` ran part of (pipeline/plan.py rule 6).
-    Under hybrid the host workers make it alone: a short rest may leave one decoder no batch."""
+    A backend may name another to make it (hybrid: the host workers alone, as a short rest may leave one of its
+    decoders no batch)."""
     args = loader_args(cfg, device, placement, classes)
-    if cfg.backend == "hybrid":
-        args.update(backend="host", options=cfg.host)
-    return pipeline.build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
+    instead = get_backend(cfg.backend).rest_of_epoch
+    if instead:
+        args.update(backend=instead, options=options_from(cfg, instead))
+    return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
                                  **args)
 
 
 def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
     """(train loader or None under --evaluate, val loader or None without evaluation) for this rank."""
     common = loader_args(cfg, device, placement, classes)
-    train = None if cfg.evaluate else pipeline.build_loader(split="train", batch_size=cfg.batch_size, **common)
+    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size, **common)
     val = None
     if cfg.evaluate or cfg.eval_freq:
-        val = pipeline.build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size, **common)
+        val = build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size, **common)
     return train, val
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import atomicio
+from pipeline.shards import atomicio
 
 LAST, BEST = "last.pth", "best.pth"
 

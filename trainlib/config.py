@@ -13,10 +13,12 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-from pipeline import BACKENDS, IMAGENET_CLASSES, options_class
+from pipeline.backends import BACKENDS, SUMMARY, WITH_OPTIONS, get_backend, options_from
 from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
+from pipeline.hybrid import HybridOptions
+from pipeline.loader import IMAGENET_CLASSES
 
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
 
@@ -30,13 +32,11 @@ class TrainConfig:
     # data
     data_path: str = knob(None, "shard folder written by tools/make_shards.py (synthetic backend: optional)",
                           "--data-path", flag="--data_path")
-    backend: str = knob("host", "input pipeline (pipeline/): host = Pillow worker processes, dali, hybrid = both, "
-                                "each a share of the batches, synthetic", choices=BACKENDS)
+    backend: str = knob("host", f"input pipeline (pipeline/): {SUMMARY}", choices=BACKENDS)
     workers: int = knob(4, "decode processes (host) or threads (dali) per rank", "-j")
     host: HostOptions = knob(help="the host backend's own options", factory=HostOptions)
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
-    hybrid_dali_share: float = knob(0.5, "hybrid: share of each epoch's batches DALI decodes, the host workers the "
-                                         "rest; DALI's img/s / (DALI's + host's), each measured alone")
+    hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
     img_size: int = knob(224, "train/eval resolution")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: "
                                f"{IMAGENET_CLASSES})")
@@ -117,20 +117,19 @@ class TrainConfig:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        for backend in ("host", "dali"):  # each backend's own rule for its options (DALI itself is not imported)
+        for name in WITH_OPTIONS:  # each backend's own rule for its options (DALI itself is not imported)
             try:
-                getattr(self, backend).validate()
+                getattr(self, name).validate()
             except ValueError as e:
-                raise ConfigError(f"{backend} option {e} (--{backend}-* flags)") from None
-        if self.backend != "synthetic" and not self.data_path:
-            raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use --backend synthetic)")
-        if self.backend in ("dali", "hybrid") and self.on_error == "skip":
-            raise ConfigError("--on-error skip needs --backend host: DALI fails a whole batch on a bad JPEG")
-        if self.backend == "hybrid":
-            try:
-                self.backend_options().validate()
-            except ValueError as e:
-                raise ConfigError(f"--hybrid-dali-share: {e}") from None
+                raise ConfigError(f"{name} option {e} (--{name}-* flags)") from None
+        chosen = get_backend(self.backend)
+        if chosen.reads_shards and not self.data_path:
+            raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use a backend that reads "
+                              f"none: {', '.join(n for n in BACKENDS if not get_backend(n).reads_shards)})")
+        if self.on_error == "skip" and not chosen.skips_bad_samples:
+            raise ConfigError(f"--on-error skip: --backend {self.backend} cannot skip one bad sample (DALI fails a "
+                              f"whole batch on a bad JPEG); use --backend "
+                              f"{', '.join(n for n in BACKENDS if get_backend(n).skips_bad_samples)}")
         if self.evaluate and not (self.pretrained or self.resume):
             raise ConfigError("--evaluate needs weights: give --pretrained PATH or --resume PATH")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -139,9 +138,7 @@ class TrainConfig:
 
     def backend_options(self):
         """What `pipeline.build_loader(options=...)` takes for this run's backend."""
-        if self.backend == "hybrid":
-            return options_class("hybrid")(dali_share=self.hybrid_dali_share, dali=self.dali, host=self.host)
-        return getattr(self, self.backend) if options_class(self.backend) else None
+        return options_from(self, self.backend)
 
     def to_dict(self) -> dict:
         """Plain values only (config.json, checkpoints: `torch.load(weights_only=True)` reads them)."""

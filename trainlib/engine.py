@@ -148,7 +148,7 @@ class Trainer:
         re-entered from its start and the finished steps are drawn and dropped: the loader yields the same batches in
         the same order, at the cost of reading them again."""
         cfg, steps_per_epoch = self.cfg, self.epoch_steps
-        skipped_before = dict(getattr(loader, "skipped_shards", {}))
+        skipped_before = dict(loader.skipped_shards)
         batches = iter(loader)
         for _ in range(self.step_in_epoch):
             next(batches)
@@ -246,7 +246,7 @@ class Trainer:
         """Exact Acc@1 / Acc@5 over the whole val split (all ranks' shares, padding skipped)."""
         self.model.eval()
         topk = TopK(self.device.device, self.num_classes)
-        skipped_before = dict(getattr(loader, "skipped_shards", {}))
+        skipped_before = dict(loader.skipped_shards)
         t0 = time.perf_counter()
         for images, labels in loader:
             with self.device.autocast(self.amp_dtype):
@@ -263,7 +263,7 @@ class Trainer:
     def report_skipped(self, loader, before: dict[str, int], split: str) -> None:
         """Samples `loader` skipped since `before` (--on-error skip), summed over ranks (a collective): printed,
         recorded in metrics.jsonl and added to `skipped_samples`, when there are any."""
-        now = getattr(loader, "skipped_shards", {})
+        now = loader.skipped_shards
         mine = {name: count - before.get(name, 0) for name, count in now.items() if count > before.get(name, 0)}
         shards: dict[str, int] = {}
         for part in distributed.all_gather(mine):

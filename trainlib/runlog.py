@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import atomicio
+from pipeline.shards import atomicio
 
 METRICS, SUMMARY, PLOTS, TENSORBOARD = "metrics.jsonl", "summary.json", "plots.png", "tb"
 POSITION = ("epoch", "step", "global_step")  # where a figure was taken, not a figure

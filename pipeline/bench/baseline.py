@@ -7,22 +7,23 @@ from pathlib import Path
 
 import torch
 
-from pipeline.contract import LoaderSpec, eval_resize
+from pipeline.loader import Loader, LoaderSpec
+from pipeline.transforms import Transform
 
 
-def baseline_transform(spec: LoaderSpec):
+def baseline_transform(t: Transform):
+    """The transform policy as torchvision's own operators: what a stock ImageNet script runs."""
     from torchvision import transforms as T
 
-    normalize = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
-    if spec.train:
-        return T.Compose([T.RandomResizedCrop(spec.img_size, scale=spec.scale, ratio=spec.ratio),
-                          T.RandomHorizontalFlip(spec.hflip), *normalize])
-    resize = eval_resize(spec.img_size, spec.crop_pct)
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(spec.img_size),
-                      *normalize])
+    interpolation = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[t.interpolation]
+    normalize = [T.ToTensor(), T.Normalize(t.mean, t.std)]
+    if t.train:
+        return T.Compose([T.RandomResizedCrop(t.img_size, scale=t.scale, ratio=t.ratio, interpolation=interpolation),
+                          T.RandomHorizontalFlip(t.hflip), *normalize])
+    return T.Compose([T.Resize(t.eval_resize, interpolation=interpolation), T.CenterCrop(t.img_size), *normalize])
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(Loader):
     """ImageFolder(`source`/`split`) through a DataLoader; yields (images, labels) on `spec.device` like a backend.
     Single-rank and drop_last for train, as the usual scripts do."""
 
@@ -33,19 +34,18 @@ class TorchvisionLoader:
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no ImageFolder split here (--baseline wants the folder that holds "
                                     f"train/ and val/)")
-        self.spec = spec
-        self.dataset = ImageFolder(str(root), transform=baseline_transform(spec))
+        super().__init__(spec)
+        self.dataset = ImageFolder(str(root), transform=baseline_transform(spec.transform))
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=spec.batch_size, shuffle=spec.train, drop_last=spec.train,
             num_workers=spec.workers, persistent_workers=True, generator=self.generator,
             pin_memory=spec.device.type != "cpu", prefetch_factor=max(1, spec.prefetch))
+        self.steps = len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
         self.generator.manual_seed(self.spec.seed + epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
     def __iter__(self):
         for images, labels in self.loader:

@@ -1,38 +1,12 @@
-"""pipeline/contract.py: the input-wait timer every timing loop shares, and backend options checked by type."""
+"""pipeline/transforms.py: the model-input conversion (one pass on the CPU, the same bits as torch's chain) and the
+freed-memory setting it relies on."""
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 
-from pipeline import build_loader, timed
-from pipeline.contract import LoaderSpec, to_model_input
-from pipeline.host import HostOptions
-
-
-def test_timed_reports_the_time_blocked_in_next():
-    def slow():
-        for i in range(3):
-            time.sleep(0.05 * i)
-            yield i
-
-    out = list(timed(slow()))
-    assert [b for b, _ in out] == [0, 1, 2]
-    waits = [w for _, w in out]
-    assert waits[0] < 0.04 and 0.04 <= waits[1] < 0.5 and 0.09 <= waits[2] < 0.5
-
-
-def test_host_options_are_checked(sample_shards):
-    with pytest.raises(ValueError, match="slots_per_worker must be >= 1"):
-        build_loader(data_path=sample_shards, backend="host", batch_size=4, device="cpu",
-                     options=HostOptions(slots_per_worker=0))
-    with pytest.raises(TypeError, match="a HostOptions, got dict"):
-        build_loader(data_path=sample_shards, backend="host", batch_size=4, device="cpu", options={"timeout_s": 1})
-    with build_loader(data_path=sample_shards, backend="host", batch_size=4, device="cpu", workers=1, img_size=16,
-                      dtype=torch.uint8, options=HostOptions(slots_per_worker=1, start_method="spawn")) as loader:
-        assert "1 shm slots" in loader.describe() and "(spawn)" in loader.describe()
-        assert sum(len(y) for _, y in loader) == len(loader) * 4
+from pipeline.loader import LoaderSpec
+from pipeline.transforms import to_model_input
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc is what is tuned")
@@ -43,7 +17,8 @@ def test_cpu_float_batches_reuse_freed_memory_instead_of_fresh_pages():
     import sys
     script = """
 import resource, sys, torch
-from pipeline.contract import LoaderSpec, to_model_input
+from pipeline.loader import LoaderSpec
+from pipeline.transforms import to_model_input
 torch.set_num_threads(1)
 spec = LoaderSpec(data_path="x", split="train", batch_size=64, img_size=224, device=torch.device("cpu"),
                   dtype=torch.float32)
@@ -61,7 +36,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert faults < 9_400, faults  # fresh pages would be 94,000 (measured: 0 once the heap has grown)
 
 
-pixels_built = pytest.mark.skipif(__import__("pipeline.contract").contract._pixels is None,
+pixels_built = pytest.mark.skipif(__import__("pipeline.transforms").transforms._pixels is None,
                                   reason="pipeline._pixels is not built (no C compiler at install)")
 
 
@@ -69,13 +44,13 @@ pixels_built = pytest.mark.skipif(__import__("pipeline.contract").contract._pixe
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cpu_one_pass_gives_the_same_bits_as_torch(monkeypatch, dtype, channels_last):
-    import pipeline.contract as contract
+    import pipeline.transforms as transforms
 
     spec = LoaderSpec(data_path="x", split="train", batch_size=3, img_size=0, device=torch.device("cpu"),
                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dtype=dtype, channels_last=channels_last)
     pixels = torch.randint(0, 256, (3, 17, 13, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     fast = to_model_input(pixels, spec, nhwc=True)
-    monkeypatch.setattr(contract, "_pixels", None)
+    monkeypatch.setattr(transforms, "_pixels", None)
     chain = to_model_input(pixels, spec, nhwc=True)
     assert fast.dtype == chain.dtype == dtype and fast.shape == (3, 3, 17, 13)
     assert fast.stride() == chain.stride() and torch.equal(fast, chain)

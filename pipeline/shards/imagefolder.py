@@ -9,14 +9,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.format import FORMAT, SPLITS
+from pipeline.shards.errors import UsageError
+from pipeline.shards.format import FORMAT, SPLITS
 
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
 MAX_KEY = 80  # keeps `<key>.jpg` within ustar's 100-byte name field
 
 
-class UsageError(Exception):
-    """Bad input the user must fix (reported in one line, exit status 2)."""
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """The shard set on disk, the one place that knows its file names and layouts; both the writer
-(`pipeline/writer.py`, driven by `tools/make_shards.py`) and every reader go through it.
+(`pipeline/shards/writer.py`, driven by `tools/make_shards.py`) and every reader go through it.
 
 A shard folder holds, per split, `<split>-NNNNNN.tar` (webdataset: `<key>.jpg` with the JPEG bytes, `<key>.cls` with
 the ASCII decimal label) and `<split>-NNNNNN.idx` beside it (DALI's wds2idx v1.2 index: the byte offset and size of
 every member, so readers seek instead of scanning), plus `classes.json` (class folder names, label order),
 timm's `_info.json`, and `manifest.json`, written last: its presence means the set is complete. The folder may be an
-S3 prefix (`s3://bucket/prefix`): every read goes through `pipeline/storage.py`.
+S3 prefix (`s3://bucket/prefix`): every read goes through `pipeline/shards/storage.py`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pipeline import atomicio, storage
+from pipeline.shards import atomicio, storage
+from pipeline.shards.errors import ShardError
 
 FORMAT = "vitshards-1"
 SPLITS = ("train", "val")
@@ -26,12 +27,8 @@ TIMM_SPLIT_NAMES = {"train": "train", "val": "validation"}  # timm's wds reader 
 _SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.(tar|idx)$")
 
 
-class PipelineError(RuntimeError):
-    """An input problem the user can fix (data on disk, machine resources); the message says what, in one line."""
 
 
-class ShardError(PipelineError):
-    """A shard set on disk that the pipeline cannot use; the message says which file and why."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -121,7 +118,7 @@ class Settings:
     max_side: int | None = None  # re-encode images whose longer side exceeds this (px); None keeps originals
     quality: int = 95  # JPEG quality of re-encoded images (conversions, resizes)
     check: str = "decode"  # decode: Pillow decodes every image; header: header + end-marker check only
-    # Every JPEG re-encoded losslessly with a restart marker after each MCU (pipeline/jpeg.py `recode`: the same
+    # Every JPEG re-encoded losslessly with a restart marker after each MCU (pipeline/shards/jpeg.py `recode`: the same
     # pixels), so the host decoder entropy-decodes only a crop's MCUs. False in sets made before the option.
     restart_markers: bool = False
     source: str = ""  # the ImageFolder's absolute path

@@ -17,18 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipeline.shards.errors import ShardError
+
 S3 = "s3://"
 # Ranged GETs closer than this are merged into one request (the bytes between are read and dropped), up to
 # MAX_REQUEST bytes a request: fewer round trips for samples that sit near each other in a shard.
 MERGE_GAP = 256 * 1024
 MAX_REQUEST = 8 * 1024 * 1024
 PARALLEL_REQUESTS = 8  # GETs in flight per process while one batch is read
-
-
-def _error(message: str) -> Exception:
-    from pipeline.format import ShardError  # format imports this module: the error class is looked up when needed
-
-    return ShardError(message)
 
 
 def is_s3(location: str | Path) -> bool:
@@ -43,7 +39,7 @@ def join(root: str | Path, name: str) -> str:
 def split_s3(url: str) -> tuple[str, str]:
     bucket, _, key = url[len(S3):].partition("/")
     if not bucket:
-        raise _error(f"{url}: an S3 location is s3://BUCKET/PREFIX")
+        raise ShardError(f"{url}: an S3 location is s3://BUCKET/PREFIX")
     return bucket, key
 
 
@@ -179,7 +175,7 @@ def _ranged_get(location: str, url: str, start: int, stop: int) -> bytes:
             failure = f"HTTP {status} " + ("access denied (credentials, or a presigned URL that expired)"
                                            if status == 403 else reply.reason)
         if attempt == attempts or (status is not None and status < 500):
-            raise _error(f"{location}: {failure}")
+            raise ShardError(f"{location}: {failure}")
         time.sleep(0.5 * 2 ** (attempt - 1))  # a failed connection or a 5xx: try again
 
 
@@ -246,7 +242,7 @@ def _s3_call(url: str, call):
     try:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
-        raise _error("s3:// locations need boto3: pip install -e '.[s3]' (or pip install boto3)") from None
+        raise ShardError("s3:// locations need boto3: pip install -e '.[s3]' (or pip install boto3)") from None
     try:
         return call(_client())
     except ClientError as e:
@@ -257,6 +253,6 @@ def _s3_call(url: str, call):
                   "InvalidAccessKeyId": "the access key is not known to the server (AWS_ACCESS_KEY_ID)",
                   "SignatureDoesNotMatch": "wrong secret key (AWS_SECRET_ACCESS_KEY)",
                   "AccessDenied": "access denied"}.get(code, f"{code or 'error'}: {e}")
-        raise _error(f"{url}: {reason}") from None
+        raise ShardError(f"{url}: {reason}") from None
     except BotoCoreError as e:  # no credentials, an endpoint that does not answer (after botocore's retries), ...
-        raise _error(f"{url}: {type(e).__name__}: {e}") from None
+        raise ShardError(f"{url}: {type(e).__name__}: {e}") from None

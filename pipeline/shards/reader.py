@@ -7,12 +7,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pipeline import storage
-from pipeline.format import Shard, ShardError, read_index
-
-
-class SampleError(ShardError):
-    """One sample that cannot be used; the message names the shard file and the sample key."""
+from pipeline.shards import storage
+from pipeline.shards.errors import SampleError, ShardError
+from pipeline.shards.format import Shard, read_index
 
 
 @dataclass

@@ -17,9 +17,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import jpeg, storage
-from pipeline.format import Manifest, ShardError, ShardInfo, read_index
-from pipeline.imagefolder import Scan, plan_shards
+from pipeline.shards import jpeg, storage
+from pipeline.shards.errors import ShardError
+from pipeline.shards.format import Manifest, ShardInfo, read_index
+from pipeline.shards.imagefolder import Scan, plan_shards
 
 
 def read_tar(blob: bytes) -> list:

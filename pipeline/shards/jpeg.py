@@ -2,7 +2,7 @@
 the lossless re-encode that makes shards whose boxes decode alone (`recode`, called by the shard writer).
 
 Two paths with the same output geometry (the box's float coordinates, the same DCT scale, the same resampling):
-  region  the C extension `pipeline._jpegregion` decodes only the box's rows and iMCU columns (plus the resampling
+  region  the C extension `pipeline.shards._jpegregion` decodes only the box's rows and iMCU columns (plus the resampling
           filter's margin) with libjpeg-turbo, and stops below the box: what a RandomResizedCrop leaves out is not
           decoded. In a recoded JPEG (a restart marker after every MCU) not even entropy-decoded: the rows above
           and the columns beside the box are skipped too. Built by `pip install -e .` where libjpeg's headers are
@@ -17,18 +17,13 @@ from __future__ import annotations
 import io
 import math
 
-import numpy as np
 import PIL
 from PIL import Image
 
 try:
-    from pipeline import _jpegregion
+    from pipeline.shards import _jpegregion
 except ImportError:  # not built (no compiler or libjpeg headers at install): Pillow decodes whole images
     _jpegregion = None
-try:
-    from pipeline import _pixels
-except ImportError:  # not built (no C compiler at install): Pillow flips and packs the rows
-    _pixels = None
 
 DECODERS = ("region", "pillow")
 
@@ -65,7 +60,7 @@ def recode(data: bytes) -> bytes:
     baseline with optimized Huffman tables and a restart marker after every MCU, which lets the region decoder skip
     to any MCU. CMYK/YCCK JPEGs come back unchanged. Needs the extension; ValueError on bytes libjpeg rejects."""
     if _jpegregion is None:
-        raise RuntimeError("recode needs the region decoder (pipeline._jpegregion), which is not built")
+        raise RuntimeError("recode needs the region decoder (pipeline.shards._jpegregion), which is not built")
     recoded = _jpegregion.recode(data)
     return data if recoded is None else recoded
 
@@ -99,17 +94,6 @@ def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "r
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def rgb_into(image: Image.Image, out: np.ndarray, flip: bool = False) -> None:
-    """The pixels of an RGB or RGBX image, mirrored left to right when `flip`, into `out` (height, width, 3) uint8."""
-    if image.mode in ("RGB", "RGBX") and _pixels is not None:
-        # Pillow holds both modes as 4 bytes a pixel, so their RGBX rows come out as a plain copy; one pass of
-        # pipeline/_pixels.c then drops the fourth byte (and mirrors), where Pillow would copy a mirrored image and
-        # pack its rows to RGB in a slower pass (docs/pipeline.md, "The host backend").
-        _pixels.rgb_rows(image.tobytes("raw", "RGBX"), out, image.size[0], flip)
-        return
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # cheaper than numpy's reversed-stride copy
-    out[...] = np.frombuffer(image.tobytes("raw", "RGB"), np.uint8).reshape(out.shape)
 
 
 def _region(data: bytes, width: int, height: int, box, denom: int, size: int, resample: int) -> Image.Image:

@@ -42,11 +42,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from pipeline import BACKENDS, IMAGENET_CLASSES, LoaderSpec, build_loader, endless, timed
+from pipeline.backends import BACKENDS, build_loader, get_backend, options_from
 from pipeline.cli import add_flags, from_args, knob
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
-from pipeline.format import ShardError, read_manifest
+from pipeline.hybrid import HybridOptions
+from pipeline.loader import IMAGENET_CLASSES, LoaderSpec, endless, timed
+from pipeline.shards.errors import ShardError
+from pipeline.shards.format import read_manifest
+
 
 @dataclass
 class BenchConfig:
@@ -74,6 +78,7 @@ class BenchConfig:
                              factory=HostOptions)
     dali: DaliOptions = knob(help="the dali backend's own options (--dali-normalize-in torch|dali, ...)",
                              factory=DaliOptions)
+    hybrid: HybridOptions = knob(help="the hybrid backend's own option (--hybrid-dali-share)", factory=HybridOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +182,7 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
 
 def fresh_counts(loader, device: torch.device) -> dict:
     return {"images": 0, "padding": torch.zeros((), dtype=torch.int64, device=device), "wait": 0.0,
-            "bytes": getattr(loader, "bytes_read", 0), "cpu": tree_cpu_seconds(), "boundaries": 0,
+            "bytes": loader.bytes_read, "cpu": tree_cpu_seconds(), "boundaries": 0,
             "boundary_wait": 0.0, "batch_waits": 0, "batch_wait": 0.0}
 
 
@@ -185,14 +190,14 @@ def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
     """Figures of one stretch; called after a sync, so reading the device-side padding count costs no stall."""
     images = acc["images"] - int(acc["padding"])
     img_s = images / seconds
-    workers = getattr(loader, "num_workers", cfg.workers)  # the host backend starts no more workers than steps
+    workers = loader.num_workers  # the host backend starts no more workers than steps
     out = {"img_s": round(img_s, 1), "img_s_per_worker": round(img_s / workers, 1),
            "data_wait": round(acc["wait"] / seconds, 3), "seconds": round(seconds, 2), "images": images}
     if acc["batch_waits"]:
         out["batch_wait_s"] = round(acc["batch_wait"] / acc["batch_waits"], 4)  # mean, batches inside an epoch
     if acc["boundaries"]:  # the longest wait for an epoch's first batch, and how many epoch starts the span held
         out.update(boundary_wait_s=round(acc["boundary_wait"], 4), epoch_starts=acc["boundaries"])
-    if hasattr(loader, "bytes_read"):
+    if loader.bytes_read:  # loaders that read no shards (synthetic, torchvision's) count no bytes
         out["mb_s"] = round((loader.bytes_read - acc["bytes"]) / seconds / 1e6, 1)
     cpu = tree_cpu_seconds()
     if cpu is not None and acc["cpu"] is not None and cpu > acc["cpu"]:
@@ -210,7 +215,7 @@ def spec_for(cfg: BenchConfig, device: torch.device) -> dict:
 def num_classes_of(cfg: BenchConfig) -> int:
     if cfg.data_path is None:
         return IMAGENET_CLASSES
-    from pipeline.format import num_classes
+    from pipeline.shards.format import num_classes
 
     return num_classes(cfg.data_path)
 
@@ -229,9 +234,8 @@ def run(cfg: BenchConfig) -> dict:
 
         importlib.import_module("torch_npu")  # registers the "npu" device with torch
     step = model_step(cfg, num_classes_of(cfg), device)
-    options = {"host": cfg.host, "dali": cfg.dali}.get(cfg.backend)
-    loader = build_loader(backend=cfg.backend, options=options, **spec_for(cfg, device))
-    describe = loader.describe() if hasattr(loader, "describe") else cfg.backend
+    loader = build_loader(backend=cfg.backend, options=options_from(cfg, cfg.backend), **spec_for(cfg, device))
+    describe = loader.describe()
     print(f"bench: {describe}", file=sys.stderr)
     try:
         result = measure(loader, cfg, device, step, cfg.backend)
@@ -239,13 +243,13 @@ def run(cfg: BenchConfig) -> dict:
         loader.close()
     from pipeline.host import pillow_flavour
 
-    final = {"final": True, **result, "backend": cfg.backend, "workers": getattr(loader, "num_workers", cfg.workers),
+    final = {"final": True, **result, "backend": cfg.backend, "workers": loader.num_workers,
              "batch_size": cfg.batch_size,
              "split": cfg.split, "img_size": cfg.img_size, "device": str(device), "model": cfg.model,
              "pillow": pillow_flavour(), "loader": describe, "restart_markers": restart_markers(cfg),
              "torch": torch.__version__, "python": platform.python_version()}
     if cfg.baseline:
-        from pipeline.baseline import TorchvisionLoader
+        from pipeline.bench.baseline import TorchvisionLoader
 
         spec = LoaderSpec(**spec_for(cfg, device))
         base = TorchvisionLoader(cfg.baseline, spec)
@@ -288,11 +292,11 @@ def decode_only(cfg: BenchConfig) -> dict:
     import numpy as np
     from PIL import Image
 
-    from pipeline.baseline import baseline_transform
-    from pipeline.format import shard_list
+    from pipeline.bench.baseline import baseline_transform
     from pipeline.host import pillow_flavour
     from pipeline.host_worker import WorkerConfig, decode
-    from pipeline.reader import ShardReader
+    from pipeline.shards.format import shard_list
+    from pipeline.shards.reader import ShardReader
 
     cfg.host.validate()  # a decoder asked for and not built is an error, not a silent fallback
     torch.set_num_threads(1)  # the torchvision path's ToTensor/Normalize would otherwise use every core
@@ -302,8 +306,9 @@ def decode_only(cfg: BenchConfig) -> dict:
         if len(samples) >= 2000:  # enough variety; keeps memory small on a full ImageNet shard set
             break
         samples += reader.read_all(shard)
-    worker = WorkerConfig(0, 1, LoaderSpec(**{**spec_for(cfg, spec.device), "batch_size": 1}).planner([]),
-                          cfg.img_size, spec.crop_pct, spec.scale, spec.ratio, spec.hflip, False, None, (),
+    worker = WorkerConfig(worker=0, num_workers=1, planner=LoaderSpec(**{**spec_for(cfg, spec.device),
+                                                                         "batch_size": 1}).planner([]),
+                          transform=spec.transform, skip_bad=False, num_classes=None, slot_names=(),
                           decoder=cfg.host.resolved_decoder)
     out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
     result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
@@ -311,7 +316,7 @@ def decode_only(cfg: BenchConfig) -> dict:
               "samples": len(samples),
               "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out), samples, cfg.seconds), 1)}
     if cfg.baseline:
-        transform = baseline_transform(spec)
+        transform = baseline_transform(spec.transform)
         tv = time_single_core(lambda s: transform(Image.open(io.BytesIO(s.jpg)).convert("RGB")), samples,
                               cfg.seconds)
         result.update(baseline_img_s=round(tv, 1), ratio=round(result["img_s"] / tv, 2))
@@ -325,7 +330,7 @@ def check(cfg: BenchConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.seconds <= 0:
         raise ValueError(f"--seconds must be > 0, got {cfg.seconds}")
-    if cfg.data_path is None and (cfg.decode_only or cfg.backend != "synthetic"):
+    if cfg.data_path is None and (cfg.decode_only or get_backend(cfg.backend).reads_shards):
         raise ValueError("--data_path is needed (shards made by tools/make_shards.py)")
     if cfg.baseline and not cfg.decode_only and not os.path.isdir(os.path.join(cfg.baseline, cfg.split)):
         raise ValueError(f"--baseline {cfg.baseline}: no {cfg.split}/ folder there (an ImageFolder root is needed)")
@@ -346,7 +351,3 @@ def main(argv=None) -> int:
         return 130
     print(json.dumps(final), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

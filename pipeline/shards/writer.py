@@ -1,7 +1,7 @@
 """The shard writer that `tools/make_shards.py` drives: check or convert each image, write tar shards with their
-`.idx` and resume records, then the set's files (`pipeline/format.py` owns their names and layouts).
+`.idx` and resume records, then the set's files (`pipeline/shards/format.py` owns their names and layouts).
 
-`write_shards` runs in the parent: it plans (`pipeline/imagefolder.py`), skips shards an earlier run of the same
+`write_shards` runs in the parent: it plans (`pipeline/shards/imagefolder.py`), skips shards an earlier run of the same
 plan finished, and farms the rest out to worker processes running `build_shard`. Everything a worker does is a pure
 function of its job, so a shard's bytes depend only on the source files and the settings.
 """
@@ -27,11 +27,26 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import atomicio, jpeg, storage
-from pipeline.format import (CLASSES, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO, Manifest, Settings,
-                             ShardError, ShardInfo, SplitInfo, index_line, index_text, is_shard_file, shard_name,
-                             write_set_files)
-from pipeline.imagefolder import Scan, SplitScan, UsageError, plan_shards, scan_source
+from pipeline.shards import atomicio, jpeg, storage
+from pipeline.shards.errors import ShardError, UsageError
+from pipeline.shards.format import (
+    CLASSES,
+    LOCK_FILE,
+    MANIFEST,
+    PARTS_DIR,
+    PLAN_FILE,
+    TIMM_INFO,
+    Manifest,
+    Settings,
+    ShardInfo,
+    SplitInfo,
+    index_line,
+    index_text,
+    is_shard_file,
+    shard_name,
+    write_set_files,
+)
+from pipeline.shards.imagefolder import Scan, SplitScan, plan_shards, scan_source
 
 # Fixed tar header fields: the same input gives byte-identical shards on any machine, any day (re-encoded images:
 # with the same libjpeg).
@@ -247,7 +262,7 @@ def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
         kw["restart_markers"] = jpeg.decoder_available("region")
     settings = Settings(**kw, source=str(src))
     if settings.restart_markers and not jpeg.decoder_available("region"):
-        raise UsageError("--restart-markers needs the region decoder (pipeline._jpegregion), which is not built: "
+        raise UsageError("--restart-markers needs the region decoder (pipeline.shards._jpegregion), which is not built: "
                          "install libjpeg-turbo's headers (libjpeg62-turbo-dev) and rerun `pip install -e .`")
     if settings.samples_per_shard < 1:
         raise UsageError("--samples-per-shard must be >= 1")

@@ -1,0 +1,44 @@
+"""Process-level settings the loaders need, kept apart from what they compute: how worker processes start without
+replaying the user's script, and how freed batch memory stays in the heap."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import sys
+
+
+@contextlib.contextmanager
+def main_not_replayed():
+    """Start processes (spawn, forkserver) without them running the user's `__main__` again. multiprocessing hands a
+    new interpreter the main script's path or module name, and the child runs it, unguarded top-level code included:
+    a quick script without `if __name__ == "__main__":` would then build loaders inside every worker. Our workers'
+    code lives in importable modules and needs nothing of the main script, so the main module's path and spec are
+    hidden while the processes start, and restored after."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
+@functools.cache
+def keep_freed_memory_in_the_heap() -> None:
+    """glibc hands freed blocks of more than 128 KB back to the kernel (and trims a thread's heap when its top is
+    free), so the next allocation is fresh pages that the kernel zero-fills on first touch. A float batch on the CPU
+    is such a block (38.5 MB at 64 x 224 px), every batch; in a host worker, the shard bytes its read-ahead thread
+    reads are (docs/pipeline.md, "Measured figures"). Raising glibc's mmap and trim thresholds keeps freed memory in
+    the heap for the next batch, as jemalloc or tcmalloc would. Process-wide, once: on the first CPU batch, and at a
+    host worker's start; nothing happens where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 30)
