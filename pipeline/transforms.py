@@ -28,8 +28,6 @@ from pipeline.processes import keep_freed_memory_in_the_heap
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.contract import LoaderSpec
-
 try:
     from pipeline import _pixels
 except ImportError:  # not built (no C compiler at install): Pillow flips and packs, torch converts in three passes
@@ -131,9 +129,10 @@ def _norm_constants(device: torch.device, mean: tuple, std: tuple) -> tuple[torc
     return m.to(device), s.to(device)
 
 
-def to_model_input(images_u8: torch.Tensor, spec: LoaderSpec, nhwc: bool) -> torch.Tensor:
-    """uint8 pixels (already on the device) -> the contract's images. Runs on the device so the host ships 1 byte per
-    pixel and the float work costs the accelerator a few elementwise kernels."""
+def to_model_input(images_u8: torch.Tensor, spec, nhwc: bool) -> torch.Tensor:
+    """uint8 pixels (already on the device) -> the images a loader yields, as `spec` (a `LoaderSpec`: dtype, mean,
+    std, channels_last) asks. Runs on the device so the host ships 1 byte per pixel and the float work costs the
+    accelerator a few elementwise kernels."""
     import torch  # here: the host workers import this module for its geometry and stay torch-free
 
     if images_u8.device.type == "cpu":
@@ -153,8 +152,8 @@ def to_model_input(images_u8: torch.Tensor, spec: LoaderSpec, nhwc: bool) -> tor
     return out if spec.dtype == torch.float32 else out.to(spec.dtype)
 
 
-def _one_pass_on_cpu(images_u8: torch.Tensor, spec: LoaderSpec) -> torch.Tensor | None:
-    """A CPU batch of NHWC pixels in the contract's layout, float32 or uint8, by one pass of pipeline/_pixels.c
+def _one_pass_on_cpu(images_u8: torch.Tensor, spec) -> torch.Tensor | None:
+    """A CPU batch of NHWC pixels in the loader's layout, float32 or uint8, by one pass of pipeline/_pixels.c
     instead of torch's three: the same bits as the chain in `to_model_input` (docs/pipeline.md, "The host backend").
     None where it does not apply: not built, not on the CPU, or a uint8 channels_last batch (a view is all it takes)."""
     import torch

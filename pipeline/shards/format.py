@@ -31,6 +31,28 @@ _SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.(tar|idx)$")
 
 
 
+# A sample's members, in the order the writer puts them in the tar: `<key>.jpg` (the JPEG bytes) and `<key>.cls`
+# (the label, ASCII decimal). Keys hold no dots, so a member name splits at its last one.
+IMAGE, LABEL = "jpg", "cls"
+MEMBERS = (IMAGE, LABEL)
+
+
+def member_name(key: str, member: str) -> str:
+    return f"{key}.{member}"
+
+
+def encode_label(label: int) -> bytes:
+    return str(label).encode("ascii")
+
+
+def decode_label(data: bytes) -> int:
+    """The label a `.cls` member holds; ValueError when it holds none."""
+    try:
+        return int(data.decode("ascii").strip())
+    except UnicodeDecodeError:
+        raise ValueError(f"not ASCII: {data[:20]!r}") from None
+
+
 def shard_name(split: str, index: int) -> str:
     """`train-000012`: the stem of a shard's .tar and .idx."""
     return f"{split}-{index:06d}"
@@ -51,7 +73,7 @@ class Shard:
 
 def index_line(key: str, members: list[tuple[str, int, int]]) -> str:
     """One sample's line: `<ext> <offset> <size> <key>.<ext>` for each (ext, data offset, size)."""
-    return " ".join(f"{ext} {offset} {size} {key}.{ext}" for ext, offset, size in members)
+    return " ".join(f"{ext} {offset} {size} {member_name(key, ext)}" for ext, offset, size in members)
 
 
 def index_text(lines: list[str]) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pipeline.shards import storage
 from pipeline.shards.errors import SampleError, ShardError
-from pipeline.shards.format import Shard, read_index
+from pipeline.shards.format import IMAGE, LABEL, MEMBERS, Shard, decode_label, read_index
 
 
 @dataclass
@@ -33,8 +33,8 @@ def usable_label(sample: Sample, num_classes: int | None) -> int:
     if not sample.jpg:
         raise SampleError(f"{sample.shard}: sample {sample.key}: no .jpg component")
     try:
-        label = int(sample.cls.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+        label = decode_label(sample.cls)
+    except ValueError:
         raise SampleError(f"{sample.shard}: sample {sample.key}: .cls is not a decimal label ({sample.cls[:20]!r})") \
             from None
     if label < 0 or (num_classes is not None and label >= num_classes):
@@ -100,16 +100,22 @@ class ShardReader:
         return [_sample(shard, entry, span[0], blob) for entry, span, blob in zip(entries, spans, blobs)]
 
 
+def samples_in(shard: Shard, entries: list, data: bytes) -> list[Sample]:
+    """The samples `entries` (index entries of `shard`) name, cut out of `data`, the whole file's bytes: for the
+    verifier, which holds them already to hash them."""
+    return [_sample(shard, entry, 0, data) for entry in entries]
+
+
 def _sample(shard: Shard, entry, start: int, blob: bytes) -> Sample:
     """The sample's members cut out of `blob` (the file's bytes from `start`); a member the blob does not fully hold
     means the file is shorter than its index says."""
     key, parts = entry
     data, problem = {}, None
-    for ext in ("jpg", "cls"):
+    for ext in MEMBERS:
         if ext in parts:
             offset, size = parts[ext]
             data[ext] = blob[offset - start:offset - start + size]
             if len(data[ext]) < size and problem is None:
                 problem = (f"the shard is cut short: its .{ext} needs bytes {offset}-{offset + size} of the file, "
                            f"which ends at {start + len(blob)} (remake the shards)")
-    return Sample(shard.path, key, data.get("jpg", b""), data.get("cls", b""), problem)
+    return Sample(shard.path, key, data.get(IMAGE, b""), data.get(LABEL, b""), problem)

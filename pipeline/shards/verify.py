@@ -1,8 +1,8 @@
 """`tools/make_shards.py --verify`: re-read every shard and check it against the manifest and the source tree.
 
-Checks per shard: size and sha256 as in the manifest; members come as `<key>.jpg`, `<key>.cls` pairs;
-the `.idx` lines point at exactly those bytes; the samples are the planned source files minus the
-rejected ones, each with its label; unconverted images are byte-identical to their source file (in a set made
+Checks per shard: size and sha256 as in the manifest; the `.idx` lines point at exactly the tar's members (as
+tarfile lists them), `<key>.jpg` then `<key>.cls` per sample; the samples, read as the loaders read them
+(`pipeline/shards/reader.py`), are the planned source files minus the rejected ones, each with its label; unconverted images are byte-identical to their source file (in a set made
 with restart markers: decode to its pixels, and carry the markers) and converted ones decode as RGB JPEGs.
 Per split: shard samples + rejected + ignored == files in SRC.
 """
@@ -18,27 +18,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.shards import jpeg, storage
-from pipeline.shards.errors import ShardError
-from pipeline.shards.format import Manifest, ShardInfo, read_index
+from pipeline.shards.errors import SampleError, ShardError
+from pipeline.shards.format import IMAGE, LABEL, MEMBERS, Manifest, Shard, ShardInfo, member_name, read_index
 from pipeline.shards.imagefolder import Scan, plan_shards
+from pipeline.shards.reader import samples_in, usable_label
 
 
-def read_tar(blob: bytes) -> list:
-    """[(key, label, jpg bytes, {ext: (offset, size)})] in tar order; raises ValueError on bad pairs."""
-    members = []
+def tar_members(blob: bytes) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of every member, in tar order: tarfile's own reading, apart from the index."""
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
-        for m in tar:
-            members.append((m.name, m.offset_data, m.size))
-    if len(members) % 2:
-        raise ValueError("odd number of members")
-    out = []
-    for (jname, joff, jsize), (cname, coff, csize) in zip(members[::2], members[1::2]):
-        key = jname.removesuffix(".jpg")
-        if not jname.endswith(".jpg") or cname != f"{key}.cls":
-            raise ValueError(f"members {jname}, {cname} are not a <key>.jpg/<key>.cls pair")
-        label = int(blob[coff:coff + csize].decode("ascii"))
-        out.append((key, label, blob[joff:joff + jsize], {"jpg": (joff, jsize), "cls": (coff, csize)}))
-    return out
+        return [(m.name, m.offset_data, m.size) for m in tar]
 
 
 def same_pixels(a: bytes, b: bytes) -> bool:
@@ -54,19 +43,27 @@ def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, spl
     if len(blob) != shard.bytes or hashlib.sha256(blob).hexdigest() != shard.sha256:
         return [f"{name}: size or sha256 differs from the manifest"]
     try:
-        samples = read_tar(blob)
         index = read_index(storage.join(dst, shard.index))
-    except (OSError, ValueError, tarfile.TarError, ShardError) as e:
+        members = tar_members(blob)
+    except (OSError, tarfile.TarError, ShardError) as e:
         return [f"{name}: {e}"]
     problems = []
-    if len(samples) != shard.num_samples:
-        problems.append(f"{name}: {len(samples)} samples, manifest says {shard.num_samples}")
-    if [(k, spans) for k, _, _, spans in samples] != index:
+    if len(index) != shard.num_samples:
+        problems.append(f"{name}: {len(index)} samples, manifest says {shard.num_samples}")
+    # The index must point at exactly the tar's members, each sample's in the writer's order.
+    if members != [(member_name(key, m), *parts[m]) for key, parts in index for m in MEMBERS if m in parts]:
         problems.append(f"{shard.index}: does not match the members of {name}")
+    if any(set(parts) != set(MEMBERS) for _, parts in index):
+        return problems + [f"{name}: a sample without both <key>.{IMAGE} and <key>.{LABEL}"]
+    try:  # the samples as every loader reads them
+        samples = [(s.key, usable_label(s, None), s.jpg) for s in samples_in(Shard(name, shard.index, len(index)),
+                                                                            index, blob)]
+    except SampleError as e:
+        return problems + [str(e)]
     expected = [(p, lab, key) for p, lab, key in entries if p not in split_rej]
-    if [k for k, _, _, _ in samples] != [key for _, _, key in expected]:
+    if [k for k, _, _ in samples] != [key for _, _, key in expected]:
         return problems + [f"{name}: keys differ from the planned source files"]
-    for (key, label, jpg, _), (path, want_label, _) in zip(samples, expected):
+    for (key, label, jpg), (path, want_label, _) in zip(samples, expected):
         if label != want_label:
             problems.append(f"{name}/{key}: label {label}, expected {want_label} ({path})")
         if path in converted:

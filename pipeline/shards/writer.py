@@ -31,6 +31,8 @@ from pipeline.shards import atomicio, jpeg, storage
 from pipeline.shards.errors import ShardError, UsageError
 from pipeline.shards.format import (
     CLASSES,
+    IMAGE,
+    LABEL,
     LOCK_FILE,
     MANIFEST,
     PARTS_DIR,
@@ -40,9 +42,11 @@ from pipeline.shards.format import (
     Settings,
     ShardInfo,
     SplitInfo,
+    encode_label,
     index_line,
     index_text,
     is_shard_file,
+    member_name,
     shard_name,
     write_set_files,
 )
@@ -197,10 +201,10 @@ def _write_tar(tmp: Path, src: Path, entries: list, split: str, settings: Settin
                     continue
                 if reason:
                     rec["converted"].append({"split": split, "path": relpath, "key": key, "reason": reason})
-                cls = str(label).encode("ascii")
-                jpg_at = _add_member(tar, f"{key}.jpg", jpg)
-                cls_at = _add_member(tar, f"{key}.cls", cls)
-                rec["index"].append(index_line(key, [("jpg", jpg_at, len(jpg)), ("cls", cls_at, len(cls))]))
+                cls = encode_label(label)
+                jpg_at = _add_member(tar, member_name(key, IMAGE), jpg)
+                cls_at = _add_member(tar, member_name(key, LABEL), cls)
+                rec["index"].append(index_line(key, [(IMAGE, jpg_at, len(jpg)), (LABEL, cls_at, len(cls))]))
                 rec["num_samples"] += 1
         raw.flush()
         os.fsync(raw.fileno())
@@ -208,28 +212,41 @@ def _write_tar(tmp: Path, src: Path, entries: list, split: str, settings: Settin
     return rec
 
 
-def build_shard(job: tuple) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """One shard to build: what a pool worker gets (picklable)."""
+
+    split: str
+    index: int  # the shard's number in its split
+    entries: list  # (relpath, label, key) of its planned source files
+    src: Path  # the ImageFolder
+    dst: Path  # the output folder, or the staging folder of a remote set
+    settings: Settings
+    plan_id: str
+    remote: str | None  # the s3:// prefix the shard is uploaded to, if any
+
+
+def build_shard(job: ShardJob) -> dict:
     """Worker entry point: write `<name>.tar`, `<name>.idx`, then the `.parts/<name>.json` record.
 
-    job = (split, index, entries, src, dst, settings, plan_id, remote). The record is written last and
-    atomically, so its presence (with matching plan id and sizes) proves the shard is complete. With `remote` (an
+    The record is written last and atomically, so its presence (with matching plan id and sizes) proves the shard is complete. With `remote` (an
     s3:// prefix), `dst` is a staging folder: the shard and its index are uploaded, then the record, and the local
     copies removed, so staging holds at most one shard per worker.
     """
-    split, index, entries, src, dst, settings, plan_id, remote = job  # one tuple: what Pool.imap hands a worker
+    split, dst, remote = job.split, job.dst, job.remote
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    name = shard_name(split, index)
+    name = shard_name(split, job.index)
     tar_path, idx_path = dst / f"{name}.tar", dst / f"{name}.idx"
     tmp = atomicio.temp_path(tar_path)
     try:
-        rec = _write_tar(tmp, src, entries, split, settings)  # fsync'd: the shard is the costly part
+        rec = _write_tar(tmp, job.src, job.entries, split, job.settings)  # fsync'd: the shard is the costly part
         index = index_text(rec.pop("index")).encode()
         # The small files are not fsync'd one by one: the record stores the index size, and a record
         # or index lost to a power cut only makes the next run rebuild this shard.
         atomicio.write_bytes(idx_path, index, fsync=False)
         atomicio.finish_temp(tmp, tar_path, fsync=False)
         atomicio.fsync_dir(dst)  # both renames are durable before the record says "done"
-        rec.update({"plan_id": plan_id, "split": split, "name": f"{name}.tar", "index": f"{name}.idx",
+        rec.update({"plan_id": job.plan_id, "split": split, "name": f"{name}.tar", "index": f"{name}.idx",
                     "index_bytes": len(index)})
         if remote:
             storage.upload(tar_path, storage.join(remote, tar_path.name))
@@ -410,10 +427,10 @@ def build(src: Path, dest: Destination, present: dict[str, int], scan: Scan, set
             if rec:
                 records[name] = rec
             else:
-                jobs.append((split.name, i, entries, src, dest.local, settings, plan_id, dest.remote))
+                jobs.append(ShardJob(split.name, i, entries, src, dest.local, settings, plan_id, dest.remote))
     if records:
         print(f"resuming: {len(records)} shards already built, {len(jobs)} to build")
-    total = sum(len(j[2]) for j in jobs)
+    total = sum(len(j.entries) for j in jobs)
     start, read = time.perf_counter(), 0
     bar = tqdm(total=total, unit="img", desc="shards", dynamic_ncols=True, disable=not jobs)
     # closing(): on an error or Ctrl-C the pool is torn down here, before temp files are cleaned.
