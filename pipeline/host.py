@@ -23,17 +23,8 @@ import numpy as np
 import torch
 
 from pipeline.cli import knob
-from pipeline.host_worker import (
-    Crashed,
-    Release,
-    SampleFailed,
-    StartRun,
-    Stop,
-    WorkerConfig,
-    slot_arrays,
-    slot_nbytes,
-    worker_main,
-)
+from pipeline.host_worker import (Crashed, Release, SampleFailed, StartRun, Stop, WorkerConfig, slot_arrays,
+                                  slot_nbytes, worker_main)
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import consumer_order
 from pipeline.processes import main_not_replayed

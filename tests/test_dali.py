@@ -17,17 +17,8 @@ from pipeline.dali import DaliMissingError, DaliOptions
 from pipeline.host import HostOptions
 from pipeline.plan import epoch_order, rank_plan, rank_span
 from pipeline.shards.errors import ShardError
-from pipeline.shards.format import (
-    Manifest,
-    Settings,
-    ShardInfo,
-    SplitInfo,
-    index_line,
-    index_text,
-    shard_list,
-    shard_name,
-    write_set_files,
-)
+from pipeline.shards.format import (Manifest, Settings, ShardInfo, SplitInfo, index_line, index_text, shard_list,
+                                    shard_name, write_set_files)
 
 NUM_LABELLED, PER_SHARD = 1000, 130  # labels 0..999, shards of uneven size (7 x 130 + 90)
 

@@ -7,21 +7,8 @@ import json
 import pytest
 
 from pipeline.shards.errors import ShardError
-from pipeline.shards.format import (
-    MANIFEST,
-    Manifest,
-    Settings,
-    ShardInfo,
-    SplitInfo,
-    index_line,
-    index_text,
-    is_shard_file,
-    num_classes,
-    read_index,
-    read_manifest,
-    shard_list,
-    write_set_files,
-)
+from pipeline.shards.format import (FORMAT, MANIFEST, Manifest, Settings, ShardInfo, SplitInfo, index_line, index_text,
+                                    is_shard_file, num_classes, read_index, read_manifest, shard_list, write_set_files)
 
 
 def small_manifest() -> Manifest:
@@ -37,19 +24,43 @@ def test_manifest_round_trips_and_keeps_the_file_layout(tmp_path):
     assert read_manifest(tmp_path) == manifest
     on_disk = json.loads((tmp_path / MANIFEST).read_text())
     # Settings sit at the top level beside the splits, as in every shard set written so far.
-    assert on_disk["seed"] == 7 and on_disk["format"] == "vitshards-1" and "settings" not in on_disk
+    assert on_disk["seed"] == 7 and on_disk["format"] == FORMAT == "vitshards-2" and "settings" not in on_disk
     assert on_disk["splits"]["train"]["shards"][0]["sha256"] == "ab" * 32
     info = json.loads((tmp_path / "_info.json").read_text())
     assert info["splits"]["train"]["filenames"] == ["train-000000.tar"]
     assert num_classes(tmp_path) == 5
 
 
-def test_class_count_of_an_older_manifest_comes_from_classes_json(tmp_path):
+def test_a_vitshards_1_manifest_is_read_by_its_own_rule(tmp_path):
     write_set_files(tmp_path, small_manifest(), ["a", "b"])
     obj = json.loads((tmp_path / MANIFEST).read_text())
-    del obj["num_classes"]
+    obj["format"] = "vitshards-1"  # as sets were written before the fields came: no class count, no restart markers
+    del obj["num_classes"], obj["restart_markers"]
     (tmp_path / MANIFEST).write_text(json.dumps(obj))
-    assert read_manifest(tmp_path).num_classes is None and num_classes(tmp_path) == 2
+    manifest = read_manifest(tmp_path)
+    assert manifest.num_classes == 2 and num_classes(tmp_path) == 2  # classes.json's count
+    assert manifest.settings.restart_markers is False and manifest.settings.format == "vitshards-1"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format": "vitshards-9"}, "shard format 'vitshards-9', which this version does not read (it reads "
+                                "vitshards-1, vitshards-2)"),
+    ({"format": None}, "shard format None"),
+    ({"num_classes": None}, "not a manifest written by tools/make_shards.py (KeyError: 'num_classes')"),
+    ({"restart_markers": None}, "a vitshards-2 manifest without restart_markers"),
+])
+def test_a_manifest_of_another_format_or_missing_a_field_is_refused_in_one_line(tmp_path, change, message):
+    write_set_files(tmp_path, small_manifest(), ["a", "b"])
+    obj = json.loads((tmp_path / MANIFEST).read_text())
+    for key, value in change.items():
+        if value is None:
+            del obj[key]
+        else:
+            obj[key] = value
+    (tmp_path / MANIFEST).write_text(json.dumps(obj))
+    with pytest.raises(ShardError) as e:
+        read_manifest(tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("text", ["[]", "{}", '{"splits": {"train": {"shards": [{"name": "x"}]}}}', "{not json"])

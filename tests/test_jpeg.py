@@ -11,13 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from pipeline.shards.jpeg import (
-    crop_resize,
-    decoder_available,
-    has_restart_markers,
-    recode,
-    scale_denominator,
-)
+from pipeline.shards.jpeg import (crop_resize, decoder_available, has_restart_markers, recode, scale_denominator)
 from pipeline.transforms import center_crop_box, random_resized_crop, rgb_into
 
 region_built = pytest.mark.skipif(not decoder_available("region"),

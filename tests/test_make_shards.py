@@ -1,4 +1,5 @@
 import errno
+import hashlib
 import io
 import json
 import shutil
@@ -90,10 +91,17 @@ def test_without_restart_markers_the_source_bytes_are_kept(sample_folder, tmp_pa
 def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_path, capsys):
     dst = tmp_path / "old"
     assert _run(sample_folder, dst, "--no-restart-markers") == 0
-    for name in (".plan.json", "manifest.json"):  # as the version before the option wrote them
-        settings = json.loads((dst / name).read_text())
-        del settings["restart_markers"]
-        (dst / name).write_text(json.dumps(settings))
+    plan = json.loads((dst / ".plan.json").read_text())
+    # As the version before the option wrote the set: format vitshards-1, no restart_markers field, and its plan id
+    # (sha256 of the settings without that field, then the source fingerprint) in every file that carries one.
+    settings = {k: v for k, v in plan.items() if k not in ("plan_id", "fingerprint", "restart_markers")}
+    settings["format"] = "vitshards-1"
+    old_id = hashlib.sha256((json.dumps(settings, sort_keys=True) + plan["fingerprint"]).encode()).hexdigest()[:16]
+    for path in [dst / ".plan.json", dst / "manifest.json", *(dst / ".parts").iterdir()]:
+        obj = json.loads(path.read_text())
+        obj.pop("restart_markers", None)
+        obj.update({"plan_id": old_id}, **({"format": "vitshards-1"} if "format" in obj else {}))
+        path.write_text(json.dumps(obj))
     (dst / "val-000001.tar").unlink()
     before = _outputs(dst)
     assert _run(sample_folder, dst) == 0  # no flag: the set's own setting, not the new default
@@ -102,6 +110,8 @@ def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_
     assert "val-000001.tar" in after and {k: v for k, v in after.items() if k in kept} == kept
     rebuilt = wds.WebDataset(str(dst / "val-000001.tar"), shardshuffle=False)
     assert not any(has_restart_markers(s["jpg"]) for s in rebuilt)
+    resumed = json.loads((dst / "manifest.json").read_text())
+    assert resumed["format"] == "vitshards-1" and resumed["plan_id"] == old_id  # resumed in its own format
     capsys.readouterr()
     assert _run(sample_folder, dst, "--restart-markers") == 2  # other settings: refused without --overwrite
     assert "restart_markers: False -> True" in capsys.readouterr().err  # the old set's missing field: its default
@@ -141,7 +151,7 @@ def test_side_files(sample_folder, sample_shards):
     m = json.loads((sample_shards / "manifest.json").read_text())
     assert {"format", "seed", "samples_per_shard", "max_side", "quality", "source", "num_classes",
             "splits", "converted", "rejected"} <= set(m)
-    assert m["format"] == "vitshards-1" and m["num_classes"] == 4 and m["source"] == str(sample_folder)
+    assert m["format"] == "vitshards-2" and m["num_classes"] == 4 and m["source"] == str(sample_folder)
     shard = m["splits"]["val"]["shards"][1]
     assert set(shard) == {"name", "index", "num_samples", "bytes", "sha256"} and shard["num_samples"] == 6
     assert m["splits"]["train"]["num_files"] == 48 and m["converted"] == m["rejected"] == []

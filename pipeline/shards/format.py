@@ -17,7 +17,14 @@ from pathlib import Path
 from pipeline.shards import atomicio, storage
 from pipeline.shards.errors import ShardError
 
-FORMAT = "vitshards-1"
+# The formats this version reads, and the one it writes. Each reads by its own rule (`settings_from`, `plan_fields`,
+# `read_manifest`):
+#   vitshards-1  fields added over its life may be absent: num_classes (classes.json has the classes), restart_markers
+#                (no set had them) and any other setting (its default); its plan ids leave restart_markers out when
+#                it is off, so such a set still resumes.
+#   vitshards-2  every field present; the plan id covers every setting.
+FORMATS = ("vitshards-1", "vitshards-2")
+FORMAT = FORMATS[-1]
 SPLITS = ("train", "val")
 MANIFEST, CLASSES, TIMM_INFO = "manifest.json", "classes.json", "_info.json"
 PLAN_FILE, PARTS_DIR = ".plan.json", ".parts"  # the writer's resume state: its plan, one record per finished shard
@@ -134,7 +141,7 @@ class SplitInfo:
 class Settings:
     """What decides a shard set's bytes (with the source files): a rerun with equal settings resumes."""
 
-    format: str = FORMAT
+    format: str = FORMAT  # a set resumes in the format it was begun in
     seed: int = 0  # shuffle seed
     samples_per_shard: int = 1000  # ~110 MB shards for ImageNet
     max_side: int | None = None  # re-encode images whose longer side exceeds this (px); None keeps originals
@@ -146,13 +153,34 @@ class Settings:
     source: str = ""  # the ImageFolder's absolute path
 
 
+def settings_from(obj: dict, where: str) -> Settings:
+    """The settings a manifest or plan file holds (at its top level), read by the rule of the format it names."""
+    fmt = obj.get("format")
+    if fmt not in FORMATS:
+        raise ShardError(f"{where}: shard format {fmt!r}, which this version does not read (it reads "
+                         f"{', '.join(FORMATS)}); remake the shards, or use the version that wrote them")
+    found = {f.name: obj[f.name] for f in fields(Settings) if f.name in obj}
+    missing = [f.name for f in fields(Settings) if f.name not in found]
+    if missing and fmt != "vitshards-1":
+        raise ShardError(f"{where}: a {fmt} manifest without {', '.join(missing)}; remake the shards")
+    return Settings(**found)
+
+
+def plan_fields(settings: Settings) -> dict:
+    """The settings a plan id is made of."""
+    out = asdict(settings)
+    if settings.format == "vitshards-1" and not settings.restart_markers:
+        del out["restart_markers"]
+    return out
+
+
 @dataclass
 class Manifest:
     """manifest.json: the settings, the plan id, per-split shard lists, and every converted/rejected/ignored file."""
 
     settings: Settings
     plan_id: str
-    num_classes: int | None  # None in manifests older than the field: classes.json has them
+    num_classes: int
     splits: dict[str, SplitInfo]
     converted: list[dict] = field(default_factory=list)  # {split, path, key, reason}
     rejected: list[dict] = field(default_factory=list)  # {split, path, reason}
@@ -165,12 +193,14 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict, where: str = MANIFEST) -> "Manifest":
+    def from_json(cls, obj: dict, where: str = MANIFEST, classes=lambda: None) -> "Manifest":
+        """`classes()`: the class list, for a vitshards-1 manifest that does not count them."""
         try:
-            settings = Settings(**{f.name: obj[f.name] for f in fields(Settings) if f.name in obj})
+            settings = settings_from(obj, where)
             splits = {name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
                       for name, s in obj["splits"].items()}
-            return cls(settings, obj["plan_id"], obj.get("num_classes"), splits, obj.get("converted", []),
+            count = obj["num_classes"] if settings.format != "vitshards-1" or "num_classes" in obj else len(classes())
+            return cls(settings, obj["plan_id"], count, splits, obj.get("converted", []),
                        obj.get("rejected", []), obj.get("ignored", []))
         except (KeyError, TypeError, AttributeError) as e:
             raise ShardError(f"{where}: not a manifest written by tools/make_shards.py ({type(e).__name__}: {e})") \
@@ -187,7 +217,7 @@ def read_manifest(data_path: str | Path) -> Manifest:
         raise ShardError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: not a manifest written by tools/make_shards.py")
-    return Manifest.from_json(obj, str(path))
+    return Manifest.from_json(obj, str(path), lambda: read_classes(data_path))
 
 
 def read_classes(data_path: str | Path) -> list[str]:
@@ -198,9 +228,8 @@ def read_classes(data_path: str | Path) -> list[str]:
         raise ShardError(f"{path}: unreadable class list ({e})") from e
 
 
-def num_classes(data_path: str | Path, manifest: Manifest | None = None) -> int:
-    manifest = manifest or read_manifest(data_path)
-    return manifest.num_classes if manifest.num_classes is not None else len(read_classes(data_path))
+def num_classes(data_path: str | Path) -> int:
+    return read_manifest(data_path).num_classes
 
 
 def write_set_files(folder: Path, manifest: Manifest, classes: list[str]) -> None:

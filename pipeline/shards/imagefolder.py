@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.shards.errors import UsageError
-from pipeline.shards.format import FORMAT, SPLITS
+from pipeline.shards.format import FORMATS, SPLITS
 
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
 MAX_KEY = 80  # keeps `<key>.jpg` within ustar's 100-byte name field
@@ -131,8 +131,9 @@ def scan_source(src: Path) -> Scan:
 def plan_shards(split: SplitScan, seed: int, per_shard: int) -> list:
     """Shard contents as lists of entries: a seeded shuffle, so every shard mixes classes."""
     order = list(split.entries)
-    # A str seed is hashed with sha512 by `random`, so this is stable across runs and machines.
-    random.Random(f"{FORMAT}:{seed}:{split.name}").shuffle(order)
+    # A str seed is hashed with sha512 by `random`, so this is stable across runs and machines. Its salt is the
+    # first format's name in every format: another salt would deal the same files to other shards.
+    random.Random(f"{FORMATS[0]}:{seed}:{split.name}").shuffle(order)
     return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
 
 

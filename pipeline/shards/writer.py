@@ -29,27 +29,9 @@ from tqdm import tqdm
 
 from pipeline.shards import atomicio, jpeg, storage
 from pipeline.shards.errors import ShardError, UsageError
-from pipeline.shards.format import (
-    CLASSES,
-    IMAGE,
-    LABEL,
-    LOCK_FILE,
-    MANIFEST,
-    PARTS_DIR,
-    PLAN_FILE,
-    TIMM_INFO,
-    Manifest,
-    Settings,
-    ShardInfo,
-    SplitInfo,
-    encode_label,
-    index_line,
-    index_text,
-    is_shard_file,
-    member_name,
-    shard_name,
-    write_set_files,
-)
+from pipeline.shards.format import (CLASSES, FORMAT, IMAGE, LABEL, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO,
+                                    Manifest, Settings, ShardInfo, SplitInfo, encode_label, index_line, index_text,
+                                    is_shard_file, member_name, plan_fields, settings_from, shard_name, write_set_files)
 from pipeline.shards.imagefolder import Scan, SplitScan, plan_shards, scan_source
 
 # Fixed tar header fields: the same input gives byte-identical shards on any machine, any day (re-encoded images:
@@ -268,13 +250,13 @@ def build_shard(job: ShardJob) -> dict:
 # -- the whole set: plan, resume, build, set files --------------------------------------------------------------------
 
 def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
-    """Values given (None = not given) > the plan already in DST (so a plain rerun resumes) > Settings' defaults."""
+    """Values given (None = not given) > the plan already in DST (so a plain rerun resumes, in the format it was
+    begun in) > Settings' defaults."""
+    was = settings_from(previous, PLAN_FILE) if previous else Settings()
     kw = {}
     for f in dataclasses.fields(Settings):
-        if f.name in ("format", "source"):
-            continue
-        value = given.get(f.name)
-        kw[f.name] = value if value is not None else previous.get(f.name, f.default)
+        if f.name != "source":
+            kw[f.name] = given[f.name] if given.get(f.name) is not None else getattr(was, f.name)
     if given.get("restart_markers") is None and not previous:  # a new set: on where the region decoder is built
         kw["restart_markers"] = jpeg.decoder_available("region")
     settings = Settings(**kw, source=str(src))
@@ -291,10 +273,7 @@ def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
 
 
 def make_plan_id(settings: Settings, fingerprint: str) -> str:
-    fields = dataclasses.asdict(settings)
-    if not fields["restart_markers"]:
-        del fields["restart_markers"]  # the plan ids of sets made before the option stay valid: they resume
-    blob = json.dumps(fields, sort_keys=True) + fingerprint
+    blob = json.dumps(plan_fields(settings), sort_keys=True) + fingerprint
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -381,7 +360,7 @@ def prepare_out(dest: Destination, settings: Settings, plan_id: str, overwrite: 
         return present
     if not overwrite:
         if old:
-            was = {**{f.name: f.default for f in dataclasses.fields(Settings)}, **old}  # older sets lack new fields
+            was = dataclasses.asdict(settings_from(old, str(dest)))
             diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(settings).items() if was.get(k) != v]
             why = ", ".join(diff) if diff else "the source files changed (names, sizes or times)"
             raise UsageError(f"{dest} holds shards of another data set or settings ({why}); "
@@ -487,6 +466,9 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
     if not any(s.num_files for s in scan.splits.values()):
         raise UsageError(f"--data_path {src} holds no files under train/ or val/")
     plan_id = make_plan_id(settings, scan.fingerprint)
+    if settings.format != FORMAT and plan_id != previous.get("plan_id"):  # not a resume: a new set, today's format
+        settings = dataclasses.replace(settings, format=FORMAT)
+        plan_id = make_plan_id(settings, scan.fingerprint)
     dest.local.mkdir(parents=True, exist_ok=True)
     lock = None
     try:
