@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
+from pipeline.hybrid import HybridOptions
 from trainlib import distributed
-from trainlib.config import ConfigError, markdown_table, parse_config
+from trainlib.config import ConfigError, build_parser, markdown_table, parse_config
 
 SEED_8P = ["--data_path=/data/imagenet", "--addr=10.0.0.7", "--seed=49", "--workers=128", "--learning-rate=0.8",
            "--momentum=0.9", "--weight-decay=1.0e-04", "--print-freq=1", "--dist-url=tcp://127.0.0.1:23456",
@@ -66,6 +67,17 @@ def test_backend_options_come_from_their_own_flags():
     assert cfg.host == HostOptions(slots_per_worker=3)
     assert parse_config(["--backend", "synthetic"]).backend_options() is None
     assert json.loads(json.dumps(cfg.to_dict()))["dali"]["hw_decoder_load"] == 1.0  # config.json holds plain values
+
+
+def test_hybrid_options_nest_and_their_parts_are_the_runs_dali_and_host_options(capsys):
+    cfg = parse_config(["--backend", "hybrid", "--data_path", "x", "--hybrid-dali-share", "0.25", "--dali-readers", "3",
+                        "--host-slots-per-worker", "4"])
+    assert cfg.backend_options() == HybridOptions(dali_share=0.25, dali=DaliOptions(readers=3),
+                                                  host=HostOptions(slots_per_worker=4))
+    assert "--hybrid-dali-readers" not in build_parser().format_help()  # the parts add no flags of their own
+    with pytest.raises(SystemExit):
+        parse_config(["--backend", "hybrid", "--data_path", "x", "--hybrid-dali-share", "1"])
+    assert "hybrid option dali_share must be between 0 and 1" in capsys.readouterr().err
 
 
 def test_rendezvous_from_seed_flags():

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from pipeline import build_loader, timed
+from pipeline.backends import BACKENDS, get_backend
 from pipeline.host import HostOptions
+from pipeline.loader import EpochRun, Loader
 
 
 def test_timed_reports_the_time_blocked_in_next():
@@ -32,3 +34,31 @@ def test_host_options_are_checked(sample_shards):
                       dtype=torch.uint8, options=HostOptions(slots_per_worker=1, start_method="spawn")) as loader:
         assert "1 shm slots" in loader.describe() and "(spawn)" in loader.describe()
         assert sum(len(y) for _, y in loader) == len(loader) * 4
+
+
+def test_an_epoch_run_follows_on_only_into_the_next_epoch_after_whole_epochs():
+    run = EpochRun(train=True, steps=3)
+    assert not run.follows(0)  # no run yet
+    run.restart(4)
+    run.taken = 2
+    assert run.epoch == 4 and not run.follows(5)  # epoch 4 not all taken
+    run.taken = 3
+    assert run.epoch == 5 and run.follows(5) and not run.follows(6) and not run.follows(4)
+    run.stop()
+    assert not run.follows(5)
+    val = EpochRun(train=False, steps=3)
+    val.restart(0)
+    val.taken = 3
+    assert val.follows(7)  # val reads the same batches every epoch
+
+
+def test_backends_come_from_one_registry():
+    assert BACKENDS == ("host", "dali", "hybrid", "synthetic")
+    assert get_backend("host").options_class() is HostOptions and get_backend("synthetic").options_class() is None
+    assert [n for n in BACKENDS if not get_backend(n).reads_shards] == ["synthetic"]
+    with pytest.raises(ValueError, match=r"backend must be one of \('host', 'dali', 'hybrid', 'synthetic'\), "
+                                         r"got 'gpu'"):
+        build_loader(backend="gpu", batch_size=4, device="cpu")
+    with build_loader(backend="synthetic", batch_size=2, device="cpu", img_size=8, num_classes=3) as loader:
+        assert isinstance(loader, Loader) and loader.bytes_read == 0 and loader.skipped_shards == {}
+        assert loader.describe().startswith("synthetic") and loader.num_workers == 4
