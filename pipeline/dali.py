@@ -247,6 +247,7 @@ class DaliLoader(ShardLoader):
     # -- the run (pipeline/loader.py ShardLoader): one pipeline, whose source runs on across epochs ----------------
     def start_run(self, epoch: int) -> None:
         self.output.drain()
+        self._pipe = None  # the old pipeline's memory goes before the new one takes its own
         s = self.spec
         source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes)
         # Reader processes: forked on the CPU (fast); spawned for a GPU, whose CUDA state must not be forked.

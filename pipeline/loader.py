@@ -34,12 +34,13 @@ class LoaderSpec:
     workers: int = 4  # decode processes (host) or threads (dali) per rank
     seed: int = 0
     img_size: int = 224
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # timm's ViT-B/32 normalization
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    crop_pct: float = 0.9  # val: resize to img_size / crop_pct, then center crop
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
-    hflip: float = 0.5
+    # The transform policy's knobs (pipeline/transforms.py says what each means; its defaults are these)
+    mean: tuple[float, float, float] = Transform.mean
+    std: tuple[float, float, float] = Transform.std
+    crop_pct: float = Transform.crop_pct
+    scale: tuple[float, float] = Transform.scale
+    ratio: tuple[float, float] = Transform.ratio
+    hflip: float = Transform.hflip
     dtype: torch.dtype = torch.float32  # torch.uint8: unnormalized pixels
     channels_last: bool = False
     prefetch: int = 2  # batches in flight ahead of the consumer
