@@ -218,29 +218,3 @@ def test_rgb_and_rgbx_rows_give_the_same_crop(monkeypatch):
         monkeypatch.setattr(pipeline.shards.jpeg, "REGION_MODE", mode)
         out[mode] = pixels(VARIANTS["baseline, recoded"], box, 224, Image.BILINEAR, "region")
     assert np.array_equal(out["RGB"], out["RGBX"])
-
-
-@pytest.mark.parametrize("mode", ["RGB", "RGBX"])
-@pytest.mark.parametrize("flip", [False, True])
-@pytest.mark.parametrize("kernel", ["built", "absent"])
-def test_rgb_into_writes_the_rows_mirrored_on_request(monkeypatch, mode, flip, kernel):
-    import pipeline.transforms
-    if kernel == "absent":
-        monkeypatch.setattr(pipeline.transforms, "_pixels", None)
-    elif pipeline.transforms._pixels is None:
-        pytest.skip("pipeline._pixels is not built (no C compiler at install)")
-    rgb = np.random.default_rng(0).integers(0, 256, (5, 4 * 9 + 3, 3), dtype=np.uint8)  # widths past the 4-pixel blocks
-    for width in (1, 5, 6, 7, 11, 39):
-        image = Image.fromarray(np.ascontiguousarray(rgb[:, :width])).convert(mode)
-        out = np.zeros((5, width, 3), np.uint8)
-        rgb_into(image, out, flip)
-        assert np.array_equal(out, rgb[:, :width][:, ::-1] if flip else rgb[:, :width]), width
-
-
-@pytest.mark.skipif(__import__("pipeline.transforms").transforms._pixels is None, reason="pipeline._pixels is not built")
-def test_rgb_rows_rejects_rows_of_the_wrong_size():
-    from pipeline import _pixels
-    with pytest.raises(ValueError, match="want rows of 4 RGBX pixels into as many RGB ones, got 32 and 23 bytes"):
-        _pixels.rgb_rows(bytes(32), np.zeros(23, np.uint8), 4, False)
-    with pytest.raises(ValueError, match="width must be > 0"):
-        _pixels.rgb_rows(bytes(32), np.zeros(24, np.uint8), 0, False)

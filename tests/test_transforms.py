@@ -1,12 +1,16 @@
-"""pipeline/transforms.py: the model-input conversion (one pass on the CPU, the same bits as torch's chain) and the
-freed-memory setting it relies on."""
+"""pipeline/transforms.py: the policy (crop boxes, flips), a worker's rows into its slot, the model-input conversion
+(one pass on the CPU, the same bits as torch's chain) and the freed-memory setting it relies on."""
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.loader import LoaderSpec
-from pipeline.transforms import to_model_input
+from pipeline.transforms import Transform, rgb_into, to_model_input
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc is what is tuned")
@@ -18,7 +22,7 @@ def test_cpu_float_batches_reuse_freed_memory_instead_of_fresh_pages():
     script = """
 import resource, sys, torch
 from pipeline.loader import LoaderSpec
-from pipeline.transforms import to_model_input
+from pipeline.transforms import Transform, rgb_into, to_model_input
 torch.set_num_threads(1)
 spec = LoaderSpec(data_path="x", split="train", batch_size=64, img_size=224, device=torch.device("cpu"),
                   dtype=torch.float32)
@@ -73,3 +77,40 @@ def test_cpu_one_pass_rejects_wrong_buffers():
         _pixels.planar(pixels, pixels.copy(), 0)
     with pytest.raises(BufferError):  # a read-only output
         _pixels.planar(pixels, bytes(96), 16)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBX"])
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("kernel", ["built", "absent"])
+def test_rgb_into_writes_the_rows_mirrored_on_request(monkeypatch, mode, flip, kernel):
+    import pipeline.transforms
+    if kernel == "absent":
+        monkeypatch.setattr(pipeline.transforms, "_pixels", None)
+    elif pipeline.transforms._pixels is None:
+        pytest.skip("pipeline._pixels is not built (no C compiler at install)")
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 4 * 9 + 3, 3), dtype=np.uint8)  # widths past the 4-pixel blocks
+    for width in (1, 5, 6, 7, 11, 39):
+        image = Image.fromarray(np.ascontiguousarray(rgb[:, :width])).convert(mode)
+        out = np.zeros((5, width, 3), np.uint8)
+        rgb_into(image, out, flip)
+        assert np.array_equal(out, rgb[:, :width][:, ::-1] if flip else rgb[:, :width]), width
+
+
+@pixels_built
+def test_rgb_rows_rejects_rows_of_the_wrong_size():
+    from pipeline import _pixels
+    with pytest.raises(ValueError, match="want rows of 4 RGBX pixels into as many RGB ones, got 32 and 23 bytes"):
+        _pixels.rgb_rows(bytes(32), np.zeros(23, np.uint8), 4, False)
+    with pytest.raises(ValueError, match="width must be > 0"):
+        _pixels.rgb_rows(bytes(32), np.zeros(24, np.uint8), 0, False)
+
+
+def test_a_transform_draws_its_crop_then_its_flip_and_eval_draws_nothing():
+    train, val = Transform(train=True, img_size=32, hflip=1.0), Transform(train=False, img_size=32, crop_pct=0.5)
+    rng = random.Random(0)
+    left, top, w, h = train.crop_box(200, 100, rng)
+    assert 0 <= left and left + w <= 200 and 0 <= top and top + h <= 100 and train.flips(rng)
+    assert train.interpolation == "bilinear" and val.interpolation == "bicubic" and val.eval_resize == 64
+    state = rng.getstate()
+    assert val.crop_box(200, 100, rng) == (100 - 25, 25, 50, 50) and not val.flips(rng)  # 100 px -> 64, 32 kept
+    assert rng.getstate() == state
