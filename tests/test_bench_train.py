@@ -99,3 +99,16 @@ def test_ours_is_train_py_step(monkeypatch):
     monkeypatch.setattr(Trainer, "step", lambda self, x, y: calls.append(self.cfg.fp8) or real(self, x, y))
     bench_train.main(TINY + ["--loops", "b", "--fp8"])
     assert calls == [False] * 4 + [True] * 4  # (b) then (d): warm-up 1 + 3 timed steps each, both train.py's step
+
+
+def test_step_flags_become_train_py_config(capsys):
+    from trainlib.steps import StepConfig
+    assert StepConfig() == StepConfig("vit_base_patch32_224", 224, 1000, 256, "bf16", False, 1.0, "auto")
+    args, feeds = bench_train.parse_args(TINY + ["--clip-grad", "0.5", "--compile"])
+    cfg = args.train_config(fp8=True)
+    assert feeds == [] and (cfg.backend, cfg.device, cfg.model, cfg.img_size, cfg.num_classes, cfg.batch_size) \
+        == ("synthetic", "cpu", "test_vit", 32, 4, 4)
+    assert (cfg.amp, cfg.clip_grad, cfg.compile, cfg.fp8) == ("fp32", 0.5, True, True)
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(TINY + ["--clip-grad", "-1"])  # refused before any loop runs, as train.py refuses it
+    assert e.value.code == 2 and "--clip-grad must be >= 0" in capsys.readouterr().err

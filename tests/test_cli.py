@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 
 import pytest
 
-from pipeline.cli import add_flags, from_args, knob, markdown_rows
+from pipeline.cli import add_flags, assignments, from_args, knob, markdown_rows
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,62 @@ def test_markdown_rows_cover_nested_fields():
     rows = markdown_rows(Outer)
     assert rows[0].startswith("| `--data_path`, `--data-path` | `None` |")
     assert any(r.startswith("| `--inner-fast` | `False` |") for r in rows) and len(rows) == 5
+
+
+def nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text.upper()
+
+
+@dataclass
+class Command:
+    src: str = knob(None, "a source", required=True, parse=nonempty)
+    seed: int | None = knob(None, "a seed", default_help="the plan's, else 0")
+    tags: list[str] | None = knob(None, "repeatable")
+
+
+def test_required_parsed_repeatable_flags_and_default_help(capsys):
+    parser = argparse.ArgumentParser(prog="x")
+    add_flags(parser, Command)
+    assert from_args(Command, vars(parser.parse_args(["--src", "a", "--tags", "t", "--tags", "u"]))) \
+        == Command("A", None, ["t", "u"])
+    assert from_args(Command, vars(parser.parse_args(["--src", "a"]))).tags is None
+    for argv in ([], ["--src", ""]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    assert "argument --src: must not be empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a source (required)" in text and "a seed (default: the plan's, else 0)" in text
+
+
+@dataclass
+class Opts:
+    count: int = knob(1, "a count")
+    share: float = knob(0.5, "a share")
+    mode: str = knob("auto", "a mode", choices=("auto", "off"))
+    fast: bool = knob(False, "a switch")
+    name: str | None = None
+    inner: Inner = knob(help="nested: not a key", factory=Inner)
+
+
+@dataclass
+class More:
+    count: int = 0  # Opts has it first
+    extra: int | None = None
+
+
+def test_assignments_convert_by_declared_type():
+    assert assignments("count=3,share=1,mode=off,fast=1,name=x=y", Opts) == [
+        {"count": 3, "share": 1.0, "mode": "off", "fast": True, "name": "x=y"}]
+    assert assignments("fast=0", Opts) == [{"fast": False}] and assignments("", Opts) == [{}]
+    assert assignments("extra=2,count=5,", Opts, More) == [{"count": 5}, {"extra": 2}]
+    bad = {"count=x": "count takes an integer, got 'x'", "share=": "share takes a number, got ''",
+           "fast=true": "fast takes 1 or 0, got 'true'", "mode=on": "mode takes one of auto, off, got 'on'",
+           "size=1": "'size=1' is not key=value with a key in count, share, mode, fast, name, extra",
+           "count": "'count' is not key=value", "inner=1": "'inner=1' is not key=value"}
+    for text, message in bad.items():
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            assignments(text, Opts, More)

@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import hashlib
 import io
@@ -16,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.shards import writer
+from pipeline.shards.format import Settings
 from pipeline.shards.jpeg import decoder_available, has_restart_markers
 from pipeline.shards.verify import same_pixels
 
@@ -314,9 +316,24 @@ def test_usage_errors(tmp_path, sample_folder, capsys):
     assert _run(odd, tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("make_shards: error:") == 3
-    with pytest.raises(SystemExit) as e:
-        make_shards.main(["--out", str(tmp_path)])
-    assert e.value.code == 2
+    for argv in (["--out", str(tmp_path)], ["--data_path", " ", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            make_shards.main(argv)
+        assert e.value.code == 2
+
+
+def test_settings_flags_are_none_unless_given():
+    args = make_shards.parse_args(["--data_path", "src", "--out", "s3://b//p", "--seed", "3", "--no-restart-markers"])
+    assert args.data_path == Path("src") and args.out == "s3://b//p"  # the URL's // kept
+    given = args.given()
+    assert set(given) == {f.name for f in dataclasses.fields(Settings)} - {"format", "source"}  # a flag per setting
+    assert given == dict.fromkeys(given) | {"seed": 3, "restart_markers": False}  # the rest: the plan's in DST
+
+
+def test_make_shards_imports_no_torch():
+    proc = subprocess.run([sys.executable, "-X", "importtime", make_shards.__file__, "-h"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "torch" not in proc.stderr
 
 
 def test_timm_reads_the_shards(sample_shards):

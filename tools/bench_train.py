@@ -31,85 +31,87 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.backends import BACKENDS, build_loader, get_backend
+from pipeline.cli import add_flags, assignments, from_args, knob
 from pipeline.loader import endless, timed
 from trainlib.devices import resolve_device
-from trainlib.steps import add_step_flags, baseline_step, our_step, synthetic
+from trainlib.steps import StepConfig, baseline_step, our_step, synthetic
+
+FEEDS = tuple(name for name in BACKENDS if get_backend(name).reads_shards)  # what (c) can be fed by
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass
+class FeedKeys:
+    """--feed's own keys (its other keys are the backend's options); not given: --data_path, --workers, --steps."""
+
+    name: str | None = None  # the loop is ours_NAME; default: the backend's name
+    data_path: str | None = None
+    workers: int | None = None
+    steps: int | None = None
+    epochs: int | None = None  # instead of steps: as many steps as this many epochs take (their restarts count)
+
+    def validate(self) -> None:
+        for key in ("workers", "steps", "epochs"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} takes an integer >= 1, got {value}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("steps or epochs, not both")
+
+
+@dataclass
+class BenchTrainConfig(StepConfig):
+    backend: str = knob("none", "(c)'s input; none skips (c)", choices=(*FEEDS, "none"))
+    data_path: str | None = knob(None, "shards made by tools/make_shards.py, for (c)", flag="--data_path")
+    workers: int = knob(8, "decode processes (host) or threads (dali)")
+    warmup: int = knob(20, "untimed steps before each timed stretch")
+    steps: int = knob(100, "timed steps per loop")
+    loops: str = knob("a,b,c", "which loops to run, comma separated")
+    out: str | None = knob(None, "also append the JSON lines to this file")
+    feed: list[str] | None = knob(None, "a (c) loop; repeatable. Keys: " + ", ".join(
+        f.name for f in dataclasses.fields(FeedKeys)) + ", and the backend's own options (pipeline.host.HostOptions, "
+        "pipeline.dali.DaliOptions fields, e.g. hw_decoder_load=1). Unset keys come from "
+        "--data_path/--workers. Replaces --backend", metavar="BACKEND[:key=value,...]")
+    fp8: bool = knob(False, "also run (d): our step with FP8 linears (model/fp8.py)")
+    run_id: str | None = knob(None, "tag for this run's lines, so that tools/bench_report.py can tell runs in one "
+                                    "file apart", default_help="the start time")
+    recheck: bool = knob(False, "run (b) again at the end and report the drift")
+
+
+def parse_args(argv=None) -> tuple[BenchTrainConfig, list[dict]]:
+    """The config and its (c) loops (`parse_feeds`)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_step_flags(p)
-    p.add_argument("--backend", choices=(*FEEDS, "none"), default="none",
-                   help="(c)'s input; none skips (c)")
-    p.add_argument("--data_path", default=None, help="shards made by tools/make_shards.py, for (c)")
-    p.add_argument("--workers", type=int, default=8, help="decode processes (host) or threads (dali)")
-    p.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per loop")
-    p.add_argument("--loops", default="a,b,c", help="which loops to run, comma separated")
-    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    p.add_argument("--feed", action="append", default=[], metavar="BACKEND[:key=value,...]",
-                   help="a (c) loop; repeatable. Keys: " + ", ".join(FEED_VALUES) + ", and the backend's own "
-                        "options (pipeline.host.HostOptions, pipeline.dali.DaliOptions fields, e.g. "
-                        "hw_decoder_load=1). Unset keys come from --data_path/--workers. Replaces --backend")
-    p.add_argument("--fp8", action="store_true", help="also run (d): our step with FP8 linears (model/fp8.py)")
-    p.add_argument("--run-id", default=None, help="tag for this run's lines (default: the start time), so that "
-                                                  "tools/bench_report.py can tell runs in one file apart")
-    p.add_argument("--recheck", action="store_true", help="run (b) again at the end and report the drift")
-    args = p.parse_args(argv)
+    add_flags(p, BenchTrainConfig)
+    args = from_args(BenchTrainConfig, vars(p.parse_args(argv)))
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     try:
-        args.feeds = parse_feeds(args) if "c" in args.loops else []
-    except ValueError as e:
+        args.train_config()  # a value train.py would refuse is a usage error now, not after loop (a)
+        feeds = parse_feeds(args) if "c" in args.loops else []
+    except ValueError as e:  # ConfigError among them
         p.error(str(e))
-    return args
+    return args, feeds
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise ValueError
-    return n
-
-
-FEEDS = tuple(name for name in BACKENDS if get_backend(name).reads_shards)  # what (c) can be fed by
-# key: (conversion, what a good value is). A backend's own options are converted by their declared type.
-FEED_VALUES = {"name": (str, "a name"), "data_path": (str, "a folder"), "workers": (_positive, "an integer >= 1"),
-               "steps": (_positive, "an integer >= 1"), "epochs": (_positive, "an integer >= 1")}
-OPTION_VALUES = {"int": (int, "an integer"), "float": (float, "a number"), "str": (str, "a word"),
-                 "bool": (lambda v: {"1": True, "0": False}[v], "1 or 0")}
-
-
-def parse_feeds(args) -> list[dict]:
-    """--feed specs (or --backend) as dicts with every key set; names unique, each backend given its shards. A key
-    that names a field of the backend's options class goes into `feed["options"]`."""
+def parse_feeds(args: BenchTrainConfig) -> list[dict]:
+    """--feed specs (or --backend) as dicts with every key set; names unique, each backend given its shards. The
+    backend's options (its options class, validated) are in `feed["options"]`; steps/epochs only where given."""
     specs = args.feed or ([args.backend] if args.backend != "none" else [])
     feeds = []
     for spec in specs:
         backend, _, rest = spec.partition(":")
         if backend not in FEEDS:
             raise ValueError(f"--feed {spec!r}: the backend is one of {', '.join(FEEDS)}")
-        option_types = {f.name: f.type for f in dataclasses.fields(get_backend(backend).options_class())
-                        if str(f.type) in OPTION_VALUES}  # scalar options (hybrid's nested dali/host keep defaults)
-        feed, options = {"backend": backend, "name": backend, "data_path": args.data_path, "workers": args.workers}, {}
-        for item in filter(None, rest.split(",")):
-            key, eq, value = item.partition("=")
-            if key not in FEED_VALUES and key not in option_types or not eq:
-                raise ValueError(f"--feed {spec!r}: {item!r} is not key=value with a key in "
-                                 f"{', '.join([*FEED_VALUES, *option_types])}")
-            convert, good = FEED_VALUES[key] if key in FEED_VALUES else OPTION_VALUES[str(option_types[key])]
-            try:
-                (feed if key in FEED_VALUES else options)[key] = convert(value)
-            except (ValueError, KeyError):
-                raise ValueError(f"--feed {spec!r}: {key} takes {good}, got {value!r}") from None
-        if "steps" in feed and "epochs" in feed:
-            raise ValueError(f"--feed {spec!r}: steps or epochs, not both")
+        options_class = get_backend(backend).options_class()
         try:
-            feed["options"] = get_backend(backend).options_class()(**options)
+            keys, options = assignments(rest, FeedKeys, options_class)
+            FeedKeys(**keys).validate()
+            feed = {"backend": backend, "name": backend, "data_path": args.data_path, "workers": args.workers, **keys,
+                    "options": options_class(**options)}
             feed["options"].validate()
         except ValueError as e:
             raise ValueError(f"--feed {spec!r}: {e}") from None
@@ -144,7 +146,7 @@ def run_loop(name: str, step, batches, args, dev, steps: int | None = None) -> d
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args, feeds = parse_args(argv)
     dev = resolve_device(args.device)
     loops = set(args.loops.split(","))
     meta = {"run": args.run_id or time.strftime("%Y-%m-%dT%H:%M:%S"), "device": dev.name(), "model": args.model,
@@ -162,11 +164,11 @@ def main(argv=None) -> dict:
 
     if "a" in loops:
         report(run_loop("baseline", baseline_step(args, dev), synthetic(args, dev, torch.float32), args, dev))
-    if "b" in loops or args.feeds or args.fp8:
+    if "b" in loops or feeds or args.fp8:
         step = our_step(args, dev)
         if "b" in loops:
             report(run_loop("ours_synthetic", step, synthetic(args, dev, torch.uint8), args, dev))
-        for feed in args.feeds:
+        for feed in feeds:
             steps = feed.get("steps")
             fields = dict(backend=feed["backend"], workers=feed["workers"], **dataclasses.asdict(feed["options"]))
             try:
@@ -192,12 +194,12 @@ def main(argv=None) -> dict:
         if args.recheck and "b" in loops:
             report(run_loop("ours_synthetic_end", step, synthetic(args, dev, torch.uint8), args, dev))
         del step  # the trainer and its model go before the summary
-    summary = summarize(args, results, report)
+    summary = summarize(feeds, results, report)
     summary["failed"] = sorted(name for name, r in results.items() if "error" in r)
     return summary
 
 
-def summarize(args, results: dict, report) -> dict:
+def summarize(feeds: list[dict], results: dict, report) -> dict:
     """One summary line per feed (or one without a feed): the ratios, each from figures of this run."""
     base, ours = results.get("baseline"), results.get("ours_synthetic")
     common = {}
@@ -211,7 +213,7 @@ def summarize(args, results: dict, report) -> dict:
     if ours and "ours_synthetic_end" in results:
         common["drift"] = round(results["ours_synthetic_end"]["img_s"] / ours["img_s"], 4)
     summaries = []
-    for feed in args.feeds or [None]:
+    for feed in feeds or [None]:
         summary = {"loop": "summary", **common}
         real = results.get(f"ours_{feed['name']}") if feed else None
         if feed:

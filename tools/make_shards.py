@@ -11,13 +11,17 @@ Exit status: 0 all files packed; 3 done, but some files were rejected (listed in
 2 usage error (bad arguments, missing/empty SRC, DST holds other shards); 4 --verify found a mismatch;
 1 other failure (e.g. disk full); 130 interrupted.
 """
+from __future__ import annotations
+
 import argparse
 import os
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from pipeline.cli import add_flags, from_args, knob
 from pipeline.shards import verify, writer
 from pipeline.shards.errors import ShardError, UsageError
 from pipeline.shards.format import MANIFEST, Manifest, Settings
@@ -33,30 +37,47 @@ def folder_arg(text: str) -> Path | str:
     return text if text.startswith("s3://") else Path(text)
 
 
+@dataclass
+class ShardsConfig:
+    """The command line. A field named like a `Settings` field is that setting, None where not given: the writer
+    then keeps the value of the plan already in DST (a plain rerun resumes), else takes `Settings`' default."""
+
+    data_path: Path | str = knob(None, "ImageFolder root holding train/ and/or val/", flag="--data_path",
+                                 required=True, parse=folder_arg)
+    out: Path | str = knob(None, "output folder for shards, or s3://BUCKET/PREFIX (credentials and endpoint from AWS_* "
+                                 "environment variables; docs/data.md)", required=True, parse=folder_arg)
+    staging: Path | str | None = knob(None, "with an s3:// --out: local folder where shards are built before upload",
+                                      parse=folder_arg, default_help="a temporary folder; it holds about one shard "
+                                                                     "per worker at a time")
+    samples_per_shard: int | None = knob(None, "samples per tar shard", default_help=str(DEFAULTS.samples_per_shard))
+    workers: int = knob(os.cpu_count() or 1, "processes; 1 = in-process", default_help="every core of this machine")
+    max_side: int | None = knob(None, "re-encode images longer than this (px)", default_help="keep")
+    quality: int | None = knob(None, "JPEG quality of re-encoded images", default_help=str(DEFAULTS.quality))
+    seed: int | None = knob(None, "shuffle seed", default_help=str(DEFAULTS.seed))
+    check: str | None = knob(None, "decode: Pillow fully decodes each image; header: faster, only catches unreadable "
+                                   "headers and cut-off JPEGs", choices=("decode", "header"),
+                             default_help=DEFAULTS.check)
+    restart_markers: bool | None = knob(None, "re-encode each JPEG losslessly (the same pixels) with a restart "
+                                              "marker after every MCU, so the host backend decodes only a crop's "
+                                              "blocks: about 1.4x its decode rate for about the same bytes "
+                                              "(docs/data.md)", default_help="on where the region decoder is built")
+    verify: bool = knob(False, "re-read all shards and check them against SRC")
+    overwrite: bool = knob(False, "replace shards of another data set/settings in DST")
+
+    def given(self) -> dict:
+        """What `writer.resolve_settings` takes: the settings flags, None where not given."""
+        settings = {f.name for f in fields(Settings)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in settings}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_path", type=folder_arg, required=True, help="ImageFolder root holding train/ and/or val/")
-    p.add_argument("--out", type=folder_arg, required=True,
-                   help="output folder for shards, or s3://BUCKET/PREFIX (credentials and endpoint from AWS_* "
-                        "environment variables; docs/data.md)")
-    p.add_argument("--staging", type=folder_arg, default=None,
-                   help="with an s3:// --out: local folder where shards are built before upload (default: a "
-                        "temporary folder; it holds about one shard per worker at a time)")
-    p.add_argument("--samples-per-shard", type=int, help=f"default {DEFAULTS.samples_per_shard}")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes; 1 = in-process")
-    p.add_argument("--max-side", type=int, help="re-encode images longer than this (px); default: keep")
-    p.add_argument("--quality", type=int, help=f"JPEG quality of re-encoded images, default {DEFAULTS.quality}")
-    p.add_argument("--seed", type=int, help=f"shuffle seed, default {DEFAULTS.seed}")
-    p.add_argument("--check", choices=("decode", "header"),
-                   help="decode (default): Pillow fully decodes each image; header: faster, only catches "
-                        "unreadable headers and cut-off JPEGs")
-    p.add_argument("--restart-markers", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-encode each JPEG losslessly (the same pixels) with a restart marker after every MCU, "
-                        "so the host backend decodes only a crop's blocks: about 1.4x its decode rate for about "
-                        "the same bytes (docs/data.md); default: on where the region decoder is built")
-    p.add_argument("--verify", action="store_true", help="re-read all shards and check them against SRC")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of another data set/settings in DST")
+    add_flags(p, ShardsConfig)
     return p
+
+
+def parse_args(argv=None) -> ShardsConfig:
+    return from_args(ShardsConfig, vars(build_parser().parse_args(argv)))
 
 
 def print_summary(manifest: Manifest, limit: int = 20) -> None:
@@ -74,10 +95,9 @@ def print_summary(manifest: Manifest, limit: int = 20) -> None:
             print(f"  ... {len(manifest.rejected) - limit} more, see {MANIFEST}")
 
 
-def run(args) -> int:
-    given = {k: getattr(args, k) for k in ("seed", "samples_per_shard", "max_side", "quality", "check",
-                                        "restart_markers")}
-    manifest, scan = writer.write_shards(args.data_path, args.out, given, args.workers, args.overwrite, args.staging)
+def run(args: ShardsConfig) -> int:
+    manifest, scan = writer.write_shards(args.data_path, args.out, args.given(), args.workers, args.overwrite,
+                                         args.staging)
     print_summary(manifest)
     out = args.out if isinstance(args.out, str) else os.path.abspath(args.out)
     if args.verify and verify.verify(Path(os.path.abspath(args.data_path)), out, scan, manifest):
@@ -86,7 +106,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return run(args)
     except UsageError as e:

@@ -20,12 +20,15 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pipeline.cli import add_flags, from_args, knob
+from trainlib.config import ConfigError
 from trainlib.devices import resolve_device
-from trainlib.steps import add_step_flags, baseline_step, our_step, synthetic
+from trainlib.steps import StepConfig, baseline_step, our_step, synthetic
 
 # (category, substrings of kernel or operator names), matched in this order against the lower-cased name.
 CATEGORIES = (
@@ -44,16 +47,24 @@ def category(name: str) -> str:
     return next((cat for cat, keys in CATEGORIES if any(k in lower for k in keys)), "other")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass
+class ProfileConfig(StepConfig):
+    warmup: int = knob(10, "untimed steps first (compilation, allocator)")
+    steps: int = knob(10, "profiled steps per loop")
+    top: int = knob(12, "largest kernels listed per loop")
+    out: str | None = knob(None, "write the JSON here too")
+
+
+def parse_args(argv=None) -> ProfileConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_step_flags(p)
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--steps", type=int, default=10, help="profiled steps per loop")
-    p.add_argument("--top", type=int, default=12, help="largest kernels listed per loop")
-    p.add_argument("--out", default=None, help="write the JSON here too")
-    args = p.parse_args(argv)
+    add_flags(p, ProfileConfig)
+    args = from_args(ProfileConfig, vars(p.parse_args(argv)))
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1, --warmup >= 0")
+    try:
+        args.train_config()  # a value train.py would refuse is a usage error now, not after loop (a)
+    except ConfigError as e:
+        p.error(str(e))
     return args
 
 
