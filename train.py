@@ -19,27 +19,21 @@ from model import CheckpointMismatch
 from pipeline import PipelineError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
-from trainlib.build import (
-    build_loaders,
-    build_rest_loader,
-    build_trainer,
-    check_model,
-    class_count,
-    seed_everything,
-    train_samples,
-)
+from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_model, class_count, seed_everything,
+                            train_samples)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
-from trainlib.engine import DivergedError, Preempted, Trainer, resume_point
+from trainlib.engine import DivergedError, Preempted, Trainer
+from trainlib.resume import resume_point
+from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a process killed by it would report; here the checkpoint is written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, the same checkpoint
-from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
 
 
 def fit(cfg: TrainConfig, trainer: Trainer, train_loader, val_loader, log, rest_loader=None) -> None:
     """Epochs from the trainer's position to --epochs (or --max-steps), evaluating and checkpointing at epoch ends.
-    `rest_loader`: the rest of an epoch resumed on another layout (trainlib.engine.resume_point)."""
+    `rest_loader`: the rest of an epoch resumed on another layout (trainlib.resume.resume_point)."""
     while trainer.epoch < cfg.epochs:
         loader = rest_loader if trainer.stages else train_loader
         loader.set_epoch(trainer.epoch)
@@ -73,12 +67,7 @@ def run(cfg: TrainConfig) -> None:
     if cfg.evaluate and resume_path is None and not cfg.pretrained:
         raise ConfigError(f"--evaluate --resume {cfg.resume}: no checkpoint in {cfg.output}")
     distributed.setup(cfg, device, placement)
-    # Only rank 0 writes checkpoints: with --resume auto every rank must see the same file, or ranks would start
-    # from different steps and hang in the first collective that one of them skips.
-    seen = distributed.all_gather(None if resume_path is None else str(resume_path))
-    if len(set(seen)) > 1:
-        raise ConfigError(f"--resume {cfg.resume}: ranks found different checkpoints {sorted(set(map(str, seen)))}; "
-                          f"put --output on storage that every node sees, or pass --resume PATH")
+    check_same_resume(cfg, resume_path)
     log, loaders, handlers = QuietLog(), (), {}
     try:
         # Everything that can be checked is, before the run folder appears: a failed start leaves nothing behind
@@ -90,12 +79,8 @@ def run(cfg: TrainConfig) -> None:
         train_loader, val_loader = loaders
         steps_per_epoch = len(train_loader) if train_loader is not None else 1
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
-        point, rest_loader = None, None
-        if state is not None and not cfg.evaluate:
-            point = resume_point(state, cfg, placement.world_size, steps_per_epoch, train_samples(cfg))
-            if point.stages:  # an epoch resumed on another layout: a loader for its rest
-                rest_loader = build_rest_loader(cfg, device, placement, classes, state["epoch"], point.stages)
-                loaders += (rest_loader,)
+        point, rest_loader = resume_layout(cfg, state, device, placement, classes, steps_per_epoch)
+        loaders += (rest_loader,)
         if placement.is_main:
             log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
             for stale in checkpoint.remove_stale_temp_files(cfg.output):  # left by a writer killed mid-save
@@ -113,7 +98,7 @@ def run(cfg: TrainConfig) -> None:
         else:
             seed_everything(cfg.seed + placement.rank, device)  # per-rank streams (drop path, ...) from here on
         log.print(f"{cfg.model} {classes} classes, {placement.world_size} x {device.name()}, {cfg.backend} input, "
-                  f"{str(trainer.amp_dtype).removeprefix('torch.')}, {steps_per_epoch} steps/epoch x "
+                  f"{str(trainer.optim.amp_dtype).removeprefix('torch.')}, {steps_per_epoch} steps/epoch x "
                   f"{cfg.batch_size} x {placement.world_size}")
         if cfg.evaluate:
             trainer.evaluate(val_loader)
@@ -132,6 +117,27 @@ def run(cfg: TrainConfig) -> None:
                 loader.close()
         log.close()
         distributed.teardown()
+
+
+def check_same_resume(cfg: TrainConfig, resume_path: Path | None) -> None:
+    """ConfigError unless every rank resumes from the same file (a collective). Only rank 0 writes checkpoints: with
+    --resume auto every rank must see the same file, or ranks would start from different steps and hang in the first
+    collective that one of them skips."""
+    seen = distributed.all_gather(None if resume_path is None else str(resume_path))
+    if len(set(seen)) > 1:
+        raise ConfigError(f"--resume {cfg.resume}: ranks found different checkpoints {sorted(set(map(str, seen)))}; "
+                          f"put --output on storage that every node sees, or pass --resume PATH")
+
+
+def resume_layout(cfg: TrainConfig, state: dict | None, device, placement, classes: int, steps_per_epoch: int):
+    """(ResumePoint, the train loader for the rest of its epoch when another layout ran part of it, else None) for a
+    training resume from `state`; (None, None) for a fresh start or --evaluate."""
+    if state is None or cfg.evaluate:
+        return None, None
+    point = resume_point(state, cfg, placement.world_size, steps_per_epoch, train_samples(cfg))
+    if not point.stages:
+        return point, None
+    return point, build_rest_loader(cfg, device, placement, classes, state["epoch"], point.stages)
 
 
 def stop_on_signals(trainer: Trainer) -> dict:

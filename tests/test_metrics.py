@@ -3,10 +3,9 @@ clock; a run inside its warm-up still has a figure."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from trainlib.devices import Device
-from trainlib.metrics import Throughput, TopK
+from trainlib.metrics import Throughput
 
 
 class Clock:
@@ -59,12 +58,3 @@ def test_a_run_inside_its_warm_up_has_an_all_steps_figure():
     meter, laps, _ = run(steps=4, warmup=10, log_every=2)
     assert meter.mean_img_s() is None
     assert meter.all_img_s() == pytest.approx(4 * 8 / sum(k / 1000 + (k + 1) / 100 for k in range(4)))
-
-
-def test_topk_skips_padding():
-    topk = TopK(torch.device("cpu"), num_classes=10)
-    logits = torch.eye(10)[[1, 2, 3, 4]]
-    logits[2, 0] = 0.5  # sample 2 (label 0): wrong at top-1, right at top-5
-    topk.update(logits, torch.tensor([1, 2, 0, -1]))
-    acc1, acc5, n = topk.result()
-    assert n == 3 and acc1 == pytest.approx(200 / 3) and acc5 == 100.0

@@ -1,4 +1,4 @@
-"""The builders that turn a `TrainConfig` into a run's parts: loaders, model, optimizer and schedule in a `Trainer`.
+"""The builders that turn a `TrainConfig` into a run's parts: loaders, model, and the optimisation step in a `Trainer`.
 train.py and the benchmarks (tools/bench_train.py) call the same ones, so a benchmark measures train.py's step."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pipeline.loader import IMAGENET_CLASSES
 from pipeline.shards.format import num_classes, read_manifest
 from trainlib.config import ConfigError, TrainConfig
 from trainlib.distributed import Placement
-from trainlib.engine import Trainer, build_optimizer, build_scheduler
+from trainlib.engine import Trainer
+from trainlib.optim import OptimStep, build_optimizer, build_scheduler
 
 
 def class_count(cfg: TrainConfig) -> int:
@@ -119,12 +120,13 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
     if cfg.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(cfg, raw_model, device)
+    optim = OptimStep(model=model, raw_model=raw_model, optimizer=optimizer,
+                      scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=device,
+                      amp_dtype=device.amp_dtype(cfg.amp), label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad)
     try:
         flops = flops_per_image(raw_model, cfg.img_size)
     except TypeError:
         flops = None  # not a ViT: MFU is left out
-    return Trainer(cfg, raw_model=raw_model, model=model, optimizer=optimizer,
-                   scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=device,
-                   amp_dtype=device.amp_dtype(cfg.amp), log=log, placement=placement,
+    return Trainer(cfg, raw_model=raw_model, model=model, optim=optim, device=device, log=log, placement=placement,
                    steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops,
                    train_samples=train_samples(cfg))

@@ -1,4 +1,4 @@
-"""Throughput, input-wait and accuracy bookkeeping for the training loop, honest about asynchronous devices.
+"""Throughput and input-wait bookkeeping for the training loop, honest about asynchronous devices.
 
 Device work is queued asynchronously, so wall time read on the host means something only right after a
 synchronize. `Throughput` therefore synchronizes at log boundaries only (and where the warm-up window ends), never
@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import time
 from typing import Callable
-
-import torch
-import torch.distributed as dist
 
 
 class Throughput:
@@ -75,24 +72,3 @@ class Throughput:
     def all_img_s(self) -> float | None:
         """Over every timed step, warm-up included: the figure of a run too short to leave its warm-up."""
         return self.all_steps * self.global_batch / self.all_time if self.all_time else None
-
-
-class TopK:
-    """Exact Acc@1/Acc@5 over a sharded val set: counts stay on the device, one all_reduce sums them over ranks.
-    Labels of -1 (the loaders' padding, so every rank runs equal steps) are skipped."""
-
-    def __init__(self, device: torch.device, num_classes: int):
-        self.k = min(5, num_classes)
-        self.counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@k, samples
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        real = labels >= 0
-        top = logits.topk(self.k, dim=1).indices
-        hit = top == labels.unsqueeze(1)
-        self.counts += torch.stack([(hit[:, 0] & real).sum(), (hit.any(dim=1) & real).sum(), real.sum()])
-
-    def result(self) -> tuple[float, float, int]:
-        if dist.is_initialized():
-            dist.all_reduce(self.counts)
-        c1, ck, n = self.counts.tolist()  # sync: the only one of the evaluation pass
-        return 100.0 * c1 / max(n, 1), 100.0 * ck / max(n, 1), n

@@ -1,0 +1,61 @@
+"""Where a checkpoint's run continues in this run's layout (world size x batch size): the same layout exactly at its
+step; another one (an elastic resume) with the samples of the interrupted epoch that no layout has read yet
+(pipeline/plan.py rule 6). And the step of this run's LR schedule that position stands at."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.plan import Stage
+from trainlib import checkpoint
+from trainlib.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint's run continues in this run's layout (world size x batch size)."""
+
+    step_in_epoch: int  # steps of this layout already done in the checkpoint's epoch
+    stages: tuple[Stage, ...] = ()  # layouts that ran part of that epoch before this one (pipeline/plan.py rule 6)
+    exact: bool = True  # the checkpoint's layout: the same batches and random streams as an uninterrupted run
+
+def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch: int,
+                 train_samples: int | None) -> ResumePoint:
+    """How `state` continues here, or CheckpointError. The same layout resumes exactly, at its step. Another world
+    size or batch size (an elastic resume) continues the interrupted epoch with the samples no layout has read yet
+    (pipeline/plan.py rule 6); the data must be the same. --epochs may grow, not drop below the position."""
+    needed = state["epoch"] + (state["step_in_epoch"] > 0)
+    if cfg.epochs < needed:
+        raise checkpoint.CheckpointError(
+            f"--epochs {cfg.epochs} ends before the checkpoint's position (epoch {state['epoch']}, step "
+            f"{state['step_in_epoch']}, global step {state['global_step']}); give at least --epochs {needed}")
+    stages = tuple(Stage(*s) for s in state.get("epoch_stages", ()))
+    layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"]
+    recorded = state.get("train_samples")  # None in checkpoints older than elastic resume, and without shards
+    same_data = recorded == train_samples if recorded is not None else state["steps_per_epoch"] == steps_per_epoch
+    if layout == (cfg.batch_size, world_size) and state["steps_per_epoch"] == steps_per_epoch and same_data:
+        return ResumePoint(state["step_in_epoch"], stages)
+    if not same_data:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's run trained on {recorded or state['steps_per_epoch']} "
+            f"{'samples' if recorded else 'steps per epoch'}, this one has {train_samples or steps_per_epoch}: "
+            f"resume on the same data, or start a new run from its weights with --pretrained")
+    if recorded is None:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's run was {layout[1]} x {layout[0]} (ranks x batch), this one {world_size} x "
+            f"{cfg.batch_size}, and the checkpoint does not record its data (synthetic input, or an older "
+            f"checkpoint): it resumes only on its own layout")
+    if cfg.steps_per_epoch or state["config"].get("steps_per_epoch"):
+        raise checkpoint.CheckpointError(
+            "--steps-per-epoch caps epochs for performance runs; such a run resumes only on its own world size "
+            "and batch size")
+    if state["step_in_epoch"]:  # the epoch goes on with the samples the layouts before did not read
+        stages += (Stage(state["world_size"], layout[0], state["step_in_epoch"]),)
+    return ResumePoint(0, stages, exact=False)
+
+
+def schedule_position(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step_in_epoch: int,
+                      epoch_steps: int) -> int:
+    """The global step from which the steps this run has left end it with its LR schedule (built over --epochs x
+    `steps_per_epoch`), at step `step_in_epoch` of an epoch `epoch` of `epoch_steps` steps."""
+    steps_left = epoch_steps - step_in_epoch + (cfg.epochs - epoch - 1) * steps_per_epoch
+    return cfg.epochs * steps_per_epoch - steps_left
