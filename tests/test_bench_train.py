@@ -102,7 +102,7 @@ def test_ours_is_train_py_step(monkeypatch):
 
 
 def test_step_flags_become_train_py_config(capsys):
-    from trainlib.steps import StepConfig
+    from trainlib.bench.steps import StepConfig
     assert StepConfig() == StepConfig("vit_base_patch32_224", 224, 1000, 256, "bf16", False, 1.0, "auto")
     args, feeds = bench_train.parse_args(TINY + ["--clip-grad", "0.5", "--compile"])
     cfg = args.train_config(fp8=True)

@@ -72,6 +72,13 @@ def test_no_module_imports_from_a_higher_layer(graph):
     assert not upward, "imports from a higher layer:\n" + "\n".join(sorted(upward))
 
 
+def test_the_runtime_never_imports_a_benchmark(graph):
+    def bench(name: str) -> bool:
+        return "bench" in name.split(".")
+
+    assert not [f"{n} -> {t}" for n, ts in graph.items() if not bench(n) for t in ts if bench(t)]
+
+
 def test_model_is_pure(graph):
     assert not [f"{n} -> {t}" for n, ts in graph.items() if n.startswith("model") for t in ts
                 if not t.startswith("model")]
@@ -101,6 +108,7 @@ def test_the_walk_sees_the_imports_it_judges(graph):
     assert "pipeline.shards._jpegregion" in graph["pipeline.shards.jpeg"]
     assert "pipeline.loader" in graph["pipeline.host"] and "pipeline.backends" in graph["trainlib.config"]
     assert layer_of("pipeline.shards.writer") < layer_of("pipeline.loader") < layer_of("trainlib.build")
+    assert "pipeline.bench.baseline" in graph["pipeline.bench.throughput"]
 
 
 def test_the_shard_side_imports_no_torch(sample_folder, tmp_path):

@@ -39,7 +39,7 @@ from pipeline.backends import BACKENDS, build_loader, get_backend
 from pipeline.cli import add_flags, assignments, from_args, knob
 from pipeline.loader import endless, timed
 from trainlib.devices import resolve_device
-from trainlib.steps import StepConfig, baseline_step, our_step, synthetic
+from trainlib.bench.steps import StepConfig, baseline_step, our_step, synthetic
 
 FEEDS = tuple(name for name in BACKENDS if get_backend(name).reads_shards)  # what (c) can be fed by
 

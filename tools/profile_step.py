@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from pipeline.cli import add_flags, from_args, knob
 from trainlib.config import ConfigError
 from trainlib.devices import resolve_device
-from trainlib.steps import StepConfig, baseline_step, our_step, synthetic
+from trainlib.bench.steps import StepConfig, baseline_step, our_step, synthetic
 
 # (category, substrings of kernel or operator names), matched in this order against the lower-cased name.
 CATEGORIES = (
