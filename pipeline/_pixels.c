@@ -64,7 +64,7 @@ MULTIVERSION static void to_planar_u8(const uint8_t *restrict src, uint8_t *rest
 }
 
 /* RGBX rows (a padding byte after each pixel, what Pillow-SIMD's images hold) -> packed RGB rows, each mirrored
- * when `flip`: the host workers' last step into a batch slot (pipeline/jpeg.py). */
+ * when `flip`: the host workers' last step into a batch slot (pipeline/transforms.py). */
 static void rgbx_to_rgb_scalar(const uint8_t *restrict src, uint8_t *restrict dst, Py_ssize_t width,
                                Py_ssize_t rows, int flip, Py_ssize_t from) {
     for (Py_ssize_t y = 0; y < rows; y++) {

@@ -4,6 +4,7 @@ that backend is asked for, so that naming DALI does not import it), and the fact
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 
@@ -53,8 +54,13 @@ def get_backend(name: str) -> Backend:
 
 def options_from(config, name: str):
     """Backend `name`'s options out of a config that holds one field per backend with options (train.py's
-    TrainConfig, pipeline.bench's BenchConfig): what `build_loader(options=...)` takes; None for a backend without."""
-    return getattr(config, name) if get_backend(name).options else None
+    TrainConfig, pipeline.bench's BenchConfig): what `build_loader(options=...)` takes; None for a backend without.
+    Parts declared shared (hybrid's dali and host) are the config's own fields of those names."""
+    if not get_backend(name).options:
+        return None
+    options = getattr(config, name)
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(options) if f.metadata.get("shared")}
+    return dataclasses.replace(options, **shared)
 
 
 def build_loader(*, data_path=None, split: str = "train", backend: str = "host", batch_size: int,

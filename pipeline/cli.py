@@ -129,6 +129,12 @@ def _convert(f: dataclasses.Field, text: str):
     return value
 
 
+def plain(config) -> dict:
+    """`dataclasses.asdict(config)` less the nested configs declared shared: their values stand once, at the top."""
+    return {f.name: plain(value) if dataclasses.is_dataclass(value) else value
+            for f in fields(config) if not f.metadata.get("shared") for value in [getattr(config, f.name)]}
+
+
 def markdown_rows(cls, prefix: str = "") -> list[str]:
     """`| flags | default | meaning |` rows for a docs table, nested configs included, hidden fields left out."""
     rows = []

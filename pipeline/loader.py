@@ -95,7 +95,6 @@ class LoaderSpec:
                             self.shuffle_window, self.resumed_epoch, tuple(self.stages))
 
 
-
 class Loader:
     """The protocol every backend honours, with the defaults of a loader that reads nothing (synthetic)."""
 
@@ -204,7 +203,11 @@ class ShardLoader(Loader):
         iteration = self._iteration
         if not self.run.follows(self.epoch):
             self.run.restart(self.epoch)
-            self.start_run(self.epoch)
+            try:
+                self.start_run(self.epoch)
+            except BaseException:
+                self.close()  # and so the run stops: the next iteration starts one anew
+                raise
         pending, steps = [], iter(range(self.steps))
         for _ in range(self.steps):
             if iteration != self._iteration:  # outside the try below: the newer iteration goes on
@@ -230,8 +233,6 @@ def endless(loader: Loader, stride: int = 1):
         epoch += stride
 
 
-
-
 def timed(batches: Iterator) -> Iterator[tuple[object, float]]:
     """(batch, seconds the caller was blocked waiting for it): the input wait every timing loop reports. Host time
     only: device work queued earlier may still run while the host waits, so it bounds the device's idle time."""
@@ -242,16 +243,3 @@ def timed(batches: Iterator) -> Iterator[tuple[object, float]]:
         except StopIteration:
             return
         yield batch, time.perf_counter() - t0
-
-
-
-
-
-
-
-
-
-
-
-
-

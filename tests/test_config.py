@@ -2,6 +2,7 @@
 and the launch flags map onto the env:// rendezvous as docs/training.md says."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
 from trainlib import distributed
-from trainlib.config import ConfigError, build_parser, markdown_table, parse_config
+from trainlib.config import ConfigError, TrainConfig, build_parser, markdown_table, parse_config
 
 SEED_8P = ["--data_path=/data/imagenet", "--addr=10.0.0.7", "--seed=49", "--workers=128", "--learning-rate=0.8",
            "--momentum=0.9", "--weight-decay=1.0e-04", "--print-freq=1", "--dist-url=tcp://127.0.0.1:23456",
@@ -75,6 +76,9 @@ def test_hybrid_options_nest_and_their_parts_are_the_runs_dali_and_host_options(
     assert cfg.backend_options() == HybridOptions(dali_share=0.25, dali=DaliOptions(readers=3),
                                                   host=HostOptions(slots_per_worker=4))
     assert "--hybrid-dali-readers" not in build_parser().format_help()  # the parts add no flags of their own
+    assert cfg.to_dict()["hybrid"] == {"dali_share": 0.25}  # config.json holds each value once
+    made = dataclasses.replace(TrainConfig(backend="hybrid"), dali=DaliOptions(readers=5))  # not through the flags
+    assert made.backend_options().dali.readers == 5
     with pytest.raises(SystemExit):
         parse_config(["--backend", "hybrid", "--data_path", "x", "--hybrid-dali-share", "1"])
     assert "hybrid option dali_share must be between 0 and 1" in capsys.readouterr().err

@@ -203,6 +203,21 @@ def test_workers_run_on_into_the_next_epoch(colour_shards):
     assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))
 
 
+def test_a_newer_iteration_replaces_an_older_one_and_goes_on(colour_shards):
+    with loader(colour_shards, dtype=torch.uint8, workers=2) as l:
+        old = iter(l)
+        next(old)
+        new = iter(l)
+        first = next(new)[0].clone()  # the epoch from its start: a new run
+        with pytest.raises(RuntimeError, match="a newer iteration over this HostLoader replaced this one"):
+            next(old)
+        rest = [b[0].clone() for b in new]  # the newer one is unharmed
+        assert len(rest) == len(l) - 1
+        l.set_epoch(0)
+        again = [b[0].clone() for b in l]
+        assert torch.equal(again[0], first) and all(torch.equal(a, b) for a, b in zip(again[1:], rest))
+
+
 @pytest.mark.parametrize("backend", ["host", "dali"])
 def test_a_script_without_a_main_guard_works(colour_shards, tmp_path, backend):
     if backend == "dali":

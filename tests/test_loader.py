@@ -9,7 +9,7 @@ import torch
 from pipeline import build_loader, timed
 from pipeline.backends import BACKENDS, get_backend
 from pipeline.host import HostOptions
-from pipeline.loader import EpochRun, Loader
+from pipeline.loader import EpochRun, Loader, LoaderSpec, ShardLoader
 
 
 def test_timed_reports_the_time_blocked_in_next():
@@ -62,3 +62,37 @@ def test_backends_come_from_one_registry():
     with build_loader(backend="synthetic", batch_size=2, device="cpu", img_size=8, num_classes=3) as loader:
         assert isinstance(loader, Loader) and loader.bytes_read == 0 and loader.skipped_shards == {}
         assert loader.describe().startswith("synthetic") and loader.num_workers == 4
+
+
+class FlakyStart(ShardLoader):
+    """Its producers fail to start once; after that each batch is its step number."""
+
+    def __init__(self, spec):
+        super().__init__(spec, "test")
+        self.starts, self.fail = [], True
+        self.closed = 0
+
+    def start_run(self, epoch):
+        self.starts.append(epoch)
+        if self.fail:
+            self.fail = False
+            raise OSError("no producers")
+
+    def take(self, step):
+        return step
+
+    def close(self):
+        self.closed += 1
+        self.run.stop()
+
+
+def test_a_run_that_fails_to_start_closes_and_the_next_iteration_starts_it_again(sample_shards):
+    spec = LoaderSpec(data_path=str(sample_shards), split="train", batch_size=4, device=torch.device("cpu"))
+    loader = FlakyStart(spec)
+    with pytest.raises(OSError, match="no producers"):
+        next(iter(loader))
+    assert loader.closed == 1 and loader.starts == [0]
+    assert list(loader) == list(range(len(loader)))  # started anew, not taken as following on
+    assert loader.starts == [0, 0]
+    loader.set_epoch(1)
+    assert list(loader) == list(range(len(loader))) and loader.starts == [0, 0]  # whole epoch taken: ran on

@@ -127,6 +127,8 @@ def test_without_the_region_decoder_restart_markers_are_off_by_default_and_refus
     assert "--restart-markers needs the region decoder" in capsys.readouterr().err
     assert _run(sample_folder, tmp_path / "default") == 0
     assert json.loads((tmp_path / "default" / "manifest.json").read_text())["restart_markers"] is False
+    assert "region decoder (pipeline.shards._jpegregion) is not built, so this set gets no restart markers" in \
+        capsys.readouterr().err
 
 
 def test_index_points_at_member_bytes(sample_shards):
@@ -382,3 +384,25 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_not_stale(sample_fol
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert make_shards.main(["--data_path", str(sample_folder), "--out", str(dst), "--workers", "1"]) == 0
+
+
+def test_an_unreadable_or_older_set_is_refused_for_what_differs_and_replaced_with_overwrite(sample_folder, tmp_path,
+                                                                                           capsys):
+    dst = tmp_path / "set"
+    assert _run(sample_folder, dst) == 0
+    for name in (".plan.json", "manifest.json"):  # a set of a format this version does not read
+        obj = json.loads((dst / name).read_text())
+        (dst / name).write_text(json.dumps({**obj, "format": "vitshards-9", "plan_id": "9" * 16}))
+    capsys.readouterr()
+    assert _run(sample_folder, dst) == 2
+    assert "shard format 'vitshards-9', which this version does not read" in capsys.readouterr().err
+    assert _run(sample_folder, dst, "--overwrite") == 0
+    assert json.loads((dst / "manifest.json").read_text())["format"] == "vitshards-2"
+    # A vitshards-1 set whose source changed since: the source is named, not the format the rerun would write.
+    for name in (".plan.json", "manifest.json"):
+        obj = json.loads((dst / name).read_text())
+        (dst / name).write_text(json.dumps({**obj, "format": "vitshards-1", "plan_id": "0" * 16}))
+    capsys.readouterr()
+    assert _run(sample_folder, dst) == 2
+    err = capsys.readouterr().err
+    assert "the source files changed" in err and "format" not in err.split("(", 1)[1]

@@ -14,7 +14,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from pipeline.backends import BACKENDS, SUMMARY, WITH_OPTIONS, get_backend, options_from
-from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows
+from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows, plain
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
@@ -141,8 +141,8 @@ class TrainConfig:
         return options_from(self, self.backend)
 
     def to_dict(self) -> dict:
-        """Plain values only (config.json, checkpoints: `torch.load(weights_only=True)` reads them)."""
-        return dataclasses.asdict(self)
+        """Plain values only (config.json, checkpoints: `torch.load(weights_only=True)` reads them), each once."""
+        return plain(self)
 
 
 def flag_name(field_name: str) -> str:

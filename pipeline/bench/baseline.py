@@ -1,6 +1,7 @@
-"""The reference the host backend is measured against: a stock torchvision `ImageFolder` + `DataLoader`, with the same
-crop, flip and normalization as the contract, everything (decode, float conversion, normalize) in the workers on the
-CPU. It is what most ImageNet scripts run, so `pipeline.bench --baseline` reports the ratio to it."""
+"""The reference the host backend is measured against: a stock torchvision `ImageFolder` + `DataLoader`, with the
+transform policy of `pipeline/transforms.py` (crop, flip, interpolation, normalization) as torchvision's own
+operators, everything (decode, float conversion, normalize) in the workers on the CPU. It is what most ImageNet
+scripts run, so `pipeline.bench --baseline` reports the ratio to it."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,7 +5,7 @@
     python -m pipeline.bench --data_path SHARDS --decode-only [--baseline x] --seconds 10   # one-core decode path
 
 What it measures: wall-clock images per second of fully formed batches (decoded, cropped, flipped, on the device,
-normalized as the contract says), after `--warmup` batches that are not counted (worker start-up, first reads).
+normalized as the loader promises), after `--warmup` batches that are not counted (worker start-up, first reads).
 The loop does nothing with a batch unless `--model` is given, so the figure is the pipeline's ceiling on this
 machine; with `--model NAME` every batch also goes through a forward+backward+SGD step of that timm model, and the
 figure is what the pipeline sustains while feeding a real step.

@@ -6,7 +6,7 @@
  * inverse DCT and colour conversion (jpeg_skip_scanlines), and columns outside get no inverse DCT or colour
  * conversion (jpeg_crop_scanline, to the iMCU grid). No maintained Python binding exposes these calls (Pillow,
  * simplejpeg and OpenCV decode whole images; PyTurboJPEG's cropping is the lossless transform, which re-encodes);
- * pipeline/jpeg.py keeps a Pillow fallback with the same output geometry.
+ * pipeline/shards/jpeg.py keeps a Pillow fallback with the same output geometry.
  *
  * The entropy (Huffman) decoding is most of a decode of a photo, and it is sequential: libjpeg must read every
  * block above the region, and every column of the rows it keeps, to find where the next block starts. A restart

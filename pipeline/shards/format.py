@@ -34,10 +34,6 @@ TIMM_SPLIT_NAMES = {"train": "train", "val": "validation"}  # timm's wds reader 
 _SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.(tar|idx)$")
 
 
-
-
-
-
 # A sample's members, in the order the writer puts them in the tar: `<key>.jpg` (the JPEG bytes) and `<key>.cls`
 # (the label, ASCII decimal). Keys hold no dots, so a member name splits at its last one.
 IMAGE, LABEL = "jpg", "cls"
@@ -193,18 +189,19 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict, where: str = MANIFEST, classes=lambda: None) -> "Manifest":
-        """`classes()`: the class list, for a vitshards-1 manifest that does not count them."""
+    def from_json(cls, obj: dict, where: str, classes) -> "Manifest":
+        """`classes()`: the class list (classes.json), read only for a vitshards-1 manifest that does not count them."""
         try:
             settings = settings_from(obj, where)
             splits = {name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
                       for name, s in obj["splits"].items()}
-            count = obj["num_classes"] if settings.format != "vitshards-1" or "num_classes" in obj else len(classes())
-            return cls(settings, obj["plan_id"], count, splits, obj.get("converted", []),
-                       obj.get("rejected", []), obj.get("ignored", []))
+            counted = settings.format != "vitshards-1" or "num_classes" in obj
+            plan_id, count = obj["plan_id"], obj["num_classes"] if counted else None
         except (KeyError, TypeError, AttributeError) as e:
             raise ShardError(f"{where}: not a manifest written by tools/make_shards.py ({type(e).__name__}: {e})") \
                 from None
+        return cls(settings, plan_id, len(classes()) if count is None else count, splits, obj.get("converted", []),
+                   obj.get("rejected", []), obj.get("ignored", []))
 
 
 def read_manifest(data_path: str | Path) -> Manifest:

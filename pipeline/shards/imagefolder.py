@@ -16,8 +16,6 @@ IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
 MAX_KEY = 80  # keeps `<key>.jpg` within ustar's 100-byte name field
 
 
-
-
 @dataclass
 class SplitScan:
     name: str
@@ -135,5 +133,3 @@ def plan_shards(split: SplitScan, seed: int, per_shard: int) -> list:
     # first format's name in every format: another salt would deal the same files to other shards.
     random.Random(f"{FORMATS[0]}:{seed}:{split.name}").shuffle(order)
     return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
-
-

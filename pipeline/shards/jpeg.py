@@ -94,8 +94,6 @@ def crop_resize(data: bytes, box_of, size: int, resample: int, decoder: str = "r
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-
-
 def _region(data: bytes, width: int, height: int, box, denom: int, size: int, resample: int) -> Image.Image:
     # libjpeg's scaled size is ceil(side / denom), as Pillow's draft gives.
     scaled_w, scaled_h = -(-width // denom), -(-height // denom)

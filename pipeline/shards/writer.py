@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tarfile
 import tempfile
 import time
@@ -29,9 +30,10 @@ from tqdm import tqdm
 
 from pipeline.shards import atomicio, jpeg, storage
 from pipeline.shards.errors import ShardError, UsageError
-from pipeline.shards.format import (CLASSES, FORMAT, IMAGE, LABEL, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE, TIMM_INFO,
-                                    Manifest, Settings, ShardInfo, SplitInfo, encode_label, index_line, index_text,
-                                    is_shard_file, member_name, plan_fields, settings_from, shard_name, write_set_files)
+from pipeline.shards.format import (CLASSES, FORMAT, FORMATS, IMAGE, LABEL, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE,
+                                    TIMM_INFO, Manifest, Settings, ShardInfo, SplitInfo, encode_label, index_line,
+                                    index_text, is_shard_file, member_name, plan_fields, settings_from, shard_name,
+                                    write_set_files)
 from pipeline.shards.imagefolder import Scan, SplitScan, plan_shards, scan_source
 
 # Fixed tar header fields: the same input gives byte-identical shards on any machine, any day (re-encoded images:
@@ -259,6 +261,9 @@ def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
             kw[f.name] = given[f.name] if given.get(f.name) is not None else getattr(was, f.name)
     if given.get("restart_markers") is None and not previous:  # a new set: on where the region decoder is built
         kw["restart_markers"] = jpeg.decoder_available("region")
+        if not kw["restart_markers"]:  # the same command gives other bytes where it is built: say so
+            print("make_shards: the region decoder (pipeline.shards._jpegregion) is not built, so this set gets no "
+                  "restart markers; `bash tools/setup.sh` builds it where libjpeg's headers are", file=sys.stderr)
     settings = Settings(**kw, source=str(src))
     if settings.restart_markers and not jpeg.decoder_available("region"):
         raise UsageError("--restart-markers needs the region decoder (pipeline.shards._jpegregion), which is not built: "
@@ -360,8 +365,13 @@ def prepare_out(dest: Destination, settings: Settings, plan_id: str, overwrite: 
         return present
     if not overwrite:
         if old:
-            was = dataclasses.asdict(settings_from(old, str(dest)))
-            diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(settings).items() if was.get(k) != v]
+            try:
+                was = dataclasses.asdict(settings_from(old, str(dest)))
+            except ShardError as e:  # a set this version cannot read: only --overwrite can replace it
+                raise UsageError(f"{e}; pass --overwrite to replace it or pick another --out") from None
+            # The format is not the user's setting: an old set that cannot resume is rewritten in today's format.
+            diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(settings).items()
+                    if was.get(k) != v and k != "format"]
             why = ", ".join(diff) if diff else "the source files changed (names, sizes or times)"
             raise UsageError(f"{dest} holds shards of another data set or settings ({why}); "
                              "pass --overwrite to replace them or pick another --out")
@@ -461,7 +471,10 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
         raise UsageError(f"--out {out} exists and is not a folder")
     dest = Destination(out, staging)
     previous = dest.read_json(PLAN_FILE) or {}
-    settings = resolve_settings(given, src, previous if previous.get("source") == str(src) else {})
+    # A plan of this source in a format this version reads is what a rerun resumes; any other plan is a set that
+    # prepare_out refuses (or, with --overwrite, replaces).
+    resumable = previous.get("source") == str(src) and previous.get("format") in FORMATS
+    settings = resolve_settings(given, src, previous if resumable else {})
     scan = scan_source(src)
     if not any(s.num_files for s in scan.splits.values()):
         raise UsageError(f"--data_path {src} holds no files under train/ or val/")
