@@ -6,8 +6,9 @@ On any other device DALI runs its CPU operators (`device_id=None`) and the batch
 the mode the CPU tests use.
 
 Which samples go into which batch is the rule in `pipeline/plan.py`, read by the one reader
-(`pipeline/shards/reader.py`): DALI's parallel external source runs `BatchSource` in `readers` worker processes, each call turning one batch of the
-run into its JPEG bytes and labels, so DALI sees exactly the host backend's samples in the same order. The pipeline
+(`pipeline/shards/reader.py`): DALI's parallel external source runs `BatchSource` in `readers` worker processes,
+each call turning one batch of the run into its JPEG bytes and labels, so DALI sees exactly the host backend's
+samples in the same order. The pipeline
 is built once per loader and its source runs on across epoch boundaries (epoch e+1's first batches are read and
 decoded while epoch e's last steps train); it is rebuilt only when the epochs asked for stop following each other
 (a resume, a jump of set_epoch, an epoch abandoned half way).

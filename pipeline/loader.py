@@ -167,8 +167,8 @@ class EpochRun:
 
 class ShardLoader(Loader):
     """A loader that reads shards: this rank's plan over the split, and one iteration at a time. A backend defines
-    `start_run(epoch)` (its producers begin a new run, `self.run`, at `epoch`) and `take(step)` (the next batch of the run, batch
-    `self.batches[step]` of `self.run.epoch`, moved on from the producers); iterating calls them."""
+    `start_run(epoch)` (its producers begin a new run, `self.run`, at `epoch`) and `take(step)` (the next batch of
+    the run, batch `self.batches[step]` of `self.run.epoch`, moved on from the producers); iterating calls them."""
 
     def __init__(self, spec: LoaderSpec, backend: str):
         super().__init__(spec)

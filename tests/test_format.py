@@ -1,5 +1,5 @@
-"""pipeline/shards/format.py: the shard set's files are written and read in one place; bad files fail in one line that names
-them."""
+"""pipeline/shards/format.py: the shard set's files are written and read in one place; bad files fail in one line
+that names them."""
 from __future__ import annotations
 
 import json

@@ -45,7 +45,8 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             # `from pipeline.shards import storage` imports the submodule; `from pipeline import build_loader` the
             # package itself.
             found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known or a.name.startswith("_") else base

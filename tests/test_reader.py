@@ -1,5 +1,5 @@
-"""pipeline/shards/reader.py: samples by (shard, index) through the .idx, in the order asked for; a shard cut short is named
-as such when its sample is used."""
+"""pipeline/shards/reader.py: samples by (shard, index) through the .idx, in the order asked for; a shard cut short
+is named as such when its sample is used."""
 from __future__ import annotations
 
 import pickle

@@ -93,7 +93,8 @@ class Trainer:
         self.train_flops_per_image = TRAIN_FLOPS_FACTOR * flops_per_image if flops_per_image else None
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimisation step; the loss, detached. The benchmarks (trainlib.bench.steps) time this call as train.py's."""
+        """One optimisation step; the loss, detached. The benchmarks (trainlib.bench.steps) time this call as
+        train.py's."""
         return self.optim(images, labels)
 
     # -- the epoch loop ------------------------------------------------------------------------------------------

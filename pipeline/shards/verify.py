@@ -2,8 +2,9 @@
 
 Checks per shard: size and sha256 as in the manifest; the `.idx` lines point at exactly the tar's members (as
 tarfile lists them), `<key>.jpg` then `<key>.cls` per sample; the samples, read as the loaders read them
-(`pipeline/shards/reader.py`), are the planned source files minus the rejected ones, each with its label; unconverted images are byte-identical to their source file (in a set made
-with restart markers: decode to its pixels, and carry the markers) and converted ones decode as RGB JPEGs.
+(`pipeline/shards/reader.py`), are the planned source files minus the rejected ones, each with its label;
+unconverted images are byte-identical to their source file (in a set made with restart markers: decode to its
+pixels, and carry the markers) and converted ones decode as RGB JPEGs.
 Per split: shard samples + rejected + ignored == files in SRC.
 """
 from __future__ import annotations

@@ -213,9 +213,9 @@ class ShardJob:
 def build_shard(job: ShardJob) -> dict:
     """Worker entry point: write `<name>.tar`, `<name>.idx`, then the `.parts/<name>.json` record.
 
-    The record is written last and atomically, so its presence (with matching plan id and sizes) proves the shard is complete. With `remote` (an
-    s3:// prefix), `dst` is a staging folder: the shard and its index are uploaded, then the record, and the local
-    copies removed, so staging holds at most one shard per worker.
+    The record is written last and atomically, so its presence (with matching plan id and sizes) proves the shard is
+    complete. With `remote` (an s3:// prefix), `dst` is a staging folder: the shard and its index are uploaded, then
+    the record, and the local copies removed, so staging holds at most one shard per worker.
     """
     split, dst, remote = job.split, job.dst, job.remote
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -266,8 +266,8 @@ def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
                   "restart markers; `bash tools/setup.sh` builds it where libjpeg's headers are", file=sys.stderr)
     settings = Settings(**kw, source=str(src))
     if settings.restart_markers and not jpeg.decoder_available("region"):
-        raise UsageError("--restart-markers needs the region decoder (pipeline.shards._jpegregion), which is not built: "
-                         "install libjpeg-turbo's headers (libjpeg62-turbo-dev) and rerun `pip install -e .`")
+        raise UsageError("--restart-markers needs the region decoder (pipeline.shards._jpegregion), which is not "
+                         "built: install libjpeg-turbo's headers (libjpeg62-turbo-dev) and rerun `pip install -e .`")
     if settings.samples_per_shard < 1:
         raise UsageError("--samples-per-shard must be >= 1")
     if settings.max_side is not None and settings.max_side < 16:
