@@ -4,9 +4,9 @@ the lossless re-encode that makes shards whose boxes decode alone (`recode`, cal
 Two paths with the same output geometry (the box's float coordinates, the same DCT scale, the same resampling):
   region  the C extension `pipeline.shards._jpegregion` decodes only the box's rows and iMCU columns (plus the
           resampling filter's margin) with libjpeg-turbo, and stops below the box: what a RandomResizedCrop leaves
-          out is not decoded. In a recoded JPEG (a restart marker after every MCU) not even entropy-decoded: the rows above
-          and the columns beside the box are skipped too. Built by `pip install -e .` where libjpeg's headers are
-          (libjpeg-turbo's -dev package).
+          out is not decoded. In a recoded JPEG (a restart marker after every MCU) not even entropy-decoded: the
+          rows above and the columns beside the box are skipped too. Built by `pip install -e .` where libjpeg's
+          headers are (libjpeg-turbo's -dev package).
   pillow  Pillow decodes the whole image (at the same DCT scale, through `draft`) and resizes the box. Used for CMYK
           and non-JPEG files, and everywhere when the extension is not built.
 Both decode at 1/2, 1/4 or 1/8 scale when the box is at least twice the output in both sides (the largest such
