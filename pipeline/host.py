@@ -27,7 +27,7 @@ from pipeline.host_worker import (Crashed, Release, SampleFailed, StartRun, Stop
                                   slot_nbytes, worker_main)
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import consumer_order
-from pipeline.processes import main_not_replayed
+from pipeline.processes import main_not_replayed, one_thread_each
 from pipeline.shards import storage
 from pipeline.shards.errors import PipelineError, SampleError, ShardError
 from pipeline.shards.jpeg import DECODERS, decoder_available, default_decoder, pillow_is_simd
@@ -261,7 +261,7 @@ class HostLoader(ShardLoader):
                 decoder=self.opts.resolved_decoder)
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
-            with main_not_replayed():  # no main guard needed in the user's script
+            with main_not_replayed(), one_thread_each():  # no main guard needed in the user's script
                 proc.start()
             child_end.close()  # only the worker holds its end now, so our exit reads as EOF there
             self._procs.append(proc)

@@ -15,7 +15,6 @@ import functools
 import os
 import random
 import signal
-import sys
 import tempfile
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +67,6 @@ class Crashed(NamedTuple):
     text: str  # `crash_report`'s line
 
 
-# One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -264,11 +261,7 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
 def worker_main(cfg: WorkerConfig, conn) -> None:
     """Process entry point. Exits quietly when the parent says stop or goes away (EOF on the pipe)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
-    for name in THREAD_ENV:
-        os.environ[name] = "1"
-    os.environ.update(dict(cfg.environment))
-    if "torch" in sys.modules:  # a start method that carried it over (the workers' own modules import none)
-        sys.modules["torch"].set_num_threads(1)
+    os.environ.update(dict(cfg.environment))  # one thread each came with the start (pipeline.processes)
     keep_freed_memory_in_the_heap()
     shms = [shared_memory.SharedMemory(name=n) for n in cfg.slot_names]
     slots = [slot_arrays(s.buf, cfg.batch_size, cfg.img_size) for s in shms]

@@ -1,11 +1,34 @@
 """Process-level settings the loaders need, kept apart from what they compute: how worker processes start without
-replaying the user's script, and how freed batch memory stays in the heap."""
+replaying the user's script and with one thread each, and how freed batch memory stays in the heap."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
+import os
 import sys
+
+# One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def one_thread_each():
+    """Start processes with the thread pools of numpy's BLAS (and OpenMP, MKL, numexpr) at one thread. A pool is
+    sized when its library loads, and a worker's modules load numpy before any of its own code runs (a forkserver
+    imports them once, for all the workers it forks), so the setting has to be in the environment the process
+    starts with: it is set here while they start, and restored after (what it is worth: docs/pipeline.md, "The host
+    backend")."""
+    saved = {name: os.environ.get(name) for name in THREAD_ENV}
+    os.environ.update({name: "1" for name in THREAD_ENV})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline import build_loader
-from pipeline.host import WorkerError
+from pipeline.host import HostOptions, WorkerError
 from pipeline.shards.errors import PipelineError, SampleError, ShardError
 from pipeline.shards.format import read_manifest, shard_list
 
@@ -201,6 +201,22 @@ def test_workers_run_on_into_the_next_epoch(colour_shards):
             fresh.set_epoch(epoch)
             assert all(torch.equal(a, b) for a, (b, _) in zip(seen, fresh)) and len(seen) == len(fresh)
     assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the workers' environment from /proc")
+def test_workers_start_with_one_thread_each_and_the_parent_keeps_its_environment(colour_shards, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    for start_method in ("forkserver", "spawn"):
+        with loader(colour_shards, dtype=torch.uint8, workers=2,
+                    options=HostOptions(start_method=start_method)) as l:
+            next(iter(l))
+            for pid in worker_pids(l):
+                # The environment a process started with; numpy sized its BLAS pool from it as it loaded.
+                env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                           if "=" in item)
+                assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+        assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
 
 
 def test_a_newer_iteration_replaces_an_older_one_and_goes_on(colour_shards):
