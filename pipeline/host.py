@@ -26,7 +26,7 @@ from pipeline.cli import knob
 from pipeline.host_worker import (Crashed, Release, SampleFailed, StartRun, Stop, WorkerConfig, slot_arrays,
                                   slot_nbytes, worker_main)
 from pipeline.loader import LoaderSpec, ShardLoader
-from pipeline.plan import consumer_order
+from pipeline.plan import worker_of
 from pipeline.processes import main_not_replayed, one_thread_each
 from pipeline.shards import storage
 from pipeline.shards.errors import PipelineError, SampleError, ShardError
@@ -230,7 +230,6 @@ class HostLoader(ShardLoader):
         super().__init__(spec, "host")
         # Workers beyond `steps` would get no batches (pipeline/plan.py rule 5), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))
-        self._order = consumer_order(self.steps, self.num_workers)
         self._procs, self._conns, self._shms, self._views = [], [], [], []
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views)
         self._start_workers(self.manifest.num_classes)
@@ -293,8 +292,8 @@ class HostLoader(ShardLoader):
 
     def take(self, step: int):
         """Wait for the worker's batch `step` of the run, start its transfer, give the slot back."""
-        worker, k = self._order[step]
-        slot = self._receive(worker, self.batches[k], self.run.number, self.run.epoch)
+        worker = worker_of(step, self.num_workers)
+        slot = self._receive(worker, self.batches[step], self.run.number, self.run.epoch)
         images, labels = self._views[worker][slot]
         pending = self.transfer.start(images, labels)
         try:

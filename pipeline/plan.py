@@ -190,9 +190,9 @@ def worker_batches(steps: int, worker: int, num_workers: int) -> range:
     return range(worker, steps, num_workers)
 
 
-def consumer_order(steps: int, num_workers: int) -> list[tuple[int, int]]:
-    """(worker, rank-local batch index) in the order the consumer yields them: batch order (rule 5)."""
-    return [(i % num_workers, i) for i in range(steps)]
+def worker_of(step: int, num_workers: int) -> int:
+    """The worker the consumer takes its batch `step` from (rule 5): the one whose `worker_batches` hold it."""
+    return step % num_workers
 
 
 # eq=False: an identity hash. The plan caches below key on the planner once per batch; hashing the tuple of every

@@ -33,7 +33,6 @@ try:
 except ImportError:  # not built (no C compiler at install): Pillow flips and packs, torch converts in three passes
     _pixels = None
 
-INTERPOLATIONS = ("bilinear", "bicubic")
 PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
