@@ -100,6 +100,8 @@ def run(cfg: TrainConfig) -> None:
         log.print(f"{cfg.model} {classes} classes, {placement.world_size} x {device.name()}, {cfg.backend} input, "
                   f"{str(trainer.optim.amp_dtype).removeprefix('torch.')}, {steps_per_epoch} steps/epoch x "
                   f"{cfg.batch_size} x {placement.world_size}")
+        for note in train_loader.notes() if train_loader is not None else ():
+            log.print(note)
         if cfg.evaluate:
             trainer.evaluate(val_loader)
             return

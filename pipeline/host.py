@@ -22,6 +22,7 @@ from multiprocessing import connection, shared_memory
 import numpy as np
 import torch
 
+from pipeline.augment import KERNELS_BUILT
 from pipeline.cli import knob
 from pipeline.host_worker import (Crashed, Release, SampleFailed, StartRun, Stop, WorkerConfig, slot_arrays,
                                   slot_nbytes, worker_main)
@@ -271,7 +272,19 @@ class HostLoader(ShardLoader):
         return (f"host: {self.num_workers} worker processes ({self.opts.start_method}), decoder "
                 f"{self.opts.resolved_decoder}, {pillow_flavour()}, "
                 f"{self.opts.slots_per_worker} shm slots of {s.batch_size}x{s.img_size}x{s.img_size}x3 uint8 "
-                f"per worker, prefetch {s.prefetch} -> {s.device}")
+                f"per worker, prefetch {s.prefetch} -> {s.device}, augment {s.transform.augment.describe()}")
+
+    def notes(self) -> list[str]:
+        notes = []
+        if not pillow_is_simd():
+            # Pillow-SIMD is its own distribution: a later `pip install` of anything that needs pillow silently puts
+            # stock Pillow back, and the resizes here run much slower (docs/pipeline.md, "Pillow flavours").
+            notes.append(f"host: {pillow_flavour()} resizes the crops, not Pillow-SIMD (a later pip install of a "
+                         f"package needing pillow replaces it); bash tools/install_pillow_simd.sh puts it back")
+        if self.spec.transform.augment.active and not KERNELS_BUILT:
+            notes.append("host: the augmentation kernels (pipeline/_augment.c) are not built: --aa runs through "
+                         "Pillow, several times slower; a C compiler and tools/setup.sh build them")
+        return notes
 
     def close(self) -> None:
         self._finalizer()

@@ -119,7 +119,8 @@ def slot_nbytes(batch_size: int, img_size: int) -> int:
 
 def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray) -> None:
     """The sample's crop box by the transform policy, decoded and resized to the output size
-    (pipeline/shards/jpeg.py), flipped, into `out` (S,S,3) uint8. The sample is usable (`usable_label`)."""
+    (pipeline/shards/jpeg.py), flipped, into `out` (S,S,3) uint8, then augmented there. The sample is usable
+    (`usable_label`)."""
     t = cfg.transform
     try:
         image = crop_resize(sample.jpg, functools.partial(t.crop_box, rng=rng), t.img_size,
@@ -127,6 +128,8 @@ def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarra
     except Exception as e:  # noqa: BLE001 - whatever Pillow or libjpeg raise here, the bytes caused it: name the sample
         raise SampleError(f"{sample.shard}: sample {sample.key}: undecodable image ({type(e).__name__}: {e})") from e
     rgb_into(image, out, flip=t.flips(rng))
+    if t.augment.active:  # after the crop and flip, on the output tile, as timm applies it
+        t.augment.apply(out, rng)
 
 
 def crash_report(worker: int, error: BaseException) -> str:

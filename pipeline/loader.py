@@ -18,6 +18,7 @@ import torch
 
 from pipeline.plan import EpochPlanner, Stage, share_of
 from pipeline.shards.format import Manifest, Shard, read_manifest, shard_list
+from pipeline.augment import Augment, parse as parse_augment
 from pipeline.transforms import Transform
 
 IMAGENET_CLASSES = 1000  # what synthetic labels stand in for when no shards say otherwise
@@ -41,6 +42,8 @@ class LoaderSpec:
     scale: tuple[float, float] = Transform.scale
     ratio: tuple[float, float] = Transform.ratio
     hflip: float = Transform.hflip
+    aa: str | None = None  # train: timm's --aa spec (pipeline/augment.py), e.g. "rand-m9-mstd0.5-inc1"
+    color_jitter: str | float | None = None  # train: timm's --color-jitter (off under aa, as in timm)
     dtype: torch.dtype = torch.float32  # torch.uint8: unnormalized pixels
     channels_last: bool = False
     prefetch: int = 2  # batches in flight ahead of the consumer
@@ -60,8 +63,9 @@ class LoaderSpec:
     @property
     def transform(self) -> Transform:
         """The split's transform policy (pipeline/transforms.py), which every decoder follows."""
+        augment = parse_augment(self.aa, self.color_jitter, self.img_size, self.mean) if self.train else Augment()
         return Transform(self.train, self.img_size, tuple(self.scale), tuple(self.ratio), self.hflip, self.crop_pct,
-                         tuple(self.mean), tuple(self.std))
+                         tuple(self.mean), tuple(self.std), augment)
 
     def validate(self) -> None:
         if self.split not in ("train", "val"):
@@ -76,6 +80,7 @@ class LoaderSpec:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
+        parse_augment(self.aa, self.color_jitter, self.img_size, self.mean)  # AugmentError: one line, the flag named
 
     def backend_options(self, cls):
         """This spec's options for the backend whose options class is `cls`: checked, defaults when None."""
@@ -124,6 +129,10 @@ class Loader:
     def describe(self) -> str:
         """One line for the run log: what makes the batches, and how."""
         raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """One line each for what the user should hear when the loader starts (a slower setup than intended)."""
+        return []
 
     def close(self) -> None:
         """Free processes and memory. Safe to call twice."""

@@ -4,7 +4,8 @@ and for eval. Every decoder follows it: the host workers call it (`Transform.cro
 `Transform`, and every backend ends with `to_model_input`.
 
   train  RandomResizedCrop(scale, ratio) box of the source, resized bilinear to img_size, flipped with p = hflip
-         (torchvision's train transform);
+         (torchvision's train transform), then `augment` on the tile (pipeline/augment.py: --aa, --color-jitter,
+         where timm applies them);
   eval   timm's eval transform: the shorter side resized to floor(img_size / crop_pct), the central img_size square,
          bicubic; computed as one box of the source and one resize, so a decoder crops first;
   model  uint8 NHWC pixels -> NCHW, normalized with mean/std (or raw 0..255 for a model that folds normalization into
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from pipeline.augment import Augment
 from pipeline.processes import keep_freed_memory_in_the_heap
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ class Transform:
     crop_pct: float = 0.9  # eval: resize to img_size / crop_pct, then center crop
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # timm's ViT-B/32 normalization
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    augment: Augment = Augment()  # train: per-sample ops on the output tile (none by default)
 
     @property
     def interpolation(self) -> str:

@@ -61,6 +61,16 @@ def test_bad_input_exits_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, line", [(["--aa", "rand-q9"], "error: --aa rand-q9: unknown section q9;"),
+                                        (["--color-jitter", "x"], "error: --color-jitter x: want a number")])
+def test_a_bad_augmentation_flag_is_one_line_naming_it(argv, line, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--backend", "synthetic", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and line in err.strip().splitlines()[-1]  # argparse's usage, then the one line
+    assert parse_config(["--backend", "synthetic", "--aa", "rand-m9-mstd0.5-inc1"]).aa == "rand-m9-mstd0.5-inc1"
+
+
 def test_backend_options_come_from_their_own_flags():
     cfg = parse_config(["--backend", "dali", "--data_path", "x", "--dali-hw-decoder-load", "1", "--dali-readers", "3",
                         "--host-slots-per-worker", "3"])

@@ -16,6 +16,7 @@ PACKAGES = ("pipeline", "model", "trainlib")
 # pipeline's own modules may use it.
 LAYERS = (
     ("pipeline.shards",),
+    ("pipeline.augment", "pipeline._augment"),
     ("pipeline.plan", "pipeline.transforms", "pipeline.processes", "pipeline.cli", "pipeline._pixels"),
     ("pipeline.loader",),
     ("pipeline.host_worker", "pipeline.host", "pipeline.dali", "pipeline.synthetic", "pipeline.hybrid"),

@@ -48,7 +48,8 @@ def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int) ->
     return dict(data_path=cfg.data_path, backend=cfg.backend, device=device.device, rank=placement.rank,
                 world_size=placement.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
                 mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
-                on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes,
+                on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes, aa=cfg.aa,
+                color_jitter=cfg.color_jitter,
                 options=cfg.backend_options())
 
 

@@ -14,6 +14,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from pipeline.backends import BACKENDS, SUMMARY, WITH_OPTIONS, get_backend, options_from
+from pipeline.augment import AugmentError, parse as parse_augment
 from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows, plain
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
@@ -38,6 +39,11 @@ class TrainConfig:
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
     hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
     img_size: int = knob(224, "train/eval resolution")
+    aa: str = knob(None, "per-sample train augmentation, timm's spec (pipeline/augment.py): rand-m9-mstd0.5-inc1 "
+                         "(RandAugment) or original, originalr, v0, v0r, 3a (AutoAugment); none by default",
+                   metavar="SPEC")
+    color_jitter: str = knob(None, "timm's color jitter: brightness, contrast and saturation factors in [1-X, 1+X], "
+                                   "or X,X,X[,HUE]; off under --aa, as in timm; none by default", metavar="X")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: "
                                f"{IMAGENET_CLASSES})")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",
@@ -115,6 +121,10 @@ class TrainConfig:
                      "warmup_epochs", "drop_path", "min_lr", "dist_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        try:
+            parse_augment(self.aa, self.color_jitter, self.img_size, (0.5, 0.5, 0.5))
+        except AugmentError as e:
+            raise ConfigError(str(e)) from None
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in WITH_OPTIONS:  # each backend's own rule for its options (DALI itself is not imported)

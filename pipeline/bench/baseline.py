@@ -1,7 +1,8 @@
 """The reference the host backend is measured against: a stock torchvision `ImageFolder` + `DataLoader`, with the
 transform policy of `pipeline/transforms.py` (crop, flip, interpolation, normalization) as torchvision's own
 operators, everything (decode, float conversion, normalize) in the workers on the CPU. It is what most ImageNet
-scripts run, so `pipeline.bench --baseline` reports the ratio to it."""
+scripts run, so `pipeline.bench --baseline` reports the ratio to it. With augmentation (--aa, --color-jitter) the
+train transform is timm's own `create_transform`, what a timm user would otherwise run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +19,13 @@ def baseline_transform(t: Transform):
 
     interpolation = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[t.interpolation]
     normalize = [T.ToTensor(), T.Normalize(t.mean, t.std)]
+    if t.train and t.augment.active:
+        from timm.data import create_transform
+
+        jitter = t.augment.color_jitter
+        return create_transform(t.img_size, is_training=True, scale=t.scale, ratio=t.ratio, hflip=t.hflip,
+                                auto_augment=t.augment.aa, color_jitter=jitter[:3] if jitter and not jitter[3]
+                                else jitter, interpolation=t.interpolation, mean=t.mean, std=t.std)
     if t.train:
         return T.Compose([T.RandomResizedCrop(t.img_size, scale=t.scale, ratio=t.ratio, interpolation=interpolation),
                           T.RandomHorizontalFlip(t.hflip), *normalize])
@@ -57,4 +65,7 @@ class TorchvisionLoader(Loader):
         self.loader = None
 
     def describe(self) -> str:
-        return f"torchvision ImageFolder + DataLoader, {self.spec.workers} workers, float normalize on the CPU"
+        t = self.spec.transform
+        transform = "timm's create_transform" if t.train and t.augment.active else "torchvision's transform"
+        return f"torchvision ImageFolder + DataLoader, {transform}, {self.spec.workers} workers, float normalize on " \
+               f"the CPU"

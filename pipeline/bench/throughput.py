@@ -64,6 +64,11 @@ class BenchConfig:
     interval: float = knob(5.0, 'seconds between JSON lines')
     device: str = knob("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
     img_size: int = knob(224, 'output side in pixels')
+    aa: str = knob(None, "train: per-sample augmentation, timm's spec (pipeline/augment.py): rand-m9-mstd0.5-inc1 "
+                         "(RandAugment) or original, originalr, v0, v0r, 3a (AutoAugment); none by default",
+                   metavar="SPEC")
+    color_jitter: str = knob(None, "timm's color jitter: brightness, contrast and saturation factors in [1-X, 1+X], "
+                                   "or X,X,X[,HUE]; off under --aa, as in timm; none by default", metavar="X")
     dtype: str = knob("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
     prefetch: int = knob(2, 'batches in flight ahead of the loop')
     seed: int = knob(0, 'shuffle and crop seed')
@@ -209,7 +214,7 @@ def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
 def spec_for(cfg: BenchConfig, device: torch.device) -> dict:
     return dict(data_path=cfg.data_path, split=cfg.split, batch_size=cfg.batch_size, device=device,
                 workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size, prefetch=cfg.prefetch,
-                dtype=getattr(torch, cfg.dtype))
+                dtype=getattr(torch, cfg.dtype), aa=cfg.aa, color_jitter=cfg.color_jitter)
 
 
 def num_classes_of(cfg: BenchConfig) -> int:
