@@ -8,6 +8,9 @@ sample from the batch's seeded `random.Random` and runs them on the (S, S, 3) ui
                               magnitude m out of 10, jittered by a normal of std mstd (101 or more: uniform in 0..m),
                               clipped to mmax (10);
   --aa original | originalr | v0 | v0r | 3a [-mstdS]   AutoAugment: one of the policy's sub-policies per sample;
+  --aa ta_wide                TrivialAugment as torchvision's TrivialAugmentWide (timm has none; torchvision's
+                              reference recipes spell it so): one op of 14 at one of 31 magnitudes, nearest
+                              resampling, black fill;
   --color-jitter 0.4 | B,C,S[,H]   brightness/contrast/saturation factors drawn in [1 - x, 1 + x], hue in [-h, h],
                               applied in a random order; as in timm, off when --aa is given (except its 3a policies).
 
@@ -97,8 +100,28 @@ AUTO_POLICIES = {
     "3a": ((("Solarize", 1.0, 5),), (("Desaturate", 1.0, 10),), (("GaussianBlurRand", 1.0, 10),)),
 }
 
-AA_HELP = ("rand-m<M>[-n<N>][-p<P>][-mstd<S>][-mmax<X>][-inc<0|1>][-t<weights|3a|3aw>] (RandAugment), or "
-           "original, originalr, v0, v0r, 3a [-mstd<S>] (AutoAugment)")
+AA_HELP = ("rand-m<M>[-n<N>][-p<P>][-mstd<S>][-mmax<X>][-inc<0|1>][-t<weights|3a|3aw>] (RandAugment), "
+           "original, originalr, v0, v0r, 3a [-mstd<S>] (AutoAugment), or ta_wide (TrivialAugment)")
+
+# torchvision's TrivialAugmentWide: op -> (its 31 magnitudes, or None for none; whether the sign is random), in
+# torchvision's order. The geometric ones carry their own names: torchvision's geometry is not timm's.
+TRIVIAL_BINS = 31
+TRIVIAL_OPS = {
+    "Identity": (None, False),
+    "TrivialShearX": (np.linspace(0.0, 0.99, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialShearY": (np.linspace(0.0, 0.99, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialTranslateX": (np.linspace(0.0, 32.0, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialTranslateY": (np.linspace(0.0, 32.0, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialRotate": (np.linspace(0.0, 135.0, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialBrightness": (np.linspace(0.0, 0.99, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialColor": (np.linspace(0.0, 0.99, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialContrast": (np.linspace(0.0, 0.99, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialSharpness": (np.linspace(0.0, 0.99, TRIVIAL_BINS, dtype=np.float32), True),
+    "TrivialPosterize": (8 - np.round(np.arange(TRIVIAL_BINS) / ((TRIVIAL_BINS - 1) / 6)), False),
+    "TrivialSolarize": (np.linspace(255.0, 0.0, TRIVIAL_BINS, dtype=np.float32), False),
+    "AutoContrast": (None, False),
+    "Equalize": (None, False),
+}
 
 
 # -- magnitude -> arguments, timm's level functions (with the sample's rng for the random sign) ---------------------
@@ -176,6 +199,7 @@ class Augment:
     weights: tuple[float, ...] | None = None  # RandAugment: choice weights (then without replacement), or uniform
     num_layers: int = 2  # RandAugment: ops per sample
     policy: tuple[tuple[Op, ...], ...] = ()  # AutoAugment: its sub-policies, one per sample
+    trivial: bool = False  # TrivialAugmentWide: one of TRIVIAL_OPS per sample
     magnitude_std: float = 0.0  # > 0: each magnitude ~ N(m, std); inf: ~ U(0, m)
     magnitude_max: float = LEVEL_DENOM
     color_jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
@@ -184,7 +208,7 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return bool(self.ops or self.policy or self.color_jitter)
+        return bool(self.ops or self.policy or self.trivial or self.color_jitter)
 
     def describe(self) -> str:
         parts = [f"--aa {self.aa}"] if self.aa else []
@@ -201,6 +225,8 @@ class Augment:
         elif self.policy:
             for op in self.policy[rng.randrange(len(self.policy))]:
                 self._draw_op(op, rng, steps)
+        elif self.trivial:
+            steps.append(_draw_trivial(rng))
         if self.color_jitter:
             steps.extend(_draw_jitter(self.color_jitter, rng))
         return steps
@@ -233,6 +259,16 @@ class Augment:
         magnitude = max(0.0, min(magnitude, self.magnitude_max))
         level_to_arg = LEVEL_TO_ARG[op.name]
         steps.append((op.name, level_to_arg(magnitude, rng, self) if level_to_arg else ()))
+
+
+def _draw_trivial(rng: random.Random) -> tuple[str, tuple]:
+    """torchvision's TrivialAugmentWide.forward: an op, one of its magnitudes, then (signed ops) the sign."""
+    name = list(TRIVIAL_OPS)[rng.randrange(len(TRIVIAL_OPS))]
+    magnitudes, signed = TRIVIAL_OPS[name]
+    magnitude = 0.0 if magnitudes is None else float(magnitudes[rng.randrange(TRIVIAL_BINS)])
+    if signed and rng.randrange(2):
+        magnitude = -magnitude
+    return (name, () if magnitudes is None else (magnitude,))
 
 
 def _draw_jitter(jitter, rng: random.Random) -> list[tuple[str, tuple]]:
@@ -271,6 +307,10 @@ def parse(aa: str | None, color_jitter: str | float | tuple | None, img_size: in
             settings["magnitude_std"] = _number(aa, key, value)
         policy = tuple(tuple(Op(*op) for op in sub) for sub in AUTO_POLICIES[name])
         return Augment(aa=aa, policy=policy, color_jitter=jitter, **common, **settings)
+    if name == "ta_wide":
+        if sections:
+            raise AugmentError(f"--aa {aa}: ta_wide takes no sections (TrivialAugment has no magnitude to set)")
+        return Augment(aa=aa, trivial=True, color_jitter=jitter, **{**common, "fill": (0, 0, 0)})
     if name == "augmix":
         raise AugmentError(f"--aa {aa}: AugMix is not supported (it mixes several augmented copies); use {AA_HELP}")
     raise AugmentError(f"--aa {aa}: unknown policy {name!r}; use {AA_HELP}")
@@ -367,57 +407,9 @@ def run(tile: np.ndarray, steps: list[tuple[str, tuple]], fill: tuple[int, int, 
 _IDENTITY = np.arange(256, dtype=np.uint8)
 
 
-def _lut(tile, per_channel: np.ndarray) -> None:
-    """per_channel: (3, 256) or (256,) values in 0..255."""
-    table = np.broadcast_to(np.asarray(per_channel, dtype=np.uint8), (3, 256))
-    _augment.lut(tile, np.ascontiguousarray(table).tobytes())
-
-
-def _histogram(tile) -> np.ndarray:
-    counts = np.empty(768, np.int64)
-    _augment.histogram(tile, counts)
-    return counts.reshape(3, 256)
-
-
-def _blend_lut(degenerate: float, factor: float) -> np.ndarray:
-    """Pillow's blend against a constant image, as a table: clip(truncate(d + factor * (x - d))) in float32."""
-    v = np.float32(degenerate) + np.float32(factor) * (_IDENTITY.astype(np.float32) - np.float32(degenerate))
-    return np.clip(v, 0, 255).astype(np.uint8)
-
-
-def _autocontrast_lut(counts: np.ndarray) -> np.ndarray:
-    # ImageOps.autocontrast(cutoff=0): each channel's lowest and highest present values stretched to 0 and 255
-    tables = []
-    for h in counts:
-        present = np.flatnonzero(h)
-        lo, hi = (present[0], present[-1]) if present.size else (0, 0)
-        if hi <= lo:
-            tables.append(_IDENTITY)
-            continue
-        scale = 255.0 / (hi - lo)
-        values = (np.arange(256) * scale - lo * scale).astype(np.int64)  # Python's int(): toward zero
-        tables.append(np.clip(values, 0, 255))
-    return np.stack(tables)
-
-
-def _equalize_lut(counts: np.ndarray) -> np.ndarray:
-    # ImageOps.equalize (Pillow 12): the cumulative histogram in steps of (pixels - the last present value's count)
-    # // 255
-    tables = []
-    for h in counts:
-        present = h[h > 0]
-        step = (int(present.sum()) - int(present[-1])) // 255 if present.size > 1 else 0
-        if not step:
-            tables.append(_IDENTITY)
-            continue
-        cumulative = np.concatenate(([0], np.cumsum(h)[:-1]))
-        tables.append(np.minimum((step // 2 + cumulative) // step, 255))
-    return np.stack(tables)
-
-
-def _affine(tile, matrix, fill, scratch=None) -> None:
-    out = np.empty_like(tile) if scratch is None else scratch
-    _augment.affine(tile, out, tuple(float(v) for v in matrix), fill, True)
+def _affine(tile, matrix, fill, bilinear=True) -> None:
+    out = np.empty_like(tile)
+    _augment.affine(tile, out, tuple(float(v) for v in matrix), fill, bilinear)
     tile[...] = out
 
 
@@ -430,7 +422,7 @@ def rotate_matrix(degrees: float, width: int, height: int) -> tuple[float, ...] 
     return (a, b, a * -cx + b * -cy + cx, c, d, c * -cx + d * -cy + cy)
 
 
-def _rotate(tile, degrees, fill) -> None:
+def _rotate(tile, degrees, fill, bilinear=True) -> None:
     angle = degrees % 360.0
     h, w = tile.shape[:2]
     if angle == 0:
@@ -438,11 +430,12 @@ def _rotate(tile, degrees, fill) -> None:
     if angle == 180 or (angle in (90, 270) and w == h):  # Image.rotate transposes these
         tile[...] = np.rot90(tile, {90: 1, 180: 2, 270: 3}[int(angle)]).copy()
         return
-    _affine(tile, rotate_matrix(degrees, w, h), fill)
+    _affine(tile, rotate_matrix(degrees, w, h), fill, bilinear)
 
 
-def _gray_mean(tile) -> float:
-    return _augment.gray_mean(tile)
+def trivial_shear(m: float) -> float:
+    """torchvision's shear for TrivialAugment: an angle of atan(m) degrees, whose matrix holds tan of it again."""
+    return math.tan(math.radians(math.degrees(math.atan(m))))
 
 
 def _sharpen(tile, factor, fill=None) -> None:
@@ -462,14 +455,6 @@ def _blur(tile, radius, fill=None) -> None:
     tile[...] = np.asarray(Image.fromarray(tile).filter(ImageFilter.GaussianBlur(radius=radius)))
 
 
-def _posterize_table(bits: int) -> np.ndarray:
-    return _IDENTITY & np.uint8(~(2 ** (8 - bits) - 1) & 0xFF)
-
-
-def _solarize_table(threshold: int) -> np.ndarray:
-    return np.where(_IDENTITY < threshold, _IDENTITY, 255 - _IDENTITY).astype(np.uint8)
-
-
 def _solarize_add_table(add: int, threshold: int = 128) -> np.ndarray:
     return np.where(_IDENTITY < threshold, np.minimum(255, _IDENTITY.astype(np.int16) + add), _IDENTITY)
 
@@ -478,17 +463,21 @@ def _desaturate_factor(factor: float) -> float:
     return min(1.0, max(0.0, 1.0 - factor))
 
 
+def _point(tile, kind: str, a: int = 0, b: int = 0, factor: float = 0.0) -> None:
+    _augment.point(tile, getattr(_augment, kind), a, b, factor)
+
+
 KERNEL_OPS: dict[str, Callable] = {
-    "AutoContrast": lambda t, fill: _lut(t, _autocontrast_lut(_histogram(t))),
-    "Equalize": lambda t, fill: _lut(t, _equalize_lut(_histogram(t))),
-    "Invert": lambda t, fill: _lut(t, 255 - _IDENTITY),
+    "AutoContrast": lambda t, fill: _augment.autocontrast(t),
+    "Equalize": lambda t, fill: _augment.equalize(t),
+    "Invert": lambda t, fill: _point(t, "INVERT"),
     "Rotate": lambda t, degrees, fill: _rotate(t, degrees, fill),
-    "Posterize": lambda t, bits, fill: bits < 8 and _lut(t, _posterize_table(bits)),
-    "Solarize": lambda t, threshold, fill: _lut(t, _solarize_table(threshold)),
-    "SolarizeAdd": lambda t, add, fill: _lut(t, _solarize_add_table(add)),
+    "Posterize": lambda t, bits, fill: bits < 8 and _point(t, "POSTERIZE", ~(2 ** (8 - bits) - 1) & 0xFF),
+    "Solarize": lambda t, threshold, fill: _point(t, "SOLARIZE", threshold),
+    "SolarizeAdd": lambda t, add, fill: _point(t, "SOLARIZE_ADD", 128, add),
     "Color": lambda t, factor, fill: _augment.blend_gray(t, factor),
-    "Contrast": lambda t, factor, fill: _lut(t, _blend_lut(int(_gray_mean(t) + 0.5), factor)),
-    "Brightness": lambda t, factor, fill: _lut(t, _blend_lut(0, factor)),
+    "Contrast": lambda t, factor, fill: _point(t, "BLEND", int(_augment.gray_mean(t) + 0.5), 0, factor),
+    "Brightness": lambda t, factor, fill: _point(t, "BLEND", 0, 0, factor),
     "Sharpness": _sharpen,
     "ShearX": lambda t, f, fill: _affine(t, (1, f, 0, 0, 1, 0), fill),
     "ShearY": lambda t, f, fill: _affine(t, (1, 0, 0, f, 1, 0), fill),
@@ -504,10 +493,24 @@ KERNEL_OPS: dict[str, Callable] = {
 for _name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"):
     KERNEL_OPS[_name + "Increasing"] = KERNEL_OPS[_name]
 KERNEL_OPS["PosterizeOriginal"] = KERNEL_OPS["Posterize"]
+# TrivialAugmentWide as torchvision runs it on a PIL image: nearest resampling; shears about the corner, the other
+# geometry about the centre; enhancements by 1 + m
+KERNEL_OPS.update({
+    "Identity": lambda t, fill: None,
+    "TrivialShearX": lambda t, m, fill: _affine(t, (1, trivial_shear(m), 0, 0, 1, 0), fill, False),
+    "TrivialShearY": lambda t, m, fill: _affine(t, (1, 0, 0, trivial_shear(m), 1, 0), fill, False),
+    "TrivialTranslateX": lambda t, m, fill: _affine(t, (1, 0, -int(m), 0, 1, 0), fill, False),
+    "TrivialTranslateY": lambda t, m, fill: _affine(t, (1, 0, 0, 0, 1, -int(m)), fill, False),
+    "TrivialRotate": lambda t, m, fill: _rotate(t, m, fill, False),
+    "TrivialPosterize": lambda t, m, fill: KERNEL_OPS["Posterize"](t, int(m), fill),
+    "TrivialSolarize": lambda t, m, fill: _point(t, "SOLARIZE", math.ceil(m)),  # v < m, for integers v
+})
+for _name in ("Brightness", "Color", "Contrast", "Sharpness"):
+    KERNEL_OPS["Trivial" + _name] = (lambda op: lambda t, m, fill: op(t, 1.0 + m, fill=fill))(KERNEL_OPS[_name])
 
 
-def _pillow_affine(image, matrix, fill):
-    return image.transform(image.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=fill)
+def _pillow_affine(image, matrix, fill, resample=Image.BILINEAR):
+    return image.transform(image.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
 
 
 def _pillow_hue(image, shift, fill=None):
@@ -543,3 +546,15 @@ PILLOW_OPS: dict[str, Callable] = {
 for _name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"):
     PILLOW_OPS[_name + "Increasing"] = PILLOW_OPS[_name]
 PILLOW_OPS["PosterizeOriginal"] = PILLOW_OPS["Posterize"]
+PILLOW_OPS.update({
+    "Identity": lambda im, fill: im,
+    "TrivialShearX": lambda im, m, fill: _pillow_affine(im, (1, trivial_shear(m), 0, 0, 1, 0), fill, Image.NEAREST),
+    "TrivialShearY": lambda im, m, fill: _pillow_affine(im, (1, 0, 0, trivial_shear(m), 1, 0), fill, Image.NEAREST),
+    "TrivialTranslateX": lambda im, m, fill: _pillow_affine(im, (1, 0, -int(m), 0, 1, 0), fill, Image.NEAREST),
+    "TrivialTranslateY": lambda im, m, fill: _pillow_affine(im, (1, 0, 0, 0, 1, -int(m)), fill, Image.NEAREST),
+    "TrivialRotate": lambda im, m, fill: im.rotate(m, resample=Image.NEAREST, fillcolor=fill),
+    "TrivialPosterize": lambda im, m, fill: PILLOW_OPS["Posterize"](im, int(m), fill),
+    "TrivialSolarize": lambda im, m, fill: ImageOps.solarize(im, m),
+})
+for _name in ("Brightness", "Color", "Contrast", "Sharpness"):
+    PILLOW_OPS["Trivial" + _name] = (lambda op: lambda im, m, fill: op(im, 1.0 + m, fill=fill))(PILLOW_OPS[_name])

@@ -206,3 +206,55 @@ def test_eval_is_not_augmented(sample_shards):
 def test_a_bad_spec_stops_the_loader_before_it_starts(sample_shards):
     with pytest.raises(AugmentError, match="^--aa rand-z1: "):
         build_loader(data_path=sample_shards, backend="host", batch_size=4, device="cpu", aa="rand-z1")
+
+
+# -- TrivialAugment against torchvision's TrivialAugmentWide -------------------------------------------------------
+TRIVIAL_CASES = [("ShearX", 0.5), ("ShearX", -0.33), ("ShearY", 0.7), ("TranslateX", 20.3), ("TranslateY", -31.0),
+                 ("Rotate", 100.5), ("Rotate", -45.0), ("Brightness", 0.5), ("Color", -0.7), ("Contrast", 0.9),
+                 ("Sharpness", -0.5), ("Posterize", 3.0), ("Solarize", 127.5), ("AutoContrast", 0.0),
+                 ("Equalize", 0.0), ("Identity", 0.0)]
+
+
+def trivial_name(torchvision_name: str) -> str:
+    return torchvision_name if torchvision_name in ("AutoContrast", "Equalize", "Identity") else \
+        "Trivial" + torchvision_name
+
+
+@pytest.mark.parametrize("name, magnitude", TRIVIAL_CASES, ids=[f"{n}{m}" for n, m in TRIVIAL_CASES])
+def test_each_trivial_op_matches_torchvisions_on_the_same_tile(name, magnitude, op_path):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.autoaugment import _apply_op
+
+    tile = photo_tile(97)
+    theirs = np.asarray(_apply_op(Image.fromarray(tile), name, magnitude, interpolation=InterpolationMode.NEAREST,
+                                  fill=None))
+    ours = tile.copy()
+    A.run(ours, [(trivial_name(name), () if name in ("AutoContrast", "Equalize", "Identity") else (magnitude,))],
+          (0, 0, 0))
+    diff = np.abs(theirs.astype(int) - ours)
+    # nearest resampling: a pixel on the boundary between two source pixels may take the other one
+    assert diff.mean() <= 0.5 and np.mean(diff > 2) <= 0.01, (name, diff.mean(), np.mean(diff > 2))
+
+
+def test_trivial_draws_follow_torchvisions(monkeypatch):
+    from torchvision.transforms import autoaugment
+
+    record = []
+    monkeypatch.setattr(autoaugment, "_apply_op", lambda img, op, m, **kw: record.append((op, m)) or img)
+    torch.manual_seed(0)
+    transform, image = autoaugment.TrivialAugmentWide(), Image.new("RGB", (4, 4))
+    for _ in range(10_000):
+        transform(image)
+    theirs = [(trivial_name(op), round(m, 4)) for op, m in record]
+    aug, rng = parse("ta_wide", None, 224, (0.5,) * 3), random.Random(0)
+    ours = [(name, round(args[0], 4) if args else 0.0) for name, args in (aug.draw(rng)[0] for _ in range(10_000))]
+    assert same_distribution([n for n, _ in ours], [n for n, _ in theirs]) > 1e-3
+    for name in ("TrivialRotate", "TrivialPosterize", "TrivialSolarize"):
+        a = [np.sign(m) * np.digitize(abs(m), np.unique([abs(v) for n, v in theirs if n == name])[::4])
+             for n, m in ours if n == name]
+        b = [np.sign(m) * np.digitize(abs(m), np.unique([abs(v) for n, v in theirs if n == name])[::4])
+             for n, m in theirs if n == name]
+        assert same_distribution(a, b) > 1e-3, name
+    assert parse("ta_wide", None, 224, (0.5,) * 3).fill == (0, 0, 0)  # torchvision's default fill
+    with pytest.raises(AugmentError, match="ta_wide takes no sections"):
+        parse("ta_wide-m9", None, 224, (0.5,) * 3)
