@@ -5,7 +5,8 @@
   plan -> encoded samples                   pipeline/shards/reader.py: JPEG bytes + label through the .idx offsets
   samples -> uint8 batch                    pipeline/host.py + host_worker.py (Pillow processes), pipeline/dali.py
                                             (one @pipeline_def), pipeline/hybrid.py (both): the crop, resize and
-                                            flip of pipeline/transforms.py
+                                            flip of pipeline/transforms.py, then pipeline/augment.py's ops on the
+                                            tile (--aa, --color-jitter; train)
   uint8 batch -> model input on the device  pipeline/transforms.py `to_model_input`
   all of it behind one loader               pipeline/loader.py (`LoaderSpec`, `Loader`), pipeline/backends.py
                                             (`build_loader`: the registry of backends and their options)

@@ -13,12 +13,33 @@ is built once per loader and its source runs on across epoch boundaries (epoch e
 decoded while epoch e's last steps train); it is rebuilt only when the epochs asked for stop following each other
 (a resume, a jump of set_epoch, an epoch abandoned half way).
 
+Train augmentation (`Transform.augment`, pipeline/augment.py: --aa, --color-jitter) runs in the same pipeline, on
+the uint8 tiles where they are (GPU or CPU), after the crop, resize and flip and before normalization, as timm orders
+it; DALI's conditionals route each sample through its own ops. From DALI's `auto_aug` ops and timm's semantics:
+RandAugment with timm's op sets, arguments (each parameter is `LEVEL_TO_ARG` at its level, random signs included),
+m out of 10, n layers, per-op probability p, mstd noise, mmax and weighted choice without replacement; AutoAugment
+as a DALI `Policy` of timm's sub-policies (probability, magnitude per op); color jitter as torchvision's, factors
+and order drawn per sample. The same distributions as the host backend, not the same draws. Where it differs:
+  - op kernels are DALI's: Equalize uses OpenCV's formula, Color/Desaturate/saturation DALI's saturation (within a
+    level of Pillow's blend), hue jitter a rotation in YIQ rather than an HSV shift (visibly different), GaussianBlur
+    an exact Gaussian (Pillow approximates it with boxes), Sharpness sharpens the 1 px border Pillow leaves; warps
+    and blends round by a level here and there;
+  - warps fill with one grey level, the mean of timm's per-channel fill (DALI's fill_value is a scalar; equal for
+    mean 0.5);
+  - RandAugment magnitudes are quantized to 0.01 (LEVEL_STEP);
+  - AutoAugment ignores -mstd: a DALI Policy's magnitudes are fixed bins;
+  - TrivialAugment (ta_wide) is DALI's own `trivial_augment_wide`, which follows torchvision's TrivialAugmentWide.
+
 Its own knobs: `DaliOptions` (docs/dali.md says what each one changed where it was measured).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import io
+import itertools
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +47,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from pipeline.augment import LEVEL_DENOM, LEVEL_TO_ARG, Augment
 from pipeline.cli import knob
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import EpochPlanner
@@ -52,10 +74,17 @@ def import_dali() -> SimpleNamespace:
         import nvidia.dali
         import nvidia.dali.math as dali_math
         from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.auto_aug import augmentations, core
+        from nvidia.dali.auto_aug.auto_augment import apply_auto_augment
+        from nvidia.dali.auto_aug.trivial_augment import trivial_augment_wide
+        from nvidia.dali.pipeline import do_not_convert
         from nvidia.dali.plugin.pytorch import feed_ndarray
     except ImportError as e:
         raise DaliMissingError(f"{INSTALL_HINT} ({e})") from None
     return SimpleNamespace(fn=fn, types=types, math=dali_math, pipeline_def=pipeline_def, feed_ndarray=feed_ndarray,
+                           aug=augmentations, aug_core=core, apply_auto_augment=apply_auto_augment,
+                           trivial_augment_wide=trivial_augment_wide,
+                           do_not_convert=do_not_convert,
                            version=nvidia.dali.__version__)
 
 
@@ -180,11 +209,211 @@ class HostOutput:
         pass
 
 
+def augmenting(t: Transform) -> bool:
+    """Whether the graph augments (train only); then it is built with DALI's conditionals, which route each sample
+    through the ops drawn for it."""
+    return t.train and t.augment.active
+
+
+LEVEL_STEP = 0.01  # RandAugment's magnitudes: timm's levels 0..mmax in steps of 0.01 (timm's mstd draws are continuous)
+
+
+class _FixedDraws:
+    """The rng `LEVEL_TO_ARG` draws from when a parameter is computed ahead: the random sign stays positive (DALI
+    negates the level per sample instead) and a uniform draw returns its range (the op draws in it per sample)."""
+
+    def __init__(self, negate: bool = False):
+        self.negate = negate
+
+    def random(self) -> float:
+        return 1.0 if self.negate else 0.0
+
+    def uniform(self, lo: float, hi: float) -> tuple[float, float]:
+        return lo, hi
+
+
+def _posterize_mask(bits) -> np.ndarray:
+    # ImageOps.posterize keeps the `bits` high bits: 0 is a black tile (DALI's own mask keeps 1), 8 the tile
+    bits = min(8, max(0, int(bits)))
+    return np.array(0xFF ^ (2 ** (8 - bits) - 1), np.uint8)
+
+
+def _timm_op(dali, name: str, aug: Augment, size: int):
+    """timm's op `name` in DALI: (its auto_aug augmentation, level -> the augmentation's parameter, None for an op
+    without magnitude, whether timm's sign is random). The parameter is timm's argument (`LEVEL_TO_ARG`) at the
+    level, in the form DALI's op takes."""
+    fn, a, core = dali.fn, dali.aug, dali.aug_core
+    blur = core.augmentation(lambda data, sigma: fn.gaussian_blur(data, sigma=sigma))
+    # Python's uniform(a, b), either order, per sample (DALI's wants a < b); the radius stays > 0 (a = 0.1)
+    blur_rand = core.augmentation(lambda data, bounds: fn.gaussian_blur(
+        data, sigma=bounds[0] + fn.random.uniform(range=[0.0, 1.0]) * (bounds[1] - bounds[0])))
+    # DALI's own equalize and sharpness call deprecated fn.experimental aliases (a warning each build)
+    equalize = core.augmentation(lambda data, _: fn.equalize(data))
+    sharpness = core.augmentation(lambda data, kernel: fn.filter(data, kernel), param_device="auto")
+    factor, kernel = np.float32, (lambda f: a.sharpness_kernel(f - 1.0))  # Pillow's blend with the blurred tile
+    # DALI's warps map forward (inverse_map=False), Pillow's matrices (timm's) backward: the same shear or shift is
+    # the negated one (rotations turn the same way in both)
+    base, to_param = {
+        "AutoContrast": (a.auto_contrast, None), "Equalize": (equalize, None), "Invert": (a.invert, None),
+        "Rotate": (a.rotate, np.float32),
+        "Posterize": (a.posterize, _posterize_mask), "PosterizeIncreasing": (a.posterize, _posterize_mask),
+        "PosterizeOriginal": (a.posterize, _posterize_mask),
+        "Solarize": (a.solarize, np.float32), "SolarizeIncreasing": (a.solarize, np.float32),
+        "SolarizeAdd": (a.solarize_add, np.uint8),
+        "Color": (a.color, factor), "ColorIncreasing": (a.color, factor),
+        "Contrast": (a.contrast, factor), "ContrastIncreasing": (a.contrast, factor),
+        "Brightness": (a.brightness, factor), "BrightnessIncreasing": (a.brightness, factor),
+        "Sharpness": (sharpness, kernel), "SharpnessIncreasing": (sharpness, kernel),
+        "ShearX": (a.shear_x, lambda f: np.float32([-f, 0])), "ShearY": (a.shear_y, lambda f: np.float32([0, -f])),
+        "TranslateX": (a.translate_x_no_shape, lambda px: np.float32([-px, 0])),
+        "TranslateY": (a.translate_y_no_shape, lambda px: np.float32([0, -px])),
+        "TranslateXRel": (a.translate_x_no_shape, lambda pct: np.float32([-pct * size, 0])),
+        "TranslateYRel": (a.translate_y_no_shape, lambda pct: np.float32([0, -pct * size])),
+        "Desaturate": (a.color, lambda f: np.float32(min(1.0, max(0.0, 1.0 - f)))),  # as augment.py's
+        "GaussianBlur": (blur, np.float32),
+        "GaussianBlurRand": (blur_rand, np.float32),
+    }[name]
+    level_to_arg = LEVEL_TO_ARG[name]
+    if level_to_arg is None:
+        return base.augmentation(name=name), None, False
+    signed = level_to_arg(LEVEL_DENOM, _FixedDraws(True), aug) != level_to_arg(LEVEL_DENOM, _FixedDraws(), aug)
+    # A negated level gives timm's negated argument: its random sign sits on the level, linearly
+    return base.augmentation(name=name), lambda level: to_param(level_to_arg(level, _FixedDraws(), aug)[0]), signed
+
+
+def _policy_op(dali, name: str, aug: Augment, levels: np.ndarray, size: int):
+    """timm's op for a DALI Policy: DALI's magnitude bins, each bin's parameter timm's at that level."""
+    op, param, signed = _timm_op(dali, name, aug, size)
+    if param is None:
+        return op
+    # DALI calls mag_to_param while building: plain Python, not through AutoGraph (slow, and it warns)
+    return op.augmentation(mag_range=np.float32(levels), randomly_negate=signed,
+                           mag_to_param=dali.do_not_convert(param))
+
+
+def _table_op(dali, name: str, aug: Augment, levels: np.ndarray, size: int):
+    """timm's op for RandAugment: its parameter per sample out of a table of timm's arguments at `levels` (then at
+    -levels where timm's sign is random), by the sample's `level` index and `sign`. DALI's magnitude bins would
+    rebuild that table through AutoGraph at every call: seconds per op at this resolution."""
+    op, param, signed = _timm_op(dali, name, aug, size)
+    if param is None:
+        return op
+    table = np.stack([param(v) for v in (np.concatenate([levels, -levels]) if signed else levels)])
+
+    def parameter(data, level, sign):
+        device = data.device if op.param_device == "auto" else "cpu"
+        return dali.types.Constant(table, device=device)[level + sign * len(levels) if signed else level]
+
+    if "fill_value" in inspect.signature(op.op).parameters:
+        def run(data, _, level, sign, fill_value, interp_type):
+            return op.op(data, parameter(data, level, sign), fill_value=fill_value, interp_type=interp_type)
+    else:
+        def run(data, _, level, sign):
+            return op.op(data, parameter(data, level, sign))
+    return dali.aug_core.augmentation(run, name=name)
+
+
+def _warp_kwargs(dali, aug: Augment) -> dict:
+    return dict(fill_value=float(np.mean(aug.fill)), interp_type=dali.types.INTERP_LINEAR)
+
+
+def _layer_choices(dali, aug: Augment) -> list:
+    """Each layer's op index per sample, all drawn before any op runs, as timm does."""
+    fn, types = dali.fn, dali.types
+    count = len(aug.ops)
+    if aug.weights is None:  # timm: uniform, with replacement
+        return [fn.random.uniform(values=list(range(count)), dtype=types.INT32) for _ in range(aug.num_layers)]
+    # Weighted (timm's t sets): without replacement, each next op in proportion to the weights of those left
+    left, ids, choices = types.Constant(np.float32(aug.weights)), types.Constant(np.arange(count, dtype=np.int32)), []
+    for _ in range(min(aug.num_layers, count)):
+        choices.append(fn.random.choice(count, p=left / fn.reductions.sum(left)))
+        left = left * (ids != choices[-1])
+    return choices
+
+
+def _level_index(dali, aug: Augment, magnitude: float):
+    """One layer's level as an index into the levels: timm's m, or per sample m + N(0, mstd) (uniform in 0..m for
+    mstd > 100), clipped to 0..mmax."""
+    fn, types, std = dali.fn, dali.types, aug.magnitude_std
+    if std == math.inf and magnitude > 0:
+        level = fn.random.uniform(range=[0.0, float(magnitude)])
+    elif 0 < std < math.inf:
+        level = fn.random.normal(mean=float(magnitude), stddev=float(std))
+    else:  # no noise (or uniform in 0..0)
+        return round(max(0.0, min(magnitude, aug.magnitude_max)) / LEVEL_STEP)
+    level = dali.math.clamp(level, 0.0, float(aug.magnitude_max))
+    return fn.cast(dali.math.floor(level / LEVEL_STEP + 0.5), dtype=types.INT32)
+
+
+def _rand_augment(dali, images, aug: Augment, size: int):
+    fn, types = dali.fn, dali.types
+    levels = np.arange(round(aug.magnitude_max / LEVEL_STEP) + 1) * LEVEL_STEP
+    ops = [dali.do_not_convert(_table_op)(dali, op.name, aug, levels, size) for op in aug.ops]  # plain Python
+    prob, magnitude = min(1.0, aug.ops[0].prob), aug.ops[0].magnitude  # the same for all of timm's RandAugment ops
+    for index in _layer_choices(dali, aug):
+        # timm applies a chosen op with probability p, which DALI's apply_rand_augment lacks: a coin per layer and
+        # sample routes the sample through the op or past it
+        if fn.random.coin_flip(probability=prob, dtype=types.BOOL):
+            images = dali.aug_core.select(ops, index, images, level=_level_index(dali, aug, magnitude),
+                                          sign=fn.random.coin_flip(dtype=types.INT32), **_warp_kwargs(dali, aug))
+    return images
+
+
+def _auto_augment(dali, images, aug: Augment, size: int):
+    levels = np.arange(int(LEVEL_DENOM) + 1)  # a Policy's magnitudes are bins: timm's integer levels 0..10
+    names = sorted({op.name for sub in aug.policy for op in sub})
+    ops = {name: dali.do_not_convert(_policy_op)(dali, name, aug, levels, size) for name in names}
+    # Ops of probability 0 never run: left out (DALI warns about them)
+    sub_policies = [[(ops[op.name], op.prob, None if ops[op.name].mag_range is None else
+                      int(min(op.magnitude, aug.magnitude_max))) for op in sub if op.prob > 0] for sub in aug.policy]
+    policy = dali.aug_core.Policy(aug.aa, num_magnitude_bins=len(levels), sub_policies=sub_policies)
+    warps = any("fill_value" in inspect.signature(op.op).parameters for op in ops.values())
+    return dali.apply_auto_augment(policy, images, **(_warp_kwargs(dali, aug) if warps else {}))
+
+
+def _color_jitter(dali, images, jitter: tuple[float, float, float, float]):
+    """torchvision's ColorJitter (timm's --color-jitter): factors drawn per sample, the ops in a random order."""
+    fn, types, a, core = dali.fn, dali.types, dali.aug, dali.aug_core
+    brightness, contrast, saturation, hue = jitter
+    ops, factors = [], {}
+    for name, v, op in (("brightness", brightness, lambda data, _, brightness: a.brightness.op(data, brightness)),
+                        ("contrast", contrast, lambda data, _, contrast: a.contrast.op(data, contrast)),
+                        ("saturation", saturation, lambda data, _, saturation: a.color.op(data, saturation))):
+        if v:
+            ops.append(core.augmentation(op, name=name))
+            factors[name] = fn.random.uniform(range=[max(0.0, 1.0 - v), 1.0 + v])
+    if hue:
+        ops.append(core.augmentation(lambda data, _, hue: fn.hue(data, hue=hue), name="hue"))
+        factors["hue"] = fn.random.uniform(range=[-hue, hue]) * 360.0  # a fraction of the circle -> DALI's degrees
+    orders = np.array(list(itertools.permutations(range(len(ops)))), np.int32)
+    order = types.Constant(orders)[fn.random.uniform(values=list(range(len(orders))), dtype=types.INT32)]
+    for position in range(len(ops)):
+        images = core.select(ops, order[position], images, **factors)
+    return images
+
+
+def augment(dali, images, aug: Augment, size: int):
+    """`aug` on the (size, size, 3) uint8 tiles, as `Augment.apply` orders it: --aa, then color jitter."""
+    if aug.ops:
+        images = _rand_augment(dali, images, aug, size)
+    elif aug.policy:
+        images = _auto_augment(dali, images, aug, size)
+    elif aug.trivial:  # DALI ships torchvision's TrivialAugmentWide: its suite, 31 bins, torchvision's nearest + fill
+        with warnings.catch_warnings():  # its suite calls DALI's own deprecated fn.experimental aliases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            images = dali.trivial_augment_wide(images, num_magnitude_bins=31, fill_value=aug.fill[0],
+                                               interp_type=dali.types.INTERP_NN)
+    if aug.color_jitter:
+        images = _color_jitter(dali, images, aug.color_jitter)
+    return images
+
+
 def graph(dali: SimpleNamespace, source, t: Transform, decoder: dict, normalize: bool, dtype: torch.dtype,
           channels_last: bool, depth: int):
     """The whole DALI graph, as one `@pipeline_def` (DALI's own examples read the same way): the samples `source`
-    reads, the crop decoded (train: only the crop's pixels, ROI decode), one resize to the output size (+ flip), and,
-    when DALI `normalize`s, layout and normalization in one pass. Returns images, labels and each JPEG's byte count."""
+    reads, the crop decoded (train: only the crop's pixels, ROI decode), one resize to the output size (+ flip), the
+    train augmentation if any (`augment`), and, when DALI `normalize`s, layout and normalization in one pass. Returns
+    images, labels and each JPEG's byte count."""
     fn, types = dali.fn, dali.types
     jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=True,
                                        prefetch_queue_depth=depth, dtype=[types.UINT8, types.INT64])
@@ -195,10 +424,14 @@ def graph(dali: SimpleNamespace, source, t: Transform, decoder: dict, normalize:
                                                random_aspect_ratio=list(t.ratio), num_attempts=10, **decoder)
         mirror = fn.random.coin_flip(probability=t.hflip)
         # Without DALI normalization the flip rides on the resize (a region whose x runs 1 -> 0 comes out mirrored),
-        # so the GPU does decode + one resize per image and nothing else.
+        # so the GPU does decode + one resize per image and nothing else. So it does when augmenting: timm flips
+        # before RandAugment, and crop_mirror_normalize would flip after it.
         m = fn.cast(mirror, dtype=types.FLOAT)
-        region = {} if normalize else dict(roi_relative=True, roi_start=fn.stack(m * 0.0, m),
-                                           roi_end=fn.stack(m * 0.0 + 1.0, 1.0 - m))
+        if normalize and not augmenting(t):
+            region = {}
+        else:
+            region, mirror = dict(roi_relative=True, roi_start=fn.stack(m * 0.0, m),
+                                  roi_end=fn.stack(m * 0.0 + 1.0, 1.0 - m)), 0
     else:
         # timm's eval transform as one resize of the box that `Transform.crop_box` keeps, computed from the header.
         shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # (H, W, C)
@@ -209,6 +442,8 @@ def graph(dali: SimpleNamespace, source, t: Transform, decoder: dict, normalize:
         mirror, region = 0, dict(roi_start=start, roi_end=start + side)
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[t.interpolation]
     images = fn.resize(images, size=(t.img_size, t.img_size), interp_type=interp, antialias=True, **region)
+    if augmenting(t):
+        images = augment(dali, images, t.augment, t.img_size)
     if normalize:
         images = fn.crop_mirror_normalize(
             images, mirror=mirror, mean=[255 * m for m in t.mean], std=[255 * d for d in t.std],
@@ -243,7 +478,8 @@ class DaliLoader(ShardLoader):
         norm = "dali" if self.dali_normalizes else "torch"
         return (f"dali {self.dali.version} ({self.output.summary}, {s.workers} threads, prefetch {s.prefetch}, "
                 f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
-                f"{s.batch_size}, {len(self.planner.shards)} shards, {self.opts.readers} reader processes")
+                f"{s.batch_size}, {len(self.planner.shards)} shards, {self.opts.readers} reader processes, augment "
+                f"{s.transform.augment.describe()}")
 
     # -- the run (pipeline/loader.py ShardLoader): one pipeline, whose source runs on across epochs ----------------
     def start_run(self, epoch: int) -> None:
@@ -253,11 +489,14 @@ class DaliLoader(ShardLoader):
         source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes)
         # Reader processes: forked on the CPU (fast); spawned for a GPU, whose CUDA state must not be forked.
         start = "spawn" if self.output.device_id is not None else "fork"
+        # DALI's conditionals (`if` on data) only where the augmentation routes samples: the plain graph stays as is
+        conditionals = dict(enable_conditionals=True) if augmenting(s.transform) else {}
         build = self.dali.pipeline_def(graph, batch_size=s.batch_size, num_threads=s.workers,
                                        device_id=self.output.device_id, seed=pipeline_seed(s.seed, epoch, s.rank),
                                        prefetch_queue_depth=max(1, s.prefetch), py_num_workers=self.opts.readers,
                                        py_start_method=start,
-                                       exec_dynamic=True)  # DALI 2.x default executor: outputs bound to torch's stream
+                                       exec_dynamic=True,  # DALI 2.x default executor: outputs bound to torch's stream
+                                       **conditionals)
         self._pipe = build(self.dali, source, s.transform, self.output.decoder, self.dali_normalizes, s.dtype,
                            s.channels_last, max(2, s.prefetch))
         with main_not_replayed():  # spawned reader processes must not run the user's script again

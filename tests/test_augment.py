@@ -258,3 +258,20 @@ def test_trivial_draws_follow_torchvisions(monkeypatch):
     assert parse("ta_wide", None, 224, (0.5,) * 3).fill == (0, 0, 0)  # torchvision's default fill
     with pytest.raises(AugmentError, match="ta_wide takes no sections"):
         parse("ta_wide-m9", None, 224, (0.5,) * 3)
+
+
+def test_the_host_loader_says_when_stock_pillow_or_no_kernels_run(sample_shards, monkeypatch):
+    import pipeline.host as host
+
+    def notes(**kw):
+        with build_loader(data_path=sample_shards, backend="host", batch_size=4, device="cpu", workers=1,
+                          img_size=32, **kw) as loader:
+            return loader.notes()
+
+    monkeypatch.setattr(host, "pillow_is_simd", lambda: True)
+    monkeypatch.setattr(host, "KERNELS_BUILT", True)
+    assert notes(aa="rand-m9") == []
+    monkeypatch.setattr(host, "pillow_is_simd", lambda: False)
+    assert [n for n in notes() if "not Pillow-SIMD" in n and "install_pillow_simd.sh" in n]
+    monkeypatch.setattr(host, "KERNELS_BUILT", False)
+    assert [n for n in notes(aa="rand-m9") if "_augment.c" in n] and not [n for n in notes() if "_augment.c" in n]

@@ -1,9 +1,11 @@
-"""pipeline/dali.py on CPU operators: labels, the rank split, val padding, errors, and parity with the host backend.
+"""pipeline/dali.py on CPU operators: labels, the rank split, val padding, errors, parity with the host backend, and
+the train augmentation (--aa, --color-jitter).
 
 Every test but the missing-DALI ones skips when DALI is not installed. The shard sets are written here with
 `tarfile` in make_shards' format (tar + wds2idx v1.2 index + manifest) so each test controls labels and sizes.
 """
 import io
+import itertools
 import sys
 import tarfile
 
@@ -297,3 +299,71 @@ def test_readers_option_is_checked(labelled_shards):
     with pytest.raises(ValueError, match="readers must be an integer >= 1"):
         build_loader(data_path=labelled_shards, split="train", backend="dali", batch_size=50, device="cpu",
                      options=DaliOptions(readers=0))
+
+
+# -- train augmentation (pipeline/augment.py) in the one pipeline -------------------------------------------------
+RAND = "rand-m9-mstd0.5-inc1"
+
+
+def first_tiles(path, split="train", device="cpu", **more) -> tuple[torch.Tensor, str]:
+    """The first 3 batches of 8 of the shared sample shards at 32 px (seed 5), on the CPU, and the loader's line."""
+    loader = build_loader(data_path=path, split=split, backend="dali", batch_size=8, device=device, workers=2, seed=5,
+                          img_size=32, **more)
+    try:
+        return torch.cat([x.clone().cpu() for x, _ in itertools.islice(loader, 3)]), loader.describe()
+    finally:
+        loader.close()
+
+
+def untouched(x: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """Per tile: bit for bit the unaugmented tile (the same seeds give the same crops and flips)."""
+    return (x == plain).flatten(1).all(dim=1)
+
+
+@pytest.fixture(scope="module")
+def plain_tiles(sample_shards, dali):
+    return first_tiles(sample_shards)[0]
+
+
+def test_rand_augment_changes_tiles_after_the_same_crops(sample_shards, plain_tiles):
+    x, summary = first_tiles(sample_shards, aa=RAND)
+    assert x.shape == (24, 3, 32, 32) and x.dtype == torch.float32
+    assert f"augment --aa {RAND}" in summary
+    # timm's p = 0.5 for each of 2 layers: about 1 tile in 4 skips both, and is the plain tile exactly
+    assert 0 < untouched(x, plain_tiles).sum() < 12
+    # DALI normalizing: its mirror moves from crop_mirror_normalize to the resize, before the ops. Another pipeline,
+    # the same seed: the same draws, the same tiles
+    y, _ = first_tiles(sample_shards, aa=RAND, options=DaliOptions(normalize_in="dali"))
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("aa", ["original", "v0r", "3a", "rand-m7-n3-tweights-mstd101", "rand-m9-t3aw-mmax12",
+                                "ta_wide"])
+def test_other_policies_build_and_run(sample_shards, plain_tiles, aa):
+    x, summary = first_tiles(sample_shards, aa=aa)
+    assert x.shape == (24, 3, 32, 32) and f"augment --aa {aa}" in summary
+    assert not untouched(x, plain_tiles).all()
+
+
+@pytest.mark.parametrize("jitter", ["0.4", "0.1,0.2,0.3,0.05"])
+def test_color_jitter_changes_every_tile(sample_shards, plain_tiles, jitter):
+    x, summary = first_tiles(sample_shards, color_jitter=jitter)
+    assert x.shape == (24, 3, 32, 32) and "augment color jitter" in summary
+    assert not untouched(x, plain_tiles).any()
+
+
+def test_eval_is_not_augmented(sample_shards, dali):
+    plain, _ = first_tiles(sample_shards, "val")
+    x, summary = first_tiles(sample_shards, "val", aa=RAND, color_jitter="0.4")
+    assert torch.equal(x, plain) and summary.endswith("augment none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize_in", ["torch", "dali"])
+def test_gpu_augments_on_the_gpu(sample_shards, normalize_in):
+    options = DaliOptions(normalize_in=normalize_in)
+    plain, _ = first_tiles(sample_shards, device="cuda", options=options)
+    for more in (dict(aa=RAND), dict(aa="original"), dict(aa="3a"), dict(color_jitter="0.4,0.4,0.4,0.1")):
+        x, _ = first_tiles(sample_shards, device="cuda", options=options, **more)
+        assert x.shape == (24, 3, 32, 32) and x.dtype == torch.float32
+        assert not untouched(x, plain).all(), more
