@@ -39,7 +39,6 @@ import inspect
 import io
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -399,10 +398,8 @@ def augment(dali, images, aug: Augment, size: int):
     elif aug.policy:
         images = _auto_augment(dali, images, aug, size)
     elif aug.trivial:  # DALI ships torchvision's TrivialAugmentWide: its suite, 31 bins, torchvision's nearest + fill
-        with warnings.catch_warnings():  # its suite calls DALI's own deprecated fn.experimental aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
-            images = dali.trivial_augment_wide(images, num_magnitude_bins=31, fill_value=aug.fill[0],
-                                               interp_type=dali.types.INTERP_NN)
+        images = dali.trivial_augment_wide(images, num_magnitude_bins=31, fill_value=aug.fill[0],
+                                           interp_type=dali.types.INTERP_NN)
     if aug.color_jitter:
         images = _color_jitter(dali, images, aug.color_jitter)
     return images
