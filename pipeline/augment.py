@@ -525,7 +525,9 @@ PILLOW_OPS: dict[str, Callable] = {
     "Equalize": lambda im, fill: ImageOps.equalize(im),
     "Invert": lambda im, fill: ImageOps.invert(im),
     "Rotate": lambda im, degrees, fill: im.rotate(degrees, resample=Image.BILINEAR, fillcolor=fill),
-    "Posterize": lambda im, bits, fill: im if bits >= 8 else ImageOps.posterize(im, bits),
+    # Pillow 13's ImageOps.posterize refuses 0 bits, which Pillow 12 (and timm's level functions) map to black
+    "Posterize": lambda im, bits, fill: im if bits >= 8 else im.point([v & (~(2 ** (8 - bits) - 1) & 0xFF)
+                                                                       for v in range(256)] * 3),
     "Solarize": lambda im, threshold, fill: ImageOps.solarize(im, threshold),
     "SolarizeAdd": lambda im, add, fill: im.point(list(_solarize_add_table(add)) * 3),
     "Color": lambda im, factor, fill: ImageEnhance.Color(im).enhance(factor),

@@ -102,6 +102,14 @@ def test_each_op_matches_timms_op_on_the_same_tile(name, args, op_path):
     assert not np.array_equal(ours, tile) or (name, args) == ("Posterize", (8,))  # the op did something
 
 
+def test_posterize_to_no_bits_is_black_on_every_pillow(op_path):
+    # timm's increasing Posterize reaches 0 bits at magnitude 10; Pillow 13's ImageOps.posterize refuses 0 (and timm's
+    # own op raises there), Pillow 12's gives black: ours gives black on both paths
+    tile = photo_tile()
+    A.run(tile, [("PosterizeIncreasing", (0,))], FILL)
+    assert not tile.any()
+
+
 def test_hue_is_torchvisions_adjust_hue():
     from torchvision.transforms import functional as F
 

@@ -32,7 +32,7 @@ def test_real_backend_without_shards_is_a_usage_error():
 
 def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
     out = tmp_path / "r.jsonl"
-    bench_train.main(TINY + ["--data_path", str(sample_shards), "--feed", "host:workers=1",
+    bench_train.main(TINY + ["--data_path", str(sample_shards), "--feed", "host:workers=1,aa=rand-m9-mstd0.5-inc1",
                              "--feed", "dali:workers=1,name=dali_w1,readers=1", "--fp8", "--recheck",
                              "--out", str(out)])
     lines = [json.loads(s) for s in out.read_text().splitlines()]
@@ -45,6 +45,7 @@ def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
     assert {s["backend"] for s in summaries.values()} == {"host", "dali"}
     assert by_loop["ours_dali_w1"]["backend"] == "dali" and by_loop["ours_dali_w1"]["steps_per_epoch"] > 0
     assert by_loop["ours_dali_w1"]["readers"] == 1 and "readers" not in by_loop["ours_host"]
+    assert by_loop["ours_host"]["aa"] == "rand-m9-mstd0.5-inc1" and by_loop["ours_dali_w1"]["aa"] is None
     for name, s in summaries.items():
         assert s["feed_ratio"] == pytest.approx(by_loop[f"ours_{name}"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
                                                 rel=1e-3, abs=1e-4)

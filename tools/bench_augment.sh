@@ -59,6 +59,7 @@ for r in runs:
     kept = rate / plain[(key, r["pillow"])] if (key, r["pillow"]) in plain else float("nan")
     base = r.get("baseline_img_per_cpu_s", r.get("baseline_img_s"))
     ratio = r.get("cpu_ratio", r.get("ratio"))
-    print(f"| {r['run']} | {r['pillow'].split(' (')[0]} | {r['img_s']:,.0f} | {rate:,.0f} | {base:,.0f} | "
-          f"{ratio} | {kept:.2f} |")
+    base = f"{base:,.0f}" if base is not None else f"failed: {r.get('baseline_error')}"
+    print(f"| {r['run']} | {r['pillow'].split(' (')[0]} | {r['img_s']:,.0f} | {rate:,.0f} | {base} | "
+          f"{ratio if ratio is not None else '-'} | {kept:.2f} |")
 PY

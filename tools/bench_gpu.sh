@@ -8,7 +8,8 @@
 #   step    tools/bench_train.py per batch size: (a) timm baseline, (b) ours, (c) ours fed by DALI, (b) again (drift),
 #           (d) FP8, the baseline always in the same process; the first batch size also feeds DALI with every JPEG
 #           on the hardware decoder, the host backend from the original and the --max-side shards, and DALI over
-#           three epochs (its per-epoch restarts included) with and without the next pipeline built ahead;
+#           three epochs (its per-epoch restarts included) with and without the next pipeline built ahead, and
+#           DALI with --aa rand-m9-mstd0.5-inc1 and ta_wide (the augmentation issue's fed-step figure);
 #   alone   python -m pipeline.bench: each backend with no model attached, DALI and the host backend also on the
 #           shards with the source bytes (what restart markers cost or give each);
 #   profile tools/profile_step.py: kernel time by category for (a) and (b), into RESULTS_DIR/profile.json;
@@ -108,7 +109,8 @@ bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in
     --feed "host:workers=$host_workers" --feed "host:workers=$host_workers,data_path=$max,name=host_max$max_side"
     --feed dali:workers=8,name=dali_3epochs,epochs=3
     --feed dali:workers=8,readers=4,name=dali_3epochs_r4,epochs=3
-    --feed "hybrid:workers=8,dali_share=0.75,name=hybrid75" --feed "hybrid:workers=8,dali_share=0.6,name=hybrid60")
+    --feed "hybrid:workers=8,dali_share=0.75,name=hybrid75" --feed "hybrid:workers=8,dali_share=0.6,name=hybrid60"
+    --feed dali:workers=8,aa=rand-m9-mstd0.5-inc1,name=dali_randaug --feed dali:workers=8,aa=ta_wide,name=dali_ta)
   "$py" tools/bench_train.py --device "$device" --batch-size "$bs" --compile --fp8 --recheck \
     --data_path "$data/shards" --warmup 20 --steps 80 "${feeds[@]}" "${train_args[@]}" --out "$results"
 }

@@ -53,6 +53,7 @@ class FeedKeys:
     workers: int | None = None
     steps: int | None = None
     epochs: int | None = None  # instead of steps: as many steps as this many epochs take (their restarts count)
+    aa: str | None = None  # train augmentation of this feed, timm's --aa spec (pipeline/augment.py)
 
     def validate(self) -> None:
         for key in ("workers", "steps", "epochs"):
@@ -170,12 +171,13 @@ def main(argv=None) -> dict:
             report(run_loop("ours_synthetic", step, synthetic(args, dev, torch.uint8), args, dev))
         for feed in feeds:
             steps = feed.get("steps")
-            fields = dict(backend=feed["backend"], workers=feed["workers"], **dataclasses.asdict(feed["options"]))
+            fields = dict(backend=feed["backend"], workers=feed["workers"], aa=feed.get("aa"),
+                          **dataclasses.asdict(feed["options"]))
             try:
                 loader = build_loader(data_path=feed["data_path"], split="train", backend=feed["backend"],
                                                batch_size=args.batch_size, device=dev.device,
                                                workers=feed["workers"], img_size=args.img_size, dtype=torch.uint8,
-                                               options=feed["options"])
+                                               options=feed["options"], aa=feed.get("aa"))
                 if "epochs" in feed:  # timed steps spanning that many epochs, so the restarts between them count
                     steps = feed["epochs"] * len(loader)
                 try:

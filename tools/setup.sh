@@ -2,9 +2,9 @@
 # Create .venv (if absent) and install this checkout into it, editable, with everything the demo, the tests and the
 # benchmarks need (pyproject.toml: requirements.txt + the dev and dali extras). Afterwards `import pipeline` works
 # from any directory in that environment, and so do the scripts in tools/.
-# Where a C compiler is, that builds the one-pass pixel kernels (pipeline/_pixels.c), with libjpeg's headers also the
-# host workers' region decoder, and Pillow-SIMD replaces Pillow (tools/install_pillow_simd.sh; a line says so when
-# it cannot be built, and PILLOW_SIMD=0 skips the try).
+# Where a C compiler is, that builds the one-pass pixel and augmentation kernels (pipeline/_pixels.c, _augment.c),
+# with libjpeg's headers also the host workers' region decoder, and Pillow-SIMD replaces Pillow
+# (tools/install_pillow_simd.sh; a line says so when it cannot be built, and PILLOW_SIMD=0 skips the try).
 # Usage: bash tools/setup.sh        (from anywhere; PYTHON=python3.12 to pick an interpreter)
 set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
@@ -25,11 +25,12 @@ import importlib.util, torch, torchvision, timm
 from pipeline.host import pillow_flavour
 from pipeline.shards.jpeg import default_decoder
 pixels = "built" if importlib.util.find_spec("pipeline._pixels") else "not built"
+augment = "built" if importlib.util.find_spec("pipeline._augment") else "not built"
 try:
     import nvidia.dali as dali; d = dali.__version__
 except ImportError:
     d = "not installed (the dali backend is unavailable)"
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
       f"{pillow_flavour()}, host decoder {default_decoder()}, pixel kernels {pixels}, "
-      f"DALI {d}")
+      f"augmentation kernels {augment}, DALI {d}")
 PY

@@ -40,7 +40,8 @@ class TrainConfig:
     hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
     img_size: int = knob(224, "train/eval resolution")
     aa: str = knob(None, "per-sample train augmentation, timm's spec (pipeline/augment.py): rand-m9-mstd0.5-inc1 "
-                         "(RandAugment) or original, originalr, v0, v0r, 3a (AutoAugment); none by default",
+                         "(RandAugment), original, originalr, v0, v0r, 3a (AutoAugment), ta_wide "
+                         "(TrivialAugment); none by default",
                    metavar="SPEC")
     color_jitter: str = knob(None, "timm's color jitter: brightness, contrast and saturation factors in [1-X, 1+X], "
                                    "or X,X,X[,HUE]; off under --aa, as in timm; none by default", metavar="X")

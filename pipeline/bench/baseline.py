@@ -2,7 +2,8 @@
 transform policy of `pipeline/transforms.py` (crop, flip, interpolation, normalization) as torchvision's own
 operators, everything (decode, float conversion, normalize) in the workers on the CPU. It is what most ImageNet
 scripts run, so `pipeline.bench --baseline` reports the ratio to it. With augmentation (--aa, --color-jitter) the
-train transform is timm's own `create_transform`, what a timm user would otherwise run."""
+train transform is timm's own `create_transform`, what a timm user would otherwise run (for --aa ta_wide, which
+timm lacks, torchvision's TrivialAugmentWide after the crop and flip)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,9 @@ def baseline_transform(t: Transform):
 
     interpolation = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[t.interpolation]
     normalize = [T.ToTensor(), T.Normalize(t.mean, t.std)]
+    if t.train and t.augment.trivial:  # timm has no TrivialAugment: torchvision's, as its reference recipes run it
+        return T.Compose([T.RandomResizedCrop(t.img_size, scale=t.scale, ratio=t.ratio, interpolation=interpolation),
+                          T.RandomHorizontalFlip(t.hflip), T.TrivialAugmentWide(), *normalize])
     if t.train and t.augment.active:
         from timm.data import create_transform
 
@@ -66,6 +70,7 @@ class TorchvisionLoader(Loader):
 
     def describe(self) -> str:
         t = self.spec.transform
-        transform = "timm's create_transform" if t.train and t.augment.active else "torchvision's transform"
+        transform = ("torchvision's transform + TrivialAugmentWide" if t.train and t.augment.trivial else
+                     "timm's create_transform" if t.train and t.augment.active else "torchvision's transform")
         return f"torchvision ImageFolder + DataLoader, {transform}, {self.spec.workers} workers, float normalize on " \
                f"the CPU"

@@ -19,13 +19,14 @@ and the fraction of step time lost to input with it. `batch_wait_s` is the mean 
 slower than the pipeline (`--model`, or `--step-ms` for a stand-in step) a loader that runs on across epochs keeps
 it near `batch_wait_s`; one that restarts at each epoch (`--epoch-stride 2` forces that) pays its start-up there.
 `--baseline SRC` runs a stock torchvision ImageFolder + DataLoader on the source ImageFolder with the same workers,
-batch size and seconds right after, and adds `baseline_img_s` and `ratio` (backend / baseline). `img_per_cpu_s`
-divides images by the CPU seconds that this process and all its descendants used (Linux), and `cpu_cores` is how
-many cores they kept busy: the per-core efficiency, which unlike img/s holds up on a machine shared with other
-jobs; with --baseline, `cpu_ratio` compares it (the figure to read on a shared or small box; the ratio of img/s
-is the one that counts on a dedicated host). Val padding samples (label -1) are not counted as images. Device
-work is synchronized only at reporting boundaries. On `--device cpu` without `--model` the main process runs
-torch with one thread (see run()).
+batch size and seconds right after (with --aa or --color-jitter: timm's create_transform), and adds
+`baseline_img_s` and `ratio` (backend / baseline), or `baseline_error` (its last line) where the baseline fails.
+`img_per_cpu_s` divides images by the CPU seconds that this process and all its descendants used (Linux), and
+`cpu_cores` is how many cores they kept busy: the per-core efficiency, which unlike img/s holds up on a machine
+shared with other jobs; with --baseline, `cpu_ratio` compares it (the figure to read on a shared or small box;
+the ratio of img/s is the one that counts on a dedicated host). Val padding samples (label -1) are not counted as
+images. Device work is synchronized only at reporting boundaries. On `--device cpu` without `--model` the main
+process runs torch with one thread (see run()).
 `--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
 neither disk nor processes count), and with `--baseline` (any value) the torchvision transform on the same bytes.
 """
@@ -65,7 +66,8 @@ class BenchConfig:
     device: str = knob("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
     img_size: int = knob(224, 'output side in pixels')
     aa: str = knob(None, "train: per-sample augmentation, timm's spec (pipeline/augment.py): rand-m9-mstd0.5-inc1 "
-                         "(RandAugment) or original, originalr, v0, v0r, 3a (AutoAugment); none by default",
+                         "(RandAugment), original, originalr, v0, v0r, 3a (AutoAugment), ta_wide "
+                         "(TrivialAugment); none by default",
                    metavar="SPEC")
     color_jitter: str = knob(None, "timm's color jitter: brightness, contrast and saturation factors in [1-X, 1+X], "
                                    "or X,X,X[,HUE]; off under --aa, as in timm; none by default", metavar="X")
@@ -260,6 +262,10 @@ def run(cfg: BenchConfig) -> dict:
         base = TorchvisionLoader(cfg.baseline, spec)
         try:
             base_result = measure(base, cfg, device, step, "torchvision")
+        except Exception as e:  # noqa: BLE001 - the baseline's own failure (e.g. timm's ops on a newer Pillow)
+            # is a figure we could not take, not a failure of the measured loader: one line in the result
+            final["baseline_error"] = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            return final
         finally:
             base.close()
         final["baseline_img_s"] = base_result["img_s"]
@@ -322,8 +328,12 @@ def decode_only(cfg: BenchConfig) -> dict:
               "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out), samples, cfg.seconds), 1)}
     if cfg.baseline:
         transform = baseline_transform(spec.transform)
-        tv = time_single_core(lambda s: transform(Image.open(io.BytesIO(s.jpg)).convert("RGB")), samples,
-                              cfg.seconds)
+        try:
+            tv = time_single_core(lambda s: transform(Image.open(io.BytesIO(s.jpg)).convert("RGB")), samples,
+                                  cfg.seconds)
+        except Exception as e:  # noqa: BLE001 - the baseline's own failure, as in run()
+            result["baseline_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            return result
         result.update(baseline_img_s=round(tv, 1), ratio=round(result["img_s"] / tv, 2))
     return result
 
