@@ -55,7 +55,8 @@ static int get_tile(PyObject *obj, Tile *t, int writable) {
     return 0;
 }
 
-/* Two tiles of one shape, src read, dst written; 0 or -1 with an error set and nothing held. */
+/* Two tiles of one shape, src read, dst written (the kernels take them as not overlapping: augment.py passes a fresh
+ * dst); 0 or -1 with an error set and nothing held. */
 static int get_pair(PyObject *src_obj, PyObject *dst_obj, Tile *src, Tile *dst) {
     if (get_tile(src_obj, src, 0) != 0)
         return -1;
@@ -367,8 +368,8 @@ static void affine_rows(const Tile *s, const Tile *d, const double *a, const int
         if (yf < 0 || yf + 1 >= h || a_lo >= a_hi) {
             a_lo = a_hi = lo;
         } else {
-            const uint8_t *r0 = s->px + yf * row + shift * 3;
-            shift_row(r0 + a_lo * 3, r0 + row + a_lo * 3, out + a_lo * 3, (a_hi - a_lo) * 3, wx, wy);
+            const uint8_t *r0 = s->px + yf * row + (shift + a_lo) * 3;  /* source pixel of output pixel a_lo */
+            shift_row(r0, r0 + row, out + a_lo * 3, (a_hi - a_lo) * 3, wx, wy);
         }
         for (Py_ssize_t x = lo; x < hi; x++)
             if (x < a_lo || x >= a_hi)

@@ -5,7 +5,7 @@ sample from the batch's seeded `random.Random` and runs them on the (S, S, 3) ui
 
   --aa rand-m9-mstd0.5-inc1   RandAugment: n ops (n2) drawn from timm's 15 (inc1: its increasing-magnitude set;
                               t<weights|3a|3aw>: another of its sets), each applied with probability p (p0.5) at
-                              magnitude m out of 10, jittered by a normal of std mstd (101 or more: uniform in 0..m),
+                              magnitude m out of 10, jittered by a normal of std mstd (over 100: uniform in 0..m),
                               clipped to mmax (10);
   --aa original | originalr | v0 | v0r | 3a [-mstdS]   AutoAugment: one of the policy's sub-policies per sample;
   --aa ta_wide                TrivialAugment as torchvision's TrivialAugmentWide (timm has none; torchvision's
@@ -14,11 +14,13 @@ sample from the batch's seeded `random.Random` and runs them on the (S, S, 3) ui
   --color-jitter 0.4 | B,C,S[,H]   brightness/contrast/saturation factors drawn in [1 - x, 1 + x], hue in [-h, h],
                               applied in a random order; as in timm, off when --aa is given (except its 3a policies).
 
-The magnitudes, op choices and argument ranges are timm's (translate_const = 45% of the tile, fill = the mean
-pixel, bilinear resampling as the crop), so a timm recipe transfers unchanged. The ops run on the tile in
-pipeline/_augment.c (one pass each, what Pillow computes: tests/test_augment.py checks each against timm's op);
-without that extension they run through Pillow, as timm does, slower. The DALI backend builds the same policy from
-the same `Augment` (pipeline/dali.py).
+The magnitudes, op choices, argument ranges and draws are timm's (the fill is the model's mean in 0..255), so a
+timm recipe's spec transfers; two differences from timm's train.py: it resamples each geometric op bilinear or
+bicubic at random (--train-interpolation random), here bilinear as the crop, and its --color-jitter defaults to
+0.4, here to off (the seed's recipe). The ops run on the tile in pipeline/_augment.c (one pass each, what Pillow
+computes: tests/test_augment.py checks each against timm's op) except hue and Gaussian blur, which go through
+Pillow; without that extension they all do, as timm's, slower. The DALI backend builds the same policy from the
+same `Augment` (pipeline/dali.py).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ except ImportError:  # not built (no C compiler at install): the same ops throug
 KERNELS_BUILT = _augment is not None
 
 LEVEL_DENOM = 10.0  # timm's magnitude scale: m out of 10
+MAX_LEVEL = 100  # m and mmax beyond it would shear and rotate past any meaning (and past the kernels' fixed point)
 
 # timm's op sets for RandAugment (timm.data.auto_augment), by the names its level functions use
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -100,6 +103,11 @@ AUTO_POLICIES = {
     "3a": ((("Solarize", 1.0, 5),), (("Desaturate", 1.0, 10),), (("GaussianBlurRand", 1.0, 10),)),
 }
 
+AA_FLAG_HELP = ("per-sample train augmentation, timm's spec (pipeline/augment.py): rand-m9-mstd0.5-inc1 "
+                "(RandAugment), original, originalr, v0, v0r, 3a (AutoAugment), ta_wide (TrivialAugment); none by "
+                "default")
+COLOR_JITTER_FLAG_HELP = ("timm's color jitter: brightness, contrast and saturation factors in [1-X, 1+X], or "
+                          "X,X,X[,HUE]; off under --aa except its 3a policies, as in timm; none by default")
 AA_HELP = ("rand-m<M>[-n<N>][-p<P>][-mstd<S>][-mmax<X>][-inc<0|1>][-t<weights|3a|3aw>] (RandAugment), "
            "original, originalr, v0, v0r, 3a [-mstd<S>] (AutoAugment), or ta_wide (TrivialAugment)")
 
@@ -171,8 +179,6 @@ LEVEL_TO_ARG: dict[str, Callable | None] = {
     "Sharpness": _enhance, "SharpnessIncreasing": _enhance_increasing,
     "ShearX": lambda level, rng, aug: (_signed((level / LEVEL_DENOM) * 0.3, rng),),
     "ShearY": lambda level, rng, aug: (_signed((level / LEVEL_DENOM) * 0.3, rng),),
-    "TranslateX": lambda level, rng, aug: (_signed((level / LEVEL_DENOM) * aug.translate_const, rng),),
-    "TranslateY": lambda level, rng, aug: (_signed((level / LEVEL_DENOM) * aug.translate_const, rng),),
     "TranslateXRel": lambda level, rng, aug: (_signed((level / LEVEL_DENOM) * 0.45, rng),),
     "TranslateYRel": lambda level, rng, aug: (_signed((level / LEVEL_DENOM) * 0.45, rng),),
     "Desaturate": _minmax(0.5, 1.0),
@@ -203,7 +209,6 @@ class Augment:
     magnitude_std: float = 0.0  # > 0: each magnitude ~ N(m, std); inf: ~ U(0, m)
     magnitude_max: float = LEVEL_DENOM
     color_jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
-    translate_const: float = 100.0  # pixels at magnitude 10 for the absolute translations (timm: 45% of the size)
     fill: tuple[int, int, int] = (128, 128, 128)  # what the geometric ops expose (timm: the mean, in 0..255)
 
     @property
@@ -291,7 +296,7 @@ def parse(aa: str | None, color_jitter: str | float | tuple | None, img_size: in
     """`--aa` and `--color-jitter` as timm reads them, for tiles of `img_size` and a model `mean` (the fill)."""
     jitter = parse_color_jitter(color_jitter)
     fill = tuple(min(255, round(255 * m)) for m in mean)
-    common = dict(translate_const=int(img_size * 0.45), fill=fill)
+    common = dict(fill=fill)
     if not aa:
         return Augment(color_jitter=jitter, **common)
     if jitter and "3a" not in aa:
@@ -353,11 +358,13 @@ def _rand_settings(aa: str, sections: list[str]) -> dict:
             std = _number(aa, key, value)
             std = math.inf if std > 100 else std  # timm: mstd above 100 means uniform
         elif key == "mmax":
-            mmax = _number(aa, key, value, int)
+            mmax = _number(aa, key, value, int) or LEVEL_DENOM  # timm: mmax0 is the default
         elif key == "inc":
             increasing = bool(_number(aa, key, value, int))
         else:
             raise AugmentError(f"--aa {aa}: unknown section {key}{value}; use {AA_HELP}")
+    if max(magnitude, mmax) > MAX_LEVEL:
+        raise AugmentError(f"--aa {aa}: magnitudes above {MAX_LEVEL} (m, mmax) mean nothing: timm's scale is 0..10")
     names = RAND_SETS.get(choice) or (RAND_INCREASING_OPS if increasing else RAND_OPS)
     weights = None
     if isinstance(names, dict):
@@ -413,7 +420,7 @@ def _affine(tile, matrix, fill, bilinear=True) -> None:
     tile[...] = out
 
 
-def rotate_matrix(degrees: float, width: int, height: int) -> tuple[float, ...] | None:
+def rotate_matrix(degrees: float, width: int, height: int) -> tuple[float, ...]:
     """Image.rotate's inverse matrix: the rotation by `degrees` counter-clockwise about the tile's centre."""
     angle = -math.radians(degrees)
     a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
@@ -430,7 +437,7 @@ def _rotate(tile, degrees, fill, bilinear=True) -> None:
     if angle == 180 or (angle in (90, 270) and w == h):  # Image.rotate transposes these
         tile[...] = np.rot90(tile, {90: 1, 180: 2, 270: 3}[int(angle)]).copy()
         return
-    _affine(tile, rotate_matrix(degrees, w, h), fill, bilinear)
+    _affine(tile, rotate_matrix(angle, w, h), fill, bilinear)  # from the reduced angle, as Image.rotate
 
 
 def trivial_shear(m: float) -> float:
@@ -467,12 +474,17 @@ def _point(tile, kind: str, a: int = 0, b: int = 0, factor: float = 0.0) -> None
     _augment.point(tile, getattr(_augment, kind), a, b, factor)
 
 
+def _posterize_tile(tile, bits: int) -> None:
+    if bits < 8:  # keep the `bits` high bits (0: black)
+        _point(tile, "POSTERIZE", ~(2 ** (8 - bits) - 1) & 0xFF)
+
+
 KERNEL_OPS: dict[str, Callable] = {
     "AutoContrast": lambda t, fill: _augment.autocontrast(t),
     "Equalize": lambda t, fill: _augment.equalize(t),
     "Invert": lambda t, fill: _point(t, "INVERT"),
     "Rotate": lambda t, degrees, fill: _rotate(t, degrees, fill),
-    "Posterize": lambda t, bits, fill: bits < 8 and _point(t, "POSTERIZE", ~(2 ** (8 - bits) - 1) & 0xFF),
+    "Posterize": lambda t, bits, fill: _posterize_tile(t, bits),
     "Solarize": lambda t, threshold, fill: _point(t, "SOLARIZE", threshold),
     "SolarizeAdd": lambda t, add, fill: _point(t, "SOLARIZE_ADD", 128, add),
     "Color": lambda t, factor, fill: _augment.blend_gray(t, factor),
@@ -481,8 +493,6 @@ KERNEL_OPS: dict[str, Callable] = {
     "Sharpness": _sharpen,
     "ShearX": lambda t, f, fill: _affine(t, (1, f, 0, 0, 1, 0), fill),
     "ShearY": lambda t, f, fill: _affine(t, (1, 0, 0, f, 1, 0), fill),
-    "TranslateX": lambda t, px, fill: _affine(t, (1, 0, px, 0, 1, 0), fill),
-    "TranslateY": lambda t, px, fill: _affine(t, (1, 0, 0, 0, 1, px), fill),
     "TranslateXRel": lambda t, pct, fill: _affine(t, (1, 0, pct * t.shape[1], 0, 1, 0), fill),
     "TranslateYRel": lambda t, pct, fill: _affine(t, (1, 0, 0, 0, 1, pct * t.shape[0]), fill),
     "Desaturate": lambda t, factor, fill: _augment.blend_gray(t, _desaturate_factor(factor)),
@@ -536,8 +546,6 @@ PILLOW_OPS: dict[str, Callable] = {
     "Sharpness": lambda im, factor, fill: ImageEnhance.Sharpness(im).enhance(factor),
     "ShearX": lambda im, f, fill: _pillow_affine(im, (1, f, 0, 0, 1, 0), fill),
     "ShearY": lambda im, f, fill: _pillow_affine(im, (1, 0, 0, f, 1, 0), fill),
-    "TranslateX": lambda im, px, fill: _pillow_affine(im, (1, 0, px, 0, 1, 0), fill),
-    "TranslateY": lambda im, px, fill: _pillow_affine(im, (1, 0, 0, 0, 1, px), fill),
     "TranslateXRel": lambda im, pct, fill: _pillow_affine(im, (1, 0, pct * im.size[0], 0, 1, 0), fill),
     "TranslateYRel": lambda im, pct, fill: _pillow_affine(im, (1, 0, 0, 0, 1, pct * im.size[1]), fill),
     "Desaturate": lambda im, factor, fill: ImageEnhance.Color(im).enhance(_desaturate_factor(factor)),

@@ -264,8 +264,6 @@ def _timm_op(dali, name: str, aug: Augment, size: int):
         "Brightness": (a.brightness, factor), "BrightnessIncreasing": (a.brightness, factor),
         "Sharpness": (sharpness, kernel), "SharpnessIncreasing": (sharpness, kernel),
         "ShearX": (a.shear_x, lambda f: np.float32([-f, 0])), "ShearY": (a.shear_y, lambda f: np.float32([0, -f])),
-        "TranslateX": (a.translate_x_no_shape, lambda px: np.float32([-px, 0])),
-        "TranslateY": (a.translate_y_no_shape, lambda px: np.float32([0, -px])),
         "TranslateXRel": (a.translate_x_no_shape, lambda pct: np.float32([-pct * size, 0])),
         "TranslateYRel": (a.translate_y_no_shape, lambda pct: np.float32([0, -pct * size])),
         "Desaturate": (a.color, lambda f: np.float32(min(1.0, max(0.0, 1.0 - f)))),  # as augment.py's

@@ -76,6 +76,9 @@ class HybridLoader(Loader):
         return (f"hybrid: {len(self.dali)} of {self.steps} batches an epoch by {self.dali.describe()}; the other "
                 f"{len(self.host)} by {self.host.describe()}")
 
+    def notes(self) -> list[str]:
+        return self.dali.notes() + self.host.notes()
+
     def close(self) -> None:
         try:
             self.dali.close()

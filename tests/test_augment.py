@@ -31,12 +31,13 @@ def test_timm_randaugment_spellings():
     a = parse("rand-m9-mstd0.5-inc1", None, 224, (0.5, 0.5, 0.5))
     assert [op.name for op in a.ops] == list(timm_aa._RAND_INCREASING_TRANSFORMS)
     assert {(op.prob, op.magnitude) for op in a.ops} == {(0.5, 9)}
-    assert (a.num_layers, a.magnitude_std, a.weights, a.translate_const, a.fill) == (2, 0.5, None, 100, FILL)
+    assert (a.num_layers, a.magnitude_std, a.weights, a.fill) == (2, 0.5, None, FILL)
     b = parse("rand-m7-n3-p1.0-mmax12-mstd101-tweights", None, 224, (0.485, 0.456, 0.406))
     assert b.num_layers == 3 and b.magnitude_max == 12 and b.magnitude_std == float("inf")
     assert [op.name for op in b.ops] == list(timm_aa._RAND_WEIGHTED_0) and abs(sum(b.weights) - 1) < 1e-9
     assert b.fill == (124, 116, 104)  # timm: round(255 * mean)
     assert [op.name for op in parse("rand-m9", None, 224, (0.5,) * 3).ops] == list(timm_aa._RAND_TRANSFORMS)
+    assert parse("rand-m9-mmax0", None, 224, (0.5,) * 3).magnitude_max == 10  # timm: mmax0 is the default
 
 
 @pytest.mark.parametrize("name", ["original", "originalr", "v0", "v0r", "3a"])
@@ -53,6 +54,7 @@ def test_timm_autoaugment_policies_are_timms(name):
     ("rand-m-1", "cannot read"), ("rand-n1.5", "n wants an integer"), ("rand-tfoo", "unknown op set tfoo"),
     ("bogus", "unknown policy 'bogus'"), ("augmix-m5", "AugMix is not supported"),
     ("original-n2", "AutoAugment takes only -mstd"), ("rand-p-0.5", "cannot read"),
+    ("rand-m1000", "magnitudes above 100"), ("rand-m9-mmax101", "magnitudes above 100"),
 ])
 def test_a_bad_spec_is_one_line_naming_the_flag(spec, words):
     with pytest.raises(AugmentError) as e:
@@ -77,11 +79,13 @@ OP_CASES = [("AutoContrast", ()), ("Equalize", ()), ("Invert", ()), ("Rotate", (
             ("SolarizeAdd", (99,)), ("Color", (1.7,)), ("Color", (0.3,)), ("Contrast", (0.3,)), ("Contrast", (1.8,)),
             ("Brightness", (1.6,)), ("Brightness", (0.4,)), ("Sharpness", (1.9,)), ("Sharpness", (0.2,)),
             ("ShearX", (0.27,)), ("ShearY", (-0.27,)), ("TranslateXRel", (0.4,)), ("TranslateYRel", (-0.3,)),
-            ("TranslateX", (30.5,)), ("TranslateY", (-17.0,)), ("Desaturate", (0.7,)), ("GaussianBlur", (1.2,))]
+            ("Desaturate", (0.7,)), ("GaussianBlur", (1.2,))]
 
 
 @pytest.fixture(params=["kernels", "pillow"])
 def op_path(request, monkeypatch):
+    # The Pillow path makes timm's own calls for most ops: there the test checks the wiring (names, arguments,
+    # fill), and the ops of our own (SolarizeAdd, Posterize to 0 bits, hue)
     if request.param == "kernels":
         if not A.KERNELS_BUILT:
             pytest.skip("pipeline/_augment.c is not built")
@@ -91,15 +95,17 @@ def op_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("name, args", OP_CASES, ids=[f"{n}{a}" for n, a in OP_CASES])
-def test_each_op_matches_timms_op_on_the_same_tile(name, args, op_path):
-    tile = photo_tile(97)  # odd: the centre of a rotation falls between pixels
+@pytest.mark.parametrize("shape", [(97, 97), (17, 31), (3, 2)], ids=["97x97", "17x31", "3x2"])
+def test_each_op_matches_timms_op_on_the_same_tile(name, args, shape, op_path):
+    tile = photo_tile(max(shape))[:shape[0], :shape[1]].copy()  # odd sizes: a rotation's centre between pixels
     theirs = np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(tile), *args, fillcolor=FILL,
                                                   resample=Image.BILINEAR))
     ours = tile.copy()
     A.run(ours, [(name, args)], FILL)
     diff = np.abs(theirs.astype(int) - ours)
     assert diff.mean() <= 0.5 and diff.max() <= 2, (name, diff.mean(), diff.max())  # the goal: a mean within 2
-    assert not np.array_equal(ours, tile) or (name, args) == ("Posterize", (8,))  # the op did something
+    if shape == (97, 97):  # the op did something (on a tile of 6 pixels some do not)
+        assert not np.array_equal(ours, tile) or (name, args) == ("Posterize", (8,))
 
 
 def test_posterize_to_no_bits_is_black_on_every_pillow(op_path):
@@ -128,8 +134,16 @@ def timm_draws(spec: str, samples: int, seed=0) -> list[list[tuple[str, tuple]]]
         spec, hparams)
     record: list[tuple[str, tuple]] = []
     ops = transform.ops if hasattr(transform, "ops") else [op for sub in transform.policy for op in sub]
+    def recorder(name):
+        def aug_fn(img, *args, **kw):
+            if name == "GaussianBlurRand":  # timm's op draws its radius itself: record that draw
+                args = (random.uniform(0.1, 2.0 * args[0]),)
+            record.append((name, args))
+            return img
+        return aug_fn
+
     for op in ops:
-        op.aug_fn = (lambda name: lambda img, *args, **kw: record.append((name, args)) or img)(op.name)
+        op.aug_fn = recorder(op.name)
     random.seed(seed)
     np.random.seed(seed)
     image, out = Image.new("RGB", (4, 4)), []
@@ -157,19 +171,20 @@ def binned(draws, name: str, bins: np.ndarray) -> list:
 
 
 @pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd101", "rand-m9-n2-tweights", "original",
-                                  "v0r-mstd0.5"])
+                                  "v0r-mstd0.5", "rand-m9-mmax5-mstd1", "3a"])
 def test_op_choice_and_magnitudes_follow_timms_distribution(spec):
     n = 10_000
     ours, theirs = our_draws(spec, n), timm_draws(spec, n)
     p_values = {"ops per sample": same_distribution([len(s) for s in ours], [len(s) for s in theirs]),
                 "op choice": same_distribution([op for s in ours for op, _ in s], [op for s in theirs for op, _ in s])}
     for name, bins in (("Rotate", np.linspace(-30, 30, 13)), ("ShearX", np.linspace(-0.3, 0.3, 13)),
+                       ("GaussianBlurRand", np.linspace(0, 2, 9)), ("Desaturate", np.linspace(0.5, 1, 6)),
                        ("ColorIncreasing", np.linspace(0.1, 1.9, 10)), ("Color", np.linspace(0.1, 1.9, 10)),
                        ("PosterizeIncreasing", np.arange(0, 5)), ("Solarize", np.linspace(0, 256, 9))):
         a, b = binned(ours, name, bins), binned(theirs, name, bins)
         if len(a) > 200:
             p_values[name] = same_distribution(a, b)
-    assert len(p_values) >= 3
+    assert len(p_values) >= 3 or spec == "3a"  # 3a: one op a sample, of three
     assert min(p_values.values()) > 1e-3, p_values
 
 
@@ -283,3 +298,17 @@ def test_the_host_loader_says_when_stock_pillow_or_no_kernels_run(sample_shards,
     assert [n for n in notes() if "not Pillow-SIMD" in n and "install_pillow_simd.sh" in n]
     monkeypatch.setattr(host, "KERNELS_BUILT", False)
     assert [n for n in notes(aa="rand-m9") if "_augment.c" in n] and not [n for n in notes() if "_augment.c" in n]
+
+
+@pytest.mark.skipif(not A.KERNELS_BUILT, reason="pipeline/_augment.c is not built")
+def test_the_kernels_refuse_buffers_of_the_wrong_shape_or_type():
+    tile = photo_tile(8)
+    for bad in (tile[..., 0].copy(), tile.astype(np.float32), tile[:, ::2], np.zeros((4, 4, 4), np.uint8)):
+        with pytest.raises(ValueError, match="tile|C-contiguous"):
+            A._augment.point(bad, A._augment.INVERT, 0, 0, 0.0)
+    with pytest.raises(ValueError, match="two distinct tiles of one shape"):
+        A._augment.affine(tile, tile, (1, 0, 0, 0, 1, 0), FILL, True)
+    with pytest.raises(ValueError, match="two distinct tiles of one shape"):
+        A._augment.sharpen(tile, np.empty((8, 9, 3), np.uint8), 1.5)
+    with pytest.raises(ValueError, match="unknown point op"):
+        A._augment.point(tile, 99, 0, 0, 0.0)

@@ -14,7 +14,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from pipeline.backends import BACKENDS, SUMMARY, WITH_OPTIONS, get_backend, options_from
-from pipeline.augment import AugmentError, parse as parse_augment
+from pipeline.augment import AA_FLAG_HELP, COLOR_JITTER_FLAG_HELP, AugmentError, parse as parse_augment
 from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows, plain
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
@@ -39,12 +39,8 @@ class TrainConfig:
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
     hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
     img_size: int = knob(224, "train/eval resolution")
-    aa: str = knob(None, "per-sample train augmentation, timm's spec (pipeline/augment.py): rand-m9-mstd0.5-inc1 "
-                         "(RandAugment), original, originalr, v0, v0r, 3a (AutoAugment), ta_wide "
-                         "(TrivialAugment); none by default",
-                   metavar="SPEC")
-    color_jitter: str = knob(None, "timm's color jitter: brightness, contrast and saturation factors in [1-X, 1+X], "
-                                   "or X,X,X[,HUE]; off under --aa, as in timm; none by default", metavar="X")
+    aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
+    color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: "
                                f"{IMAGENET_CLASSES})")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",

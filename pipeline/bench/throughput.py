@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from pipeline.augment import AA_FLAG_HELP, COLOR_JITTER_FLAG_HELP
 from pipeline.backends import BACKENDS, build_loader, get_backend, options_from
 from pipeline.cli import add_flags, from_args, knob
 from pipeline.dali import DaliOptions
@@ -65,12 +66,8 @@ class BenchConfig:
     interval: float = knob(5.0, 'seconds between JSON lines')
     device: str = knob("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
     img_size: int = knob(224, 'output side in pixels')
-    aa: str = knob(None, "train: per-sample augmentation, timm's spec (pipeline/augment.py): rand-m9-mstd0.5-inc1 "
-                         "(RandAugment), original, originalr, v0, v0r, 3a (AutoAugment), ta_wide "
-                         "(TrivialAugment); none by default",
-                   metavar="SPEC")
-    color_jitter: str = knob(None, "timm's color jitter: brightness, contrast and saturation factors in [1-X, 1+X], "
-                                   "or X,X,X[,HUE]; off under --aa, as in timm; none by default", metavar="X")
+    aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
+    color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
     dtype: str = knob("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
     prefetch: int = knob(2, 'batches in flight ahead of the loop')
     seed: int = knob(0, 'shuffle and crop seed')
@@ -264,7 +261,7 @@ def run(cfg: BenchConfig) -> dict:
             base_result = measure(base, cfg, device, step, "torchvision")
         except Exception as e:  # noqa: BLE001 - the baseline's own failure (e.g. timm's ops on a newer Pillow)
             # is a figure we could not take, not a failure of the measured loader: one line in the result
-            final["baseline_error"] = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            final["baseline_error"] = baseline_error(e)
             return final
         finally:
             base.close()
@@ -274,6 +271,12 @@ def run(cfg: BenchConfig) -> dict:
             final["baseline_img_per_cpu_s"] = base_result["img_per_cpu_s"]
             final["cpu_ratio"] = round(result["img_per_cpu_s"] / base_result["img_per_cpu_s"], 2)
     return final
+
+
+def baseline_error(e: Exception) -> str:
+    """One line for a baseline that failed: the error's last line (a DataLoader worker's ends with the original)."""
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines and ":" in lines[-1] else f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 def restart_markers(cfg: BenchConfig) -> bool | None:
@@ -332,7 +335,7 @@ def decode_only(cfg: BenchConfig) -> dict:
             tv = time_single_core(lambda s: transform(Image.open(io.BytesIO(s.jpg)).convert("RGB")), samples,
                                   cfg.seconds)
         except Exception as e:  # noqa: BLE001 - the baseline's own failure, as in run()
-            result["baseline_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            result["baseline_error"] = baseline_error(e)
             return result
         result.update(baseline_img_s=round(tv, 1), ratio=round(result["img_s"] / tv, 2))
     return result
