@@ -55,6 +55,14 @@ static int get_tile(PyObject *obj, Tile *t, int writable) {
     return 0;
 }
 
+/* The one tile a function takes as its only argument. */
+static int one_tile(PyObject *args, Tile *t, int writable) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O", &obj))
+        return -1;
+    return get_tile(obj, t, writable);
+}
+
 /* Two tiles of one shape, src read, dst written (the kernels take them as not overlapping: augment.py passes a fresh
  * dst); 0 or -1 with an error set and nothing held. */
 static int get_pair(PyObject *src_obj, PyObject *dst_obj, Tile *src, Tile *dst) {
@@ -176,11 +184,8 @@ MULTIVERSION static void extremes_bytes(const uint8_t *restrict p, Py_ssize_t n,
 /* ImageOps.autocontrast(cutoff=0): each channel's lowest and highest values stretched to 0 and 255, the table in
  * Python's doubles and int() (toward zero). */
 static PyObject *autocontrast(PyObject *self, PyObject *args) {
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "O", &obj))
-        return NULL;
     Tile t;
-    if (get_tile(obj, &t, 1) != 0)
+    if (one_tile(args, &t, 1) != 0)
         return NULL;
     uint8_t lo[3], hi[3], table[768];
     extremes_bytes(t.px, t.h * t.w * 3, lo, hi);
@@ -199,11 +204,8 @@ static PyObject *autocontrast(PyObject *self, PyObject *args) {
 /* ImageOps.equalize (Pillow 12): per channel, the cumulative histogram in steps of (pixels - the count of the
  * highest value present) // 255; a channel of one value, or a step of 0, stays as it is. */
 static PyObject *equalize(PyObject *self, PyObject *args) {
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "O", &obj))
-        return NULL;
     Tile t;
-    if (get_tile(obj, &t, 1) != 0)
+    if (one_tile(args, &t, 1) != 0)
         return NULL;
     int64_t h[768];
     uint8_t table[768];
@@ -228,11 +230,8 @@ static PyObject *equalize(PyObject *self, PyObject *args) {
 }
 
 static PyObject *gray_mean(PyObject *self, PyObject *args) {
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "O", &obj))
-        return NULL;
     Tile t;
-    if (get_tile(obj, &t, 0) != 0)
+    if (one_tile(args, &t, 0) != 0)
         return NULL;
     Py_ssize_t n = t.h * t.w;
     int64_t sum = 0;
