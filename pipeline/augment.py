@@ -130,6 +130,7 @@ TRIVIAL_OPS = {
     "AutoContrast": (None, False),
     "Equalize": (None, False),
 }
+TRIVIAL_NAMES = tuple(TRIVIAL_OPS)
 
 
 # -- magnitude -> arguments, timm's level functions (with the sample's rng for the random sign) ---------------------
@@ -268,7 +269,7 @@ class Augment:
 
 def _draw_trivial(rng: random.Random) -> tuple[str, tuple]:
     """torchvision's TrivialAugmentWide.forward: an op, one of its magnitudes, then (signed ops) the sign."""
-    name = list(TRIVIAL_OPS)[rng.randrange(len(TRIVIAL_OPS))]
+    name = TRIVIAL_NAMES[rng.randrange(len(TRIVIAL_NAMES))]
     magnitudes, signed = TRIVIAL_OPS[name]
     magnitude = 0.0 if magnitudes is None else float(magnitudes[rng.randrange(TRIVIAL_BINS)])
     if signed and rng.randrange(2):
@@ -479,7 +480,42 @@ def _posterize_tile(tile, bits: int) -> None:
         _point(tile, "POSTERIZE", ~(2 ** (8 - bits) - 1) & 0xFF)
 
 
-KERNEL_OPS: dict[str, Callable] = {
+# The warps of both paths: the inverse matrix and whether bilinear, from the op's argument and the tile's size.
+# timm's ops resample bilinear; TrivialAugment's as torchvision runs them on a PIL image: nearest, its shears about
+# the corner, its translations whole pixels.
+WARPS: dict[str, Callable] = {
+    "ShearX": lambda f, w, h: ((1, f, 0, 0, 1, 0), True),
+    "ShearY": lambda f, w, h: ((1, 0, 0, f, 1, 0), True),
+    "TranslateXRel": lambda pct, w, h: ((1, 0, pct * w, 0, 1, 0), True),
+    "TranslateYRel": lambda pct, w, h: ((1, 0, 0, 0, 1, pct * h), True),
+    "TrivialShearX": lambda m, w, h: ((1, trivial_shear(m), 0, 0, 1, 0), False),
+    "TrivialShearY": lambda m, w, h: ((1, 0, 0, trivial_shear(m), 1, 0), False),
+    "TrivialTranslateX": lambda m, w, h: ((1, 0, -int(m), 0, 1, 0), False),
+    "TrivialTranslateY": lambda m, w, h: ((1, 0, 0, 0, 1, -int(m)), False),
+}
+
+
+def _with_aliases(ops: dict[str, Callable]) -> dict[str, Callable]:
+    """The names that are another op under other level functions (timm's Increasing and Original variants,
+    TrivialAugment's enhancements by 1 + m and its posterize), from the base ops of one path."""
+    for name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"):
+        ops[name + "Increasing"] = ops[name]
+    ops["PosterizeOriginal"] = ops["Posterize"]
+    for name in ("Brightness", "Color", "Contrast", "Sharpness"):
+        ops["Trivial" + name] = (lambda op: lambda x, m, fill: op(x, 1.0 + m, fill=fill))(ops[name])
+    ops["TrivialPosterize"] = lambda x, m, fill: ops["Posterize"](x, int(m), fill)
+    ops["Identity"] = lambda x, fill: x
+    return ops
+
+
+def _kernel_warp(warp: Callable) -> Callable:
+    def op(tile, arg, fill):
+        matrix, bilinear = warp(arg, tile.shape[1], tile.shape[0])
+        _affine(tile, matrix, fill, bilinear)
+    return op
+
+
+KERNEL_OPS: dict[str, Callable] = _with_aliases({
     "AutoContrast": lambda t, fill: _augment.autocontrast(t),
     "Equalize": lambda t, fill: _augment.equalize(t),
     "Invert": lambda t, fill: _point(t, "INVERT"),
@@ -491,36 +527,22 @@ KERNEL_OPS: dict[str, Callable] = {
     "Contrast": lambda t, factor, fill: _point(t, "BLEND", int(_augment.gray_mean(t) + 0.5), 0, factor),
     "Brightness": lambda t, factor, fill: _point(t, "BLEND", 0, 0, factor),
     "Sharpness": _sharpen,
-    "ShearX": lambda t, f, fill: _affine(t, (1, f, 0, 0, 1, 0), fill),
-    "ShearY": lambda t, f, fill: _affine(t, (1, 0, 0, f, 1, 0), fill),
-    "TranslateXRel": lambda t, pct, fill: _affine(t, (1, 0, pct * t.shape[1], 0, 1, 0), fill),
-    "TranslateYRel": lambda t, pct, fill: _affine(t, (1, 0, 0, 0, 1, pct * t.shape[0]), fill),
     "Desaturate": lambda t, factor, fill: _augment.blend_gray(t, _desaturate_factor(factor)),
     "GaussianBlur": _blur,
     "GaussianBlurRand": _blur,
     "Hue": _hue,
-}
-for _name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"):
-    KERNEL_OPS[_name + "Increasing"] = KERNEL_OPS[_name]
-KERNEL_OPS["PosterizeOriginal"] = KERNEL_OPS["Posterize"]
-# TrivialAugmentWide as torchvision runs it on a PIL image: nearest resampling; shears about the corner, the other
-# geometry about the centre; enhancements by 1 + m
-KERNEL_OPS.update({
-    "Identity": lambda t, fill: None,
-    "TrivialShearX": lambda t, m, fill: _affine(t, (1, trivial_shear(m), 0, 0, 1, 0), fill, False),
-    "TrivialShearY": lambda t, m, fill: _affine(t, (1, 0, 0, trivial_shear(m), 1, 0), fill, False),
-    "TrivialTranslateX": lambda t, m, fill: _affine(t, (1, 0, -int(m), 0, 1, 0), fill, False),
-    "TrivialTranslateY": lambda t, m, fill: _affine(t, (1, 0, 0, 0, 1, -int(m)), fill, False),
     "TrivialRotate": lambda t, m, fill: _rotate(t, m, fill, False),
-    "TrivialPosterize": lambda t, m, fill: KERNEL_OPS["Posterize"](t, int(m), fill),
     "TrivialSolarize": lambda t, m, fill: _point(t, "SOLARIZE", math.ceil(m)),  # v < m, for integers v
+    **{name: _kernel_warp(warp) for name, warp in WARPS.items()},
 })
-for _name in ("Brightness", "Color", "Contrast", "Sharpness"):
-    KERNEL_OPS["Trivial" + _name] = (lambda op: lambda t, m, fill: op(t, 1.0 + m, fill=fill))(KERNEL_OPS[_name])
 
 
-def _pillow_affine(image, matrix, fill, resample=Image.BILINEAR):
-    return image.transform(image.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
+def _pillow_warp(warp: Callable) -> Callable:
+    def op(image, arg, fill):
+        matrix, bilinear = warp(arg, *image.size)
+        return image.transform(image.size, Image.AFFINE, matrix, resample=Image.BILINEAR if bilinear else
+                               Image.NEAREST, fillcolor=fill)
+    return op
 
 
 def _pillow_hue(image, shift, fill=None):
@@ -530,7 +552,7 @@ def _pillow_hue(image, shift, fill=None):
 
 
 # The same ops through Pillow, timm's calls: the path without pipeline/_augment.c
-PILLOW_OPS: dict[str, Callable] = {
+PILLOW_OPS: dict[str, Callable] = _with_aliases({
     "AutoContrast": lambda im, fill: ImageOps.autocontrast(im),
     "Equalize": lambda im, fill: ImageOps.equalize(im),
     "Invert": lambda im, fill: ImageOps.invert(im),
@@ -544,27 +566,11 @@ PILLOW_OPS: dict[str, Callable] = {
     "Contrast": lambda im, factor, fill: ImageEnhance.Contrast(im).enhance(factor),
     "Brightness": lambda im, factor, fill: ImageEnhance.Brightness(im).enhance(factor),
     "Sharpness": lambda im, factor, fill: ImageEnhance.Sharpness(im).enhance(factor),
-    "ShearX": lambda im, f, fill: _pillow_affine(im, (1, f, 0, 0, 1, 0), fill),
-    "ShearY": lambda im, f, fill: _pillow_affine(im, (1, 0, 0, f, 1, 0), fill),
-    "TranslateXRel": lambda im, pct, fill: _pillow_affine(im, (1, 0, pct * im.size[0], 0, 1, 0), fill),
-    "TranslateYRel": lambda im, pct, fill: _pillow_affine(im, (1, 0, 0, 0, 1, pct * im.size[1]), fill),
     "Desaturate": lambda im, factor, fill: ImageEnhance.Color(im).enhance(_desaturate_factor(factor)),
     "GaussianBlur": lambda im, radius, fill: im.filter(ImageFilter.GaussianBlur(radius=radius)),
     "GaussianBlurRand": lambda im, radius, fill: im.filter(ImageFilter.GaussianBlur(radius=radius)),
     "Hue": _pillow_hue,
-}
-for _name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"):
-    PILLOW_OPS[_name + "Increasing"] = PILLOW_OPS[_name]
-PILLOW_OPS["PosterizeOriginal"] = PILLOW_OPS["Posterize"]
-PILLOW_OPS.update({
-    "Identity": lambda im, fill: im,
-    "TrivialShearX": lambda im, m, fill: _pillow_affine(im, (1, trivial_shear(m), 0, 0, 1, 0), fill, Image.NEAREST),
-    "TrivialShearY": lambda im, m, fill: _pillow_affine(im, (1, 0, 0, trivial_shear(m), 1, 0), fill, Image.NEAREST),
-    "TrivialTranslateX": lambda im, m, fill: _pillow_affine(im, (1, 0, -int(m), 0, 1, 0), fill, Image.NEAREST),
-    "TrivialTranslateY": lambda im, m, fill: _pillow_affine(im, (1, 0, 0, 0, 1, -int(m)), fill, Image.NEAREST),
     "TrivialRotate": lambda im, m, fill: im.rotate(m, resample=Image.NEAREST, fillcolor=fill),
-    "TrivialPosterize": lambda im, m, fill: PILLOW_OPS["Posterize"](im, int(m), fill),
     "TrivialSolarize": lambda im, m, fill: ImageOps.solarize(im, m),
+    **{name: _pillow_warp(warp) for name, warp in WARPS.items()},
 })
-for _name in ("Brightness", "Color", "Contrast", "Sharpness"):
-    PILLOW_OPS["Trivial" + _name] = (lambda op: lambda im, m, fill: op(im, 1.0 + m, fill=fill))(PILLOW_OPS[_name])
