@@ -474,7 +474,7 @@ class DaliLoader(ShardLoader):
         return (f"dali {self.dali.version} ({self.output.summary}, {s.workers} threads, prefetch {s.prefetch}, "
                 f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
                 f"{s.batch_size}, {len(self.planner.shards)} shards, {self.opts.readers} reader processes, augment "
-                f"{s.transform.augment.describe()}")
+                f"{s.transform.augment.describe()}{s.repeats_note}")
 
     # -- the run (pipeline/loader.py ShardLoader): one pipeline, whose source runs on across epochs ----------------
     def start_run(self, epoch: int) -> None:

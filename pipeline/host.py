@@ -272,7 +272,8 @@ class HostLoader(ShardLoader):
         return (f"host: {self.num_workers} worker processes ({self.opts.start_method}), decoder "
                 f"{self.opts.resolved_decoder}, {pillow_flavour()}, "
                 f"{self.opts.slots_per_worker} shm slots of {s.batch_size}x{s.img_size}x{s.img_size}x3 uint8 "
-                f"per worker, prefetch {s.prefetch} -> {s.device}, augment {s.transform.augment.describe()}")
+                f"per worker, prefetch {s.prefetch} -> {s.device}, augment {s.transform.augment.describe()}"
+                f"{s.repeats_note}")
 
     def notes(self) -> list[str]:
         notes = []

@@ -48,6 +48,7 @@ class LoaderSpec:
     channels_last: bool = False
     prefetch: int = 2  # batches in flight ahead of the consumer
     shuffle_window: int = 4096  # train: samples permuted together (pipeline/plan.py rule 4), about 4 ImageNet shards
+    aug_repeats: int = 1  # train: timm's --aug-repeats, each epoch reads ~1/N of the samples N times (plan rule 7)
     on_error: str = "raise"  # "raise": a bad sample stops the run naming shard and key; "skip": count, replace
     num_classes: int = IMAGENET_CLASSES  # synthetic labels
     options: object = None  # the backend's own typed options (pipeline.host.HostOptions, pipeline.dali.DaliOptions);
@@ -80,6 +81,8 @@ class LoaderSpec:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
+        if self.aug_repeats < 1:
+            raise ValueError(f"aug_repeats must be >= 1 (1 = no repeated augmentation), got {self.aug_repeats}")
         parse_augment(self.aa, self.color_jitter, self.img_size, self.mean)  # AugmentError: one line, the flag named
 
     def backend_options(self, cls):
@@ -90,6 +93,12 @@ class LoaderSpec:
         opts.validate()
         return opts
 
+    @property
+    def repeats_note(self) -> str:
+        """For a loader's describe(): the repeated augmentation, where the plan applies it (train only)."""
+        repeated = self.train and self.aug_repeats > 1
+        return f", {self.aug_repeats} augmented copies of each sample read" if repeated else ""
+
     def batches(self, steps: int) -> list[int]:
         """The rank-local batch indices this loader makes each epoch: all of them, or its part (hybrid)."""
         return list(range(steps)) if self.part is None else share_of(steps, *self.part)
@@ -97,7 +106,7 @@ class LoaderSpec:
     def planner(self, shards: list[Shard]) -> EpochPlanner:
         """The epoch/rank plan of this rank over `shards` (pipeline/plan.py)."""
         return EpochPlanner(tuple(shards), self.train, self.batch_size, self.rank, self.world_size, self.seed,
-                            self.shuffle_window, self.resumed_epoch, tuple(self.stages))
+                            self.shuffle_window, self.resumed_epoch, tuple(self.stages), self.aug_repeats)
 
 
 class Loader:

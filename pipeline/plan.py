@@ -19,6 +19,17 @@ The rule (both backends read through it, so they put the same samples in the sam
      sequence less those samples (kept in sequence order, the spans' unread tails included) is the sequence that
      the next layout splits by rules 2-4. So no sample is read twice in an epoch, and fewer than R*B samples of the
      last layout sit it out, as in rule 3.
+  7. Repeated augmentation (train, `aug_repeats` a > 1; timm's --aug-repeats, DeiT's sampler): U is the first
+     ceil(N/a) samples of the epoch's sequence (which ones changes with the shard order, as rule 3's tails do) and E
+     is U with each sample repeated a times in a row. Rank r's sequence is E's positions r, r+R, r+2R, ..., so its
+     position p is sample U[(r + p*R) // a]; every rank runs `steps = (a*|U| // R) // B` batches, its first steps*B
+     positions, which rule 4 deals out as above. So the ranks read E's first R*steps*B positions: as many samples
+     as without repeats, give or take a batch per rank, about 1/a of them distinct (E's tail, fewer than R*B
+     positions, sits out: the last few samples of U are read fewer than a times). The copies of U[i] are E
+     positions a*i .. a*i+a-1, on ranks (a*i + c) % R: each on a different rank at about the same step when a <= R
+     (when a > R some copies share a rank, as timm allows). Each copy is a batch sample of its own, with its own
+     crop and augmentation. An elastic resume (rule 6) of such an epoch is refused: it resumes only on its own
+     world size and batch size.
 """
 from __future__ import annotations
 
@@ -47,13 +58,17 @@ class Segment:
 
 @dataclass(frozen=True)
 class RankPlan:
-    """What one rank reads in one epoch: `segments` hold `num_real` samples; `steps*batch_size - num_real` padding
-    samples (label -1, val only) follow them."""
+    """What one rank reads in one epoch: `num_real` samples out of `segments`, then `steps*batch_size - num_real`
+    padding samples (label -1, val only). Rank-sequence position p is sample (offset + p*stride) // repeats of the
+    segments, concatenated: sample p, but for repeated augmentation (rule 7: repeats a, stride R, offset r % a)."""
 
     segments: tuple[Segment, ...]
     steps: int
     batch_size: int
     num_real: int
+    repeats: int = 1
+    stride: int = 1
+    offset: int = 0
 
     @functools.cached_property
     def _starts(self) -> list[int]:
@@ -65,9 +80,10 @@ class RankPlan:
 
     def locate(self, position: int) -> tuple[Shard, int]:
         """(shard, sample index in it) of rank-sequence position `position` < num_real."""
-        k = bisect.bisect_right(self._starts, position) - 1
+        index = (self.offset + position * self.stride) // self.repeats
+        k = bisect.bisect_right(self._starts, index) - 1
         seg = self.segments[k]
-        return seg.shard, seg.start + position - self._starts[k]
+        return seg.shard, seg.start + index - self._starts[k]
 
 
 def epoch_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
@@ -84,9 +100,9 @@ def rank_span(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
 
 
-def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, train: bool) -> int:
-    if train:
-        return num_samples // (world_size * batch_size)
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, train: bool, aug_repeats: int = 1) -> int:
+    if train:  # rule 7's expanded sequence: a*ceil(N/a) positions, N for a = 1
+        return aug_repeats * -(-num_samples // aug_repeats) // world_size // batch_size
     return math.ceil(math.ceil(num_samples / world_size) / batch_size)
 
 
@@ -158,17 +174,27 @@ def remaining(pieces: list[Segment], stage: Stage, *, seed: int, epoch: int, lev
 
 
 def rank_plan(shards: list[Shard], *, train: bool, batch_size: int, rank: int, world_size: int, seed: int,
-              epoch: int, stages: tuple[Stage, ...] = (), shuffle_window: int = 1) -> RankPlan:
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+              epoch: int, stages: tuple[Stage, ...] = (), shuffle_window: int = 1, aug_repeats: int = 1) -> RankPlan:
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or aug_repeats < 1:
+        raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size} / "
+                         f"aug_repeats={aug_repeats}")
+    repeats = aug_repeats if train else 1  # val reads each sample once
+    if repeats > 1 and stages:  # rule 6 would have to know which copies each stage read
+        raise ValueError(f"an epoch with repeated augmentation (aug_repeats={repeats}) resumes only on its own world "
+                         f"size and batch size")
     pieces = [Segment(s, 0, s.num_samples) for s in epoch_order(shards, seed, epoch, shuffle=train)]
     for level, stage in enumerate(stages):
         pieces = remaining(pieces, stage, seed=seed, epoch=epoch, level=level, shuffle_window=shuffle_window)
     total = sum(map(len, pieces))
-    steps = steps_per_epoch(total, batch_size, world_size, train)
+    steps = steps_per_epoch(total, batch_size, world_size, train, repeats)
     if train and steps == 0 and not stages:  # a resumed epoch's rest may be too short: it then ends at once
         raise ShardError(f"{total} train samples cannot fill one batch of {batch_size} on each of {world_size} "
                          f"ranks; lower --batch-size")
+    if repeats > 1:  # rule 7: the rank's positions draw from U[first, last), U being a prefix of the pieces
+        positions = steps * batch_size
+        first, last = rank // repeats, (rank + (positions - 1) * world_size) // repeats + 1
+        return RankPlan(tuple(_segments(pieces, first, last)), steps, batch_size, positions, repeats, world_size,
+                        rank % repeats)
     lo, hi = rank_span(total, rank, world_size)
     if train:
         hi = lo + steps * batch_size  # the span's tail sits out this epoch
@@ -211,6 +237,7 @@ class EpochPlanner:
     shuffle_window: int = 1  # train: samples permuted together, rounded up to whole batches (rule 4)
     resumed_epoch: int | None = None  # an epoch resumed on another layout, and the layouts that ran part of it
     stages: tuple[Stage, ...] = ()
+    aug_repeats: int = 1  # train: copies of each sample an epoch reads (rule 7); 1 = none
 
     def plan(self, epoch: int) -> RankPlan:
         return _cached_plan(self, epoch)
@@ -245,7 +272,7 @@ class EpochPlanner:
 def _cached_plan(planner: EpochPlanner, epoch: int) -> RankPlan:
     return rank_plan(list(planner.shards), train=planner.train, batch_size=planner.batch_size, rank=planner.rank,
                      world_size=planner.world_size, seed=planner.seed, epoch=epoch, stages=planner.stages_of(epoch),
-                     shuffle_window=planner.shuffle_window)
+                     shuffle_window=planner.shuffle_window, aug_repeats=planner.aug_repeats)
 
 
 @functools.lru_cache(maxsize=4)

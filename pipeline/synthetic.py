@@ -18,7 +18,7 @@ class SyntheticLoader(Loader):
         num = IMAGENET_SAMPLES[spec.split]
         if spec.data_path is not None:
             num = read_manifest(spec.data_path).splits[spec.split].num_samples
-        self.steps = max(1, steps_per_epoch(num, spec.batch_size, spec.world_size, spec.train))
+        self.steps = max(1, steps_per_epoch(num, spec.batch_size, spec.world_size, spec.train, spec.aug_repeats))
         g = torch.Generator().manual_seed(spec.seed + spec.rank)
         pixels = torch.randint(0, 256, (spec.batch_size, spec.img_size, spec.img_size, 3), dtype=torch.uint8,
                                generator=g)

@@ -148,6 +148,21 @@ def test_two_ranks_cover_each_train_sample_once(colour_shards):
     assert sorted(ids) == list(range(48))
 
 
+def test_repeated_augmentation_reads_a_third_of_the_samples_three_times_each_on_three_ranks(colour_shards):
+    ids = []
+    for rank in range(3):
+        with loader(colour_shards, rank=rank, world_size=3, dtype=torch.uint8, workers=1, aug_repeats=3) as l:
+            assert len(l) == 48 // 3 // 4  # U: 16 samples; E: 48 positions, 16 a rank
+            assert "3 augmented copies" in l.describe()
+            rank_ids, labels = ids_and_labels(l)
+        assert len(set(rank_ids)) == len(rank_ids) == 16, "the copies of a sample are on different ranks"
+        assert all(i // 12 == y for i, y in zip(rank_ids, labels)), "label must travel with its image"
+        ids += rank_ids
+    assert sorted(Counter(ids).values()) == [3] * 16
+    with pytest.raises(ValueError, match="aug_repeats must be >= 1"):
+        loader(colour_shards, aug_repeats=0)
+
+
 def test_val_is_exact_with_minus_one_padding(colour_shards):
     ids, labels = [], []
     for rank in (0, 1):

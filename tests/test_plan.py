@@ -1,10 +1,11 @@
 """The sample-assignment rule of pipeline/plan.py, checked on synthetic shard lists for world sizes 1..64 and worker
 counts 1..16. No files, no processes: a sample is (shard path, index in shard)."""
 import random
+from collections import Counter
 
 import pytest
 
-from pipeline.plan import EpochPlanner, RankPlan, Stage, rank_plan, worker_batches, worker_of
+from pipeline.plan import EpochPlanner, RankPlan, Stage, rank_plan, steps_per_epoch, worker_batches, worker_of
 from pipeline.shards.errors import ShardError
 from pipeline.shards.format import Shard
 
@@ -158,3 +159,135 @@ def test_the_first_layout_of_an_elastic_epoch_reads_what_it_read_before():
     assert not set(first) & set(rest)
     total = sum(s.num_samples for s in shards)
     assert total - 8 < len(first) + len(rest) <= total  # the spans' tails the first layout left out are read now
+
+
+# -- rule 7: repeated augmentation ---------------------------------------------------------------------------------
+ODD_SHARDS = [Shard(f"o{i:04d}.tar", f"o{i:04d}.idx", 2 * random.Random(i).randint(0, 20) + 1) for i in range(70)]
+
+
+def expanded(shards, repeats: int, epoch: int = 0) -> tuple[list, list]:
+    """U (the first ceil(N/a) samples of the epoch's sequence) and E (each of U `repeats` times in a row), built out
+    of the plain single-rank plan, as rule 7 defines them."""
+    sequence = samples(plans(shards, 1, 1, train=True, epoch=epoch)[0].segments)
+    unique = sequence[:-(-len(sequence) // repeats)]
+    return unique, [s for s in unique for _ in range(repeats)]
+
+
+def repeated_reads(shards, world_size, batch_size, repeats, epoch=0, seed=7, window=24) -> list[list]:
+    """Every rank's samples of one epoch, batch after batch, as (shard path, index)."""
+    out = []
+    for rank in range(world_size):
+        planner = EpochPlanner(tuple(shards), True, batch_size, rank, world_size, seed, shuffle_window=window,
+                               aug_repeats=repeats)
+        out.append([(shard.path, k) for i in range(planner.plan(epoch).steps) for shard, k in planner.batch(epoch, i)])
+    return out
+
+
+@pytest.mark.parametrize("shards, world_size, batch_size, repeats", [(SHARDS, 3, 5, 3), (SHARDS, 4, 7, 3),
+                                                                     (ODD_SHARDS, 8, 3, 3), (SHARDS, 2, 4, 4),
+                                                                     (ODD_SHARDS, 1, 6, 2),
+                                                                     ([Shard("t.tar", "t.idx", 5)], 2, 3, 3)])
+def test_repeated_rank_sequences_are_strided_positions_of_the_expanded_sequence(shards, world_size, batch_size,
+                                                                                repeats):
+    unique, ex = expanded(shards, repeats)
+    steps = len(ex) // world_size // batch_size  # 5 samples: U = 2, E = 6, one batch of 3 per rank (a plain epoch: 0)
+    for rank in range(world_size):
+        plan = rank_plan(shards, train=True, batch_size=batch_size, rank=rank, world_size=world_size, seed=7, epoch=0,
+                         aug_repeats=repeats)
+        assert plan.steps == steps == steps_per_epoch(sum(s.num_samples for s in shards), batch_size, world_size,
+                                                      True, repeats)
+        assert plan.num_real == steps * batch_size
+        read = [(shard.path, k) for shard, k in map(plan.locate, range(plan.num_real))]
+        assert read == [ex[rank + p * world_size] for p in range(plan.num_real)]
+        assert len(plan.segments) <= len(shards), "U's segments, not a segment (or list entry) per sample"
+
+
+@pytest.mark.parametrize("shards, world_size, batch_size", [(SHARDS, 3, 5), (SHARDS, 4, 7), (ODD_SHARDS, 8, 3)])
+def test_repeated_epoch_reads_each_selected_sample_three_times_on_different_ranks(shards, world_size, batch_size):
+    repeats = 3
+    unique, ex = expanded(shards, repeats)
+    reads = repeated_reads(shards, world_size, batch_size, repeats)
+    steps = {len(r) // batch_size for r in reads}
+    assert len(steps) == 1 and all(len(r) % batch_size == 0 for r in reads), "every rank runs the same steps"
+    read_positions = world_size * steps.pop() * batch_size  # E's first ones; E's tail sits out
+    counts = Counter(s for r in reads for s in r)
+    assert set(counts) <= set(unique), "a sample outside U was read"
+    for i, sample in enumerate(unique):
+        assert counts[sample] == min(repeats, max(0, read_positions - repeats * i)), f"U[{i}] read {counts[sample]}x"
+    wholly_read = read_positions // repeats
+    assert len(unique) - wholly_read <= world_size * batch_size // repeats + 1, "only U's tail is read short"
+    for r in reads:
+        assert len(r) == len(set(r)), "two copies of a sample on one rank (a <= R)"
+    plain = world_size * plans(shards, world_size, batch_size, train=True)[0].steps * batch_size
+    assert 0 <= read_positions - plain <= world_size * batch_size, "about as many samples as a plain epoch"
+    assert len(counts) < plain * 0.4, "about a third of them distinct"
+
+
+def test_copies_of_a_sample_are_read_at_about_the_same_step():
+    world_size, batch_size, repeats = 4, 5, 3
+    reads = repeated_reads(SHARDS, world_size, batch_size, repeats, window=1)  # a window of one batch
+    steps_of: dict = {}
+    for r in reads:
+        for position, sample in enumerate(r):
+            steps_of.setdefault(sample, []).append(position // batch_size)
+    assert max(max(s) - min(s) for s in steps_of.values()) <= 1
+    wide = repeated_reads(SHARDS, world_size, batch_size, repeats, window=10_000)  # one window: the whole epoch
+    assert wide != reads and sorted(map(sorted, wide)) == sorted(map(sorted, reads)), "rule 4 permutes them"
+
+
+def test_more_repeats_than_ranks_puts_copies_on_one_rank():
+    world_size, batch_size, repeats = 2, 4, 5
+    unique, ex = expanded(SHARDS, repeats)
+    reads = repeated_reads(SHARDS, world_size, batch_size, repeats)
+    read_positions = sum(map(len, reads))
+    for rank, r in enumerate(reads):
+        counts = Counter(r)
+        for i, sample in enumerate(unique):
+            expected = sum(1 for e in range(repeats * i, repeats * i + repeats) if e % world_size == rank
+                           and e < read_positions)
+            assert counts[sample] == expected
+        assert max(counts.values()) == 3  # copies 0, 2, 4 or 1, 3 of U[i] on rank (5i) % 2's and the other
+
+
+def test_repeated_plans_are_deterministic_and_new_each_epoch():
+    args = (SHARDS, 4, 6, 3)
+    first = repeated_reads(*args)
+    assert repeated_reads(*args) == first, "fresh planners, the same epoch: the same batches"
+    assert repeated_reads(*args, seed=8) != first
+    later = repeated_reads(*args, epoch=1)
+    assert set(sum(later, [])) != set(sum(first, [])), "another epoch selects another U"
+    planner = EpochPlanner(tuple(SHARDS), True, 6, 0, 4, 7, shuffle_window=24, aug_repeats=3)
+    plain = EpochPlanner(tuple(SHARDS), True, 6, 0, 4, 7, shuffle_window=24)
+    assert planner.plan(0) is planner.plan(0), "cached per planner"
+    assert planner.plan(0) != plain.plan(0) and planner.batch(0, 0) != plain.batch(0, 0)
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 8])
+def test_one_repeat_is_the_plain_plan_and_val_ignores_repeats(world_size):
+    order = samples(plans(SHARDS, 1, 1, train=True)[0].segments)
+    steps = TOTAL // (world_size * 4)
+    for rank in range(world_size):
+        plan = rank_plan(SHARDS, train=True, batch_size=4, rank=rank, world_size=world_size, seed=7, epoch=0,
+                         aug_repeats=1)
+        assert (plan.repeats, plan.stride, plan.offset, plan.steps) == (1, 1, 0, steps)
+        lo = TOTAL * rank // world_size
+        assert [(s.path, k) for s, k in map(plan.locate, range(plan.num_real))] == order[lo:lo + steps * 4]
+        val = rank_plan(SHARDS, train=False, batch_size=4, rank=rank, world_size=world_size, seed=7, epoch=0,
+                        aug_repeats=3)
+        assert val == plans(SHARDS, world_size, 4, train=False)[rank]
+
+
+def test_repeats_refuse_an_elastic_resume_and_a_too_small_split():
+    stages = (Stage(2, 4, 3),)
+    with pytest.raises(ValueError, match="resumes only on its own world size and batch size"):
+        rank_plan(SHARDS, train=True, batch_size=4, rank=0, world_size=1, seed=7, epoch=0, stages=stages,
+                  aug_repeats=3)
+    planner = EpochPlanner(tuple(SHARDS), True, 4, 0, 1, 7, resumed_epoch=2, stages=stages, aug_repeats=2)
+    with pytest.raises(ValueError, match="repeated augmentation"):
+        planner.plan(2)
+    assert planner.plan(3).steps == len(expanded(SHARDS, 2)[1]) // 4, "the other epochs are not resumed ones"
+    rank_plan(SHARDS, train=True, batch_size=4, rank=0, world_size=1, seed=7, epoch=0, stages=stages)  # a = 1: fine
+    with pytest.raises(ShardError, match="lower --batch-size"):
+        rank_plan(make_shards(2), train=True, batch_size=10_000, rank=0, world_size=2, seed=0, epoch=0, aug_repeats=3)
+    with pytest.raises(ValueError, match="aug_repeats=0"):
+        rank_plan(SHARDS, train=True, batch_size=4, rank=0, world_size=1, seed=7, epoch=0, aug_repeats=0)
