@@ -49,8 +49,7 @@ def fit(cfg: TrainConfig, trainer: Trainer, train_loader, val_loader, log, rest_
         if val_loader is not None and ((trainer.epoch + 1) % cfg.eval_freq == 0 or last_epoch):
             val_loader.set_epoch(trainer.epoch)
             acc1, _, _ = trainer.evaluate(val_loader)
-            best = trainer.best_acc1 is None or acc1 > trainer.best_acc1
-            trainer.best_acc1 = max(acc1, trainer.best_acc1 or acc1)
+            best = trainer.record_best(acc1)
         trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
         trainer.stages, trainer.epoch_steps = (), trainer.steps_per_epoch
         trainer.save_checkpoint(best=best)
@@ -77,7 +76,7 @@ def run(cfg: TrainConfig) -> None:
         state = checkpoint.load(resume_path) if resume_path is not None else None
         loaders = build_loaders(cfg, device, placement, classes)
         train_loader, val_loader = loaders
-        steps_per_epoch = len(train_loader) if train_loader is not None else 1
+        steps_per_epoch = optimizer_steps(cfg, len(train_loader)) if train_loader is not None else 1
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
         point, rest_loader = resume_layout(cfg, state, device, placement, classes, steps_per_epoch)
         loaders += (rest_loader,)
@@ -92,14 +91,16 @@ def run(cfg: TrainConfig) -> None:
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)
         handlers = stop_on_signals(trainer)
         if state is not None:
-            trainer.load_state_dict(state, point, len(rest_loader) if rest_loader is not None else steps_per_epoch)
+            trainer.load_state_dict(state, point, optimizer_steps(cfg, len(rest_loader), rest=True)
+                                    if rest_loader is not None else steps_per_epoch)
             log.print(f"resumed {resume_path}: epoch {trainer.epoch} step {trainer.step_in_epoch} "
                       f"(global {trainer.global_step})")
         else:
             seed_everything(cfg.seed + placement.rank, device)  # per-rank streams (drop path, ...) from here on
         log.print(f"{cfg.model} {classes} classes, {placement.world_size} x {device.name()}, {cfg.backend} input, "
                   f"{str(trainer.optim.amp_dtype).removeprefix('torch.')}, {steps_per_epoch} steps/epoch x "
-                  f"{cfg.batch_size} x {placement.world_size}")
+                  f"{cfg.batch_size} x {placement.world_size}"
+                  + (f" x {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else ""))
         for note in train_loader.notes() if train_loader is not None else ():
             log.print(note)
         if cfg.evaluate:
@@ -119,6 +120,17 @@ def run(cfg: TrainConfig) -> None:
                 loader.close()
         log.close()
         distributed.teardown()
+
+
+def optimizer_steps(cfg: TrainConfig, batches: int, rest: bool = False) -> int:
+    """An epoch's optimizer steps: its loader batches in groups of --grad-accum-steps (fewer than that many batches
+    at its end sit it out, as samples do that cannot fill a batch). `rest`: the rest of a resumed epoch, which may
+    be empty."""
+    steps = batches // cfg.grad_accum_steps
+    if steps == 0 and not rest:
+        raise ConfigError(f"--grad-accum-steps {cfg.grad_accum_steps}: an epoch has only {batches} batches of "
+                          f"{cfg.batch_size} per rank; lower it or --batch-size")
+    return steps
 
 
 def check_same_resume(cfg: TrainConfig, resume_path: Path | None) -> None:
@@ -164,6 +176,8 @@ def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
     summary = {"fps": fps, "fps_scope": scope, "input_wait": meter.mean_input_wait(), "best_acc1": trainer.best_acc1,
                "global_step": trainer.global_step, "epochs_done": trainer.epoch, "wall_s": wall_s,
                "skipped_samples": trainer.skipped_samples}
+    if trainer.ema is not None:
+        summary["best_ema_acc1"] = trainer.best_ema_acc1
     log.record("summary", **summary)
     log.write_json("summary.json", summary)
     if scope == "after warm-up":
@@ -171,6 +185,8 @@ def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
     else:
         log.print(f"FPS@all {fps or 0.0:.3f} ({meter.all_steps} steps, inside the {cfg.warmup_log_steps}-step warm-up)")
     best = "n/a" if trainer.best_acc1 is None else f"{trainer.best_acc1:.3f}"
+    if trainer.best_ema_acc1 is not None:
+        best += f" (EMA {trainer.best_ema_acc1:.3f})"
     log.print(f"summary: {trainer.global_step} steps, best Acc@1 {best}, wall {wall_s:.1f} s, "
               f"output {cfg.output}")
     if cfg.plots and isinstance(log, RunLog):

@@ -7,11 +7,13 @@ is itself a config dataclass (`knob(factory=DaliOptions, ...)`) contributes its 
 declared `shared=True` adds no flags: it takes the values of the top-level field of the same name (the hybrid
 backend's `dali` and `host` parts are the run's `--dali-*` and `--host-*` options). A `list[...]` field is a
 repeatable flag (None when not given). `assignments` reads `key=value,...` text by the same declarations.
+`parse_with_config_file` adds timm's `-c/--config FILE.yaml` (keys: dest names; values: defaults; flags win).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from dataclasses import fields
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -21,13 +23,16 @@ _BOOLS = {"1": True, "0": False}
 
 def knob(default=None, help: str = "", *aliases: str, choices=None, metavar=None, hidden: bool = False,
          flag: str | None = None, const=None, factory=None, shared: bool = False, required: bool = False,
-         parse=None, default_help: str | None = None):
+         parse=None, default_help: str | None = None, nargs: int | None = None):
     """A config field plus what its flag needs. `const`: the flag may be given bare, meaning this value. `shared`
     (a nested config): no flags of its own, the top-level field of the same name's values. `parse`: the flag's
     conversion of its text where the declared type is not enough (it may raise argparse.ArgumentTypeError).
-    `default_help`: what -h calls the default where the value would mislead (None standing for "not given")."""
+    `default_help`: what -h calls the default where the value would mislead (None standing for "not given").
+    `nargs`: a `list[...]` field given as that many values after one flag (`--cutmix-minmax 0.2 0.8`) rather than
+    as a repeatable flag."""
     meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar, "hidden": hidden, "flag": flag,
-            "const": const, "shared": shared, "required": required, "parse": parse, "default_help": default_help}
+            "const": const, "shared": shared, "required": required, "parse": parse, "default_help": default_help,
+            "nargs": nargs}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -80,6 +85,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", dest: str 
         type_name = _type_name(f)
         if type_name == "bool":
             kw["action"] = argparse.BooleanOptionalAction
+        elif type_name.startswith("list[") and meta.get("nargs"):
+            kw.update(nargs=meta["nargs"], type=_TYPES[type_name[len("list["):-1]])
         elif type_name.startswith("list["):
             kw.update(action="append", type=_TYPES[type_name[len("list["):-1]])
         else:
@@ -150,3 +157,143 @@ def markdown_rows(cls, prefix: str = "") -> list[str]:
         choices = f" ({'/'.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
         rows.append(f"| {names} | `{f.default}` | {f.metadata['help']}{choices} |")
     return rows
+
+
+class ConfigFileError(ValueError):
+    """A -c/--config file that cannot be used; the message is one line naming the file."""
+
+
+def config_action(parser: argparse.ArgumentParser) -> argparse.Action:
+    """The parser's `--config` option, added as `-c/--config FILE` where it has none (so -h lists it). A config
+    dataclass may declare it itself (`config: str = knob(None, "...", "-c")`): then the path lands in the config."""
+    found = next((a for a in parser._actions if "--config" in a.option_strings), None)
+    return found or parser.add_argument(
+        "-c", "--config", metavar="FILE", help="YAML file of defaults, as timm's train.py -c: keys are the options' "
+        "dest names (batch_size: 128, host_timeout_s: 60), values their defaults; flags given on the command line win")
+
+
+def parse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)` with the YAML file of `-c/--config FILE` (anywhere in argv) as the defaults, the
+    command line winning; the namespace's `config` (the option's dest) is the file's path, or None. A file that
+    cannot be used is a usage error (`parser.error`, exit 2) naming it; see `config_file_defaults`."""
+    action = config_action(parser)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev, exit_on_error=False)
+    pre.add_argument(*action.option_strings, dest="path")
+    try:
+        path = pre.parse_known_args(argv)[0].path
+    except argparse.ArgumentError:  # e.g. a bare -c: the parser below says so in its own words
+        path = None
+    defaults = {}
+    if path is not None:
+        try:
+            defaults = config_file_defaults(parser, path, skip=action)
+        except ConfigFileError as e:
+            parser.error(str(e))
+    # argparse appends a repeated flag's values to its default: the command line's list is to replace the file's.
+    lists = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)} & defaults.keys()
+    parser.set_defaults(**{dest: None if dest in lists else value for dest, value in defaults.items()})
+    for a in parser._actions:
+        a.required = a.required and a.dest not in defaults  # the file gave it
+    namespace = parser.parse_args(argv)
+    for dest in lists:
+        if getattr(namespace, dest) is None:
+            setattr(namespace, dest, defaults[dest])
+    return namespace
+
+
+def config_file_defaults(parser: argparse.ArgumentParser, path: str, skip: argparse.Action | None = None) -> dict:
+    """{dest: default} from a YAML mapping whose keys name the parser's options: a dest (`host.timeout_s`) or a long
+    flag with underscores for dashes (`host_timeout_s`, aliases such as `learning_rate`, `no_x` = x false). Values
+    convert as the flag's text would (PyYAML reads 1e-3 as a string), lists for nargs/repeatable options, real
+    booleans for switches, choices checked; null leaves the default. Raises ConfigFileError naming the file."""
+    import yaml  # here: only a run given -c needs PyYAML
+
+    where = f"--config {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeError) as e:
+        raise ConfigFileError(f"{where}: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigFileError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:  # an empty file sets nothing
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{where}: the top level must be a mapping of option names to values (batch_size: 128), "
+                              f"got a {type(data).__name__}")
+    options = _options_by_key(parser, skip)
+    defaults, set_by = {}, {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in options:
+            close = difflib.get_close_matches(key, [k for k in options if "-" not in k], n=1)
+            raise ConfigFileError(f"{where}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        action, negated = options[key]
+        if action.dest in set_by:
+            raise ConfigFileError(f"{where}: {set_by[action.dest]} and {key} set the same option")
+        set_by[action.dest] = key
+        try:
+            default = _yaml_value(action, value, negated)
+        except ValueError as e:
+            raise ConfigFileError(f"{where}: {key} {e}, got {value!r}") from None
+        if default is not None:  # null, or a store_const switch set false: the option's own default
+            defaults[action.dest] = default
+    return defaults
+
+
+def _options_by_key(parser: argparse.ArgumentParser, skip) -> dict:
+    """YAML key -> (action, whether the key is a boolean's --no- spelling)."""
+    options = {}
+    for action in parser._actions:
+        switch = isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction))
+        if action is skip or (action.nargs == 0 and not switch):
+            continue  # -h, --version, counters: nothing a file sets
+        options.setdefault(action.dest, (action, False))
+        for flag in (f[2:] for f in action.option_strings if f.startswith("--")):
+            negated = isinstance(action, argparse.BooleanOptionalAction) and flag.startswith("no-") \
+                and f"--{flag[3:]}" in action.option_strings  # not a field that is itself named no_...
+            options[flag] = options[flag.replace("-", "_")] = (action, negated)
+    return options
+
+
+_YAML_TAKES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
+def _yaml_value(action: argparse.Action, value, negated: bool):
+    """A YAML value as the action's default; ValueError saying what the option takes where it does not fit."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # a switch: YAML true/false only, not a word or number that might mean one
+        if not isinstance(value, bool):
+            raise ValueError("takes true or false")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return value != negated
+        return action.const if value else None
+    one, many = _YAML_TAKES.get(action.type, ("a value", "values"))
+    if action.nargs in (None, "?") and not isinstance(action, argparse._AppendAction):
+        _yaml_item(action, value, one)
+        # A string default is converted by argparse itself, as the flag's text would be (once, not twice).
+        return str(value) if action.type else value
+    count = action.nargs if isinstance(action.nargs, int) else None
+    if not isinstance(value, list) or len(value) != (count or len(value)) or (action.nargs == "+" and not value):
+        size = f"{count} " if count else "one or more " if action.nargs == "+" else ""
+        raise ValueError(f"takes a list of {size}{many}")
+    return [_yaml_item(action, item, one) for item in value]
+
+
+def _yaml_item(action: argparse.Action, value, one: str):
+    if isinstance(value, bool):  # YAML 1.1 reads unquoted yes/no/on/off as booleans: no word, no number
+        raise ValueError(f"takes {one}, not a boolean (quote the word)")
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"takes {one}")
+    try:
+        item = action.type(str(value)) if action.type else value
+    except argparse.ArgumentTypeError as e:  # the flag's own words (knob's `parse`)
+        raise ValueError(str(e)) from None
+    except (TypeError, ValueError):
+        raise ValueError(f"takes {one}") from None
+    if action.choices is not None and item not in action.choices:
+        raise ValueError(f"takes one of {', '.join(map(str, action.choices))}")
+    return item

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.cli import add_flags, assignments, from_args, knob, markdown_rows
+from pipeline.cli import add_flags, assignments, from_args, knob, markdown_rows, parse_with_config_file
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,119 @@ def test_assignments_convert_by_declared_type():
     for text, message in bad.items():
         with pytest.raises(ValueError, match="^" + re.escape(message)):
             assignments(text, Opts, More)
+
+
+def exclaim(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text + "!"  # not idempotent: a value converted twice would show
+
+
+@dataclass
+class Recipe:
+    src: str = knob(None, "a source", required=True, parse=exclaim)
+    lr: float = knob(0.1, "a rate", "--learning-rate")
+    epochs: int = knob(3, "epochs")
+    ema: bool = knob(True, "a switch")
+    sched: str = knob("cos", "a schedule", choices=("cos", "step"))
+    minmax: list[float] | None = knob(None, "repeatable")
+    inner: Inner = knob(help="nested", factory=Inner)
+
+
+def recipe_parser():
+    parser = argparse.ArgumentParser(prog="x")
+    add_flags(parser, Recipe)
+    parser.add_argument("--crop", nargs=2, type=int, default=None)
+    return parser
+
+
+def from_file(tmp_path, text, *argv):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    ns = parse_with_config_file(recipe_parser(), [*argv, "-c", str(path)])
+    return from_args(Recipe, vars(ns)), ns
+
+
+def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path):
+    text = "src: a\nlr: 1e-3\nepochs: 5\nema: false\nsched: step\nminmax: [0.2, 0.8]\ninner_load: 1\ncrop: [3, 4]\n"
+    cfg, ns = from_file(tmp_path, text)  # src: the file satisfies a required flag; 1e-3: a string to PyYAML
+    assert cfg == Recipe("a!", 0.001, 5, False, "step", [0.2, 0.8], Inner(1.0, False)) and ns.crop == [3, 4]
+    assert ns.config == str(tmp_path / "run.yaml")
+    cfg, ns = from_file(tmp_path, text, "--epochs", "9", "--ema", "--minmax", "0.5", "--crop", "1", "2")
+    assert (cfg.epochs, cfg.ema, cfg.minmax, ns.crop, cfg.lr) == (9, True, [0.5], [1, 2], 0.001)
+    assert from_file(tmp_path, "src: a\nlr: null\n")[0].lr == 0.1  # null: the default
+    assert from_file(tmp_path, "", "--src", "b")[0] == Recipe("b!")  # an empty file sets nothing
+
+
+def test_config_file_keys_take_dests_aliases_and_no_spellings(tmp_path):
+    cfg, _ = from_file(tmp_path, "src: a\nlearning_rate: 0.5\ninner.fast: true\nno_ema: true\ninner-load: 2\n")
+    assert (cfg.lr, cfg.inner, cfg.ema) == (0.5, Inner(2.0, True), False)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epoch: 1", "unknown key 'epoch' (did you mean 'epochs'?)"),
+    ("zzz: 1", "unknown key 'zzz'"),
+    ("ema: maybe", "ema takes true or false, got 'maybe'"),
+    ("ema: 1", "ema takes true or false, got 1"),
+    ("epochs: 2.5", "epochs takes an integer, got 2.5"),
+    ("src: off", "src takes a value, not a boolean (quote the word), got False"),  # YAML 1.1: off is a boolean
+    ("lr: fast", "lr takes a number, got 'fast'"),
+    ("sched: linear", "sched takes one of cos, step, got 'linear'"),
+    ("crop: [1, 2, 3]", "crop takes a list of 2 integers, got [1, 2, 3]"),
+    ("minmax: 0.5", "minmax takes a list of numbers, got 0.5"),
+    ("src: ''", "src must not be empty, got ''"),
+    ("lr: 1\nlearning_rate: 2", "lr and learning_rate set the same option"),
+    ("lr: [1", "not valid YAML at line 1, column 7: expected ',' or ']', but got '<stream end>'"),
+    ("- lr", "the top level must be a mapping of option names to values (batch_size: 128), got a list"),
+])
+def test_config_file_errors_are_one_line_naming_file_and_key(tmp_path, capsys, text, message):
+    with pytest.raises(SystemExit) as e:
+        from_file(tmp_path, text, "--src", "a")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"x: error: --config {tmp_path / 'run.yaml'}: {message}"
+
+
+def test_config_file_missing_or_not_given(tmp_path, capsys):
+    for argv in (["--config", str(tmp_path / "none.yaml")], ["--src", "a", "-c"]):
+        with pytest.raises(SystemExit):
+            parse_with_config_file(recipe_parser(), argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("x: error:")]
+    assert err == [f"x: error: --config {tmp_path / 'none.yaml'}: No such file or directory",
+                   "x: error: argument -c/--config: expected one argument"]
+    assert parse_with_config_file(recipe_parser(), ["--src", "a"]).config is None
+    with pytest.raises(SystemExit):
+        parse_with_config_file(recipe_parser(), ["-h"])
+    assert "-c FILE, --config FILE" in capsys.readouterr().out
+
+
+@dataclass
+class Logged:
+    config: str | None = knob(None, "the run's YAML file", "-c")
+    size: int = knob(1, "a count")
+
+
+def test_a_declared_config_field_is_the_option_and_records_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("size: 4\n")
+    parser = argparse.ArgumentParser(prog="x")
+    add_flags(parser, Logged)
+    assert from_args(Logged, vars(parse_with_config_file(parser, [f"--config={tmp_path / 'a.yaml'}"]))) \
+        == Logged(str(tmp_path / "a.yaml"), 4)
+
+
+def test_config_file_with_train_py_flags(tmp_path, capsys):
+    from trainlib.config import TrainConfig, build_parser
+
+    path = tmp_path / "vit.yaml"
+    path.write_text("backend: synthetic\nbatch_size: 128\nlearning_rate: 1e-3\nmodel_ema: true\n"
+                    "aa: rand-m9-mstd0.5-inc1\ncutmix_minmax: [0.2, 0.8]\nhost_timeout_s: 60\nno_pixel_input: true\n"
+                    "amp: bf16\n")
+    cfg = from_args(TrainConfig, vars(parse_with_config_file(build_parser(), ["-c", str(path), "-b", "64"])))
+    assert (cfg.batch_size, cfg.lr, cfg.model_ema, cfg.aa, cfg.cutmix_minmax, cfg.host.timeout_s, cfg.pixel_input,
+            cfg.amp, cfg.backend) == (64, 0.001, True, "rand-m9-mstd0.5-inc1", [0.2, 0.8], 60.0, False, "bf16",
+                                      "synthetic")
+    assert from_args(TrainConfig, vars(parse_with_config_file(build_parser(), ["-c", str(path), "--no-amp"]))).amp \
+        == "fp32"
+    path.write_text("batchsize: 128\n")
+    with pytest.raises(SystemExit):
+        parse_with_config_file(build_parser(), ["-c", str(path)])
+    assert capsys.readouterr().err.endswith(f"--config {path}: unknown key 'batchsize' (did you mean 'batch_size'?)\n")

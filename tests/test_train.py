@@ -60,14 +60,14 @@ def test_learns_far_above_chance(sample_shards, tmp_path, capsys):
 
 def crash_at_step(monkeypatch, n: int) -> None:
     """Make the n-th training step of this process raise, as a crash would."""
-    real_step, calls = Trainer.step, []
+    real_step, calls = Trainer.step_on, []
 
-    def step(self, images, labels):
+    def step_on(self, batches):
         calls.append(1)
         if len(calls) == n:
             raise RuntimeError(f"simulated crash at step {n}")
-        return real_step(self, images, labels)
-    monkeypatch.setattr(Trainer, "step", step)
+        return real_step(self, batches)
+    monkeypatch.setattr(Trainer, "step_on", step_on)
 
 
 def test_resume_after_crash_continues_exactly(sample_shards, tmp_path, monkeypatch):
@@ -479,3 +479,75 @@ def test_kill_9_of_a_rank_restarts_under_torchrun_and_ends_as_an_uninterrupted_r
     assert ours["global_step"] == theirs["global_step"] == 12
     for name, weight in theirs["model"].items():
         assert torch.allclose(ours["model"][name], weight, rtol=0, atol=1e-6), name
+
+
+RECIPE = ["--mixup", "0.8", "--cutmix", "1.0", "--mixup-mode", "elem", "--reprob", "0.5", "--recount", "2",
+          "--model-ema", "--model-ema-decay", "0.9", "--layer-decay", "0.75", "--grad-accum-steps", "2"]
+
+
+def test_a_recipe_run_resumes_exactly(sample_shards, tmp_path, monkeypatch):
+    """Mixup, cutmix, erasing and EMA draw or keep state every step: equal losses and EMA weights after a crash and
+    resume prove their streams and averages were saved and restored."""
+    common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "4", "--epochs", "2", "--eval-freq", "1",
+              "-p", "1", *RECIPE]
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    run_ok([*common, "--output", str(ref)])
+    # 12 batches of 4 per epoch, 2 per optimizer step: 6 steps; a checkpoint at step 4, a crash in step 5.
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 5)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main([*common, "--output", str(crashed), "--save-steps", "2"])
+    assert checkpoint.load(crashed / "last.pth")["global_step"] == 4
+    run_ok([*common, "--output", str(crashed), "--resume", "auto"])
+    expected = {r["global_step"]: r for r in metrics(ref, "train")}
+    resumed = metrics(crashed, "train")[-8:]
+    assert [r["global_step"] for r in resumed] == list(range(5, 13))
+    for r in resumed:
+        assert r["loss"] == pytest.approx(expected[r["global_step"]]["loss"], rel=1e-5, abs=1e-6)
+    want, got = checkpoint.load(ref / "last.pth"), checkpoint.load(crashed / "last.pth")
+    for key, value in want["model_ema"].items():
+        torch.testing.assert_close(got["model_ema"][key], value, rtol=0, atol=1e-6)
+    assert not all(torch.equal(want["model"][k], v) for k, v in want["model_ema"].items())  # an average, not a copy
+    evals = metrics(ref, "eval")
+    summary = json.loads((ref / "summary.json").read_text())
+    assert summary["best_ema_acc1"] == max(r["ema_acc1"] for r in evals)
+    assert summary["best_acc1"] == max(r["acc1"] for r in evals)
+    best = max(range(len(evals)), key=lambda i: (evals[i]["ema_acc1"], -i))  # best.pth: the EMA's best epoch
+    assert checkpoint.load(ref / "best.pth")["epoch"] == evals[best]["epoch"] + 1
+
+
+def test_the_ema_is_the_moving_average_of_the_weights():
+    from trainlib import distributed
+    from trainlib.build import build_trainer
+    from trainlib.config import TrainConfig
+    from trainlib.runlog import QuietLog
+
+    cfg = TrainConfig(model="test_vit", img_size=32, device="cpu", backend="synthetic", model_ema=True,
+                      model_ema_decay=0.8, drop_path=0.0)
+    trainer = build_trainer(cfg, devices.resolve_device("cpu"), distributed.placement(cfg), QuietLog(),
+                            steps_per_epoch=10, classes=5)
+    reference = None
+    for step in range(4):
+        trainer.step(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+        trainer.global_step += 1
+        weights = {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
+        # timm's rule: the first update copies the weights, then ema = d * ema + (1 - d) * weights
+        reference = weights if reference is None else {k: 0.8 * reference[k] + 0.2 * w for k, w in weights.items()}
+    for key, value in trainer.ema.module.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-7)
+
+
+def test_two_ranks_accumulate_and_repeat_samples(sample_shards, tmp_path):
+    """DDP with --grad-accum-steps (no all-reduce on the first micro-batch) and --aug-repeats across two ranks."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *TINY, "--data_path", str(sample_shards), "--epochs", "1", "-p", "1",
+           "--batch-size", "4", "--grad-accum-steps", "2", "--aug-repeats", "2", "--mixup", "0.5",
+           "--output", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 x 1 x 2 micro-batches" not in proc.stdout and "x 4 x 2 x 2 micro-batches" in proc.stdout
+    # 48 samples: 24 of them twice, on 2 ranks, 6 batches of 4 each, 2 per optimizer step.
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 3
+    assert metrics(out, "eval")[-1]["samples"] == 16

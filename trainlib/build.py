@@ -7,15 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 
 from model import build_model, flops_per_image, fp8_supported, model_defaults, use_fp8, use_pixel_input
 from pipeline.backends import build_loader, get_backend, options_from
 from pipeline.loader import IMAGENET_CLASSES
 from pipeline.shards.format import num_classes, read_manifest
+from trainlib.batch_augment import BatchAugment
 from trainlib.config import ConfigError, TrainConfig
 from trainlib.distributed import Placement
 from trainlib.engine import Trainer
-from trainlib.optim import OptimStep, build_optimizer, build_scheduler
+from trainlib.optim import OptimStep, build_loss, build_optimizer, build_scheduler
 
 
 def class_count(cfg: TrainConfig) -> int:
@@ -62,13 +64,14 @@ def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: i
     if instead:
         args.update(backend=instead, options=options_from(cfg, instead))
     return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
-                                 **args)
+                        aug_repeats=max(1, cfg.aug_repeats), **args)
 
 
 def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
     """(train loader or None under --evaluate, val loader or None without evaluation) for this rank."""
     common = loader_args(cfg, device, placement, classes)
-    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size, **common)
+    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size,
+                                                   aug_repeats=max(1, cfg.aug_repeats), **common)
     val = None
     if cfg.evaluate or cfg.eval_freq:
         val = build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size, **common)
@@ -114,20 +117,27 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
                   classes: int) -> Trainer:
     seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
     raw_model = build_model_for(cfg, device, classes)
-    model = raw_model
+    # Before DDP and compile wrap it: the average is of the bare module's weights, the same on every rank.
+    ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
+    model = ddp = raw_model
     if placement.world_size > 1:
         ids = [device.index] if device.index is not None else None
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids, find_unused_parameters=False)
+        model = ddp = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids,
+                                                                find_unused_parameters=False)
     if cfg.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(cfg, raw_model, device)
+    defaults = model_defaults(cfg.model)
+    augment = BatchAugment.from_config(cfg, num_classes=classes, mean=defaults["mean"], std=defaults["std"],
+                                       pixels=cfg.pixel_input, seed=cfg.seed + placement.rank)
     optim = OptimStep(model=model, raw_model=raw_model, optimizer=optimizer,
                       scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=device,
-                      amp_dtype=device.amp_dtype(cfg.amp), label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad)
+                      amp_dtype=device.amp_dtype(cfg.amp), clip_grad=cfg.clip_grad, loss_fn=build_loss(cfg),
+                      batch_augment=augment, no_sync=ddp.no_sync if ddp is not raw_model else None)
     try:
         flops = flops_per_image(raw_model, cfg.img_size)
     except TypeError:
         flops = None  # not a ViT: MFU is left out
     return Trainer(cfg, raw_model=raw_model, model=model, optim=optim, device=device, log=log, placement=placement,
                    steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops,
-                   train_samples=train_samples(cfg))
+                   train_samples=train_samples(cfg), ema=ema)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pipeline.backends import BACKENDS, SUMMARY, WITH_OPTIONS, get_backend, options_from
 from pipeline.augment import AA_FLAG_HELP, COLOR_JITTER_FLAG_HELP, AugmentError, parse as parse_augment
-from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows, plain
+from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows, parse_with_config_file, plain
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
@@ -30,6 +30,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    config: str = knob(None, "YAML file of defaults (timm's train.py -c): its keys are the flags' names with "
+                             "underscores (batch_size: 128, model_ema: true); flags on the command line win",
+                       "-c", metavar="FILE")
     # data
     data_path: str = knob(None, "shard folder written by tools/make_shards.py (synthetic backend: optional)",
                           "--data-path", flag="--data_path")
@@ -41,6 +44,12 @@ class TrainConfig:
     img_size: int = knob(224, "train/eval resolution")
     aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
     color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
+    reprob: float = knob(0.0, "random erasing: the probability per train sample (timm's RandomErasing, on the device)")
+    remode: str = knob("pixel", "random erasing fill: per-pixel normal noise, a normal colour per box, or the mean "
+                                "(0 after normalization)", choices=("pixel", "rand", "const"))
+    recount: int = knob(1, "random erasing: up to this many boxes per erased sample (the count drawn in 1..N)")
+    aug_repeats: int = knob(0, "repeated augmentation (DeiT): each epoch takes 1/N of the samples, N copies each, "
+                               "the copies on different ranks (pipeline/plan.py rule 7); 0 or 1 = off")
     num_classes: int = knob(0, "classifier width; 0 = the shards' class count (synthetic without data: "
                                f"{IMAGENET_CLASSES})")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",
@@ -69,7 +78,31 @@ class TrainConfig:
     warmup_epochs: float = knob(1.0, "linear LR warm-up length in epochs")
     warmup_steps: int = knob(0, "linear LR warm-up length in steps; > 0 overrides --warmup-epochs")
     min_lr: float = knob(1e-6, "LR at the end of the cosine decay")
-    label_smoothing: float = knob(0.1, "cross-entropy label smoothing")
+    label_smoothing: float = knob(0.1, "label smoothing (folded into the mixed targets under --mixup/--cutmix)",
+                                  "--smoothing")
+    mixup: float = knob(0.0, "mixup alpha; mixup is on when > 0 (batch augmentation on the device, timm's Mixup)")
+    cutmix: float = knob(0.0, "cutmix alpha; cutmix is on when > 0")
+    cutmix_minmax: list[float] = knob(None, "cutmix box sides as fractions of the image, drawn in [LO, HI); turns "
+                                            "cutmix on with alpha 1 and overrides --cutmix", metavar=("LO", "HI"),
+                                      nargs=2)
+    mixup_prob: float = knob(1.0, "probability of mixing a batch (or a sample or pair, see --mixup-mode)")
+    mixup_switch_prob: float = knob(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = knob("batch", "one draw for the batch, per pair of samples, or per sample",
+                           choices=("batch", "pair", "elem"))
+    mixup_off_epoch: int = knob(0, "turn mixup/cutmix off from this epoch on; 0 = never")
+    bce_loss: bool = knob(False, "binary cross-entropy on the (mixed, smoothed) targets instead of softmax "
+                                 "cross-entropy (timm's BinaryCrossEntropy)")
+    bce_sum: bool = knob(False, "--bce-loss: sum over classes (mean over the batch)")
+    bce_target_thresh: float = knob(None, "--bce-loss: binarize the targets at this threshold")
+    model_ema: bool = knob(False, "keep an exponential moving average of the weights (timm's ModelEmaV3: one fused "
+                                  "foreach lerp per step), evaluated beside them; best.pth by its Acc@1")
+    model_ema_decay: float = knob(0.9998, "EMA decay per optimizer step")
+    model_ema_warmup: bool = knob(False, "ramp the EMA decay up from 0 (timm's warm-up: 1 - (1 + step)^-2/3, "
+                                         "capped at --model-ema-decay)")
+    layer_decay: float = knob(None, "layer-wise LR decay (BEiT/MAE fine-tuning): layer i of L gets LR x "
+                                    "DECAY^(L-i), timm's ViT groups")
+    grad_accum_steps: int = knob(1, "micro-batches per optimizer step (DDP syncs on the last); the global batch is "
+                                    "--batch-size x ranks x N, the LR schedule counts optimizer steps")
     clip_grad: float = knob(1.0, "clip the global gradient norm to this; 0 = off")
     amp: str = knob("auto", "precision: auto (bf16 where supported, else fp16; fp32 on CPU), bf16, fp16, fp32; "
                             "bare --amp = auto (the seed's switch), --no-amp = fp32", choices=AMP_MODES, const="auto")
@@ -109,13 +142,14 @@ class TrainConfig:
 
         if not timm.is_model(self.model):
             raise ConfigError(f"--model {self.model}: not a timm model name (e.g. vit_base_patch32_224)")
-        positive = ("workers", "img_size", "batch_size", "epochs", "print_freq")
+        positive = ("workers", "img_size", "batch_size", "epochs", "print_freq", "recount", "grad_accum_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_classes", "val_batch_size", "max_steps", "steps_per_epoch", "eval_freq", "save_steps",
                      "warmup_steps", "warmup_log_steps", "nproc_per_node", "lr", "weight_decay", "clip_grad",
-                     "warmup_epochs", "drop_path", "min_lr", "dist_timeout"):
+                     "warmup_epochs", "drop_path", "min_lr", "dist_timeout", "mixup", "cutmix", "aug_repeats",
+                     "mixup_off_epoch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         try:
@@ -124,6 +158,7 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        self.validate_recipe()
         for name in WITH_OPTIONS:  # each backend's own rule for its options (DALI itself is not imported)
             try:
                 getattr(self, name).validate()
@@ -142,6 +177,30 @@ class TrainConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
                               "(or pip install tensorboard)")
+
+    def validate_recipe(self) -> None:
+        """The batch augmentation, EMA and optimizer-recipe flags (timm's names and ranges)."""
+        for name in ("reprob", "mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{flag_name(name)} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.cutmix_minmax is not None:
+            lo, hi = self.cutmix_minmax
+            if not 0 <= lo < hi <= 1:
+                raise ConfigError(f"--cutmix-minmax {lo} {hi}: give 0 <= LO < HI <= 1 (fractions of the image side)")
+        if self.mixing and self.batch_size % 2:
+            raise ConfigError(f"--mixup/--cutmix pair each sample with the batch's mirror image: --batch-size must be "
+                              f"even, got {self.batch_size}")
+        if not 0 <= self.model_ema_decay < 1:
+            raise ConfigError(f"--model-ema-decay must be in [0, 1), got {self.model_ema_decay}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.bce_target_thresh is not None and not 0 < self.bce_target_thresh < 1:
+            raise ConfigError(f"--bce-target-thresh must be in (0, 1), got {self.bce_target_thresh}")
+
+    @property
+    def mixing(self) -> bool:
+        """Mixup or cutmix is on (timm's `mixup_active`)."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
     def backend_options(self):
         """What `pipeline.build_loader(options=...)` takes for this run's backend."""
@@ -168,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags -> a validated TrainConfig. Unknown flags and bad values exit with argparse's usage line (status 2)."""
+    """Flags (and a -c/--config YAML file of defaults, timm's form) -> a validated TrainConfig. Unknown flags, bad
+    values and an unusable file exit with argparse's usage line (status 2)."""
     parser = build_parser()
-    cfg = from_args(TrainConfig, vars(parser.parse_args(argv)))
+    cfg = from_args(TrainConfig, vars(parse_with_config_file(parser, argv)))
     try:
         cfg.validate()
     except ConfigError as e:

@@ -16,7 +16,7 @@ from model import TRAIN_FLOPS_FACTOR
 from pipeline import timed
 from trainlib import checkpoint, distributed
 from trainlib.config import TrainConfig
-from trainlib.evaluate import exact_accuracy
+from trainlib.evaluate import exact_accuracies
 from trainlib.metrics import Throughput
 from trainlib.optim import OptimStep
 from trainlib.resume import ResumePoint, schedule_position
@@ -76,9 +76,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, raw_model, model, optim: OptimStep, device, log, placement,
                  steps_per_epoch: int, num_classes: int, flops_per_image: float | None,
-                 train_samples: int | None = None):
+                 train_samples: int | None = None, ema=None):
         # raw_model: the bare module (checkpoints); model: what runs the step and evaluation (DDP and/or compiled).
         self.cfg, self.raw_model, self.model, self.optim, self.device = cfg, raw_model, model, optim, device
+        self.ema = ema  # timm's ModelEmaV3 of raw_model (--model-ema), or None
+        self.best_ema_acc1 = self.ema_acc1 = None
+        self.accum = cfg.grad_accum_steps  # loader batches per optimizer step
         self.log, self.placement, self.num_classes = log, placement, num_classes
         self.steps_per_epoch, self.train_samples = steps_per_epoch, train_samples
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
@@ -87,7 +90,7 @@ class Trainer:
         self.skipped_samples = 0  # --on-error skip: samples replaced, all ranks, train and val
         self.loss = LossWindow(device.device, checked=not optim.scaler.is_enabled())
         self.stop_signal: str | None = None  # set by a signal handler (train.py): stop at the next agreed boundary
-        self.meter = Throughput(device, cfg.batch_size * placement.world_size, cfg.warmup_log_steps)
+        self.meter = Throughput(device, cfg.batch_size * placement.world_size * self.accum, cfg.warmup_log_steps)
         peak = device.peak_flops(optim.amp_dtype)
         self.train_flops_per_s_peak = peak * placement.world_size if peak and flops_per_image else None
         self.train_flops_per_image = TRAIN_FLOPS_FACTOR * flops_per_image if flops_per_image else None
@@ -95,7 +98,15 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step; the loss, detached. The benchmarks (trainlib.bench.steps) time this call as
         train.py's."""
-        return self.optim(images, labels)
+        return self.step_on([(images, labels)])
+
+    def step_on(self, batches) -> torch.Tensor:
+        """One optimizer step over --grad-accum-steps micro-batches, then the EMA's update (one fused foreach lerp
+        over the weights, every step, on each rank's own copy: no communication)."""
+        loss = self.optim.accumulate(batches)
+        if self.ema is not None:
+            self.ema.update(self.raw_model, step=self.global_step + 1)
+        return loss
 
     # -- the epoch loop ------------------------------------------------------------------------------------------
 
@@ -104,15 +115,21 @@ class Trainer:
         re-entered from its start and the finished steps are drawn and dropped: the loader yields the same batches in
         the same order, at the cost of reading them again."""
         skipped_before = dict(loader.skipped_shards)
+        if self.optim.batch_augment is not None:
+            self.optim.batch_augment.set_epoch(self.epoch)  # --mixup-off-epoch
         batches = iter(loader)
-        for _ in range(self.step_in_epoch):
+        for _ in range(self.step_in_epoch * self.accum):
             next(batches)
         self.meter.start()
         self.loss.reset()
         waits = timed(batches)
         while self.step_in_epoch < self.epoch_steps and not self.reached_max_steps():
-            (images, labels), wait_s = next(waits)
-            logged = self.train_batch(images, labels, wait_s)
+            group, wait_s = [], 0.0
+            for _ in range(self.accum):
+                batch, wait = next(waits)
+                group.append(batch)
+                wait_s += wait
+            logged = self.train_batch(group, wait_s)
             save_steps = self.cfg.save_steps
             if save_steps and self.global_step % save_steps == 0 and self.step_in_epoch < self.epoch_steps:
                 self.save_checkpoint()
@@ -121,11 +138,11 @@ class Trainer:
         self.meter.pause()
         self.report_skipped(loader, skipped_before, "train")
 
-    def train_batch(self, images: torch.Tensor, labels: torch.Tensor, wait_s: float) -> bool:
-        """One step on a batch that took `wait_s` to arrive, counted and logged; whether it ended a log interval
-        (every --print-freq steps and at the epoch's end)."""
+    def train_batch(self, batches, wait_s: float) -> bool:
+        """One step on micro-batches that took `wait_s` to arrive, counted and logged; whether it ended a log
+        interval (every --print-freq steps and at the epoch's end)."""
         lr = self.optim.lr  # the rate this step uses (the scheduler moves it after)
-        self.loss.add(self.step(images, labels))
+        self.loss.add(self.step_on(batches))
         self.meter.step(wait_s)  # after the step: an interval that counts it also times its compute
         self.step_in_epoch, self.global_step = self.step_in_epoch + 1, self.global_step + 1
         logged = self.step_in_epoch % self.cfg.print_freq == 0 or self.step_in_epoch == self.epoch_steps
@@ -176,15 +193,34 @@ class Trainer:
         self.log.print(line)
 
     def evaluate(self, loader) -> tuple[float, float, int]:
-        """Exact Acc@1 / Acc@5 over the whole val split (trainlib.evaluate), printed and recorded."""
+        """Exact Acc@1 / Acc@5 over the whole val split (trainlib.evaluate), printed and recorded; with --model-ema
+        the EMA weights' too, in the same pass (`self.ema_acc1`)."""
         skipped_before = dict(loader.skipped_shards)
         t0 = time.perf_counter()
-        acc1, acc5, n = exact_accuracy(self.model, loader, self.device, self.optim.amp_dtype, self.num_classes)
+        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        results = exact_accuracies(models, loader, self.device, self.optim.amp_dtype, self.num_classes)
+        (acc1, acc5, n), ema = results[0], results[1] if len(results) > 1 else None
         self.report_skipped(loader, skipped_before, "val")
         self.log.print(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+        extra = {}
+        if ema is not None:
+            self.ema_acc1 = ema[0]
+            self.log.print(f"   EMA Acc@1 {ema[0]:.3f} Acc@5 {ema[1]:.3f}")
+            extra = {"ema_acc1": ema[0], "ema_acc5": ema[1]}
         self.log.record("eval", epoch=self.epoch, global_step=self.global_step, acc1=acc1, acc5=acc5, samples=n,
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, **extra)
         return acc1, acc5, n
+
+    def record_best(self, acc1: float) -> bool:
+        """Keep the best Acc@1 (and EMA Acc@1) so far; whether this evaluation makes best.pth: by the EMA's Acc@1
+        under --model-ema (timm's rule), else by Acc@1."""
+        new_best = self.best_acc1 is None or acc1 > self.best_acc1
+        self.best_acc1 = max(acc1, self.best_acc1 or acc1)
+        if self.ema is None:
+            return new_best
+        new_best = self.best_ema_acc1 is None or self.ema_acc1 > self.best_ema_acc1
+        self.best_ema_acc1 = max(self.ema_acc1, self.best_ema_acc1 or self.ema_acc1)
+        return new_best
 
     def report_skipped(self, loader, before: dict[str, int], split: str) -> None:
         """Samples `loader` skipped since `before` (--on-error skip), summed over ranks (a collective): printed,
@@ -210,6 +246,8 @@ class Trainer:
         return {"model": self.raw_model.state_dict(), **self.optim.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_acc1": self.best_acc1, "world_size": self.placement.world_size, "config": self.cfg.to_dict(),
+                "best_ema_acc1": self.best_ema_acc1, "grad_accum_steps": self.accum,
+                **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}),
                 "skipped_samples": self.skipped_samples, "steps_per_epoch": self.steps_per_epoch,
                 "batch_size": self.cfg.batch_size, "train_samples": self.train_samples,
                 "epoch_stages": [[s.world_size, s.batch_size, s.steps_done] for s in self.stages]}
@@ -220,7 +258,9 @@ class Trainer:
             return
         self.meter.pause()  # checkpoint writing is not training throughput
         self.loss.check_finite(self.global_step)  # never a checkpoint of a diverged model
-        rng = distributed.all_gather(checkpoint.rng_state(self.device))
+        augment = self.optim.batch_augment
+        rng = distributed.all_gather({**checkpoint.rng_state(self.device),
+                                      "batch_augment": augment.state_dict() if augment is not None else {}})
         if self.placement.is_main:
             out = Path(self.cfg.output)
             checkpoint.save(out / checkpoint.LAST, {**self.state_dict(), "rng": rng})
@@ -238,6 +278,8 @@ class Trainer:
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
                                              f"(another --model, --img-size or data set?)") from None
         self.epoch, self.global_step, self.best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
+        self.best_ema_acc1 = state.get("best_ema_acc1")
+        self.load_ema(state)
         if point is None:
             return
         self.step_in_epoch, self.stages = point.step_in_epoch, point.stages
@@ -247,6 +289,18 @@ class Trainer:
                                              self.epoch_steps)
         self.resume_schedule(state)
         self.resume_random_streams(state, point)
+
+    def load_ema(self, state: dict) -> None:
+        """The checkpoint's EMA weights; a checkpoint without them (--model-ema turned on at a resume) starts the
+        average from the weights it holds."""
+        if self.ema is None:
+            return
+        if "model_ema" in state:
+            self.ema.module.load_state_dict(state["model_ema"])
+        else:
+            self.ema.set(self.raw_model)
+            self.log.print("note: the checkpoint holds no EMA weights (--model-ema was off): the average starts "
+                           "from its weights")
 
     def resume_schedule(self, state: dict) -> None:
         """The optimizer's state, and the LR schedule at `self.global_step`: the checkpoint's own when this run is as
@@ -267,6 +321,8 @@ class Trainer:
         repeat an uninterrupted run anyway."""
         if point.exact:
             checkpoint.set_rng_state(state["rng"][self.placement.rank], self.device)
+            if self.optim.batch_augment is not None:
+                self.optim.batch_augment.load_state_dict(state["rng"][self.placement.rank].get("batch_augment", {}))
             return
         self.log.print(f"note: elastic resume: the checkpoint's run was {state['world_size']} x "
                        f"{state.get('batch_size', state['config']['batch_size'])} (ranks x batch), this one "
@@ -276,3 +332,5 @@ class Trainer:
         seed = self.cfg.seed + self.placement.rank + 1_000_003 * self.global_step
         torch.manual_seed(seed)
         self.device.manual_seed(seed)
+        if self.optim.batch_augment is not None:
+            self.optim.batch_augment.reseed(seed)

@@ -27,16 +27,24 @@ class TopK:
         return 100.0 * c1 / max(n, 1), 100.0 * ck / max(n, 1), n
 
 
-@torch.no_grad()
 def exact_accuracy(model: torch.nn.Module, loader, device, amp_dtype: torch.dtype,
                    num_classes: int) -> tuple[float, float, int]:
-    """(Acc@1, Acc@5, samples counted) of `model` over every batch of `loader`; a collective. The model is in eval
-    mode for the pass and back in train mode after it."""
-    model.eval()
-    topk = TopK(device.device, num_classes)
+    """(Acc@1, Acc@5, samples counted) of `model` over every batch of `loader`; a collective."""
+    return exact_accuracies([model], loader, device, amp_dtype, num_classes)[0]
+
+
+@torch.no_grad()
+def exact_accuracies(models, loader, device, amp_dtype: torch.dtype, num_classes: int) -> list[tuple[float, float, int]]:
+    """`exact_accuracy` of each model, in one pass over the loader (the EMA weights beside the trained ones: each
+    batch is read and decoded once). The models are in eval mode for the pass and back in train mode after it."""
+    for model in models:
+        model.eval()
+    counts = [TopK(device.device, num_classes) for _ in models]
     for images, labels in loader:
-        with device.autocast(amp_dtype):
-            logits = model(images)
-        topk.update(logits, labels)
-    model.train()
-    return topk.result()
+        for model, topk in zip(models, counts):
+            with device.autocast(amp_dtype):
+                logits = model(images)
+            topk.update(logits, labels)
+    for model in models:
+        model.train()
+    return [topk.result() for topk in counts]

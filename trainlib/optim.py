@@ -1,13 +1,17 @@
-"""The optimisation step and what it drives: the optimizer and the LR schedule train.py builds, and `OptimStep`, one
-forward/backward/clip/update under autocast and the fp16 loss scaler, with the optimizer-side state a checkpoint
-keeps (moments, schedule, loss scale)."""
+"""The optimisation step and what it drives: the optimizer (layer-wise LR decay included) and the LR schedule train.py
+builds, the loss, and `OptimStep`, one optimizer step over one or more micro-batches (gradient accumulation): batch
+augmentation, forward/backward under autocast and the fp16 loss scaler, clip, update; with the optimizer-side state a
+checkpoint keeps (moments, schedule, loss scale)."""
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
-from timm.optim import param_groups_weight_decay
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch.optim import lr_scheduler
 
 from trainlib.config import TrainConfig
@@ -16,7 +20,15 @@ from trainlib.config import TrainConfig
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device) -> torch.optim.Optimizer:
     # No weight decay on biases, norms and the cls/position tokens (timm's ViT lists those in no_weight_decay()).
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    if cfg.layer_decay is not None:
+        # timm's groups (the ViT's group_matcher: embeddings, each block, the head), each with an "lr_scale"; the
+        # schedule multiplies every group's own LR by the same factor, so its min LR scales too, as timm's does.
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=cfg.layer_decay)
+        for group in groups:
+            group["lr"] = cfg.lr * group["lr_scale"]
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     cls, extra = (torch.optim.SGD, {"momentum": cfg.momentum}) if cfg.opt == "sgd" else (torch.optim.AdamW, {})
     # Fused kernels only on CUDA, where torch ships them: elsewhere (npu) the constructor can accept fused=True and the
     # first step() fail, past where a fallback could catch it.
@@ -24,49 +36,84 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device) -> torch.o
     return cls(groups, lr=cfg.lr, **kernel, **extra)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """Linear warm-up then cosine decay to --min-lr, stepped once per optimizer step over the whole run (so a run cut
-    short by --max-steps and resumed follows the same curve)."""
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
+    """The LR of optimizer step s over the peak, f(s): a linear warm-up from 1/(warmup+1) that reaches 1 at step
+    `warmup`, then a cosine decay to --min-lr at the run's last step (and flat after it)."""
     total = cfg.epochs * steps_per_epoch
-    warmup = min(cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    eta_min = min(cfg.min_lr, cfg.lr)
-    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=eta_min)
-    if warmup <= 0:
-        return cosine
-    # Starting at lr/(warmup+1) makes the ramp reach the peak exactly when cosine takes over.
-    ramp = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
-    return lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+    warmup = max(0, min(cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch), total - 1))
+    floor = min(cfg.min_lr, cfg.lr) / cfg.lr if cfg.lr else 0.0
+    decay = max(1, total - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        t = min(step - warmup, decay)
+        return floor + (1 - floor) * (1 + math.cos(math.pi * t / decay)) / 2
+
+    return factor
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """`lr_factor` on every parameter group's own LR, stepped once per optimizer step over the whole run (so a run
+    cut short by --max-steps and resumed follows the same curve)."""
+    return lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+
+
+def build_loss(cfg: TrainConfig):
+    """timm train.py's choice: soft-target cross-entropy on mixed targets (label smoothing folded into them),
+    label-smoothed cross-entropy on labels; --bce-loss: timm's BinaryCrossEntropy on either."""
+    if cfg.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0 if cfg.mixing else cfg.label_smoothing,
+                                  target_threshold=cfg.bce_target_thresh)
+    if cfg.mixing:
+        return SoftTargetCrossEntropy()
+    return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
 
 
 class OptimStep:
-    """Calling it runs one training step on a batch and returns the loss, detached (still on the device: reading it
-    would sync). `model` runs the step (DDP and/or compiled); `raw_model` is the bare module whose gradients are
-    clipped."""
+    """Calling it runs one optimizer step and returns the loss, detached (still on the device: reading it would
+    sync). `model` runs the step (DDP and/or compiled); `raw_model` is the bare module whose gradients are clipped;
+    `no_sync` (DDP's) keeps the gradient all-reduce to the last micro-batch of a step; `batch_augment`
+    (trainlib.batch_augment) turns each micro-batch's labels into the loss's targets."""
 
-    def __init__(self, *, model, raw_model, optimizer, scheduler, device, amp_dtype, label_smoothing: float,
-                 clip_grad: float):
+    def __init__(self, *, model, raw_model, optimizer, scheduler, device, amp_dtype, label_smoothing: float = 0.0,
+                 clip_grad: float, loss_fn=None, batch_augment=None, no_sync=None):
         self.model, self.raw_model, self.optimizer, self.scheduler = model, raw_model, optimizer, scheduler
-        self.device, self.amp_dtype = device, amp_dtype
-        self.label_smoothing, self.clip_grad = label_smoothing, clip_grad
+        self.device, self.amp_dtype, self.clip_grad = device, amp_dtype, clip_grad
+        self.loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(logits, labels,
+                                                                          label_smoothing=label_smoothing))
+        self.batch_augment, self.no_sync = batch_augment, no_sync or contextlib.nullcontext
         self.scaler = device.grad_scaler(enabled=amp_dtype == torch.float16)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self.device.autocast(self.amp_dtype):
-            loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)
+        return self.accumulate([(images, labels)])
+
+    def accumulate(self, batches) -> torch.Tensor:
+        """One optimizer step on the sum of the micro-batches' gradients, each loss weighted 1/len(batches): the
+        step of one batch as large as all of them together. Returns their mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = None
+        for k, (images, labels) in enumerate(batches):
+            last = k == len(batches) - 1
+            with contextlib.nullcontext() if last else self.no_sync():
+                if self.batch_augment is not None:
+                    images, labels = self.batch_augment(images, labels)
+                with self.device.autocast(self.amp_dtype):
+                    loss = self.loss_fn(self.model(images), labels)
+                self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach()
+        return total / len(batches) if len(batches) > 1 else total
 
     @property
     def lr(self) -> float:
-        """The rate the next step uses (the scheduler moves it after the step)."""
-        return self.optimizer.param_groups[0]["lr"]
+        """The peak rate the next step uses (with --layer-decay, the head's; the scheduler moves it after the step)."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -79,12 +126,15 @@ class OptimStep:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] and self.scaler.is_enabled():  # resumed under another precision: fp16's scale starts anew
             self.scaler.load_state_dict(state["scaler"])
+        if schedule_at is None and "lr_lambdas" not in state["scheduler"]:
+            schedule_at = state["scheduler"]["last_epoch"]  # an older checkpoint's schedule object: recomputed
         if schedule_at is None:
             self.scheduler.load_state_dict(state["scheduler"])
             return
-        for group, lr in zip(self.optimizer.param_groups, fresh_lrs):  # the schedulers step from the LR they find
+        for group, lr in zip(self.optimizer.param_groups, fresh_lrs):
             group["lr"] = lr
+        # LambdaLR is closed-form: its LR at a step depends on the step alone, so it is set there directly.
+        self.scheduler.last_epoch = schedule_at - 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
-            for _ in range(schedule_at):
-                self.scheduler.step()
+            self.scheduler.step()

@@ -29,10 +29,13 @@ def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch
             f"--epochs {cfg.epochs} ends before the checkpoint's position (epoch {state['epoch']}, step "
             f"{state['step_in_epoch']}, global step {state['global_step']}); give at least --epochs {needed}")
     stages = tuple(Stage(*s) for s in state.get("epoch_stages", ()))
-    layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"]
+    # The layout: batch size, ranks and micro-batches per optimizer step (older checkpoints: 1).
+    accum = state.get("grad_accum_steps", 1)
+    layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"], accum
     recorded = state.get("train_samples")  # None in checkpoints older than elastic resume, and without shards
     same_data = recorded == train_samples if recorded is not None else state["steps_per_epoch"] == steps_per_epoch
-    if layout == (cfg.batch_size, world_size) and state["steps_per_epoch"] == steps_per_epoch and same_data:
+    if layout == (cfg.batch_size, world_size, cfg.grad_accum_steps) and state["steps_per_epoch"] == steps_per_epoch \
+            and same_data:
         return ResumePoint(state["step_in_epoch"], stages)
     if not same_data:
         raise checkpoint.CheckpointError(
@@ -41,15 +44,20 @@ def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch
             f"resume on the same data, or start a new run from its weights with --pretrained")
     if recorded is None:
         raise checkpoint.CheckpointError(
-            f"the checkpoint's run was {layout[1]} x {layout[0]} (ranks x batch), this one {world_size} x "
-            f"{cfg.batch_size}, and the checkpoint does not record its data (synthetic input, or an older "
+            f"the checkpoint's run was {layout[1]} x {layout[0]} x {accum} (ranks x batch x micro-batches), this "
+            f"one {world_size} x {cfg.batch_size} x {cfg.grad_accum_steps}, and the checkpoint does not record its data (synthetic input, or an older "
             f"checkpoint): it resumes only on its own layout")
     if cfg.steps_per_epoch or state["config"].get("steps_per_epoch"):
         raise checkpoint.CheckpointError(
             "--steps-per-epoch caps epochs for performance runs; such a run resumes only on its own world size "
             "and batch size")
+    if state["step_in_epoch"] and max(cfg.aug_repeats, state["config"].get("aug_repeats", 0)) > 1:
+        raise checkpoint.CheckpointError(
+            f"--aug-repeats: an epoch of repeated augmentation resumes only on its own layout ({layout[1]} x "
+            f"{layout[0]} x {accum}, ranks x batch x micro-batches); resume it so, or from a checkpoint at an "
+            f"epoch's end")
     if state["step_in_epoch"]:  # the epoch goes on with the samples the layouts before did not read
-        stages += (Stage(state["world_size"], layout[0], state["step_in_epoch"]),)
+        stages += (Stage(state["world_size"], layout[0], state["step_in_epoch"] * accum),)
     return ResumePoint(0, stages, exact=False)
 
 
