@@ -33,12 +33,12 @@ def test_real_backend_without_shards_is_a_usage_error():
 def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
     out = tmp_path / "r.jsonl"
     bench_train.main(TINY + ["--data_path", str(sample_shards), "--feed", "host:workers=1,aa=rand-m9-mstd0.5-inc1",
-                             "--feed", "dali:workers=1,name=dali_w1,readers=1", "--fp8", "--recheck",
+                             "--feed", "dali:workers=1,name=dali_w1,readers=1", "--fp8", "--recipe", "--recheck",
                              "--out", str(out)])
     lines = [json.loads(s) for s in out.read_text().splitlines()]
     loops = [r["loop"] for r in lines]
-    assert loops == ["baseline", "ours_synthetic", "ours_host", "ours_dali_w1", "ours_fp8", "ours_synthetic_end",
-                     "summary", "summary"]
+    assert loops == ["baseline", "ours_synthetic", "ours_host", "ours_dali_w1", "ours_fp8", "ours_recipe",
+                     "ours_synthetic_end", "summary", "summary"]
     assert len({r["run"] for r in lines}) == 1
     by_loop = {r["loop"]: r for r in lines if r["loop"] != "summary"}
     summaries = {r["feed"]: r for r in lines if r["loop"] == "summary"}
@@ -52,6 +52,8 @@ def test_feeds_fp8_and_recheck_share_one_baseline(sample_shards, tmp_path):
         assert s["fp8_speedup"] == pytest.approx(by_loop["ours_fp8"]["img_s"] / by_loop["baseline"]["img_s"],
                                                  rel=1e-3, abs=1e-4)
         assert s["fp8_vs_ours"] == pytest.approx(by_loop["ours_fp8"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
+                                                 rel=1e-3, abs=1e-4)
+        assert s["recipe_cost"] == pytest.approx(by_loop["ours_recipe"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
                                                  rel=1e-3, abs=1e-4)
         assert s["drift"] == pytest.approx(by_loop["ours_synthetic_end"]["img_s"] / by_loop["ours_synthetic"]["img_s"],
                                            rel=1e-3, abs=1e-4)

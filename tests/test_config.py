@@ -122,3 +122,17 @@ def test_docs_flags_table_is_current():
     assert "--dali-hw-decoder-load" in table and "--host-start-method" in table
     docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
     assert table in docs, "regenerate the table: python -m trainlib.config"
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_recipes_in_the_repo_are_valid_config_files(recipe):
+    """Each key reaches its flag (an unknown key would exit 2) and every value survives validation."""
+    import yaml
+
+    cfg = parse_config(["--backend", "synthetic", "-c", str(recipe)])
+    assert cfg.config == str(recipe)
+    for key, value in yaml.safe_load(recipe.read_text()).items():
+        field = {"smoothing": "label_smoothing"}.get(key, key)
+        assert getattr(cfg, field) == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert parse_config(["--backend", "synthetic", "-c", str(recipe), "--epochs", "3"]).epochs == 3

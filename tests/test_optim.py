@@ -114,17 +114,64 @@ def test_micro_batches_other_than_the_last_skip_the_gradient_all_reduce():
     cfg = TrainConfig(epochs=1)
     model = vit()
     optimizer = build_optimizer(cfg, model, CPU)
-    entered = []
+    forwards, inside = [], []
 
     @contextlib.contextmanager
     def no_sync():
-        entered.append(torch.is_grad_enabled())
+        inside.append(len(forwards))  # the micro-batch whose forward and backward run without the all-reduce
         yield
 
+    model.register_forward_hook(lambda *_: forwards.append(1))
     step = OptimStep(model=model, raw_model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, 9),
                      device=CPU, amp_dtype=torch.float32, clip_grad=1.0, no_sync=no_sync)
     step.accumulate([(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))] * 3)
-    assert len(entered) == 2
+    assert inside == [0, 1] and len(forwards) == 3
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_the_schedule_has_the_values_of_the_schedulers_it_replaced(warmup):
+    cfg = TrainConfig(epochs=2, lr=1e-2, min_lr=1e-4, warmup_steps=warmup, warmup_epochs=0)
+    lrs = train(optim_step(cfg, steps_per_epoch=6), 12)
+    old = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(old, T_max=12 - warmup, eta_min=1e-4)
+    if warmup:
+        ramp = torch.optim.lr_scheduler.LinearLR(old, start_factor=1 / (warmup + 1), total_iters=warmup)
+        cosine = torch.optim.lr_scheduler.SequentialLR(old, [ramp, cosine], milestones=[warmup])
+    want = []
+    for _ in range(12):
+        want.append(old.param_groups[0]["lr"])
+        old.step()
+        cosine.step()
+    assert lrs == pytest.approx(want, rel=1e-9)
+
+
+def test_an_older_checkpoints_schedule_object_is_recomputed_at_its_step():
+    cfg = TrainConfig(epochs=2, lr=1e-2, warmup_steps=2)
+    step = optim_step(cfg, steps_per_epoch=5)
+    state = step.state_dict()
+    state["scheduler"] = {"_milestones": [2], "last_epoch": 4, "_schedulers": []}  # a SequentialLR's keys
+    resumed = optim_step(cfg, steps_per_epoch=5)
+    resumed.load_state_dict(state)
+    assert resumed.lr == pytest.approx(train(optim_step(cfg, steps_per_epoch=5), 5)[-1])  # after 4 steps
+    assert resumed.lr != pytest.approx(optim_step(cfg, steps_per_epoch=5).lr)
+
+
+def test_a_checkpoint_of_another_parameter_grouping_is_one_line():
+    from trainlib.checkpoint import CheckpointError
+
+    plain = build_optimizer(TrainConfig(), vit(), CPU)
+    decayed = OptimStep(model=vit(), raw_model=vit(), optimizer=build_optimizer(TrainConfig(layer_decay=0.7), vit(),
+                                                                                  CPU),
+                        scheduler=None, device=CPU, amp_dtype=torch.float32, clip_grad=0)
+    with pytest.raises(CheckpointError, match="layer-decay"):
+        decayed.load_state_dict({"optimizer": plain.state_dict(), "scaler": {}, "scheduler": {}})
+
+
+def test_bce_sum_sums_over_classes():
+    logits, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    mean = build_loss(TrainConfig(bce_loss=True, label_smoothing=0.0))(logits, labels)
+    summed = build_loss(TrainConfig(bce_loss=True, bce_sum=True, label_smoothing=0.0))(logits, labels)
+    assert summed.item() == pytest.approx(6 * mean.item())
 
 
 @pytest.mark.parametrize("flags, kind", [({}, "ce"), ({"mixup": 0.8}, SoftTargetCrossEntropy),

@@ -547,7 +547,7 @@ def test_two_ranks_accumulate_and_repeat_samples(sample_shards, tmp_path):
            "--output", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 x 1 x 2 micro-batches" not in proc.stdout and "x 4 x 2 x 2 micro-batches" in proc.stdout
+    assert "steps/epoch x 4 x 2 x 2 micro-batches" in proc.stdout  # batch x ranks x micro-batches
     # 48 samples: 24 of them twice, on 2 ranks, 6 batches of 4 each, 2 per optimizer step.
     assert json.loads((out / "summary.json").read_text())["global_step"] == 3
     assert metrics(out, "eval")[-1]["samples"] == 16

@@ -6,7 +6,8 @@
 #   tests   pytest -m gpu (CUDA paths of both backends, FP8 on CUDA vs CPU);
 #   train   train.py end to end on the GPU with the dali backend (eager, 2 epochs, eval): it runs, logs FPS, Acc@1;
 #   step    tools/bench_train.py per batch size: (a) timm baseline, (b) ours, (c) ours fed by DALI, (b) again (drift),
-#           (d) FP8, the baseline always in the same process; the first batch size also feeds DALI with every JPEG
+#           (d) FP8, (e) the DeiT recipe's mixup/cutmix/erasing/EMA (recipe_cost), the baseline always in the
+#           same process; the first batch size also feeds DALI with every JPEG
 #           on the hardware decoder, the host backend from the original and the --max-side shards, and DALI over
 #           three epochs (its per-epoch restarts included) with and without the next pipeline built ahead, and
 #           DALI with --aa rand-m9-mstd0.5-inc1 and ta_wide (the augmentation issue's fed-step figure);
@@ -111,7 +112,7 @@ bench_train() {  # bench_train BATCH_SIZE [all]: the loops of one batch size, in
     --feed dali:workers=8,readers=4,name=dali_3epochs_r4,epochs=3
     --feed "hybrid:workers=8,dali_share=0.75,name=hybrid75" --feed "hybrid:workers=8,dali_share=0.6,name=hybrid60"
     --feed dali:workers=8,aa=rand-m9-mstd0.5-inc1,name=dali_randaug --feed dali:workers=8,aa=ta_wide,name=dali_ta)
-  "$py" tools/bench_train.py --device "$device" --batch-size "$bs" --compile --fp8 --recheck \
+  "$py" tools/bench_train.py --device "$device" --batch-size "$bs" --compile --fp8 --recipe --recheck \
     --data_path "$data/shards" --warmup 20 --steps 80 "${feeds[@]}" "${train_args[@]}" --out "$results"
 }
 

@@ -8,6 +8,8 @@ Measures, for one model / batch size / precision / compile setting, three traini
   (c) ours+data  the same step fed by a real backend (--backend host|dali) from shards (--data_path); --feed
                  (repeatable) measures several backends or settings against the same (b) in the same process;
   (d) ours+fp8   with --fp8: (b) with the blocks' linears in FP8 (model/fp8.py; opt-in, lossy).
+  (e) ours+recipe with --recipe: (b) with DeiT's per-step extras (trainlib.bench.steps.RECIPE: mixup 0.8, cutmix
+                 1.0, random erasing 0.25 on the device, EMA of the weights).
 Each loop runs --warmup steps first (compilation and allocator warm-up: not timed), then --steps timed steps with
 one device synchronization before and one after the timed stretch; nothing inside the loop synchronizes, exactly
 as in training. Prints one JSON line per loop and a summary line:
@@ -16,6 +18,7 @@ as in training. Prints one JSON line per loop and a summary line:
   input_wait   = share of (c)'s wall time spent blocked waiting for the next batch; max_wait_s is the longest
                  single wait (an epoch boundary, where a backend restarts, shows up here)
   fp8_speedup  = img/s(d) / img/s(a);  fp8_vs_ours = img/s(d) / img/s(b), FP8's own effect
+  recipe_cost  = img/s(e) / img/s(b): what mixup + cutmix + erasing + EMA leave of the plain step
 With --recheck, (b) runs again after everything else: `drift` = its second figure over its first says how steady the
 device's clocks were across the run.
 Read a ratio only within one run: the loops share the process, the device and its clocks.
@@ -78,6 +81,7 @@ class BenchTrainConfig(StepConfig):
         "pipeline.dali.DaliOptions fields, e.g. hw_decoder_load=1). Unset keys come from "
         "--data_path/--workers. Replaces --backend", metavar="BACKEND[:key=value,...]")
     fp8: bool = knob(False, "also run (d): our step with FP8 linears (model/fp8.py)")
+    recipe: bool = knob(False, "also run (e): our step with mixup, cutmix, random erasing and EMA")
     run_id: str | None = knob(None, "tag for this run's lines, so that tools/bench_report.py can tell runs in one "
                                     "file apart", default_help="the start time")
     recheck: bool = knob(False, "run (b) again at the end and report the drift")
@@ -165,7 +169,7 @@ def main(argv=None) -> dict:
 
     if "a" in loops:
         report(run_loop("baseline", baseline_step(args, dev), synthetic(args, dev, torch.float32), args, dev))
-    if "b" in loops or feeds or args.fp8:
+    if "b" in loops or feeds or args.fp8 or args.recipe:
         step = our_step(args, dev)
         if "b" in loops:
             report(run_loop("ours_synthetic", step, synthetic(args, dev, torch.uint8), args, dev))
@@ -193,6 +197,9 @@ def main(argv=None) -> dict:
                                 dev))
             except Exception as e:  # e.g. a GPU older than FP8 matmuls: reported, the recheck still runs
                 report({"loop": "ours_fp8", "error": f"{type(e).__name__}: {e}"})
+        if args.recipe:
+            report(run_loop("ours_recipe", our_step(args, dev, recipe=True), synthetic(args, dev, torch.uint8), args,
+                            dev))
         if args.recheck and "b" in loops:
             report(run_loop("ours_synthetic_end", step, synthetic(args, dev, torch.uint8), args, dev))
         del step  # the trainer and its model go before the summary
@@ -212,6 +219,9 @@ def summarize(feeds: list[dict], results: dict, report) -> dict:
         common["fp8_speedup"] = round(fp8 / base["img_s"], 4)
     if ours and fp8:
         common["fp8_vs_ours"] = round(fp8 / ours["img_s"], 4)  # FP8's own effect, without (b)'s extra work
+    recipe = results.get("ours_recipe", {}).get("img_s")
+    if ours and recipe:
+        common["recipe_cost"] = round(recipe / ours["img_s"], 4)
     if ours and "ours_synthetic_end" in results:
         common["drift"] = round(results["ours_synthetic_end"]["img_s"] / ours["img_s"], 4)
     summaries = []

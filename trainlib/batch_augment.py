@@ -16,6 +16,7 @@ model computes what timm's computes on the normalized batch. Cutmix alone only c
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -61,14 +62,15 @@ class RandomErasing:
         boxes = to_device(self.boxes(b, h, w), images.device)
         covered = box_masks(boxes, h, w)  # (B, K, H, W)
         # The last box covering a pixel fills it (timm erases the boxes one after another); 0: none.
-        last = (covered * torch.arange(1, self.max_count + 1, device=images.device).view(1, -1, 1, 1)).amax(1)
+        index = torch.arange(1, self.max_count + 1, dtype=torch.int16, device=images.device).view(1, -1, 1, 1)
+        last = (covered * index).amax(1)
         dtype = torch.float32 if self.pixels else images.dtype
         if self.mode == "pixel":
-            fill = torch.randn((b, c, h, w), dtype=dtype, device=images.device)
+            fill = torch.randn_like(images, dtype=dtype)  # the batch's memory format (channels_last) kept
         elif self.mode == "rand":
             colours = torch.randn((b, self.max_count, c), dtype=dtype, device=images.device)
             colours = torch.cat([colours.new_zeros(b, 1, c), colours], 1)
-            fill = colours[torch.arange(b, device=images.device).view(b, 1, 1), last].permute(0, 3, 1, 2)
+            fill = colours[torch.arange(b, device=images.device).view(b, 1, 1), last.long()].permute(0, 3, 1, 2)
         else:
             fill = torch.zeros((b, c, 1, 1), dtype=dtype, device=images.device)
         if self.pixels:
@@ -76,9 +78,8 @@ class RandomErasing:
         return torch.where((last > 0).unsqueeze(1), fill, images.to(dtype))
 
     def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-        return (mean + std * z) * 255
+        shift, scale = pixel_constants(self.mean, self.std, z.device)
+        return z * scale + shift
 
 
 class Mixup:
@@ -181,10 +182,12 @@ class Mixup:
         p = to_device(self.params(b, h, w), images.device)
         mirror = images.flip(0)
         if self.mixup_alpha > 0:  # blending: float (pixels unrounded)
-            if not images.is_floating_point():
-                images, mirror = images.float(), mirror.float()
-            weight = p[:, 0].view(b, 1, 1, 1).to(images.dtype)
-            images = images * weight + mirror * (1 - weight)
+            # In float32 whatever the batch's dtype: a bf16 weight would round lam to 8 bits, away from the
+            # targets' weight. Pixels stay float32 (unrounded); a 16-bit batch goes back to its dtype.
+            dtype = images.dtype if images.is_floating_point() else torch.float32
+            weight = p[:, 0].view(b, 1, 1, 1)
+            images = (images.float() * weight + mirror.float() * (1 - weight)).to(dtype)
+            mirror = mirror.to(dtype)
         if self.cutmix_alpha > 0:
             cut = box_masks(p[:, 2:6].long().view(b, 1, 4), h, w, corners=True)
             cut &= p[:, 1].bool().view(b, 1, 1, 1)
@@ -197,6 +200,15 @@ class Mixup:
         one_hot = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)
         one_hot.scatter_(1, labels.long().view(-1, 1), 1.0 - self.label_smoothing + off)
         return one_hot * lam + one_hot.flip(0) * (1.0 - lam)
+
+
+@functools.lru_cache(maxsize=8)
+def pixel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """255 * mean and 255 * std as (1, C, 1, 1) float32 on the device, made once: building them per step from host
+    values would be a blocking copy, a sync in every step."""
+    shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).mul(255).to(device)
+    scale = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).mul(255).to(device)
+    return shift, scale
 
 
 def box_masks(boxes: torch.Tensor, height: int, width: int, corners: bool = False) -> torch.Tensor:

@@ -278,7 +278,7 @@ class Trainer:
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
                                              f"(another --model, --img-size or data set?)") from None
         self.epoch, self.global_step, self.best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
-        self.best_ema_acc1 = state.get("best_ema_acc1")
+        self.best_ema_acc1 = state.get("best_ema_acc1") if self.ema is not None else None
         self.load_ema(state)
         if point is None:
             return
@@ -307,14 +307,15 @@ class Trainer:
         long and stands where it stood, else this run's, recomputed. After a decay, extending a run raises the LR:
         the cosine restarts its descent from that point of the longer curve."""
         same = (self.global_step == state["global_step"] and
-                self.cfg.epochs * self.steps_per_epoch == state["config"]["epochs"] * state["steps_per_epoch"])
+                self.cfg.epochs * self.steps_per_epoch == state["config"]["epochs"] * state["steps_per_epoch"] and
+                self.cfg.layer_decay == state["config"].get("layer_decay"))  # else the groups' LRs start anew
         self.optim.load_state_dict(state, schedule_at=None if same else self.global_step)
         if same:
             return
         self.log.print(f"note: the LR schedule is recomputed for {self.cfg.epochs} epochs of {self.steps_per_epoch} "
                        f"steps (the checkpoint's: {state['config']['epochs']} of {state['steps_per_epoch']}); at step "
                        f"{self.global_step} of it the LR is {self.optim.lr:.3e} (the checkpoint's last was "
-                       f"{state['optimizer']['param_groups'][0]['lr']:.3e})")
+                       f"{max(g['lr'] for g in state['optimizer']['param_groups']):.3e})")
 
     def resume_random_streams(self, state: dict, point: ResumePoint) -> None:
         """The checkpoint's streams for this rank on its own layout; on another (elastic) fresh ones, which cannot
@@ -325,8 +326,10 @@ class Trainer:
                 self.optim.batch_augment.load_state_dict(state["rng"][self.placement.rank].get("batch_augment", {}))
             return
         self.log.print(f"note: elastic resume: the checkpoint's run was {state['world_size']} x "
-                       f"{state.get('batch_size', state['config']['batch_size'])} (ranks x batch), this one "
-                       f"{self.placement.world_size} x {self.cfg.batch_size}; epoch {self.epoch} goes on with the "
+                       f"{state.get('batch_size', state['config']['batch_size'])} x "
+                       f"{state.get('grad_accum_steps', 1)} (ranks x batch x micro-batches), this one "
+                       f"{self.placement.world_size} x {self.cfg.batch_size} x {self.accum}; epoch {self.epoch} "
+                       f"goes on with the "
                        f"{self.epoch_steps} steps of samples it has not trained on; random streams start anew")
         # Fresh per-rank streams (drop path differs across ranks), new ones for each resume point.
         seed = self.cfg.seed + self.placement.rank + 1_000_003 * self.global_step

@@ -34,7 +34,8 @@ def exact_accuracy(model: torch.nn.Module, loader, device, amp_dtype: torch.dtyp
 
 
 @torch.no_grad()
-def exact_accuracies(models, loader, device, amp_dtype: torch.dtype, num_classes: int) -> list[tuple[float, float, int]]:
+def exact_accuracies(models, loader, device, amp_dtype: torch.dtype,
+                     num_classes: int) -> list[tuple[float, float, int]]:
     """`exact_accuracy` of each model, in one pass over the loader (the EMA weights beside the trained ones: each
     batch is read and decoded once). The models are in eval mode for the pass and back in train mode after it."""
     for model in models:

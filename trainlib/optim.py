@@ -14,6 +14,7 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch.optim import lr_scheduler
 
+from trainlib.checkpoint import CheckpointError
 from trainlib.config import TrainConfig
 
 
@@ -38,7 +39,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device) -> torch.o
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
     """The LR of optimizer step s over the peak, f(s): a linear warm-up from 1/(warmup+1) that reaches 1 at step
-    `warmup`, then a cosine decay to --min-lr at the run's last step (and flat after it)."""
+    `warmup`, then a cosine decay that would reach --min-lr at step epochs x steps_per_epoch, one past the run's
+    last (the values of the LinearLR + CosineAnnealingLR pair this replaced)."""
     total = cfg.epochs * steps_per_epoch
     warmup = max(0, min(cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch), total - 1))
     floor = min(cfg.min_lr, cfg.lr) / cfg.lr if cfg.lr else 0.0
@@ -64,7 +66,7 @@ def build_loss(cfg: TrainConfig):
     label-smoothed cross-entropy on labels; --bce-loss: timm's BinaryCrossEntropy on either."""
     if cfg.bce_loss:
         return BinaryCrossEntropy(smoothing=0.0 if cfg.mixing else cfg.label_smoothing,
-                                  target_threshold=cfg.bce_target_thresh)
+                                  target_threshold=cfg.bce_target_thresh, sum_classes=cfg.bce_sum)
     if cfg.mixing:
         return SoftTargetCrossEntropy()
     return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
@@ -123,7 +125,11 @@ class OptimStep:
         """The moments and loss scale of a checkpoint `state`; its LR schedule too when `schedule_at` is None. Else
         the schedule built for this run (another length) is stepped to `schedule_at` from its own start."""
         fresh_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the new schedule's start, before any step
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another grouping of the parameters: --layer-decay turned on or off
+            raise CheckpointError(f"the checkpoint's optimizer does not fit this one ({e}; another --layer-decay "
+                                  f"or --model?): start a new run from its weights with --pretrained") from None
         if state["scaler"] and self.scaler.is_enabled():  # resumed under another precision: fp16's scale starts anew
             self.scaler.load_state_dict(state["scaler"])
         if schedule_at is None and "lr_lambdas" not in state["scheduler"]:

@@ -34,6 +34,13 @@ def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch
     layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"], accum
     recorded = state.get("train_samples")  # None in checkpoints older than elastic resume, and without shards
     same_data = recorded == train_samples if recorded is not None else state["steps_per_epoch"] == steps_per_epoch
+    repeats = max(1, state["config"].get("aug_repeats", 0)), max(1, cfg.aug_repeats)
+    if state["step_in_epoch"] and repeats[0] != repeats[1] or stages and repeats[1] > 1:
+        raise checkpoint.CheckpointError(
+            f"--aug-repeats {cfg.aug_repeats}: the checkpoint stopped inside an epoch read with "
+            f"--aug-repeats {state['config'].get('aug_repeats', 0)}"
+            f"{' on several layouts' if stages else ''}; such an epoch resumes only as it was read: resume with "
+            f"its --aug-repeats, world size and batch size, or from a checkpoint at an epoch's end")
     if layout == (cfg.batch_size, world_size, cfg.grad_accum_steps) and state["steps_per_epoch"] == steps_per_epoch \
             and same_data:
         return ResumePoint(state["step_in_epoch"], stages)
@@ -45,7 +52,8 @@ def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch
     if recorded is None:
         raise checkpoint.CheckpointError(
             f"the checkpoint's run was {layout[1]} x {layout[0]} x {accum} (ranks x batch x micro-batches), this "
-            f"one {world_size} x {cfg.batch_size} x {cfg.grad_accum_steps}, and the checkpoint does not record its data (synthetic input, or an older "
+            f"one {world_size} x {cfg.batch_size} x {cfg.grad_accum_steps}, and the checkpoint does not record its "
+            f"data (synthetic input, or an older "
             f"checkpoint): it resumes only on its own layout")
     if cfg.steps_per_epoch or state["config"].get("steps_per_epoch"):
         raise checkpoint.CheckpointError(

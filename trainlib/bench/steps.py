@@ -21,6 +21,10 @@ from trainlib.devices import AMP_DTYPES
 from trainlib.runlog import QuietLog
 
 
+# DeiT's per-step extras (recipes/deit.yaml): what (e) adds to (b).
+RECIPE = dict(mixup=0.8, cutmix=1.0, reprob=0.25, remode="pixel", model_ema=True, model_ema_decay=0.99996)
+
+
 @dataclass
 class StepConfig:
     """The flags that define the compared steps, the same in every benchmark."""
@@ -34,11 +38,12 @@ class StepConfig:
     clip_grad: float = knob(1.0, "ours: train.py's --clip-grad")
     device: str = knob("auto", "auto, cuda, npu or cpu (train.py's names)")
 
-    def train_config(self, fp8: bool = False) -> TrainConfig:
-        """train.py's validated config of (b) (with fp8: (d)) on synthetic input; ConfigError names a bad flag."""
+    def train_config(self, fp8: bool = False, recipe: bool = False) -> TrainConfig:
+        """train.py's validated config of (b) (with fp8: (d); with recipe: (e), `RECIPE`'s batch augmentation and
+        EMA) on synthetic input; ConfigError names a bad flag."""
         cfg = TrainConfig(backend="synthetic", device=self.device, model=self.model, img_size=self.img_size,
                           batch_size=self.batch_size, num_classes=self.num_classes, amp=self.amp,
-                          clip_grad=self.clip_grad, compile=self.compile, fp8=fp8)
+                          clip_grad=self.clip_grad, compile=self.compile, fp8=fp8, **(RECIPE if recipe else {}))
         cfg.validate()
         return cfg
 
@@ -67,9 +72,10 @@ def baseline_step(args: StepConfig, dev):
     return step
 
 
-def our_step(args: StepConfig, dev, fp8: bool = False):
-    """(b) and (d): train.py's Trainer.step itself, built by trainlib.build from train.py's config of these flags."""
-    cfg = args.train_config(fp8)
+def our_step(args: StepConfig, dev, fp8: bool = False, recipe: bool = False):
+    """(b), (d) and (e): train.py's Trainer.step itself, built by trainlib.build from train.py's config of these
+    flags."""
+    cfg = args.train_config(fp8, recipe)
     # A schedule long enough never to wrap within a benchmark; its LR values do not change the step's cost.
     trainer = build_trainer(cfg, dev, distributed.placement(cfg), QuietLog(), steps_per_epoch=10**6,
                             classes=args.num_classes)
