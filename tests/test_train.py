@@ -70,17 +70,24 @@ def crash_at_step(monkeypatch, n: int) -> None:
     monkeypatch.setattr(Trainer, "step_on", step_on)
 
 
+def run_and_crash(common: list[str], tmp_path: Path, monkeypatch, crash_at: int, save_steps: int):
+    """An uninterrupted run (ref) and the same run crashing in its step `crash_at`, checkpointing every
+    `save_steps` (crashed); their folders."""
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    run_ok([*common, "--output", str(ref)])
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, crash_at)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main([*common, "--output", str(crashed), "--save-steps", str(save_steps)])
+    return ref, crashed
+
+
 def test_resume_after_crash_continues_exactly(sample_shards, tmp_path, monkeypatch):
     # drop path draws random numbers every step, so equal losses also prove the RNG streams were restored.
     common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "2", "--eval-freq", "0",
               "-p", "1", "--drop-path", "0.1"]
-    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    run_ok([*common, "--output", str(ref)])
     # 6 steps per epoch: a checkpoint at global step 8 (epoch 1, step 2), then a crash after step 9.
-    with monkeypatch.context() as patch:
-        crash_at_step(patch, 10)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train.main([*common, "--output", str(crashed), "--save-steps", "4"])
+    ref, crashed = run_and_crash(common, tmp_path, monkeypatch, crash_at=10, save_steps=4)
     state = checkpoint.load(crashed / "last.pth")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 8)
     run_ok([*common, "--output", str(crashed), "--resume", "auto"])
@@ -490,13 +497,8 @@ def test_a_recipe_run_resumes_exactly(sample_shards, tmp_path, monkeypatch):
     resume prove their streams and averages were saved and restored."""
     common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "4", "--epochs", "2", "--eval-freq", "1",
               "-p", "1", *RECIPE]
-    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    run_ok([*common, "--output", str(ref)])
     # 12 batches of 4 per epoch, 2 per optimizer step: 6 steps; a checkpoint at step 4, a crash in step 5.
-    with monkeypatch.context() as patch:
-        crash_at_step(patch, 5)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train.main([*common, "--output", str(crashed), "--save-steps", "2"])
+    ref, crashed = run_and_crash(common, tmp_path, monkeypatch, crash_at=5, save_steps=2)
     assert checkpoint.load(crashed / "last.pth")["global_step"] == 4
     run_ok([*common, "--output", str(crashed), "--resume", "auto"])
     expected = {r["global_step"]: r for r in metrics(ref, "train")}
