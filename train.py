@@ -103,6 +103,9 @@ def run(cfg: TrainConfig) -> None:
                   + (f" x {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else ""))
         for note in train_loader.notes() if train_loader is not None else ():
             log.print(note)
+        if cfg.aug_repeats > placement.world_size and not cfg.evaluate:
+            log.print(f"note: --aug-repeats {cfg.aug_repeats} on {placement.world_size} rank(s): some copies of a "
+                      f"sample share a rank (each goes to a rank of its own from {cfg.aug_repeats} ranks on)")
         if cfg.evaluate:
             trainer.evaluate(val_loader)
             return

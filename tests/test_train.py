@@ -550,6 +550,15 @@ def test_two_ranks_accumulate_and_repeat_samples(sample_shards, tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps/epoch x 4 x 2 x 2 micro-batches" in proc.stdout  # batch x ranks x micro-batches
+    assert "some copies of a sample share a rank" not in proc.stdout  # 2 copies, 2 ranks: one copy each
     # 48 samples: 24 of them twice, on 2 ranks, 6 batches of 4 each, 2 per optimizer step.
     assert json.loads((out / "summary.json").read_text())["global_step"] == 3
     assert metrics(out, "eval")[-1]["samples"] == 16
+
+
+def test_repeats_on_fewer_ranks_than_copies_say_so(sample_shards, tmp_path, capsys):
+    run_ok([*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "1", "--aug-repeats", "2",
+            "--no-save-checkpoints", "--output", str(tmp_path / "run")])
+    assert "--aug-repeats 2 on 1 rank(s): some copies of a sample share a rank" in capsys.readouterr().out
+    # 48 samples: the first 24 of the epoch, twice each, in 6 batches of 8
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 6
