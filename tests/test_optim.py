@@ -24,7 +24,7 @@ def optim_step(cfg: TrainConfig, steps_per_epoch: int) -> OptimStep:
     optimizer = build_optimizer(cfg, model, CPU)
     return OptimStep(model=model, raw_model=model, optimizer=optimizer,
                      scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=CPU, amp_dtype=torch.float32,
-                     label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad)
+                     clip_grad=cfg.clip_grad, loss_fn=build_loss(cfg))
 
 
 def train(step: OptimStep, n: int) -> list[float]:
@@ -123,7 +123,7 @@ def test_micro_batches_other_than_the_last_skip_the_gradient_all_reduce():
 
     model.register_forward_hook(lambda *_: forwards.append(1))
     step = OptimStep(model=model, raw_model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, 9),
-                     device=CPU, amp_dtype=torch.float32, clip_grad=1.0, no_sync=no_sync)
+                     device=CPU, amp_dtype=torch.float32, clip_grad=1.0, loss_fn=build_loss(cfg), no_sync=no_sync)
     step.accumulate([(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))] * 3)
     assert inside == [0, 1] and len(forwards) == 3
 
@@ -160,9 +160,9 @@ def test_a_checkpoint_of_another_parameter_grouping_is_one_line():
     from trainlib.checkpoint import CheckpointError
 
     plain = build_optimizer(TrainConfig(), vit(), CPU)
-    decayed = OptimStep(model=vit(), raw_model=vit(), optimizer=build_optimizer(TrainConfig(layer_decay=0.7), vit(),
-                                                                                  CPU),
-                        scheduler=None, device=CPU, amp_dtype=torch.float32, clip_grad=0)
+    model, cfg = vit(), TrainConfig(layer_decay=0.7)
+    decayed = OptimStep(model=model, raw_model=model, optimizer=build_optimizer(cfg, model, CPU), scheduler=None,
+                        device=CPU, amp_dtype=torch.float32, clip_grad=0, loss_fn=build_loss(cfg))
     with pytest.raises(CheckpointError, match="layer-decay"):
         decayed.load_state_dict({"optimizer": plain.state_dict(), "scaler": {}, "scheduler": {}})
 

@@ -10,12 +10,14 @@ from trainlib.config import TrainConfig
 from trainlib.resume import ResumePoint, resume_point, schedule_position
 
 
-def state(epoch=0, step=2, world=1, batch=8, steps_per_epoch=6, samples=48, stages=(), capped=0) -> dict:
+def state(epoch=0, step=2, world=1, batch=8, steps_per_epoch=6, samples=48, stages=(), capped=0, repeats=0,
+          accum=1) -> dict:
     """The fields of a checkpoint that resume_point reads: epoch `epoch`, `step` steps into it, on world x batch."""
     return {"epoch": epoch, "step_in_epoch": step, "global_step": epoch * steps_per_epoch + step,
             "world_size": world, "batch_size": batch, "steps_per_epoch": steps_per_epoch, "train_samples": samples,
             "epoch_stages": [[s.world_size, s.batch_size, s.steps_done] for s in stages],
-            "config": {"batch_size": batch, "steps_per_epoch": capped}}
+            "grad_accum_steps": accum, "config": {"batch_size": batch, "steps_per_epoch": capped,
+                                                  "aug_repeats": repeats}}
 
 
 def test_the_same_layout_resumes_exactly_at_its_step():
@@ -30,6 +32,26 @@ def test_another_layout_goes_on_with_the_rest_of_the_epoch():
     # At an epoch boundary nothing of the epoch ran yet: a whole epoch on the new layout.
     assert resume_point(state(epoch=1, step=0), TrainConfig(epochs=2, batch_size=4), 2, 6, 48) == \
         ResumePoint(0, (), exact=False)
+
+
+def test_repeated_augmentation_resumes_only_as_its_epoch_was_read():
+    exact = resume_point(state(repeats=3), TrainConfig(epochs=2, batch_size=8, aug_repeats=3), 1, 6, 48)
+    assert exact == ResumePoint(2, (), exact=True)
+    refused = [(state(repeats=3), TrainConfig(epochs=2, batch_size=8), 1),  # repeats dropped mid-epoch
+               (state(), TrainConfig(epochs=2, batch_size=8, aug_repeats=3), 1),  # turned on mid-epoch
+               (state(repeats=3), TrainConfig(epochs=2, batch_size=4, aug_repeats=3), 2),  # another layout
+               (state(repeats=3, stages=(Stage(2, 4, 1),)), TrainConfig(epochs=2, batch_size=8, aug_repeats=3), 1)]
+    for ckpt, cfg, world in refused:
+        with pytest.raises(CheckpointError, match="--aug-repeats .* resumes only as it was read"):
+            resume_point(ckpt, cfg, world, 6, 48)
+    # At an epoch's end any of them goes on.
+    boundary = resume_point(state(epoch=1, step=0, repeats=3), TrainConfig(epochs=2, batch_size=4), 2, 6, 48)
+    assert boundary == ResumePoint(0, (), exact=False)
+
+
+def test_another_number_of_micro_batches_is_an_elastic_resume_counted_in_batches():
+    point = resume_point(state(step=2, accum=2), TrainConfig(epochs=2, batch_size=8, grad_accum_steps=1), 1, 6, 48)
+    assert point == ResumePoint(0, (Stage(1, 8, 4),), exact=False)  # 2 steps of 2 micro-batches: 4 batches read
 
 
 @pytest.mark.parametrize("ckpt, cfg, world, steps, samples, message", [

@@ -23,6 +23,7 @@ import random
 import numpy as np
 import torch
 
+from trainlib import checkpoint
 from trainlib.config import TrainConfig
 
 
@@ -272,17 +273,13 @@ class BatchAugment:
         """The generators' states, in weights_only-loadable types."""
         state = {}
         if self.erasing is not None:
-            version, internal, gauss = self.erasing.rng.getstate()
-            state["erasing"] = [version, list(internal), gauss]
+            state["erasing"] = checkpoint.python_state(self.erasing.rng)
         if self.mixup is not None:
-            kind, keys, pos, has_gauss, gauss = self.mixup.rng.get_state()
-            state["mixup"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+            state["mixup"] = checkpoint.numpy_state(self.mixup.rng)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.erasing is not None and "erasing" in state:
-            version, internal, gauss = state["erasing"]
-            self.erasing.rng.setstate((version, tuple(internal), gauss))
+            checkpoint.set_python_state(state["erasing"], self.erasing.rng)
         if self.mixup is not None and "mixup" in state:
-            kind, keys, pos, has_gauss, gauss = state["mixup"]
-            self.mixup.rng.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            checkpoint.set_numpy_state(state["mixup"], self.mixup.rng)

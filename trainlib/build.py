@@ -51,7 +51,7 @@ def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int) ->
                 world_size=placement.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
                 mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
                 on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes, aa=cfg.aa,
-                color_jitter=cfg.color_jitter,
+                color_jitter=cfg.color_jitter, aug_repeats=max(1, cfg.aug_repeats),  # val ignores it
                 options=cfg.backend_options())
 
 
@@ -63,15 +63,13 @@ def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: i
     instead = get_backend(cfg.backend).rest_of_epoch
     if instead:
         args.update(backend=instead, options=options_from(cfg, instead))
-    return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
-                        aug_repeats=max(1, cfg.aug_repeats), **args)
+    return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages, **args)
 
 
 def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
     """(train loader or None under --evaluate, val loader or None without evaluation) for this rank."""
     common = loader_args(cfg, device, placement, classes)
-    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size,
-                                                   aug_repeats=max(1, cfg.aug_repeats), **common)
+    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size, **common)
     val = None
     if cfg.evaluate or cfg.eval_freq:
         val = build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size, **common)

@@ -22,20 +22,37 @@ from pipeline.shards import atomicio
 LAST, BEST = "last.pth", "best.pth"
 
 
+def python_state(generator=random) -> list:
+    """A python generator's state (the module's, or a `random.Random`'s) in weights_only-loadable types."""
+    version, internal, gauss = generator.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_python_state(state: list, generator=random) -> None:
+    version, internal, gauss = state
+    generator.setstate((version, tuple(internal), gauss))
+
+
+def numpy_state(generator=np.random) -> list:
+    """A numpy generator's state (the global one's, or a `RandomState`'s); its key array becomes a tensor."""
+    kind, keys, pos, has_gauss, gauss = generator.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+
+
+def set_numpy_state(state: list, generator=np.random) -> None:
+    kind, keys, pos, has_gauss, gauss = state
+    generator.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
 def rng_state(device) -> dict:
-    """This process's generator states, in weights_only-loadable types (numpy's key array becomes a tensor)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {"python": [version, list(py_state), py_gauss],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state(), "device": device.rng_state()}
+    """This process's generator states, in weights_only-loadable types."""
+    return {"python": python_state(), "numpy": numpy_state(), "torch": torch.get_rng_state(),
+            "device": device.rng_state()}
 
 
 def set_rng_state(state: dict, device) -> None:
-    version, py_state, py_gauss = state["python"]
-    random.setstate((version, tuple(py_state), py_gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    set_python_state(state["python"])
+    set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     device.set_rng_state(state["device"])
 

@@ -27,17 +27,12 @@ class TopK:
         return 100.0 * c1 / max(n, 1), 100.0 * ck / max(n, 1), n
 
 
-def exact_accuracy(model: torch.nn.Module, loader, device, amp_dtype: torch.dtype,
-                   num_classes: int) -> tuple[float, float, int]:
-    """(Acc@1, Acc@5, samples counted) of `model` over every batch of `loader`; a collective."""
-    return exact_accuracies([model], loader, device, amp_dtype, num_classes)[0]
-
-
 @torch.no_grad()
 def exact_accuracies(models, loader, device, amp_dtype: torch.dtype,
                      num_classes: int) -> list[tuple[float, float, int]]:
-    """`exact_accuracy` of each model, in one pass over the loader (the EMA weights beside the trained ones: each
-    batch is read and decoded once). The models are in eval mode for the pass and back in train mode after it."""
+    """(Acc@1, Acc@5, samples counted) of each model over every batch of `loader`, in one pass (the EMA weights
+    beside the trained ones: each batch is read and decoded once); a collective. The models are in eval mode for
+    the pass and back in train mode after it."""
     for model in models:
         model.eval()
     counts = [TopK(device.device, num_classes) for _ in models]

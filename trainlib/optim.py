@@ -78,12 +78,10 @@ class OptimStep:
     `no_sync` (DDP's) keeps the gradient all-reduce to the last micro-batch of a step; `batch_augment`
     (trainlib.batch_augment) turns each micro-batch's labels into the loss's targets."""
 
-    def __init__(self, *, model, raw_model, optimizer, scheduler, device, amp_dtype, label_smoothing: float = 0.0,
-                 clip_grad: float, loss_fn=None, batch_augment=None, no_sync=None):
+    def __init__(self, *, model, raw_model, optimizer, scheduler, device, amp_dtype, clip_grad: float, loss_fn,
+                 batch_augment=None, no_sync=None):
         self.model, self.raw_model, self.optimizer, self.scheduler = model, raw_model, optimizer, scheduler
-        self.device, self.amp_dtype, self.clip_grad = device, amp_dtype, clip_grad
-        self.loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(logits, labels,
-                                                                          label_smoothing=label_smoothing))
+        self.device, self.amp_dtype, self.clip_grad, self.loss_fn = device, amp_dtype, clip_grad, loss_fn
         self.batch_augment, self.no_sync = batch_augment, no_sync or contextlib.nullcontext
         self.scaler = device.grad_scaler(enabled=amp_dtype == torch.float16)
 

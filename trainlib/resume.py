@@ -34,15 +34,17 @@ def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch
     layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"], accum
     recorded = state.get("train_samples")  # None in checkpoints older than elastic resume, and without shards
     same_data = recorded == train_samples if recorded is not None else state["steps_per_epoch"] == steps_per_epoch
+    same_layout = (layout == (cfg.batch_size, world_size, cfg.grad_accum_steps) and same_data and
+                   state["steps_per_epoch"] == steps_per_epoch)
+    # Rule 7 (pipeline/plan.py) has no rest-of-epoch: an epoch with repeats resumes only exactly as it was read.
     repeats = max(1, state["config"].get("aug_repeats", 0)), max(1, cfg.aug_repeats)
-    if state["step_in_epoch"] and repeats[0] != repeats[1] or stages and repeats[1] > 1:
+    if state["step_in_epoch"] and max(repeats) > 1 and (repeats[0] != repeats[1] or stages or not same_layout):
         raise checkpoint.CheckpointError(
-            f"--aug-repeats {cfg.aug_repeats}: the checkpoint stopped inside an epoch read with "
-            f"--aug-repeats {state['config'].get('aug_repeats', 0)}"
-            f"{' on several layouts' if stages else ''}; such an epoch resumes only as it was read: resume with "
-            f"its --aug-repeats, world size and batch size, or from a checkpoint at an epoch's end")
-    if layout == (cfg.batch_size, world_size, cfg.grad_accum_steps) and state["steps_per_epoch"] == steps_per_epoch \
-            and same_data:
+            f"--aug-repeats {cfg.aug_repeats}: the checkpoint stopped inside an epoch read with --aug-repeats "
+            f"{state['config'].get('aug_repeats', 0)} on {layout[1]} x {layout[0]} x {accum} (ranks x batch x "
+            f"micro-batches){' after an elastic resume' if stages else ''}; such an epoch resumes only as it was "
+            f"read: resume with its --aug-repeats and layout, or from a checkpoint at an epoch's end")
+    if same_layout:
         return ResumePoint(state["step_in_epoch"], stages)
     if not same_data:
         raise checkpoint.CheckpointError(
@@ -59,11 +61,6 @@ def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch
         raise checkpoint.CheckpointError(
             "--steps-per-epoch caps epochs for performance runs; such a run resumes only on its own world size "
             "and batch size")
-    if state["step_in_epoch"] and max(cfg.aug_repeats, state["config"].get("aug_repeats", 0)) > 1:
-        raise checkpoint.CheckpointError(
-            f"--aug-repeats: an epoch of repeated augmentation resumes only on its own layout ({layout[1]} x "
-            f"{layout[0]} x {accum}, ranks x batch x micro-batches); resume it so, or from a checkpoint at an "
-            f"epoch's end")
     if state["step_in_epoch"]:  # the epoch goes on with the samples the layouts before did not read
         stages += (Stage(state["world_size"], layout[0], state["step_in_epoch"] * accum),)
     return ResumePoint(0, stages, exact=False)
