@@ -14,7 +14,7 @@ import torch
 
 import train
 from pipeline import ShardError, build_loader
-from pipeline.shards import storage
+from pipeline.shards import repack, storage
 from pipeline.shards.format import read_manifest, shard_list
 from tests.s3server import S3Server
 
@@ -69,6 +69,17 @@ def test_make_shards_to_s3_writes_the_same_set_and_resumes(s3_env, s3_shards, sa
     assert make_shards.main(["--data_path", str(local.settings.source), "--out", s3_shards,
                              "--samples-per-shard", "10", "--workers", "1"]) == 0  # a rerun: nothing to build
     assert "resuming: 7 shards already built, 0 to build" in capsys.readouterr().out
+
+
+def test_parquet_to_s3_uploads_each_window_of_shards(s3_env, sample_folder, tmp_path):
+    # A parquet source builds a window of shards per job: all of them reach the bucket, equal to a local run.
+    hub = repack.write_parquet(sample_folder, tmp_path / "hub")
+    staging, local, url = tmp_path / "staging", tmp_path / "local", f"s3://{BUCKET}/from-parquet"
+    args = ["--data_path", str(hub), "--samples-per-shard", "2", "--workers", "2"]
+    assert make_shards.main([*args, "--out", str(local)]) == 0
+    assert make_shards.main([*args, "--out", url, "--staging", str(staging)]) == 0
+    assert read_manifest(url).splits == read_manifest(local).splits  # 24 + 8 shards, the same bytes
+    assert not [p for p in staging.iterdir() if p.suffix in (".tar", ".idx")]  # uploaded, then removed
 
 
 @pytest.mark.parametrize("backend", ["host", "dali"])

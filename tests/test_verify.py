@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.shards import verify
 from pipeline.shards.format import read_manifest
-from pipeline.shards.imagefolder import scan_source
+from pipeline.shards.imagefolder import scan
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def copy(sample_shards, tmp_path):
 
 
 def problems(sample_folder, dst) -> list[str]:
-    return verify.verify(sample_folder, dst, scan_source(sample_folder), read_manifest(dst))
+    return verify.verify(dst, scan(sample_folder), read_manifest(dst))
 
 
 def rehash(dst, name: str) -> None:

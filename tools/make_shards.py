@@ -1,14 +1,21 @@
-"""Pack an ImageFolder (`SRC/train/<class>/*`, `SRC/val/<class>/*`) into webdataset tar shards.
+"""Pack ImageNet as you hold it into webdataset tar shards: an ImageFolder, the ILSVRC2012 download tars, Hugging Face
+parquet files or existing webdataset tars.
 
     python tools/make_shards.py --data_path SRC --out DST [--samples-per-shard 1000] [--workers 8]
     python tools/make_shards.py --data_path SRC --out s3://BUCKET/PREFIX [--staging DIR]   # into object storage
+
+SRC is, told apart by its names (the first line printed says which): an ImageFolder (`SRC/train/<class>/*`,
+`SRC/val/<class>/*`); a folder with `ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar` and
+`ILSVRC2012_devkit_t12.tar.gz`, read in place; `train-*.parquet` / `validation-*.parquet` files anywhere under it;
+or webdataset tars (`*train*.tar`, `*val*.tar`, or tars in train/ and val/ folders).
 
 Writes `DST/{train,val}-NNNNNN.tar` (+ a DALI `.idx` beside each), `DST/classes.json`, timm's
 `DST/_info.json` and `DST/manifest.json`. Every file appears under its final name only when complete;
 a rerun resumes an interrupted run and gives byte-identical output. See docs/data.md.
 
 Exit status: 0 all files packed; 3 done, but some files were rejected (listed in the manifest);
-2 usage error (bad arguments, missing/empty SRC, DST holds other shards); 4 --verify found a mismatch;
+2 usage error (bad arguments, missing/empty SRC, a source unreadable as its kind, DST holds other shards);
+4 --verify found a mismatch;
 1 other failure (e.g. disk full); 130 interrupted.
 """
 from __future__ import annotations
@@ -42,7 +49,8 @@ class ShardsConfig:
     """The command line. A field named like a `Settings` field is that setting, None where not given: the writer
     then keeps the value of the plan already in DST (a plain rerun resumes), else takes `Settings`' default."""
 
-    data_path: Path | str = knob(None, "ImageFolder root holding train/ and/or val/", flag="--data_path",
+    data_path: Path | str = knob(None, "the source: an ImageFolder root (train/, val/), a folder with the ILSVRC2012 "
+                                       "tars and devkit, parquet files or webdataset tars", flag="--data_path",
                                  required=True, parse=folder_arg)
     out: Path | str = knob(None, "output folder for shards, or s3://BUCKET/PREFIX (credentials and endpoint from AWS_* "
                                  "environment variables; docs/data.md)", required=True, parse=folder_arg)
@@ -100,7 +108,7 @@ def run(args: ShardsConfig) -> int:
                                          args.staging)
     print_summary(manifest)
     out = args.out if isinstance(args.out, str) else os.path.abspath(args.out)
-    if args.verify and verify.verify(Path(os.path.abspath(args.data_path)), out, scan, manifest):
+    if args.verify and verify.verify(out, scan, manifest):
         return EXIT_VERIFY
     return EXIT_REJECTED if manifest.rejected else EXIT_OK
 

@@ -4,9 +4,16 @@
   format.py       the only module that knows the set's file names, members, label encoding and index layout
   storage.py      where the files live: a folder or an S3 prefix
   atomicio.py     writes under a temporary name, then a rename
-  imagefolder.py  the source ImageFolder: its files, labels and keys, and which shard each goes to
+  source.py       what a scanned source is (entries, labels, keys, a reader) and which shard each sample goes to
+  detect.py       which kind of source --data_path is, and its scan
+  imagefolder.py  an ImageFolder source, and the key rules every source shares
+  ilsvrc.py       the ILSVRC2012 download tars and devkit, read in place
+  wds.py          existing webdataset tars
+  parquet.py      Hugging Face parquet files, read in row batches
+  tarindex.py     members of (nested) tars found by their headers and read by offset
+  repack.py       an ImageFolder written as those other forms (what the source tests and benchmark read)
   jpeg.py         the lossless re-encode with restart markers, and the region decoder that uses them
-  writer.py       ImageFolder -> shards (parallel, resumable)
-  verify.py       shards -> checked against the manifest and the source tree
+  writer.py       source -> shards (parallel, resumable)
+  verify.py       shards -> checked against the manifest and the source
   reader.py       (shard, sample) -> JPEG bytes and label, through the index: the one reader of both backends
 """

@@ -146,7 +146,7 @@ class Settings:
     # Every JPEG re-encoded losslessly with a restart marker after each MCU (pipeline/shards/jpeg.py `recode`: the same
     # pixels), so the host decoder entropy-decodes only a crop's MCUs. False in sets made before the option.
     restart_markers: bool = False
-    source: str = ""  # the ImageFolder's absolute path
+    source: str = ""  # the source's absolute path (an ImageFolder, or a folder of tars or parquet files)
 
 
 def settings_from(obj: dict, where: str) -> Settings:

@@ -1,35 +1,19 @@
-"""The ImageFolder side of sharding: which source files exist, their labels and sample keys, and which shard each goes
-to. Pure functions of the folder's listing and the settings, so a rerun plans the same shards."""
+"""An ImageFolder as a shard source: which files exist, their labels and sample keys. Pure functions of the folder's
+listing, so a rerun plans the same shards. The key rules are shared with the other sources, so the same images give
+the same keys from every source."""
 from __future__ import annotations
 
 import hashlib
 import os
-import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.shards.errors import UsageError
-from pipeline.shards.format import FORMATS, SPLITS
+from pipeline.shards.format import SPLITS
+from pipeline.shards.source import Entry, FileReader, Scan, SplitScan
 
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
 MAX_KEY = 80  # keeps `<key>.jpg` within ustar's 100-byte name field
-
-
-@dataclass
-class SplitScan:
-    name: str
-    entries: list = field(default_factory=list)  # (relpath, label, key) of image candidates, by relpath
-    rejected: list = field(default_factory=list)  # files rejected without reading them
-    ignored: list = field(default_factory=list)  # hidden/system files, by name
-    num_files: int = 0
-
-
-@dataclass
-class Scan:
-    classes: list
-    splits: dict  # split name -> SplitScan
-    fingerprint: str  # sha256 over (split, path, size, mtime) of every file
 
 
 def is_ignored(name: str) -> bool:
@@ -103,11 +87,11 @@ def scan_split(src: Path, split: str, classes: list, digest) -> SplitScan:
             items.append((relpath, parts[0], "/".join(parts[1:])))
             labels.append(label_of[parts[0]])
     keys = assign_keys(items)
-    result.entries = [(it[0], lab, key) for it, lab, key in zip(items, labels, keys)]
+    result.entries = [Entry(it[0], lab, key) for it, lab, key in zip(items, labels, keys)]
     return result
 
 
-def scan_source(src: Path) -> Scan:
+def scan(src: Path) -> Scan:
     """Scan `src/train` and `src/val`; labels come from train's class folders (val's must be a subset)."""
     present = [s for s in SPLITS if (src / s).is_dir()]
     if not present:
@@ -123,13 +107,4 @@ def scan_source(src: Path) -> Scan:
             raise UsageError(f"{src / s} has no class folders (flat layout? sort files into <class>/ folders)")
     digest = hashlib.sha256("\n".join(classes).encode())
     splits = {s: scan_split(src, s, classes, digest) for s in present}
-    return Scan(classes, splits, digest.hexdigest())
-
-
-def plan_shards(split: SplitScan, seed: int, per_shard: int) -> list:
-    """Shard contents as lists of entries: a seeded shuffle, so every shard mixes classes."""
-    order = list(split.entries)
-    # A str seed is hashed with sha512 by `random`, so this is stable across runs and machines. Its salt is the
-    # first format's name in every format: another salt would deal the same files to other shards.
-    random.Random(f"{FORMATS[0]}:{seed}:{split.name}").shuffle(order)
-    return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
+    return Scan("imagefolder", classes, splits, digest.hexdigest(), FileReader(src))

@@ -1,11 +1,11 @@
-"""`tools/make_shards.py --verify`: re-read every shard and check it against the manifest and the source tree.
+"""`tools/make_shards.py --verify`: re-read every shard and check it against the manifest and the source.
 
 Checks per shard: size and sha256 as in the manifest; the `.idx` lines point at exactly the tar's members (as
 tarfile lists them), `<key>.jpg` then `<key>.cls` per sample; the samples, read as the loaders read them
 (`pipeline/shards/reader.py`), are the planned source files minus the rejected ones, each with its label;
-unconverted images are byte-identical to their source file (in a set made with restart markers: decode to its
-pixels, and carry the markers) and converted ones decode as RGB JPEGs.
-Per split: shard samples + rejected + ignored == files in SRC.
+unconverted images are byte-identical to their source bytes, as the source's reader reads them (in a set made with
+restart markers: decode to its pixels, and carry the markers) and converted ones decode as RGB JPEGs.
+Per split: shard samples + rejected + ignored == files in SRC (members of its tars, rows of its parquet files).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline.shards import jpeg, storage
 from pipeline.shards.errors import SampleError, ShardError
 from pipeline.shards.format import IMAGE, LABEL, MEMBERS, Manifest, Shard, ShardInfo, member_name, read_index
-from pipeline.shards.imagefolder import Scan, plan_shards
+from pipeline.shards.source import Scan, plan_shards
 from pipeline.shards.reader import samples_in, usable_label
 
 
@@ -36,9 +36,10 @@ def same_pixels(a: bytes, b: bytes) -> bool:
         return x.size == y.size and np.array_equal(np.asarray(x.convert("RGB")), np.asarray(y.convert("RGB")))
 
 
-def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, split_rej: set, converted: set,
+def check_shard(reader, dst: str | Path, shard: ShardInfo, entries: list, split_rej: set, converted: set,
                 recoded: bool = False) -> list:
-    """Problems found in one shard (empty list when it is fine); `recoded`: the set has restart markers."""
+    """Problems found in one shard (empty list when it is fine); `reader`: the source's (source.py), `entries`: the
+    shard's planned ones; `recoded`: the set has restart markers."""
     name = shard.name
     blob = storage.read_bytes(storage.join(dst, name))
     if len(blob) != shard.bytes or hashlib.sha256(blob).hexdigest() != shard.sha256:
@@ -61,10 +62,11 @@ def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, spl
                                                                             index, blob)]
     except SampleError as e:
         return problems + [str(e)]
-    expected = [(p, lab, key) for p, lab, key in entries if p not in split_rej]
-    if [k for k, _, _ in samples] != [key for _, _, key in expected]:
+    expected = [e for e in entries if e.path not in split_rej]
+    if [k for k, _, _ in samples] != [e.key for e in expected]:
         return problems + [f"{name}: keys differ from the planned source files"]
-    for (key, label, jpg), (path, want_label, _) in zip(samples, expected):
+    source = {e.key: data for e, data in reader.read_all(expected)}
+    for (key, label, jpg), (path, want_label, _, _) in zip(samples, expected):
         if label != want_label:
             problems.append(f"{name}/{key}: label {label}, expected {want_label} ({path})")
         if path in converted:
@@ -74,14 +76,14 @@ def check_shard(src: Path, dst: str | Path, shard: ShardInfo, entries: list, spl
         elif recoded:
             if jpeg.decoder_available("region") and not jpeg.has_restart_markers(jpg):  # its C parser reads them
                 problems.append(f"{name}/{key}: no restart markers")
-            elif not same_pixels(jpg, (src / path).read_bytes()):
+            elif isinstance(source[key], str) or not same_pixels(jpg, source[key]):
                 problems.append(f"{name}/{key}: pixels differ from {path}")
-        elif jpg != (src / path).read_bytes():
+        elif jpg != source[key]:
             problems.append(f"{name}/{key}: bytes differ from {path}")
     return problems
 
 
-def verify(src: Path, dst: str | Path, scan: Scan, manifest: Manifest, limit: int = 20) -> list:
+def verify(dst: str | Path, scan: Scan, manifest: Manifest, limit: int = 20) -> list:
     """Check all shards; prints the result and returns the list of problems."""
     problems = []
     rejected = {r["path"] for r in manifest.rejected}
@@ -90,13 +92,13 @@ def verify(src: Path, dst: str | Path, scan: Scan, manifest: Manifest, limit: in
         info = manifest.splits[name]
         if info.num_samples + info.num_rejected + info.num_ignored != split.num_files:
             problems.append(f"{name}: samples + rejected + ignored != {split.num_files} files in SRC")
-        plan = plan_shards(split, manifest.settings.seed, manifest.settings.samples_per_shard)
+        plan = plan_shards(split, manifest.settings.seed, manifest.settings.samples_per_shard, scan.window)
         if len(plan) != len(info.shards):
             problems.append(f"{name}: {len(info.shards)} shards, the plan has {len(plan)}")
             continue
         for shard, entries in tqdm(list(zip(info.shards, plan)), desc=f"verify {name}", unit="shard"):
             try:
-                problems += check_shard(src, dst, shard, entries, rejected, converted,
+                problems += check_shard(scan.reader, dst, shard, entries, rejected, converted,
                                         manifest.settings.restart_markers)
             except OSError as e:
                 problems.append(f"{shard.name}: {e.strerror or e} ({e.filename})")

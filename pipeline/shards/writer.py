@@ -1,9 +1,9 @@
 """The shard writer that `tools/make_shards.py` drives: check or convert each image, write tar shards with their
 `.idx` and resume records, then the set's files (`pipeline/shards/format.py` owns their names and layouts).
 
-`write_shards` runs in the parent: it plans (`pipeline/shards/imagefolder.py`), skips shards an earlier run of the same
-plan finished, and farms the rest out to worker processes running `build_shard`. Everything a worker does is a pure
-function of its job, so a shard's bytes depend only on the source files and the settings.
+`write_shards` runs in the parent: it scans the source and plans (`pipeline/shards/source.py`), skips shards an earlier
+run of the same plan finished, and farms the rest out to worker processes running `build_shards`. Everything a worker
+does is a pure function of its job, so a shard's bytes depend only on the source and the settings.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from pipeline.shards.format import (CLASSES, FORMAT, FORMATS, IMAGE, LABEL, LOCK
                                     TIMM_INFO, Manifest, Settings, ShardInfo, SplitInfo, encode_label, index_line,
                                     index_text, is_shard_file, member_name, plan_fields, settings_from, shard_name,
                                     write_set_files)
-from pipeline.shards.imagefolder import Scan, SplitScan, plan_shards, scan_source
+from pipeline.shards.detect import DESCRIPTIONS, detect, scan_source
+from pipeline.shards.source import Scan, SplitScan, plan_shards, windows
 
 # Fixed tar header fields: the same input gives byte-identical shards on any machine, any day (re-encoded images:
 # with the same libjpeg).
@@ -164,89 +165,127 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
-def _write_tar(tmp: Path, src: Path, entries: list, split: str, settings: Settings) -> dict:
-    """Write the samples of one shard to `tmp`; returns the shard's record (without file names)."""
-    rec = {"num_samples": 0, "read_bytes": 0, "converted": [], "rejected": [], "index": []}
-    with open(tmp, "wb") as raw:
-        out = _HashingWriter(raw)
+class _ShardTar:
+    """One shard being written: its tar, hashed and counted as it is written, and its record."""
+
+    def __init__(self, tmp: Path):
+        self.raw = open(tmp, "wb")
+        self.out = _HashingWriter(self.raw)
         # Plain tarfile rather than webdataset's ShardWriter: we need fixed header fields for
         # byte-identical reruns, temp-name + rename atomicity, and each member's data offset.
         # copybufsize: one write per member instead of 16 KiB pieces.
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 24) as tar:
-            for relpath, label, key in entries:
-                try:
-                    data = (src / relpath).read_bytes()
-                    rec["read_bytes"] += len(data)
-                    jpg, reason = prepare_image(data, settings.max_side, settings.quality, settings.check,
-                                                settings.restart_markers)
-                except (Rejected, OSError) as e:
-                    why = str(e) if isinstance(e, Rejected) else f"cannot read: {e.strerror or e}"
-                    rec["rejected"].append({"split": split, "path": relpath, "reason": why})
-                    continue
-                if reason:
-                    rec["converted"].append({"split": split, "path": relpath, "key": key, "reason": reason})
-                cls = encode_label(label)
-                jpg_at = _add_member(tar, member_name(key, IMAGE), jpg)
-                cls_at = _add_member(tar, member_name(key, LABEL), cls)
-                rec["index"].append(index_line(key, [(IMAGE, jpg_at, len(jpg)), (LABEL, cls_at, len(cls))]))
-                rec["num_samples"] += 1
-        raw.flush()
-        os.fsync(raw.fileno())
-    rec["bytes"], rec["sha256"] = out.pos, out.sha.hexdigest()
-    return rec
+        self.tar = tarfile.open(fileobj=self.out, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 24)
+        self.rec = {"num_samples": 0, "read_bytes": 0, "converted": [], "rejected": [], "index": []}
+
+    def add(self, key: str, label: int, jpg: bytes) -> None:
+        cls = encode_label(label)
+        jpg_at = _add_member(self.tar, member_name(key, IMAGE), jpg)
+        cls_at = _add_member(self.tar, member_name(key, LABEL), cls)
+        self.rec["index"].append(index_line(key, [(IMAGE, jpg_at, len(jpg)), (LABEL, cls_at, len(cls))]))
+        self.rec["num_samples"] += 1
+
+    def finish(self) -> dict:
+        self.tar.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+        self.rec["bytes"], self.rec["sha256"] = self.out.pos, self.out.sha.hexdigest()
+        return self.rec
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def read_order(shards: list) -> list:
+    """(shard position, entry) in the order the source is read: one shard's planned order, or, for a window of
+    shards (each planned in reading order), all of them merged by location."""
+    tagged = [(i, e) for i, entries in enumerate(shards) for e in entries]
+    return tagged if len(shards) == 1 else sorted(tagged, key=lambda t: t[1].loc)
+
+
+def _write_tars(tmps: list, shards: list, reader, split: str, settings: Settings) -> list:
+    """Write the samples of the shards (lists of entries) to `tmps`; returns their records (without file names)."""
+    order = read_order(shards)
+    shard_of = {e.key: i for i, e in order}  # keys are unique in a split
+    writers = []
+    try:
+        writers = [_ShardTar(tmp) for tmp in tmps]
+        for entry, data in reader.read_all([e for _, e in order]):
+            i = shard_of[entry.key]
+            rec = writers[i].rec
+            try:
+                if isinstance(data, str):
+                    raise Rejected(data)
+                rec["read_bytes"] += len(data)
+                jpg, reason = prepare_image(data, settings.max_side, settings.quality, settings.check,
+                                            settings.restart_markers)
+            except Rejected as e:
+                rec["rejected"].append({"split": split, "path": entry.path, "reason": str(e)})
+                continue
+            if reason:
+                rec["converted"].append({"split": split, "path": entry.path, "key": entry.key, "reason": reason})
+            writers[i].add(entry.key, entry.label, jpg)
+        return [w.finish() for w in writers]
+    finally:
+        for w in writers:
+            w.close()
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardJob:
-    """One shard to build: what a pool worker gets (picklable)."""
+    """Shards to build in one pass over their source: what a pool worker gets (picklable)."""
 
     split: str
-    index: int  # the shard's number in its split
-    entries: list  # (relpath, label, key) of its planned source files
-    src: Path  # the ImageFolder
+    shards: tuple  # (number in its split, its planned entries) of each shard
+    reader: object  # the source's reader (pipeline/shards/source.py)
     dst: Path  # the output folder, or the staging folder of a remote set
     settings: Settings
     plan_id: str
-    remote: str | None  # the s3:// prefix the shard is uploaded to, if any
+    remote: str | None  # the s3:// prefix the shards are uploaded to, if any
 
 
-def build_shard(job: ShardJob) -> dict:
-    """Worker entry point: write `<name>.tar`, `<name>.idx`, then the `.parts/<name>.json` record.
+def build_shards(job: ShardJob) -> list:
+    """Worker entry point: per shard, write `<name>.tar`, `<name>.idx`, then the `.parts/<name>.json` record.
 
     The record is written last and atomically, so its presence (with matching plan id and sizes) proves the shard is
-    complete. With `remote` (an s3:// prefix), `dst` is a staging folder: the shard and its index are uploaded, then
-    the record, and the local copies removed, so staging holds at most one shard per worker.
+    complete. With `remote` (an s3:// prefix), `dst` is a staging folder: the shards and their indexes are uploaded,
+    then the records, and the local copies removed, so staging holds at most one job's shards per worker.
     """
     split, dst, remote = job.split, job.dst, job.remote
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    name = shard_name(split, job.index)
-    tar_path, idx_path = dst / f"{name}.tar", dst / f"{name}.idx"
-    tmp = atomicio.temp_path(tar_path)
+    names = [shard_name(split, number) for number, _ in job.shards]
+    tmps = [atomicio.temp_path(dst / f"{name}.tar") for name in names]
+    current = names[0]
     try:
-        rec = _write_tar(tmp, job.src, job.entries, split, job.settings)  # fsync'd: the shard is the costly part
-        index = index_text(rec.pop("index")).encode()
-        # The small files are not fsync'd one by one: the record stores the index size, and a record
-        # or index lost to a power cut only makes the next run rebuild this shard.
-        atomicio.write_bytes(idx_path, index, fsync=False)
-        atomicio.finish_temp(tmp, tar_path, fsync=False)
-        atomicio.fsync_dir(dst)  # both renames are durable before the record says "done"
-        rec.update({"plan_id": job.plan_id, "split": split, "name": f"{name}.tar", "index": f"{name}.idx",
-                    "index_bytes": len(index)})
-        if remote:
-            storage.upload(tar_path, storage.join(remote, tar_path.name))
-            storage.upload(idx_path, storage.join(remote, idx_path.name))
-            storage.put_bytes(storage.join(remote, f"{PARTS_DIR}/{name}.json"), json.dumps(rec).encode())
-            tar_path.unlink()
-            idx_path.unlink()
-        else:
-            atomicio.write_json(dst / PARTS_DIR / f"{name}.json", rec, fsync=False)
+        # fsync'd: the shards are the costly part
+        recs = _write_tars(tmps, [entries for _, entries in job.shards], job.reader, split, job.settings)
+        for name, tmp, rec in zip(names, tmps, recs):
+            current = name
+            tar_path, idx_path = dst / f"{name}.tar", dst / f"{name}.idx"
+            index = index_text(rec.pop("index")).encode()
+            # The small files are not fsync'd one by one: the record stores the index size, and a record
+            # or index lost to a power cut only makes the next run rebuild this shard.
+            atomicio.write_bytes(idx_path, index, fsync=False)
+            atomicio.finish_temp(tmp, tar_path, fsync=False)
+            atomicio.fsync_dir(dst)  # both renames are durable before the record says "done"
+            rec.update({"plan_id": job.plan_id, "split": split, "name": f"{name}.tar", "index": f"{name}.idx",
+                        "index_bytes": len(index)})
+            if remote:
+                storage.upload(tar_path, storage.join(remote, tar_path.name))
+                storage.upload(idx_path, storage.join(remote, idx_path.name))
+                storage.put_bytes(storage.join(remote, f"{PARTS_DIR}/{name}.json"), json.dumps(rec).encode())
+                tar_path.unlink()
+                idx_path.unlink()
+            else:
+                atomicio.write_json(dst / PARTS_DIR / f"{name}.json", rec, fsync=False)
     except OSError as e:
-        raise ShardWriteError(f"writing {name}: {e.strerror or e} ({e.filename or dst})") from None
+        raise ShardWriteError(f"writing {current}: {e.strerror or e} ({e.filename or dst})") from None
     except ShardError as e:  # an upload that failed after botocore's retries
-        raise ShardWriteError(f"uploading {name}: {e}") from None
+        raise ShardWriteError(f"uploading {current}: {e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
-    return rec
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return recs
 
 
 # -- the whole set: plan, resume, build, set files --------------------------------------------------------------------
@@ -397,37 +436,44 @@ def _ignore_sigint():
 
 
 def run_jobs(jobs: list, workers: int):
-    """Yield each shard's record as it finishes (any order); in-process when workers == 1."""
+    """Yield each job's records as it finishes (any order); in-process when workers == 1."""
     if workers == 1 or len(jobs) <= 1:
-        yield from map(build_shard, jobs)
+        yield from map(build_shards, jobs)
         return
     with multiprocessing.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
-        yield from pool.imap_unordered(build_shard, jobs)
+        yield from pool.imap_unordered(build_shards, jobs)
 
 
-def build(src: Path, dest: Destination, present: dict[str, int], scan: Scan, settings: Settings, plan_id: str,
+def build(dest: Destination, present: dict[str, int], scan: Scan, settings: Settings, plan_id: str,
           workers: int) -> dict:
     """Build every shard not already finished; returns {shard name: record}."""
-    records, jobs = {}, []
+    records, jobs, shards_to_build = {}, [], 0
     for split in scan.splits.values():
-        for i, entries in enumerate(plan_shards(split, settings.seed, settings.samples_per_shard)):
-            name = shard_name(split.name, i)
-            rec = finished_record(dest, present, name, plan_id)
-            if rec:
-                records[name] = rec
-            else:
-                jobs.append(ShardJob(split.name, i, entries, src, dest.local, settings, plan_id, dest.remote))
+        plan = plan_shards(split, settings.seed, settings.samples_per_shard, scan.window)
+        for numbers in windows(len(plan), scan.window):
+            todo = []
+            for i in numbers:
+                rec = finished_record(dest, present, shard_name(split.name, i), plan_id)
+                if rec:
+                    records[shard_name(split.name, i)] = rec
+                else:
+                    todo.append((i, plan[i]))
+            if todo:
+                jobs.append(ShardJob(split.name, tuple(todo), scan.reader, dest.local, settings, plan_id,
+                                     dest.remote))
+                shards_to_build += len(todo)
     if records:
-        print(f"resuming: {len(records)} shards already built, {len(jobs)} to build")
-    total = sum(len(j.entries) for j in jobs)
+        print(f"resuming: {len(records)} shards already built, {shards_to_build} to build")
+    total = sum(len(entries) for j in jobs for _, entries in j.shards)
     start, read = time.perf_counter(), 0
     bar = tqdm(total=total, unit="img", desc="shards", dynamic_ncols=True, disable=not jobs)
     # closing(): on an error or Ctrl-C the pool is torn down here, before temp files are cleaned.
     with bar, closing(run_jobs(jobs, workers)) as results:
-        for rec in results:
-            records[rec["name"].removesuffix(".tar")] = rec
-            read += rec["read_bytes"]
-            bar.update(rec["num_samples"] + len(rec["rejected"]))
+        for recs in results:
+            for rec in recs:
+                records[rec["name"].removesuffix(".tar")] = rec
+                read += rec["read_bytes"]
+                bar.update(rec["num_samples"] + len(rec["rejected"]))
             bar.set_postfix_str(f"{read / 1e6 / max(1e-9, time.perf_counter() - start):.1f} MB/s")
     return records
 
@@ -458,7 +504,8 @@ def write_outputs(dest: Destination, scan: Scan, settings: Settings, plan_id: st
 
 def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, overwrite: bool = False,
                  staging: str | Path | None = None) -> tuple[Manifest, Scan]:
-    """ImageFolder `src` -> shard set `out` (a folder or an s3:// prefix, built through `staging`), resuming an
+    """Source `src` (pipeline/shards/detect.py) -> shard set `out` (a folder or an s3:// prefix, built through
+    `staging`), resuming an
     interrupted run of the same plan. `given`: the Settings values asked for (None = keep what the plan in `out`
     says, else the default). Returns the manifest and the scan (for a verify). UsageError for input the user must
     fix, ShardWriteError when writing fails, ShardError when S3 cannot be used."""
@@ -467,6 +514,8 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
         raise UsageError("--workers must be >= 1")
     if not src.is_dir():
         raise UsageError(f"--data_path {src} is not a folder")
+    kind = detect(src)
+    print(f"make_shards: {src} is {DESCRIPTIONS[kind]}", flush=True)
     if not storage.is_s3(out) and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     dest = Destination(out, staging)
@@ -475,9 +524,9 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
     # prepare_out refuses (or, with --overwrite, replaces).
     resumable = previous.get("source") == str(src) and previous.get("format") in FORMATS
     settings = resolve_settings(given, src, previous if resumable else {})
-    scan = scan_source(src)
+    scan = scan_source(src, kind, workers)
     if not any(s.num_files for s in scan.splits.values()):
-        raise UsageError(f"--data_path {src} holds no files under train/ or val/")
+        raise UsageError(f"--data_path {src} holds no train or val files")
     plan_id = make_plan_id(settings, scan.fingerprint)
     if settings.format != FORMAT and plan_id != previous.get("plan_id"):  # not a resume: a new set, today's format
         settings = dataclasses.replace(settings, format=FORMAT)
@@ -491,7 +540,7 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
         atomicio.write_json(dest.local / PLAN_FILE, {**dataclasses.asdict(settings), "plan_id": plan_id,
                                                     "fingerprint": scan.fingerprint})
         dest.publish([PLAN_FILE])
-        records = build(src, dest, present, scan, settings, plan_id, workers)
+        records = build(dest, present, scan, settings, plan_id, workers)
         return write_outputs(dest, scan, settings, plan_id, records), scan
     finally:
         if dest.remote and staging is None:

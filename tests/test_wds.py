@@ -1,0 +1,102 @@
+"""Existing webdataset tars as a source: re-sharded to the ImageFolder's shards, bad members named."""
+import io
+import json
+import tarfile
+
+import make_shards
+import pytest
+
+from pipeline.shards import repack
+from pipeline.shards.detect import detect
+from pipeline.shards.source import split_of
+
+
+def _run(src, dst, *extra, workers=1):
+    return make_shards.main(["--data_path", str(src), "--out", str(dst), "--samples-per-shard", "10",
+                             "--workers", str(workers), *extra])
+
+
+def shard_files(dst):
+    return {p.name: p.read_bytes() for p in sorted(dst.iterdir())
+            if p.suffix in (".tar", ".idx") or p.name in ("classes.json", "_info.json")}
+
+
+@pytest.fixture(scope="module")
+def wds_set(sample_folder, tmp_path_factory):
+    return repack.write_wds(sample_folder, tmp_path_factory.mktemp("wds") / "set")
+
+
+def test_webdataset_tars_give_the_imagefolders_shards_byte_for_byte(wds_set, sample_shards, tmp_path, capsys):
+    assert detect(wds_set) == "wds"
+    dst = tmp_path / "shards"
+    assert _run(wds_set, dst, "--verify", workers=2) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"make_shards: {wds_set} is webdataset tars")
+    assert "train: 48 files = 48 in 5 shards" in out and "verify: OK" in out
+    assert shard_files(dst) == shard_files(sample_shards)
+
+
+def test_our_own_shards_are_a_source_too(sample_shards, tmp_path):
+    # An older set of ours, re-sharded (say with --max-side): its tars are webdataset tars, its classes.json is read.
+    dst = tmp_path / "again"
+    assert _run(sample_shards, dst, "--max-side", "48") == 0
+    assert (dst / "classes.json").read_bytes() == (sample_shards / "classes.json").read_bytes()
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["num_samples"] == 48 and len(manifest["converted"]) == 64
+
+
+def test_split_names_and_detection(tmp_path, sample_folder):
+    assert [split_of(n) for n in ("imagenet1k-train-0001.tar", "val/000.tar", "x-validation-1.tar", "a.tar")] \
+        == ["train", "val", "val", None]
+    assert detect(sample_folder) == "imagefolder"
+    stray = tmp_path / "folder"
+    (stray / "train" / "n01").mkdir(parents=True)
+    (stray / "backup.tar").write_bytes(b"")
+    assert detect(stray) == "imagefolder"  # class folders win over a stray tar
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "data.tar").write_bytes(b"")
+    assert detect(tmp_path / "odd") == "wds"
+    assert _run(tmp_path / "odd", tmp_path / "out") == make_shards.EXIT_USAGE
+
+
+def _member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_and_a_cut_tar_are_named(wds_set, tmp_path, capsys):
+    src = tmp_path / "bad"
+    src.mkdir()
+    with tarfile.open(wds_set / "train-000000.tar") as tar:
+        jpg = tar.extractfile(next(m for m in tar if m.name.endswith(".jpg"))).read()
+    with tarfile.open(src / "train-000000.tar", "w") as tar:
+        _member(tar, "a.jpg", jpg[:len(jpg) // 2])
+        _member(tar, "a.cls", b"0")
+        _member(tar, "b.jpg", jpg)  # no label
+        _member(tar, "c.cls", b"1")  # no image
+        _member(tar, "d.jpg", jpg)
+        _member(tar, "d.cls", b"cat")  # not a number
+        _member(tar, "__meta__.json", b"{}")
+        _member(tar, "e.jpg", jpg)
+        _member(tar, "e.cls", b"2")
+        _member(tar, "e.json", b"{}")  # not carried
+    # A second tar, cut inside the image of its second sample: the first sample stays.
+    with tarfile.open(wds_set / "train-000001.tar") as tar:
+        cut = [m for m in tar if m.name.endswith(".jpg")][1]
+    second = (wds_set / "train-000001.tar").read_bytes()
+    (src / "train-000001.tar").write_bytes(second[:cut.offset_data + cut.size // 2])
+    dst = tmp_path / "out"
+    assert _run(src, dst, "--no-restart-markers") == make_shards.EXIT_REJECTED
+    m = json.loads((dst / "manifest.json").read_text())
+    rejected = {r["path"]: r["reason"] for r in m["rejected"]}
+    assert set(rejected) == {"train-000000.tar/a", "train-000000.tar/b", "train-000000.tar/c", "train-000000.tar/d",
+                             f"train-000001.tar/{cut.name[:-4]}"}
+    assert rejected["train-000000.tar/a"].startswith("truncated JPEG")
+    assert rejected["train-000000.tar/b"] == "no .cls member"
+    assert "cut short" in rejected[f"train-000001.tar/{cut.name[:-4]}"]
+    assert [i["path"] for i in m["ignored"]] == ["train-000000.tar/__meta__"]
+    train = m["splits"]["train"]
+    assert (train["num_samples"], train["num_rejected"], train["num_ignored"]) == (2, 5, 1)
+    out = capsys.readouterr().out
+    assert "train: 8 files = 2 in 1 shards + 5 rejected + 1 ignored" in out
