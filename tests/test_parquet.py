@@ -1,6 +1,7 @@
 """Hugging Face parquet files as a source: the ImageFolder's samples, labels and classes; bad rows named; the windowed
 plan mixes classes and resumes."""
 import json
+import shutil
 
 import make_shards
 import pyarrow as pa
@@ -71,6 +72,16 @@ def test_a_null_image_and_a_missing_label_are_named(sample_folder, tmp_path, cap
     out = capsys.readouterr().out
     assert "train: 48 files = 46 in 5 shards + 2 rejected + 0 ignored" in out
     assert f"  {rel}[3]: no image bytes (null)" in out
+
+
+def test_a_test_split_is_named_and_not_read(hub, tmp_path, capsys):
+    src = tmp_path / "hub"
+    shutil.copytree(hub, src)
+    shutil.copy(src / "data" / "validation-00000-of-00002.parquet", src / "data" / "test-00000-of-00001.parquet")
+    assert _run(src, tmp_path / "out") == 0
+    captured = capsys.readouterr()
+    assert "not read, their names say no train or val split: data/test-00000-of-00001.parquet" in captured.err
+    assert "val: 16 files = 16 in 2 shards" in captured.out
 
 
 def test_a_file_that_is_not_parquet_is_one_line(sample_folder, tmp_path, capsys):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.shards.errors import UsageError
 from pipeline.shards.imagefolder import assign_keys
-from pipeline.shards.source import Entry, Scan, SplitScan, split_of
+from pipeline.shards.source import Entry, Scan, SplitScan, by_split
 
 WINDOW = 16  # shards one worker writes from one pass over their row groups (source.plan_shards)
 IMAGE_NAMES, LABEL_NAMES = ("image", "img", "jpg"), ("label", "labels", "cls")
@@ -102,12 +102,7 @@ def _file_rows(src: Path, split: str, rel: str, image: str, label: str, pq, rows
 
 def scan(src: Path) -> Scan:
     pq = _pq()
-    per_split, skipped = {}, []
-    for rel in files_of(src):
-        split = split_of(rel)
-        (per_split.setdefault(split, []) if split else skipped).append(rel)
-    if not per_split:
-        raise UsageError(f"{src}: none of its parquet files is named for train or val/validation (e.g. {skipped[0]})")
+    per_split = by_split(files_of(src), "parquet files", src)
     digest = hashlib.sha256(b"parquet\n")
     splits, labels, rel = {}, set(), None
     try:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline.shards.errors import UsageError
 from pipeline.shards.format import FORMATS
 
 SPLIT_TOKENS = {"train": "train", "val": "val", "validation": "val"}  # a file name's word -> our split
@@ -68,6 +70,22 @@ def split_of(relpath: str) -> str | None:
         if token in SPLIT_TOKENS:
             return SPLIT_TOKENS[token]
     return None
+
+
+def by_split(files: list, what: str, where: Path) -> dict:
+    """{split: files} by `split_of`; the files no split claims (a `test` split, say) are named in one line and not
+    read; none claimed at all is a UsageError."""
+    out, unclaimed = {}, []
+    for rel in files:
+        split = split_of(rel)
+        (out.setdefault(split, []) if split else unclaimed).append(rel)
+    if not out:
+        raise UsageError(f"{where}: none of its {what} is named for train or val/validation (e.g. {unclaimed[0]}); "
+                         f"name them so or put them in train/ and val/ folders")
+    if unclaimed:
+        more = f" and {len(unclaimed) - 1} more" if len(unclaimed) > 1 else ""
+        print(f"make_shards: not read, their names say no train or val split: {unclaimed[0]}{more}", file=sys.stderr)
+    return out
 
 
 def plan_shards(split: SplitScan, seed: int, per_shard: int, window: int = 1) -> list:

@@ -1,10 +1,11 @@
 """Existing webdataset tars as a shard source: re-sharded with our index, manifest, restart markers and `--max-side`.
 
-A tar's split is the first of train/val/validation among the tokens of its name (`imagenet-train-000012.tar`) or of its
-folder (`train/000012.tar`). Members group into samples by webdataset's rule (the key is the member name up to the
-first dot of its file name); a sample needs an image (.jpg, .jpeg, .png, .webp) and an integer `.cls`. Other members
-(.json, .txt, ...) are not carried. Class names come from a `classes.json` list in SRC, else are the label numbers.
-Tars are read in place by offset (`tarindex.py`), the listings spread over the workers.
+A tar's split is the first of train/val/validation among the words of its name (`imagenet-train-000012.tar`) or of its
+folder (`train/000012.tar`); tars of no split (`test-*.tar`) are named in one line and not read. Members group into
+samples by webdataset's rule (the key is the member name up to the first dot of its file name); a sample needs an image
+(.jpg, .jpeg, .png, .webp) and an integer `.cls`. Other members (.json, .txt, ...) are not carried. Class names come
+from a `classes.json` list in SRC, else are the label numbers. Tars are read in place by offset (`tarindex.py`), the
+listings spread over the workers.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from pipeline.shards import tarindex
 from pipeline.shards.errors import UsageError
 from pipeline.shards.imagefolder import assign_keys
-from pipeline.shards.source import SPLIT_TOKENS, Entry, Scan, SplitScan, split_of
+from pipeline.shards.source import SPLIT_TOKENS, Entry, Scan, SplitScan, by_split
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"
@@ -101,13 +102,8 @@ def class_names(src: Path, labels: set) -> list:
 
 
 def scan(src: Path, workers: int = 1) -> Scan:
-    tars = tar_files(src)
-    per_split = {}
-    for tar in tars:
-        split = split_of(tar)
-        if split is None:
-            raise UsageError(f"{src / tar}: its name says neither train nor val; put it in a train/ or val/ folder")
-        per_split.setdefault(split, []).append(tar)
+    per_split = by_split(tar_files(src), "tars", src)
+    tars = sorted(t for split in per_split.values() for t in split)
     digest = hashlib.sha256(b"webdataset\n")
     for tar in tars:
         st = (src / tar).stat()
