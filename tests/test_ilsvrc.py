@@ -10,19 +10,10 @@ import time
 import make_shards
 import pytest
 
-from pipeline.shards import ilsvrc, repack, writer
+from pipeline.shards import ilsvrc, repack
 from pipeline.shards.detect import detect
-
-
-def _run(src, dst, *extra, workers=1):
-    return make_shards.main(["--data_path", str(src), "--out", str(dst), "--samples-per-shard", "10",
-                             "--workers", str(workers), *extra])
-
-
-def shard_files(dst):
-    """The shards, their indexes and the class list: what must not depend on the source's form."""
-    return {p.name: p.read_bytes() for p in sorted(dst.iterdir())
-            if p.suffix in (".tar", ".idx") or p.name in ("classes.json", "_info.json")}
+from tests.shard_runs import interrupt_at_member, shard_files
+from tests.shard_runs import run_make_shards as _run
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +107,11 @@ def test_a_corrupt_image_in_a_class_tar_and_a_cut_train_tar_are_named(downloads,
 
 
 def test_an_interrupted_run_resumes_to_identical_bytes(downloads, sample_shards, tmp_path, monkeypatch):
-    real_add, calls = writer._add_member, []
-
-    def add_then_interrupt(tar, name, data):
-        calls.append(name)
-        if len(calls) == 55:  # in the middle of the third shard
-            raise KeyboardInterrupt
-        return real_add(tar, name, data)
-
-    monkeypatch.setattr(writer, "_add_member", add_then_interrupt)
+    interrupt_at_member(monkeypatch, 55)
     dst = tmp_path / "shards"
     assert _run(downloads, dst) == 130
     assert (dst / "train-000001.tar").exists() and not (dst / "manifest.json").exists()
-    monkeypatch.setattr(writer, "_add_member", real_add)
+    monkeypatch.undo()
     assert _run(downloads, dst) == 0
     assert shard_files(dst) == shard_files(sample_shards)
 

@@ -20,14 +20,11 @@ from pipeline.shards import writer
 from pipeline.shards.format import Settings
 from pipeline.shards.jpeg import decoder_available, has_restart_markers
 from pipeline.shards.verify import same_pixels
+from tests.shard_runs import interrupt_at_member
+from tests.shard_runs import run_make_shards as _run
 
 region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")
-
-
-def _run(src, dst, *extra, workers=1):
-    return make_shards.main(["--data_path", str(src), "--out", str(dst), "--samples-per-shard", "10",
-                             "--workers", str(workers), *extra])
 
 
 def _outputs(dst):
@@ -179,20 +176,12 @@ def test_resume_after_deleted_shard_and_stale_temp(sample_folder, sample_shards,
 
 
 def test_interrupted_run_resumes_to_identical_bytes(sample_folder, sample_shards, tmp_path, monkeypatch):
-    real_add, calls = writer._add_member, []
-
-    def add_then_interrupt(tar, name, data):
-        calls.append(name)
-        if len(calls) == 55:  # in the middle of the third shard
-            raise KeyboardInterrupt
-        return real_add(tar, name, data)
-
-    monkeypatch.setattr(writer, "_add_member", add_then_interrupt)
+    interrupt_at_member(monkeypatch, 55)
     dst = tmp_path / "shards"
     assert _run(sample_folder, dst) == 130
     assert not list(dst.glob(".*.tmp")) and not (dst / "manifest.json").exists()
     assert (dst / "train-000001.tar").exists() and not (dst / "train-000002.tar").exists()
-    monkeypatch.setattr(writer, "_add_member", real_add)
+    monkeypatch.undo()
     assert _run(sample_folder, dst) == 0
     assert _outputs(dst) == _outputs(sample_shards)
 

@@ -9,13 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.shards import repack, writer
+from pipeline.shards import repack
 from pipeline.shards.detect import detect
-
-
-def _run(src, dst, *extra, per_shard=10, workers=1):
-    return make_shards.main(["--data_path", str(src), "--out", str(dst), "--samples-per-shard", str(per_shard),
-                             "--workers", str(workers), *extra])
+from tests.shard_runs import interrupt_at_member
+from tests.shard_runs import run_make_shards as _run
 
 
 def samples(dst):
@@ -95,19 +92,11 @@ def test_a_file_that_is_not_parquet_is_one_line(sample_folder, tmp_path, capsys)
 def test_windows_of_shards_resume_after_an_interrupt(hub, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     assert _run(hub, whole, per_shard=2) == 0  # 24 train shards: two windows of 16 and 8
-    real_add, calls = writer._add_member, []
-
-    def add_then_interrupt(tar, name, data):
-        calls.append(name)
-        if len(calls) == 2 * 2 * 20:  # 40 samples written: inside the second train window
-            raise KeyboardInterrupt
-        return real_add(tar, name, data)
-
-    monkeypatch.setattr(writer, "_add_member", add_then_interrupt)
+    interrupt_at_member(monkeypatch, 2 * 2 * 20)  # 40 samples written: inside the second train window
     dst = tmp_path / "shards"
     assert _run(hub, dst, per_shard=2) == 130
     assert (dst / "train-000015.tar").exists() and not (dst / "train-000016.tar").exists()
-    monkeypatch.setattr(writer, "_add_member", real_add)
+    monkeypatch.undo()
     assert _run(hub, dst, per_shard=2) == 0
     for p in whole.glob("*-*.tar"):
         assert (dst / p.name).read_bytes() == p.read_bytes()

@@ -9,16 +9,8 @@ import pytest
 from pipeline.shards import repack
 from pipeline.shards.detect import detect
 from pipeline.shards.source import split_of
-
-
-def _run(src, dst, *extra, workers=1):
-    return make_shards.main(["--data_path", str(src), "--out", str(dst), "--samples-per-shard", "10",
-                             "--workers", str(workers), *extra])
-
-
-def shard_files(dst):
-    return {p.name: p.read_bytes() for p in sorted(dst.iterdir())
-            if p.suffix in (".tar", ".idx") or p.name in ("classes.json", "_info.json")}
+from tests.shard_runs import run_make_shards as _run
+from tests.shard_runs import shard_files
 
 
 @pytest.fixture(scope="module")
