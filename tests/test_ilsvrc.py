@@ -106,6 +106,28 @@ def test_a_corrupt_image_in_a_class_tar_and_a_cut_train_tar_are_named(downloads,
     assert train["num_files"] == train["num_samples"] + train["num_rejected"] + train["num_ignored"]
 
 
+def test_a_train_tar_cut_between_class_tars_names_the_cut_and_the_missing_class(downloads, sample_shards, tmp_path):
+    src = tmp_path / "cut"
+    src.mkdir()
+    for name in (ilsvrc.VAL_TAR, ilsvrc.DEVKIT):
+        (src / name).symlink_to(downloads / name)
+    with tarfile.open(downloads / ilsvrc.TRAIN_TAR) as outer:
+        last = outer.getmembers()[-1]
+    (src / ilsvrc.TRAIN_TAR).write_bytes((downloads / ilsvrc.TRAIN_TAR).read_bytes()[:last.offset])  # before its header
+    dst = tmp_path / "out"
+    assert _run(src, dst) == make_shards.EXIT_REJECTED
+    manifest = json.loads((dst / "manifest.json").read_text())
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    assert "cut short or corrupt after 3 members" in rejected[ilsvrc.TRAIN_TAR]
+    assert rejected[f"{ilsvrc.TRAIN_TAR}/{last.name}"] == "missing: the devkit lists this class"
+    assert manifest["splits"]["train"]["num_samples"] == 36
+    # The devkit's classes stand: every label is the ImageFolder's, val keeps the class whose train tar is lost.
+    assert json.loads((dst / "classes.json").read_text()) == json.loads((sample_shards / "classes.json").read_text())
+    assert manifest["splits"]["val"]["num_samples"] == 16
+    assert {p.name: p.read_bytes() for p in dst.glob("val-*")} == {p.name: p.read_bytes()
+                                                                   for p in sample_shards.glob("val-*")}
+
+
 def test_an_interrupted_run_resumes_to_identical_bytes(downloads, sample_shards, tmp_path, monkeypatch):
     interrupt_at_member(monkeypatch, 55)
     dst = tmp_path / "shards"

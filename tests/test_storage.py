@@ -74,7 +74,8 @@ def test_make_shards_to_s3_writes_the_same_set_and_resumes(s3_env, s3_shards, sa
 def test_parquet_to_s3_uploads_each_window_of_shards(s3_env, sample_folder, tmp_path):
     # A parquet source builds a window of shards per job: all of them reach the bucket, equal to a local run.
     hub = repack.write_parquet(sample_folder, tmp_path / "hub")
-    staging, local, url = tmp_path / "staging", tmp_path / "local", f"s3://{BUCKET}/from-parquet"
+    boto3.client("s3").create_bucket(Bucket="from-parquet")  # its own bucket: the test runs alone too
+    staging, local, url = tmp_path / "staging", tmp_path / "local", "s3://from-parquet/set"
     args = ["--data_path", str(hub), "--samples-per-shard", "2", "--workers", "2"]
     assert make_shards.main([*args, "--out", str(local)]) == 0
     assert make_shards.main([*args, "--out", url, "--staging", str(staging)]) == 0

@@ -1,5 +1,4 @@
 """Existing webdataset tars as a source: re-sharded to the ImageFolder's shards, bad members named."""
-import io
 import json
 import tarfile
 
@@ -44,17 +43,13 @@ def test_split_names_and_detection(tmp_path, sample_folder):
     stray = tmp_path / "folder"
     (stray / "train" / "n01").mkdir(parents=True)
     (stray / "backup.tar").write_bytes(b"")
-    assert detect(stray) == "imagefolder"  # class folders win over a stray tar
+    (stray / "extra").mkdir()
+    (stray / "extra" / "train-stats.parquet").write_bytes(b"")
+    assert detect(stray) == "imagefolder"  # class folders win over a stray tar or parquet file
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "data.tar").write_bytes(b"")
     assert detect(tmp_path / "odd") == "wds"
     assert _run(tmp_path / "odd", tmp_path / "out") == make_shards.EXIT_USAGE
-
-
-def _member(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def test_bad_samples_and_a_cut_tar_are_named(wds_set, tmp_path, capsys):
@@ -63,16 +58,16 @@ def test_bad_samples_and_a_cut_tar_are_named(wds_set, tmp_path, capsys):
     with tarfile.open(wds_set / "train-000000.tar") as tar:
         jpg = tar.extractfile(next(m for m in tar if m.name.endswith(".jpg"))).read()
     with tarfile.open(src / "train-000000.tar", "w") as tar:
-        _member(tar, "a.jpg", jpg[:len(jpg) // 2])
-        _member(tar, "a.cls", b"0")
-        _member(tar, "b.jpg", jpg)  # no label
-        _member(tar, "c.cls", b"1")  # no image
-        _member(tar, "d.jpg", jpg)
-        _member(tar, "d.cls", b"cat")  # not a number
-        _member(tar, "__meta__.json", b"{}")
-        _member(tar, "e.jpg", jpg)
-        _member(tar, "e.cls", b"2")
-        _member(tar, "e.json", b"{}")  # not carried
+        repack.add_bytes(tar, "a.jpg", jpg[:len(jpg) // 2])
+        repack.add_bytes(tar, "a.cls", b"0")
+        repack.add_bytes(tar, "b.jpg", jpg)  # no label
+        repack.add_bytes(tar, "c.cls", b"1")  # no image
+        repack.add_bytes(tar, "d.jpg", jpg)
+        repack.add_bytes(tar, "d.cls", b"cat")  # not a number
+        repack.add_bytes(tar, "__meta__.json", b"{}")
+        repack.add_bytes(tar, "e.jpg", jpg)
+        repack.add_bytes(tar, "e.cls", b"2")
+        repack.add_bytes(tar, "e.json", b"{}")  # not carried
     # A second tar, cut inside the image of its second sample: the first sample stays.
     with tarfile.open(wds_set / "train-000001.tar") as tar:
         cut = [m for m in tar if m.name.endswith(".jpg")][1]

@@ -7,7 +7,8 @@ parquet files or existing webdataset tars.
 SRC is, told apart by its names (the first line printed says which): an ImageFolder (`SRC/train/<class>/*`,
 `SRC/val/<class>/*`); a folder with `ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar` and
 `ILSVRC2012_devkit_t12.tar.gz`, read in place; `train-*.parquet` / `validation-*.parquet` files anywhere under it;
-or webdataset tars (`*train*.tar`, `*val*.tar`, or tars in train/ and val/ folders).
+or webdataset tars (named with the word train, val or validation, e.g. `imagenet-train-000012.tar`, or in train/
+and val/ folders).
 
 Writes `DST/{train,val}-NNNNNN.tar` (+ a DALI `.idx` beside each), `DST/classes.json`, timm's
 `DST/_info.json` and `DST/manifest.json`. Every file appears under its final name only when complete;

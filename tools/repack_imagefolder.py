@@ -8,6 +8,7 @@ ilsvrc: OUT gets `ILSVRC2012_img_train.tar` (a `<class>.tar` per class), `ILSVRC
 must be named `ILSVRC2012_val_<8 digits>.JPEG`, as `tools/make_sample_data.py` names them) and a devkit (meta.mat
 written with scipy); parquet: `data/{train,validation}-0000i-of-0000n.parquet` as the datasets library writes them
 (pyarrow); wds: `{train,val}-00000i.tar` of `<stem>.jpg` + `<stem>.cls` (webdataset) and `classes.json`.
+Made for folders of the tests' and the benchmark's size: a class tar, and a parquet file, is built in memory.
 """
 from __future__ import annotations
 

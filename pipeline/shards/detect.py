@@ -23,16 +23,16 @@ def _has_class_folders(folder: Path) -> bool:
 
 
 def detect(src: Path) -> str:
-    """What `src` holds, by names alone: 'ilsvrc' (the download tars), 'parquet', 'imagefolder' (train/ or val/ with
-    class folders), 'wds' (tars at the top or in train/, val/ folders), else 'imagefolder' (whose scan says what is
-    missing)."""
+    """What `src` holds, by names alone: 'ilsvrc' (the download tars), 'imagefolder' (train/ or val/ with class
+    folders: checked before any walk of the tree), 'parquet', 'wds' (tars at the top or in train/, val/ folders), else
+    'imagefolder' (whose scan says what is missing)."""
     if ilsvrc.is_ilsvrc(src):
         return "ilsvrc"
+    if any(_has_class_folders(src / s) for s in SPLITS):
+        return "imagefolder"
     if parquet.files_of(src):
         return "parquet"
-    if any(_has_class_folders(src / s) for s in SPLITS) or not wds.tar_files(src):
-        return "imagefolder"
-    return "wds"
+    return "wds" if wds.tar_files(src) else "imagefolder"
 
 
 def scan_source(src: Path, kind: str | None = None, workers: int = 1) -> Scan:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pipeline.shards import tarindex
 from pipeline.shards.errors import UsageError
-from pipeline.shards.imagefolder import assign_keys, is_ignored
-from pipeline.shards.source import Entry, Scan, SplitScan
+from pipeline.shards.imagefolder import is_ignored, keyed_entries
+from pipeline.shards.source import Scan, SplitScan, add_to_fingerprint
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 META = "ILSVRC2012_devkit_t12/data/meta.mat"
@@ -54,27 +54,28 @@ def _problem(split: str, where: str, listing: tarindex.Listing) -> list:
     return [{"split": split, "path": f"{where}/{member}" if member else where, "reason": reason}]
 
 
-def _entries(split: str, items: list, classes: list) -> list:
-    """Entries for (path, wnid, name in class, loc) items, in an ImageFolder's order (class, then name)."""
-    items.sort(key=lambda it: (it[1], it[2]))
-    label_of = {c: i for i, c in enumerate(classes)}
-    keys = assign_keys([(path, wnid, name) for path, wnid, name, _ in items])
-    return [Entry(path, label_of[wnid], key, loc) for (path, wnid, name, loc), key in zip(items, keys)]
-
-
-def scan_train(src: Path, workers: int) -> tuple[list, SplitScan]:
-    """The class list (sorted wnids of the class tars) and the train split."""
+def scan_train(src: Path, workers: int, devkit_classes: list) -> tuple[list, SplitScan]:
+    """The class list and the train split. The classes are the devkit's (so labels are ImageNet's own even if a class
+    tar is missing, which is named), else the sorted wnids of the class tars."""
     split, outer = SplitScan("train"), tarindex.list_members(src / TRAIN_TAR)
     class_tars = list(outer.members) + ([outer.cut] if outer.cut else [])  # a cut class tar: what of it exists
     if not outer.cut:  # a cut one's listing names the image the file ends in
         split.rejected += _problem("train", TRAIN_TAR, outer)
-    tars = []
+    tars, known = [], set(devkit_classes)
     for name, offset, size in class_tars:
-        if name.endswith(".tar") and "/" not in name:
-            tars.append((name, offset, size))
+        if not (name.endswith(".tar") and "/" not in name):
+            reason = "not a <wnid>.tar"
+        elif known and name[:-4] not in known:
+            reason = "not a class of the devkit"
         else:
-            split.rejected.append({"split": "train", "path": f"{TRAIN_TAR}/{name}", "reason": "not a <wnid>.tar"})
-    classes = sorted(name[:-4] for name, _, _ in tars)
+            tars.append((name, offset, size))
+            continue
+        split.rejected.append({"split": "train", "path": f"{TRAIN_TAR}/{name}", "reason": reason})
+    classes = devkit_classes or sorted(name[:-4] for name, _, _ in tars)
+    label_of = {c: i for i, c in enumerate(classes)}
+    for wnid in sorted(known - {name[:-4] for name, _, _ in tars}):
+        split.rejected.append({"split": "train", "path": f"{TRAIN_TAR}/{wnid}.tar",
+                               "reason": "missing: the devkit lists this class"})
     listings = tarindex.list_many([(src / TRAIN_TAR, offset, size) for _, offset, size in tars], workers,
                                   "list class tars")
     items = []
@@ -86,16 +87,15 @@ def scan_train(src: Path, workers: int) -> tuple[list, SplitScan]:
             if is_ignored(Path(member).name):
                 split.ignored.append({"split": "train", "path": path, "reason": "hidden or system file"})
             else:
-                items.append((path, name[:-4], member, (TRAIN_TAR, offset, size)))
-    split.entries = _entries("train", items, classes)
-    split.num_files = len(split.entries) + len(split.rejected) + len(split.ignored)
+                items.append((path, label_of[name[:-4]], member, (TRAIN_TAR, offset, size)))
+    split.entries = keyed_entries(items, classes)
     return classes, split
 
 
 def scan_val(src: Path, classes: list, wnid_of: dict, truth: list) -> SplitScan:
     split, listing = SplitScan("val"), tarindex.list_members(src / VAL_TAR)
     split.rejected += _problem("val", VAL_TAR, listing)
-    known, items = set(classes), []
+    label_of, items = {c: i for i, c in enumerate(classes)}, []
     for member, offset, size in listing.members:
         path, match = f"{VAL_TAR}/{member}", VAL_NAME.search(member)
         number = int(match.group(1)) if match else 0
@@ -104,12 +104,11 @@ def scan_val(src: Path, classes: list, wnid_of: dict, truth: list) -> SplitScan:
             split.ignored.append({"split": "val", "path": path, "reason": "hidden or system file"})
         elif wnid is None:
             split.rejected.append({"split": "val", "path": path, "reason": "no ground-truth label in the devkit"})
-        elif wnid not in known:
+        elif wnid not in label_of:
             split.rejected.append({"split": "val", "path": path, "reason": f"class {wnid} has no train class tar"})
         else:
-            items.append((path, wnid, Path(member).name, (VAL_TAR, offset, size)))
-    split.entries = _entries("val", items, classes)
-    split.num_files = len(split.entries) + len(split.rejected) + len(split.ignored)
+            items.append((path, label_of[wnid], Path(member).name, (VAL_TAR, offset, size)))
+    split.entries = keyed_entries(items, classes)
     return split
 
 
@@ -117,13 +116,12 @@ def scan(src: Path, workers: int = 1) -> Scan:
     digest = hashlib.sha256(b"ilsvrc2012\n")
     for name in (TRAIN_TAR, VAL_TAR, DEVKIT):
         if (src / name).is_file():
-            st = (src / name).stat()
-            digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            add_to_fingerprint(digest, name, src / name)
     has_devkit = (src / DEVKIT).is_file()
     wnid_of, truth = read_devkit(src / DEVKIT) if has_devkit else ({}, [])
     splits = {}
     if (src / TRAIN_TAR).is_file():
-        classes, splits["train"] = scan_train(src, workers)
+        classes, splits["train"] = scan_train(src, workers, sorted(wnid_of.values()))
     else:
         classes = sorted(wnid_of.values())
     if (src / VAL_TAR).is_file():
@@ -133,4 +131,4 @@ def scan(src: Path, workers: int = 1) -> Scan:
     if not classes:
         raise UsageError(f"{src / TRAIN_TAR}: holds no <wnid>.tar class tars")
     digest.update("\n".join(classes).encode())
-    return Scan("ilsvrc", classes, splits, digest.hexdigest(), tarindex.TarReader(src))
+    return Scan(classes, splits, digest.hexdigest(), tarindex.TarReader(src))

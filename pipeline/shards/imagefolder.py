@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.shards.errors import UsageError
 from pipeline.shards.format import SPLITS
-from pipeline.shards.source import Entry, FileReader, Scan, SplitScan
+from pipeline.shards.source import Entry, FileReader, Scan, SplitScan, add_to_fingerprint
 
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
 MAX_KEY = 80  # keeps `<key>.jpg` within ustar's 100-byte name field
@@ -55,6 +55,14 @@ def assign_keys(items: list) -> list:
     return keys
 
 
+def keyed_entries(items: list, classes: list) -> list:
+    """Entries for (path, label, name within its class, loc) items of another source, in an ImageFolder's order
+    (class, then name) and with the keys an ImageFolder of the same files gets."""
+    items = sorted(items, key=lambda it: (it[1], it[2]))
+    keys = assign_keys([(path, classes[label], name) for path, label, name, _ in items])
+    return [Entry(path, label, key, loc) for (path, label, _, loc), key in zip(items, keys)]
+
+
 def _walk_files(root: Path):
     """(path, inside_hidden_folder) of every file under root, in a sorted, repeatable order."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -72,12 +80,7 @@ def scan_split(src: Path, split: str, classes: list, digest) -> SplitScan:
     items, labels = [], []
     for path, in_hidden in _walk_files(split_dir):
         relpath = path.relative_to(src).as_posix()
-        result.num_files += 1
-        try:
-            st = path.stat()
-            digest.update(f"{relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-        except OSError:
-            digest.update(f"{relpath}\0broken\n".encode("utf-8", "surrogateescape"))
+        add_to_fingerprint(digest, relpath, path)
         parts = path.relative_to(split_dir).parts
         if in_hidden or is_ignored(path.name):
             result.ignored.append({"split": split, "path": relpath, "reason": "hidden or system file"})
@@ -107,4 +110,4 @@ def scan(src: Path) -> Scan:
             raise UsageError(f"{src / s} has no class folders (flat layout? sort files into <class>/ folders)")
     digest = hashlib.sha256("\n".join(classes).encode())
     splits = {s: scan_split(src, s, classes, digest) for s in present}
-    return Scan("imagefolder", classes, splits, digest.hexdigest(), FileReader(src))
+    return Scan(classes, splits, digest.hexdigest(), FileReader(src))

@@ -17,8 +17,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.shards.errors import UsageError
-from pipeline.shards.imagefolder import assign_keys
-from pipeline.shards.source import Entry, Scan, SplitScan, by_split
+from pipeline.shards.imagefolder import keyed_entries
+from pipeline.shards.source import Scan, SplitScan, add_to_fingerprint, by_split
 
 WINDOW = 16  # shards one worker writes from one pass over their row groups (source.plan_shards)
 IMAGE_NAMES, LABEL_NAMES = ("image", "img", "jpg"), ("label", "labels", "cls")
@@ -31,6 +31,14 @@ def _pq():
     except ImportError:
         raise UsageError("reading parquet needs pyarrow: pip install 'vit-fast[sources]'") from None
     return pq
+
+
+def _unreadable() -> tuple:
+    """What pyarrow raises on a file it cannot read: ArrowInvalid (not parquet), OSError, and the ArrowException
+    family (ArrowNotImplementedError: a codec this build lacks; ArrowTypeError)."""
+    import pyarrow as pa
+
+    return OSError, ValueError, pa.ArrowException
 
 
 def files_of(src: Path) -> list[str]:
@@ -74,7 +82,7 @@ def _split_rows(src: Path, split: str, files: list, image: str, label: str, pq) 
     for rel in tqdm(files, desc=f"scan {split}", unit="file", dynamic_ncols=True, disable=len(files) < 2):
         try:
             _file_rows(src, split, rel, image, label, pq, rows, rejected)
-        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        except _unreadable() as e:
             raise UsageError(f"{src / rel}: unreadable parquet ({e})") from None
     return rows, rejected
 
@@ -110,15 +118,14 @@ def scan(src: Path) -> Scan:
         image, label, names = columns(pq.ParquetFile(src / first).schema_arrow, str(src / first))
         for split in ("train", "val"):
             for rel in per_split.get(split, []):
-                st = (src / rel).stat()
-                digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                add_to_fingerprint(digest, rel, src / rel)
                 if columns(pq.ParquetFile(src / rel).schema_arrow, str(src / rel)) != (image, label, names):
                     raise UsageError(f"{src / rel}: other columns or class names than {first}")
             if split in per_split:
                 rows, rejected = _split_rows(src, split, per_split[split], image, label, pq)
                 splits[split] = (rows, rejected)
                 labels |= {r[0] for r in rows}
-    except (OSError, ValueError) as e:  # pyarrow's errors (ArrowInvalid: not a parquet file) derive from these
+    except _unreadable() as e:
         raise UsageError(f"{src / (rel or first)}: unreadable parquet ({e})") from None
     classes = names or [str(i) for i in range(max(labels, default=-1) + 1)]
     digest.update("\n".join(classes).encode())
@@ -132,12 +139,9 @@ def scan(src: Path) -> Scan:
                                                                                  f"{len(classes)} class names"})
             else:
                 kept.append((shown, lab, name, loc))
-        kept.sort(key=lambda it: (it[1], it[2]))
-        keys = assign_keys([(shown, classes[lab], name) for shown, lab, name, _ in kept])
-        result.entries = [Entry(shown, lab, key, loc) for (shown, lab, _, loc), key in zip(kept, keys)]
-        result.num_files = len(result.entries) + len(result.rejected)
+        result.entries = keyed_entries(kept, classes)
         out[split] = result
-    return Scan("parquet", classes, out, digest.hexdigest(), ParquetReader(src, image), window=WINDOW)
+    return Scan(classes, out, digest.hexdigest(), ParquetReader(src, image), window=WINDOW)
 
 
 class ParquetReader:
@@ -169,16 +173,16 @@ class ParquetReader:
                 files[rel] = pq.ParquetFile(self.root / rel)
             for batch in files[rel].iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=[self.image]):
                 column = batch.column(0)
-                for k in range(len(column)):
+                # the image bytes alone (not the struct's path), converted once per batch rather than per row
+                values = (column.field("bytes") if column.type.num_fields else column).to_pylist()
+                for k, data in enumerate(values):
                     entry = wanted.get(start + k)
                     if entry is None:
                         continue
-                    value = column[k].as_py()
-                    data = value.get("bytes") if isinstance(value, dict) else value
                     done.add(start + k)
                     yield entry, data if data is not None else "no image bytes (null)"
-                start += len(column)
-        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+                start += len(values)
+        except _unreadable() as e:
             for row, entry in wanted.items():
                 if row not in done:
                     yield entry, f"cannot read: {e}"

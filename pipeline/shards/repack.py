@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.shards import ilsvrc
+from pipeline.shards.imagefolder import class_dirs
 
 
 def classes_of(folder: Path) -> list:
-    return sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
+    return class_dirs(folder / "train")
 
 
 def images(folder: Path, split: str) -> list:
@@ -23,7 +24,12 @@ def images(folder: Path, split: str) -> list:
     return sorted((p.parent.name, p) for p in (folder / split).glob("*/*") if p.is_file())
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _labels(classes: list) -> dict:
+    return {c: i for i, c in enumerate(classes)}
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """`data` as the member `name` of `tar`."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
@@ -40,23 +46,26 @@ def write_devkit(path: Path, classes: list, val_labels: list) -> None:
 
     mat = io.BytesIO()
     scipy.io.savemat(mat, {"synsets": synsets})
-    truth = "".join(f"{classes.index(c) + 1}\n" for c in val_labels).encode()
+    label_of = _labels(classes)
+    truth = "".join(f"{label_of[c] + 1}\n" for c in val_labels).encode()
     with tarfile.open(path, "w:gz") as tar:
-        _add(tar, ilsvrc.META, mat.getvalue())
-        _add(tar, ilsvrc.GROUND_TRUTH, truth)
+        add_bytes(tar, ilsvrc.META, mat.getvalue())
+        add_bytes(tar, ilsvrc.GROUND_TRUTH, truth)
 
 
 def write_ilsvrc(folder: Path, out: Path) -> Path:
     """The three ILSVRC2012 downloads of an ImageFolder whose val files are named ILSVRC2012_val_<8 digits>.JPEG."""
     out.mkdir(parents=True, exist_ok=True)
-    classes = classes_of(folder)
+    classes, by_class = classes_of(folder), {}
+    for c, p in images(folder, "train"):
+        by_class.setdefault(c, []).append(p)
     with tarfile.open(out / ilsvrc.TRAIN_TAR, "w", format=tarfile.USTAR_FORMAT) as outer:
         for c in classes:
             inner = io.BytesIO()
             with tarfile.open(fileobj=inner, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for _, p in [im for im in images(folder, "train") if im[0] == c]:
-                    _add(tar, p.name, p.read_bytes())
-            _add(outer, f"{c}.tar", inner.getvalue())
+                for p in by_class.get(c, []):
+                    add_bytes(tar, p.name, p.read_bytes())
+            add_bytes(outer, f"{c}.tar", inner.getvalue())
     val = sorted(images(folder, "val"), key=lambda im: im[1].name)
     odd = [p.name for _, p in val if not ilsvrc.VAL_NAME.fullmatch(p.name)]
     if odd:
@@ -67,7 +76,7 @@ def write_ilsvrc(folder: Path, out: Path) -> Path:
         truth[n - 1] = c
     with tarfile.open(out / ilsvrc.VAL_TAR, "w", format=tarfile.USTAR_FORMAT) as tar:
         for _, p in val:
-            _add(tar, p.name, p.read_bytes())
+            add_bytes(tar, p.name, p.read_bytes())
     write_devkit(out / ilsvrc.DEVKIT, classes, [c or classes[0] for c in truth])
     return out
 
@@ -80,6 +89,7 @@ def write_parquet(folder: Path, out: Path, files_per_split: int = 2, row_group_s
     import pyarrow.parquet as pq
 
     classes = classes_of(folder)
+    label_of = _labels(classes)
     features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", **({"names": classes} if with_names
                                                                                  else {})}}
     meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
@@ -91,7 +101,7 @@ def write_parquet(folder: Path, out: Path, files_per_split: int = 2, row_group_s
             part = ims[i::files_per_split]
             table = pa.table({"image": pa.array([{"bytes": p.read_bytes(), "path": p.name} for _, p in part],
                                                 type=image_type),
-                              "label": pa.array([classes.index(c) for c, _ in part], pa.int64())})
+                              "label": pa.array([label_of[c] for c, _ in part], pa.int64())})
             pq.write_table(table.replace_schema_metadata(meta),
                            out / "data" / f"{name}-{i:05d}-of-{files_per_split:05d}.parquet",
                            row_group_size=row_group_size)
@@ -103,11 +113,12 @@ def write_wds(folder: Path, out: Path, per_tar: int = 20) -> Path:
     import webdataset as wds
 
     classes = classes_of(folder)
+    label_of = _labels(classes)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_tar, verbose=0) as sink:
             for c, p in images(folder, split):
-                sink.write({"__key__": p.stem, "jpg": p.read_bytes(), "cls": classes.index(c)})
+                sink.write({"__key__": p.stem, "jpg": p.read_bytes(), "cls": label_of[c]})
     (out / "classes.json").write_text(json.dumps(classes))
     return out
 

@@ -8,8 +8,10 @@ contract.
 """
 from __future__ import annotations
 
+import multiprocessing
 import random
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +38,14 @@ class SplitScan:
     entries: list = field(default_factory=list)  # Entry per image candidate, sorted by class and name
     rejected: list = field(default_factory=list)  # {split, path, reason} of files rejected without reading them
     ignored: list = field(default_factory=list)  # hidden/system files, by name
-    num_files: int = 0  # entries + rejected + ignored
+
+    @property
+    def num_files(self) -> int:
+        return len(self.entries) + len(self.rejected) + len(self.ignored)
 
 
 @dataclass
 class Scan:
-    kind: str  # what SRC was found to be (detect.py)
     classes: list
     splits: dict  # split name -> SplitScan
     fingerprint: str  # sha256 over the source's file names, sizes and times: another value is another plan
@@ -61,6 +65,25 @@ class FileReader:
                 yield entry, (self.root / entry.path).read_bytes()
             except OSError as e:
                 yield entry, f"cannot read: {e.strerror or e}"
+
+
+def add_to_fingerprint(digest, rel: str, path: Path) -> None:
+    """A source file's name, size and time, into the scan's fingerprint (`Scan.fingerprint`)."""
+    try:
+        st = path.stat()
+        line = f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"
+    except OSError:
+        line = f"{rel}\0broken\n"
+    digest.update(line.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
+
+
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent alone ends the pool
+
+
+def worker_pool(processes: int):
+    """The pool that lists and writes a source: its workers leave Ctrl-C to the parent."""
+    return multiprocessing.Pool(processes, initializer=_ignore_sigint)
 
 
 def split_of(relpath: str) -> str | None:

@@ -7,14 +7,14 @@ without reading its data, and a tar inside a tar is a byte range of the outer fi
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
-import signal
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
+from pipeline.shards.source import worker_pool
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Listing:
     # The members before it stand.
     problem: tuple | None = None
     cut: tuple | None = None  # (name, offset, bytes there) of a member the file ends inside: what of it exists
+    heads: dict = field(default_factory=dict)  # name -> first bytes, of the members named by `read_suffix`
 
 
 class _Window(io.RawIOBase):
@@ -56,8 +57,13 @@ class _Window(io.RawIOBase):
         return data
 
 
-def list_members(path: Path, base: int = 0, size: int | None = None) -> Listing:
-    """Regular-file members of the tar at `path` (or at bytes [base, base + size) of it), in tar order.
+HEAD_BYTES = 64
+
+
+def list_members(path: Path, base: int = 0, size: int | None = None, read_suffix: str | None = None) -> Listing:
+    """Regular-file members of the tar at `path` (or at bytes [base, base + size) of it), in tar order, and the first
+    `HEAD_BYTES` of those whose name ends in `read_suffix` (webdataset's tiny `.cls` labels: read while the tar is
+    open in the listing worker, not one by one afterwards).
 
     A tar cut short keeps the members that end inside it; the first one that does not is left out and named in
     `problem`, as is a corrupt header (what comes after it cannot be found)."""
@@ -76,7 +82,11 @@ def list_members(path: Path, base: int = 0, size: int | None = None) -> Listing:
                 except tarfile.TarError as e:  # tarfile: "unexpected end of data" past a cut member, bad headers
                     out.problem = (None, f"tar cut short or corrupt after {len(out.members)} members ({e})")
                     break
-                if m is None:
+                if m is None:  # tarfile also ends here at a cut or corrupt header; an intact tar has its zero block
+                    end = os.pread(f.fileno(), tarfile.BLOCKSIZE, base + tar.offset) if tar.offset < size else b""
+                    if end != bytes(tarfile.BLOCKSIZE):
+                        out.problem = (None, f"tar cut short or corrupt after {len(out.members)} members (no "
+                                             f"end-of-archive block at byte {tar.offset})")
                     break
                 if not m.isfile():
                     continue
@@ -86,6 +96,8 @@ def list_members(path: Path, base: int = 0, size: int | None = None) -> Listing:
                     out.cut = (m.name, base + m.offset_data, size - m.offset_data)
                     break
                 out.members.append((m.name, base + m.offset_data, m.size))
+                if read_suffix and m.name.lower().endswith(read_suffix):
+                    out.heads[m.name] = os.pread(f.fileno(), min(m.size, HEAD_BYTES), base + m.offset_data)
     return out
 
 
@@ -93,16 +105,13 @@ def _list_job(job: tuple) -> Listing:
     return list_members(*job)
 
 
-def _ignore_sigint():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent alone handles Ctrl-C and ends the pool
-
-
 def list_many(jobs: list, workers: int, desc: str) -> list:
-    """`list_members(*job)` for every (path, base, size) job, over `workers` processes, with a progress bar."""
+    """`list_members(*job)` for every (path[, base, size, read_suffix]) job, over `workers` processes, with a progress
+    bar."""
     bar = dict(total=len(jobs), desc=desc, unit="tar", dynamic_ncols=True, disable=len(jobs) < 2)
     if workers == 1 or len(jobs) < 2:
         return [_list_job(j) for j in tqdm(jobs, **bar)]
-    with multiprocessing.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+    with worker_pool(min(workers, len(jobs))) as pool:
         return list(tqdm(pool.imap(_list_job, jobs, chunksize=4), **bar))
 
 

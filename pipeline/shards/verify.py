@@ -5,7 +5,8 @@ tarfile lists them), `<key>.jpg` then `<key>.cls` per sample; the samples, read 
 (`pipeline/shards/reader.py`), are the planned source files minus the rejected ones, each with its label;
 unconverted images are byte-identical to their source bytes, as the source's reader reads them (in a set made with
 restart markers: decode to its pixels, and carry the markers) and converted ones decode as RGB JPEGs.
-Per split: shard samples + rejected + ignored == files in SRC (members of its tars, rows of its parquet files).
+Per split: shard samples + rejected + ignored == what the scan found in SRC (files, images of its tars, samples of
+webdataset tars, rows of parquet files).
 """
 from __future__ import annotations
 

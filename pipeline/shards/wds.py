@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pipeline.shards import tarindex
 from pipeline.shards.errors import UsageError
-from pipeline.shards.imagefolder import assign_keys
-from pipeline.shards.source import SPLIT_TOKENS, Entry, Scan, SplitScan, by_split
+from pipeline.shards.imagefolder import keyed_entries
+from pipeline.shards.source import SPLIT_TOKENS, Scan, SplitScan, add_to_fingerprint, by_split
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"
@@ -43,12 +43,12 @@ def sample_key(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _read_label(fd: int, offset: int, size: int):
-    text = os.pread(fd, min(size, 64), offset).decode("ascii", "replace").strip()
+def _label(head: bytes):
+    text = head.decode("ascii", "replace").strip()
     return int(text) if re.fullmatch(r"\d+", text) and int(text) < MAX_LABEL else None
 
 
-def scan_split(src: Path, split: str, tars: list, listings: list) -> SplitScan:
+def scan_split(split: str, tars: list, listings: list) -> SplitScan:
     """A split's samples: (entries with their labels read, rejected samples); entries get keys later."""
     out, items = SplitScan(split), []
     for tar, listing in zip(tars, listings):
@@ -62,26 +62,21 @@ def scan_split(src: Path, split: str, tars: list, listings: list) -> SplitScan:
             key, ext = sample_key(name)
             if key != cut:
                 groups.setdefault(key, {})[ext] = (offset, size)
-        fd = os.open(src / tar, os.O_RDONLY)
-        try:
-            for key, parts in groups.items():
-                path = f"{tar}/{key}"
-                image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-                if Path(key).name.startswith("__"):  # webdataset's own records (__meta__ ...)
-                    out.ignored.append({"split": split, "path": path, "reason": "not a sample"})
-                elif image is None:
-                    out.rejected.append({"split": split, "path": path, "reason": "no image member (.jpg, .jpeg, "
-                                                                                  ".png, .webp)"})
-                elif LABEL_EXT not in parts:
-                    out.rejected.append({"split": split, "path": path, "reason": "no .cls member"})
-                else:
-                    label = _read_label(fd, *parts[LABEL_EXT])
-                    if label is None:
-                        out.rejected.append({"split": split, "path": path, "reason": ".cls is not a class number"})
-                    else:
-                        items.append((path, label, key, (tar, *image)))
-        finally:
-            os.close(fd)
+        heads = {sample_key(name)[0]: head for name, head in listing.heads.items() if sample_key(name)[1] == LABEL_EXT}
+        for key, parts in groups.items():
+            path = f"{tar}/{key}"
+            image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+            if Path(key).name.startswith("__"):  # webdataset's own records (__meta__ ...)
+                out.ignored.append({"split": split, "path": path, "reason": "not a sample"})
+            elif image is None:
+                out.rejected.append({"split": split, "path": path, "reason": "no image member (.jpg, .jpeg, .png, "
+                                                                              ".webp)"})
+            elif LABEL_EXT not in parts:
+                out.rejected.append({"split": split, "path": path, "reason": "no .cls member"})
+            elif (label := _label(heads[key])) is None:
+                out.rejected.append({"split": split, "path": path, "reason": ".cls is not a class number"})
+            else:
+                items.append((path, label, key, (tar, *image)))
     out.entries = items
     return out
 
@@ -106,16 +101,13 @@ def scan(src: Path, workers: int = 1) -> Scan:
     tars = sorted(t for split in per_split.values() for t in split)
     digest = hashlib.sha256(b"webdataset\n")
     for tar in tars:
-        st = (src / tar).stat()
-        digest.update(f"{tar}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    listings = dict(zip(tars, tarindex.list_many([(src / t,) for t in tars], workers, "list tars")))
-    splits = {s: scan_split(src, s, per_split[s], [listings[t] for t in per_split[s]])
+        add_to_fingerprint(digest, tar, src / tar)
+    jobs = [(src / t, 0, None, f".{LABEL_EXT}") for t in tars]
+    listings = dict(zip(tars, tarindex.list_many(jobs, workers, "list tars")))
+    splits = {s: scan_split(s, per_split[s], [listings[t] for t in per_split[s]])
               for s in ("train", "val") if s in per_split}
     classes = class_names(src, {e[1] for s in splits.values() for e in s.entries})
     digest.update("\n".join(classes).encode())
     for split in splits.values():
-        items = sorted(split.entries, key=lambda it: (it[1], it[2]))  # an ImageFolder's order: class, then name
-        keys = assign_keys([(path, classes[label], key) for path, label, key, _ in items])
-        split.entries = [Entry(path, label, k, loc) for (path, label, _, loc), k in zip(items, keys)]
-        split.num_files = len(split.entries) + len(split.rejected) + len(split.ignored)
-    return Scan("wds", classes, splits, digest.hexdigest(), tarindex.TarReader(src))
+        split.entries = keyed_entries(split.entries, classes)
+    return Scan(classes, splits, digest.hexdigest(), tarindex.TarReader(src))

@@ -12,17 +12,15 @@ import fcntl
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import sys
 import tarfile
 import tempfile
 import time
 import warnings
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -35,7 +33,7 @@ from pipeline.shards.format import (CLASSES, FORMAT, FORMATS, IMAGE, LABEL, LOCK
                                     index_text, is_shard_file, member_name, plan_fields, settings_from, shard_name,
                                     write_set_files)
 from pipeline.shards.detect import DESCRIPTIONS, detect, scan_source
-from pipeline.shards.source import Scan, SplitScan, plan_shards, windows
+from pipeline.shards.source import Scan, SplitScan, plan_shards, windows, worker_pool
 
 # Fixed tar header fields: the same input gives byte-identical shards on any machine, any day (re-encoded images:
 # with the same libjpeg).
@@ -207,10 +205,12 @@ def _write_tars(tmps: list, shards: list, reader, split: str, settings: Settings
     """Write the samples of the shards (lists of entries) to `tmps`; returns their records (without file names)."""
     order = read_order(shards)
     shard_of = {e.key: i for i, e in order}  # keys are unique in a split
-    writers = []
-    try:
-        writers = [_ShardTar(tmp) for tmp in tmps]
-        for entry, data in reader.read_all([e for _, e in order]):
+    with ExitStack() as stack:  # every tar and the reader's open files closed, whatever ends the job
+        writers = []
+        for tmp in tmps:
+            writers.append(_ShardTar(tmp))
+            stack.callback(writers[-1].close)
+        for entry, data in stack.enter_context(closing(reader.read_all([e for _, e in order]))):
             i = shard_of[entry.key]
             rec = writers[i].rec
             try:
@@ -226,9 +226,6 @@ def _write_tars(tmps: list, shards: list, reader, split: str, settings: Settings
                 rec["converted"].append({"split": split, "path": entry.path, "key": entry.key, "reason": reason})
             writers[i].add(entry.key, entry.label, jpg)
         return [w.finish() for w in writers]
-    finally:
-        for w in writers:
-            w.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,8 +313,11 @@ def resolve_settings(given: dict, src: Path, previous: dict) -> Settings:
     return settings
 
 
-def make_plan_id(settings: Settings, fingerprint: str) -> str:
-    blob = json.dumps(plan_fields(settings), sort_keys=True) + fingerprint
+def make_plan_id(settings: Settings, scan: Scan) -> str:
+    # A window is part of the plan (plan_shards: another one puts samples in other shards); without one, the ids
+    # are those of sets made before windows, which still resume.
+    window = f"\0window={scan.window}" if scan.window != 1 else ""
+    blob = json.dumps(plan_fields(settings), sort_keys=True) + scan.fingerprint + window
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -430,17 +430,12 @@ def finished_record(dest: Destination, present: dict[str, int], name: str, plan_
     return rec
 
 
-def _ignore_sigint():
-    # Ctrl-C reaches the whole process group; the parent alone handles it and ends the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def run_jobs(jobs: list, workers: int):
     """Yield each job's records as it finishes (any order); in-process when workers == 1."""
     if workers == 1 or len(jobs) <= 1:
         yield from map(build_shards, jobs)
         return
-    with multiprocessing.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+    with worker_pool(min(workers, len(jobs))) as pool:
         yield from pool.imap_unordered(build_shards, jobs)
 
 
@@ -527,10 +522,10 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
     scan = scan_source(src, kind, workers)
     if not any(s.num_files for s in scan.splits.values()):
         raise UsageError(f"--data_path {src} holds no train or val files")
-    plan_id = make_plan_id(settings, scan.fingerprint)
+    plan_id = make_plan_id(settings, scan)
     if settings.format != FORMAT and plan_id != previous.get("plan_id"):  # not a resume: a new set, today's format
         settings = dataclasses.replace(settings, format=FORMAT)
-        plan_id = make_plan_id(settings, scan.fingerprint)
+        plan_id = make_plan_id(settings, scan)
     dest.local.mkdir(parents=True, exist_ok=True)
     lock = None
     try:
