@@ -25,7 +25,7 @@ from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer
 from trainlib.resume import resume_point
-from trainlib.runlog import QuietLog, RunLog, environment, plot_metrics
+from trainlib.runlog import QuietLog, RunLog, environment, final_lines, plot_metrics
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a process killed by it would report; here the checkpoint is written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, the same checkpoint
@@ -112,6 +112,8 @@ def run(cfg: TrainConfig) -> None:
         if trainer.epoch >= cfg.epochs or trainer.reached_max_steps():
             # A finished run resumed (say by a launch script's --resume auto): keep its summary.json and figures.
             log.print(f"nothing to train: the checkpoint is at epoch {trainer.epoch}, step {trainer.global_step}")
+            for line in final_lines(cfg.output) if placement.is_main else ():
+                log.print(line)  # its figures again, for the scripts that read them from this output
             return
         fit(cfg, trainer, train_loader, val_loader, log, rest_loader)
         summarize(cfg, trainer, log, time.perf_counter() - t_start)

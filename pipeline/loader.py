@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from pipeline.plan import EpochPlanner, Stage, share_of
+from pipeline.shards.errors import ShardError
 from pipeline.shards.format import Manifest, Shard, read_manifest, shard_list
 from pipeline.augment import Augment, parse as parse_augment
 from pipeline.transforms import Transform
@@ -194,7 +195,12 @@ class ShardLoader(Loader):
             raise ValueError(f"the {backend} backend reads shards: pass data_path (a folder made by "
                              f"tools/make_shards.py)")
         self.manifest: Manifest = read_manifest(spec.data_path)
-        self.planner = spec.planner(shard_list(spec.data_path, spec.split, self.manifest))
+        shards = shard_list(spec.data_path, spec.split, self.manifest)
+        unlike = [s for s in shards if s.problem]
+        if unlike and spec.on_error == "raise":  # before a sample is trained on; "skip" counts each of their samples
+            more = f" (and {len(unlike) - 1} more shards)" if len(unlike) > 1 else ""
+            raise ShardError(f"{unlike[0].path}: {unlike[0].problem}{more}")
+        self.planner = spec.planner(shards)
         # All of an epoch's batches, or a hybrid's part; the first epoch's (a resumed one may be shorter). Raises
         # when the split cannot fill one batch per rank.
         self.batches = spec.batches(self.planner.plan(self.planner.first_epoch).steps)

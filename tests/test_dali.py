@@ -4,6 +4,7 @@ the train augmentation (--aa, --color-jitter).
 Every test but the missing-DALI ones skips when DALI is not installed. The shard sets are written here with
 `tarfile` in make_shards' format (tar + wds2idx v1.2 index + manifest) so each test controls labels and sizes.
 """
+import hashlib
 import io
 import itertools
 import sys
@@ -47,7 +48,8 @@ def write_split(dst, split: str, samples: list, per_shard: int) -> SplitInfo:
         lines = [index_line(pair[0].name.split(".")[0], [(m.name.split(".")[1], m.offset_data, m.size) for m in pair])
                  for pair in zip(members[::2], members[1::2])]
         (dst / f"{name}.idx").write_text(index_text(lines))
-        shards.append(ShardInfo(f"{name}.tar", f"{name}.idx", len(lines), (dst / f"{name}.tar").stat().st_size, ""))
+        blob = (dst / f"{name}.tar").read_bytes()
+        shards.append(ShardInfo(f"{name}.tar", f"{name}.idx", len(lines), len(blob), hashlib.sha256(blob).hexdigest()))
     return SplitInfo(len(samples), sum(s.bytes for s in shards), len(samples), 0, 0, shards)
 
 

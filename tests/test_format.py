@@ -96,6 +96,54 @@ def test_index_round_trips_and_checks_counts(tmp_path):
         read_index(path)
 
 
+@pytest.mark.parametrize("line, message", [
+    ("jpg x1 100 a.jpg cls 1536 1 a.cls", r"train-000000\.idx:2: a\.jpg: offset 'x1' and size '100' must be byte "
+                                          r"counts"),
+    ("jpg 512 \u00b2 a.jpg cls 1536 1 a.cls", "must be byte counts"),  # a digit to str.isdigit, not to int()
+    ("jpg 512 1000000000000 a.jpg cls 1536 1 a.cls", r"a\.jpg at bytes 512-1000000000512 ends past the tar's 4096 "
+                                                    r"bytes"),
+    ("jpg 512 2000 a.jpg cls 1536 1 a.cls", r"a\.cls at bytes 1536-1537 overlaps the member before it \(which ends "
+                                            r"at 2512\)"),
+])
+def test_an_index_the_writer_cannot_have_written_is_one_line_naming_it(tmp_path, line, message):
+    path = tmp_path / "train-000000.idx"
+    path.write_text(index_text([line]))
+    with pytest.raises(ShardError, match=message) as e:
+        read_index(path, 1, file_bytes=4096)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("where, value, message", [
+    (("splits", "train", "num_samples"), -1, "splits.train.num_samples"),
+    (("splits", "train", "shards", 0, "num_samples"), -3, "train-000000.tar: num_samples is -3"),
+    (("splits", "train", "shards", 0, "num_samples"), "3", "train-000000.tar: num_samples is '3'"),
+    (("splits", "train", "num_samples"), 4, "splits.train.num_samples (its shards hold 3) is 4"),
+    (("splits", "train", "shards", 0, "sha256"), "not-a-hash", "train-000000.tar: sha256 is 'not-a-hash'"),
+    (("splits", "train", "shards", 0, "name"), "../../etc/passwd", "the shard file names of splits.train"),
+])
+def test_a_manifest_with_impossible_numbers_is_one_line(tmp_path, where, value, message):
+    write_set_files(tmp_path, small_manifest(), ["a"])
+    obj = json.loads((tmp_path / MANIFEST).read_text())
+    node = obj
+    for step in where[:-1]:
+        node = node[step]
+    node[where[-1]] = value
+    (tmp_path / MANIFEST).write_text(json.dumps(obj))
+    with pytest.raises(ShardError) as e:
+        read_manifest(tmp_path)
+    assert message in str(e.value) and str(tmp_path / MANIFEST) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_shard_of_another_size_than_the_manifests_gets_a_problem(tmp_path):
+    write_set_files(tmp_path, small_manifest(), ["a"])
+    (tmp_path / "train-000000.idx").write_text(index_text([]))
+    (tmp_path / "train-000000.tar").write_bytes(bytes(4096))
+    assert shard_list(tmp_path, "train")[0].problem is None
+    (tmp_path / "train-000000.tar").write_bytes(bytes(4608))
+    shard = shard_list(tmp_path, "train")[0]
+    assert shard.problem.startswith("4608 bytes, the manifest says 4096: not the shard this set was made with")
+
+
 def test_shard_file_names():
     assert is_shard_file("train-000012.tar") and is_shard_file("val-000000.idx")
     assert not is_shard_file("train-12.tar") and not is_shard_file("test-000000.tar") and not is_shard_file("x.tar")

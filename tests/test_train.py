@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 
+import make_shards
 import train
 from pipeline.shards.format import read_index, shard_list
 from trainlib import checkpoint, devices
@@ -187,6 +188,18 @@ def test_a_run_inside_its_warm_up_prints_a_numeric_fps(tmp_path, capsys):
     assert summary["fps"] == pytest.approx(fps, rel=1e-3) and summary["fps_scope"] == "all steps, inside warm-up"
 
 
+def test_a_finished_run_resumed_prints_its_final_figures_again(sample_shards, tmp_path, capsys):
+    common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "2", "--no-plots",
+              "--output", str(tmp_path / "run"), "--resume", "auto"]  # 12 steps: past the 10-step warm-up
+    run_ok(common)
+    first = capsys.readouterr().out.splitlines()
+    figures = [line for line in first if line.startswith((" * Acc@1", "FPS@all"))][-2:]
+    assert len(figures) == 2 and figures[0].startswith(" * Acc@1")
+    run_ok(common)
+    again = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("nothing to train") for line in again) and again[-2:] == figures
+
+
 def test_epochs_extend_a_finished_run_and_never_cut_below_its_position(tmp_path, capsys):
     out = tmp_path / "run"
     common = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
@@ -267,9 +280,8 @@ def test_skipped_samples_are_reported_per_epoch_and_in_the_summary(sample_shards
     data = tmp_path / "shards"
     shutil.copytree(sample_shards, data)
     shard = shard_list(data, "train")[1]
-    size = Path(shard.path).stat().st_size * 2 // 3
-    cut = sum(max(o + n for o, n in parts.values()) > size for _, parts in read_index(shard.index_path))
-    os.truncate(shard.path, size)
+    os.truncate(shard.path, Path(shard.path).stat().st_size * 2 // 3)
+    cut = shard.num_samples  # a shard of another size than the manifest's: every sample of it skipped, none read
     out = tmp_path / "run"
     run_ok([*TINY, "--data_path", str(data), "--batch-size", "8", "--epochs", "2", "--eval-freq", "0",
             "--on-error", "skip", "--output", str(out), "--no-plots"])
@@ -443,6 +455,24 @@ def test_an_elastic_resume_needs_the_same_data(sample_shards, tmp_path, capsys):
     assert "the checkpoint's run trained on 47 samples, this one has 48: resume on the same data" in \
         capsys.readouterr().err
     assert train.main([*common, "--batch-size", "8", "--resume", "auto"]) == 1  # its own layout: the same rule
+
+
+def test_a_shard_swapped_after_a_checkpoint_is_refused_at_the_resume(sample_folder, sample_shards, tmp_path, capsys):
+    data, other, out = tmp_path / "data", tmp_path / "other", tmp_path / "run"
+    shutil.copytree(sample_shards, data)
+    assert make_shards.main(["--data_path", str(sample_folder), "--out", str(other), "--samples-per-shard", "10",
+                             "--seed", "1"]) == 0
+    common = [*TINY, "--data_path", str(data), "--batch-size", "8", "--eval-freq", "0", "--output", str(out)]
+    run_ok([*common, "--epochs", "2", "--max-steps", "3"])
+    # Another set's shard of the same sample count, its index with it: only its size tells it apart.
+    assert len(read_index(other / "train-000001.idx")) == len(read_index(data / "train-000001.idx")) == 10
+    for name in ("train-000001.tar", "train-000001.idx"):
+        shutil.copy(other / name, data / name)
+    capsys.readouterr()
+    assert train.main([*common, "--epochs", "2", "--resume", "auto"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train-000001.tar: " in err and "not the shard this set was made with" in err
+    assert checkpoint.load(out / "last.pth")["global_step"] == 3  # nothing trained on it
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:

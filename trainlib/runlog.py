@@ -52,6 +52,23 @@ class RunLog:
             self._tb.close()
 
 
+def final_lines(output: Path) -> list[str]:
+    """The last ` * Acc@1` and the `FPS@all` lines of a finished run, again, from its metrics.jsonl and summary.json:
+    what a resumed finished run prints, for the launch scripts that read them from its output."""
+    output, lines = Path(output), []
+    try:
+        evals = [r for r in map(json.loads, (output / METRICS).read_text().splitlines()) if r.get("kind") == "eval"]
+        summary = json.loads((output / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return lines  # a run stopped by --max-steps before its end has no summary.json: nothing to repeat
+    if evals and "acc1" in evals[-1]:
+        lines.append(f" * Acc@1 {evals[-1]['acc1']:.3f} Acc@5 {evals[-1]['acc5']:.3f}")
+    if isinstance(summary, dict) and summary.get("fps") is not None:
+        scope = summary.get("fps_scope", "after warm-up")
+        lines.append(f"FPS@all {summary['fps']:.3f}" + ("" if scope == "after warm-up" else f" ({scope})"))
+    return lines
+
+
 class QuietLog:
     """Non-zero ranks: same methods, no output."""
 

@@ -44,8 +44,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def finish_temp(tmp: Path, path: Path, fsync: bool = True) -> None:
-    """Rename a fully written temporary file into place."""
+    """Rename a fully written temporary file into place. With `fsync`, its bytes reach the disk before its name does
+    (else a power loss can leave an empty file under the final name), and the rename after them."""
+    if fsync:
+        fsync_file(tmp)
     os.replace(tmp, path)
     if fsync:
         fsync_dir(Path(path).parent)
@@ -58,9 +69,6 @@ def write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
         finish_temp(tmp, path, fsync)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -32,6 +32,8 @@ LOCK_FILE = ".lock"  # held by the one writer at work on a folder
 INDEX_VERSION = "v1.2"
 TIMM_SPLIT_NAMES = {"train": "train", "val": "validation"}  # timm's wds reader calls the held-out split "validation"
 _SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.(tar|idx)$")
+_COUNT = re.compile(r"[0-9]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # A sample's members, in the order the writer puts them in the tar: `<key>.jpg` (the JPEG bytes) and `<key>.cls`
@@ -72,6 +74,8 @@ class Shard:
     path: str  # the tar file
     index_path: str  # its index
     num_samples: int
+    bytes: int | None = None  # the tar's size, as the manifest says
+    problem: str | None = None  # why its bytes are not the manifest's (found at the start): each sample reports it
 
 
 def index_line(key: str, members: list[tuple[str, int, int]]) -> str:
@@ -83,8 +87,11 @@ def index_text(lines: list[str]) -> str:
     return "".join([f"{INDEX_VERSION} {len(lines)}\n"] + [line + "\n" for line in lines])
 
 
-def read_index(path: str | Path, num_samples: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {ext: (offset, size)})] in tar order. `num_samples`, when given, must match (the manifest's count)."""
+def read_index(path: str | Path, num_samples: int | None = None,
+               file_bytes: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] in tar order. `num_samples`, when given, must match (the manifest's count), and
+    every member must lie inside the tar's `file_bytes`. Members come in tar order and never overlap, which the
+    writer guarantees: an index that breaks that is not one of ours, or is damaged, and a ShardError names it."""
     try:
         lines = storage.read_bytes(path).decode().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -92,17 +99,26 @@ def read_index(path: str | Path, num_samples: int | None = None) -> list[tuple[s
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise ShardError(f"{path}: not a wds2idx {INDEX_VERSION} index (first line {lines[:1]})")
-    entries = []
+    entries, end = [], 0  # end: where the previous member's data ends
     for n, line in enumerate(lines[1:], start=2):
         words = line.split()
         if not words:
             continue
         if len(words) % 4:
-            raise ShardError(f"{path}:{n}: expected groups of '<ext> <offset> <size> <filename>'")
+            raise ShardError(f"{path}:{n}: expected groups of '<ext> <offset> <size> <filename>'; remake the shards")
         parts, key = {}, None
         for i in range(0, len(words), 4):
             ext, offset, size, name = words[i:i + 4]
-            parts[ext] = (int(offset), int(size))
+            if not (_COUNT.fullmatch(offset) and _COUNT.fullmatch(size)):
+                raise ShardError(f"{path}:{n}: {name}: offset {offset!r} and size {size!r} must be byte counts; "
+                                 f"remake the shards")
+            offset, size = int(offset), int(size)
+            if offset < end or (file_bytes is not None and offset + size > file_bytes):
+                where = (f"overlaps the member before it (which ends at {end})" if offset < end else
+                         f"ends past the tar's {file_bytes} bytes")
+                raise ShardError(f"{path}:{n}: {name} at bytes {offset}-{offset + size} {where}; remake the shards")
+            end = offset + size
+            parts[ext] = (offset, size)
             key = key or name.removesuffix("." + ext)  # keys hold no dots (the writer's rule), names are <key>.<ext>
         entries.append((key, parts))
     if len(entries) != int(head[1]) or (num_samples is not None and len(entries) != num_samples):
@@ -200,8 +216,35 @@ class Manifest:
         except (KeyError, TypeError, AttributeError) as e:
             raise ShardError(f"{where}: not a manifest written by tools/make_shards.py ({type(e).__name__}: {e})") \
                 from None
+        _check_counts(splits, where)
         return cls(settings, plan_id, len(classes()) if count is None else count, splits, obj.get("converted", []),
                    obj.get("rejected", []), obj.get("ignored", []))
+
+
+def _check_counts(splits: dict, where: str) -> None:
+    """The manifest's numbers are what a loader plans with: each a count (an int >= 0), the shards' samples adding
+    up to their split's, names that are shard files, hashes that are sha256 digests."""
+    def bad(what: str, value) -> ShardError:
+        return ShardError(f"{where}: {what} is {value!r}; not a manifest written by tools/make_shards.py (remake it)")
+
+    for name, split in splits.items():
+        for field_name in ("num_samples", "bytes", "num_files", "num_rejected", "num_ignored"):
+            value = getattr(split, field_name)
+            if type(value) is not int or value < 0:
+                raise bad(f"splits.{name}.{field_name}", value)
+        for sh in split.shards:
+            for field_name in ("num_samples", "bytes"):
+                value = getattr(sh, field_name)
+                if type(value) is not int or value < 0:
+                    raise bad(f"{sh.name}: {field_name}", value)
+            if not (isinstance(sh.name, str) and is_shard_file(sh.name) and isinstance(sh.index, str)
+                    and is_shard_file(sh.index)):
+                raise bad(f"the shard file names of splits.{name}", (sh.name, sh.index))
+            if not (isinstance(sh.sha256, str) and _SHA256.fullmatch(sh.sha256)):
+                raise bad(f"{sh.name}: sha256", sh.sha256)
+        if sum(sh.num_samples for sh in split.shards) != split.num_samples:
+            raise bad(f"splits.{name}.num_samples (its shards hold {sum(sh.num_samples for sh in split.shards)})",
+                      split.num_samples)
 
 
 def read_manifest(data_path: str | Path) -> Manifest:
@@ -240,18 +283,24 @@ def write_set_files(folder: Path, manifest: Manifest, classes: list[str]) -> Non
 
 
 def shard_list(data_path: str | Path, split: str, manifest: Manifest | None = None) -> list[Shard]:
-    """The split's shards in manifest order, checked to exist so a missing file fails here and not in a worker."""
+    """The split's shards in manifest order, checked to exist so a missing file fails here and not in a worker, and
+    to have the manifest's size: a shard replaced (by one of another set, say) or cut short gets a `problem`, which
+    the loader raises before training on it (or reports per sample, under on_error="skip")."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     manifest = manifest or read_manifest(data_path)
     entry = manifest.splits.get(split)
     if not entry or not entry.shards:
         raise ShardError(f"{storage.join(data_path, MANIFEST)}: no '{split}' shards in this data set")
-    present, shards = storage.names(data_path), []  # one listing, not a request per file
+    present, shards = storage.file_sizes(data_path), []  # one listing, not a request per file
     for s in entry.shards:
         for name in (s.name, s.index):
             if name not in present:
                 raise ShardError(f"{storage.join(data_path, name)}: listed in the manifest but missing; rerun "
                                  f"tools/make_shards.py to complete it")
-        shards.append(Shard(storage.join(data_path, s.name), storage.join(data_path, s.index), s.num_samples))
+        path = storage.join(data_path, s.name)
+        problem = None if present[s.name] == s.bytes else (
+            f"{present[s.name]} bytes, the manifest says {s.bytes}: not the shard this set was made with (replaced "
+            f"or cut short); restore it or remake the set")
+        shards.append(Shard(path, storage.join(data_path, s.index), s.num_samples, s.bytes, problem))
     return shards

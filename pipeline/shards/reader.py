@@ -60,7 +60,7 @@ class ShardReader:
     def index(self, shard: Shard) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         entries = self._indexes.pop(shard.index_path, None)
         if entries is None:
-            entries = read_index(shard.index_path, shard.num_samples)
+            entries = read_index(shard.index_path, shard.num_samples, shard.bytes)
         self._indexes[shard.index_path] = entries
         while len(self._indexes) > self.cached_indexes:
             self._indexes.popitem(last=False)
@@ -74,6 +74,10 @@ class ShardReader:
         for i, (shard, _) in enumerate(refs):
             by_shard.setdefault(shard, []).append(i)
         for shard, positions in by_shard.items():
+            if shard.problem:  # not the manifest's shard: nothing of it is read, each sample says why
+                for i in positions:
+                    out[i] = Sample(shard.path, f"#{refs[i][1]}", b"", b"", shard.problem)
+                continue
             entries = self.index(shard)
             for i, sample in zip(positions, self._read_entries(shard, [entries[refs[i][1]] for i in positions])):
                 out[i] = sample

@@ -89,11 +89,14 @@ def read_ranges(location: str | Path, ranges: list[tuple[int, int]]) -> list[byt
     return out
 
 
-def names(root: str | Path) -> set[str]:
-    """The names of the files directly under `root` (a folder or an S3 prefix): one listing, not a request per file."""
+def file_sizes(root: str | Path) -> dict[str, int]:
+    """Name -> size of the files directly under `root` (a folder or an S3 prefix): one listing, not a request per
+    file."""
     if not is_s3(root):
-        return {p.name for p in Path(root).iterdir() if p.is_file()} if Path(root).is_dir() else set()
-    return {name for name in sizes(str(root)) if "/" not in name}
+        if not Path(root).is_dir():
+            return {}
+        return {e.name: e.stat().st_size for e in os.scandir(root) if e.is_file()}
+    return {name: size for name, size in sizes(str(root)).items() if "/" not in name}
 
 
 def sizes(root: str) -> dict[str, int]:

@@ -46,7 +46,7 @@ def check_shard(reader, dst: str | Path, shard: ShardInfo, entries: list, split_
     if len(blob) != shard.bytes or hashlib.sha256(blob).hexdigest() != shard.sha256:
         return [f"{name}: size or sha256 differs from the manifest"]
     try:
-        index = read_index(storage.join(dst, shard.index))
+        index = read_index(storage.join(dst, shard.index), file_bytes=shard.bytes)
         members = tar_members(blob)
     except (OSError, tarfile.TarError, ShardError) as e:
         return [f"{name}: {e}"]

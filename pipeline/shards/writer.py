@@ -260,9 +260,9 @@ def build_shards(job: ShardJob) -> list:
             current = name
             tar_path, idx_path = dst / f"{name}.tar", dst / f"{name}.idx"
             index = index_text(rec.pop("index")).encode()
-            # The small files are not fsync'd one by one: the record stores the index size, and a record
-            # or index lost to a power cut only makes the next run rebuild this shard.
-            atomicio.write_bytes(idx_path, index, fsync=False)
+            # The index's bytes are on disk before its name (as the tar's, fsync'd by finish()); the record is not
+            # fsync'd: one lost to a power cut only makes the next run rebuild this shard.
+            atomicio.write_bytes(idx_path, index)
             atomicio.finish_temp(tmp, tar_path, fsync=False)
             atomicio.fsync_dir(dst)  # both renames are durable before the record says "done"
             rec.update({"plan_id": job.plan_id, "split": split, "name": f"{name}.tar", "index": f"{name}.idx",
