@@ -3,12 +3,14 @@ import errno
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
 import make_shards
@@ -251,6 +253,77 @@ def test_bad_inputs_are_converted_or_rejected(bad_folder, tmp_path, capsys):
     for s in samples:
         with Image.open(io.BytesIO(s["jpg"])) as im:
             assert (im.format, im.mode) == ("JPEG", "RGB")
+
+
+def test_link_loops_and_empty_class_folders_are_named_and_nothing_is_read_twice(tmp_path, capsys):
+    root, good = tmp_path / "links", _jpeg()
+    for rel in ("train/n01/a.JPEG", "train/n01/b.JPEG", "train/n02/c.JPEG", "val/n01/v.JPEG"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(good)
+    (root / "train" / "n02" / "uploop").symlink_to("..")  # train/ again: n01's images would get n02's label
+    (root / "val" / "n02").symlink_to("../train/n02")  # train images in val: read once, under train
+    (root / "train" / "n03").mkdir()
+    (root / "train" / "n03" / ".DS_Store").write_bytes(b"\0")  # a class folder with no image
+    dst = tmp_path / "out"
+    assert _run(root, dst) == make_shards.EXIT_REJECTED
+    m = json.loads((dst / "manifest.json").read_text())
+    rejected = {r["path"]: r["reason"] for r in m["rejected"]}
+    assert rejected == {
+        "train/n02/uploop/": "a link to a folder already read (train): not read twice",
+        "train/n03/": "no image files: class n03 gets no train samples",
+        "val/n02/": "a link to a folder already read (train/n02): not read twice"}
+    assert m["splits"]["train"]["num_samples"] == 3 and m["splits"]["val"]["num_samples"] == 1
+    samples = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset([str(dst / "train-000000.tar")],
+                                                                   shardshuffle=False)}
+    assert samples == {"n01_a": 0, "n01_b": 0, "n02_c": 1}
+    out = capsys.readouterr().out
+    assert "  train/n03/: no image files: class n03 gets no train samples" in out
+
+
+def _without_root_powers(cmd: list) -> list:
+    """`cmd` as a process that file permissions bind: as root, with the capabilities that bypass them dropped."""
+    if os.geteuid() != 0:
+        return cmd
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv (util-linux): file permissions cannot bind here")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-all", *cmd]
+
+
+def test_an_unreadable_class_folder_is_named(tmp_path):
+    root, good = tmp_path / "perm", _jpeg()
+    for rel in ("train/n01/a.JPEG", "train/n02/b.JPEG"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(good)
+    (root / "train" / "n02").chmod(0)
+    dst = tmp_path / "out"
+    try:
+        proc = subprocess.run(_without_root_powers([sys.executable, make_shards.__file__, "--data_path", str(root),
+                                                    "--out", str(dst), "--workers", "1"]),
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        (root / "train" / "n02").chmod(0o755)
+    assert proc.returncode == make_shards.EXIT_REJECTED, proc.stderr
+    assert "  train/n02/: cannot read this folder (Permission denied)" in proc.stdout
+    rejected = {r["path"]: r["reason"] for r in json.loads((dst / "manifest.json").read_text())["rejected"]}
+    assert rejected == {"train/n02/": "cannot read this folder (Permission denied)"}
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.5, 0.8])
+def test_a_ctrl_c_at_any_moment_is_one_line_and_130(sample_folder, tmp_path, delay):
+    """Real SIGINTs from the first imports to the end of the run. The run ends at 0 only once it is done."""
+    dst = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, make_shards.__file__, "--data_path", str(sample_folder), "--out", str(dst),
+                             "--samples-per-shard", "1", "--workers", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # without the progress bars
+    if proc.returncode == 0:  # the signal came after the work: a whole set
+        assert (dst / "manifest.json").exists() and "train: 48 files = 48 in 48 shards" in out
+    else:
+        assert proc.returncode == make_shards.EXIT_INTERRUPTED, err
+        assert lines[-1:] == [make_shards.INTERRUPTED] and "Traceback" not in err
 
 
 def test_header_check_still_catches_cut_off_jpegs(bad_folder, tmp_path):

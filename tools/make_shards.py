@@ -21,10 +21,18 @@ Exit status: 0 all files packed; 3 done, but some files were rejected (listed in
 """
 from __future__ import annotations
 
-import argparse
 import os
-import re
+import signal
 import sys
+
+INTERRUPTED = "make_shards: interrupted; finished shards are kept, rerun the same command to resume"
+if __name__ == "__main__":
+    # A Ctrl-C while the libraries below load: the same line and status as later, at once. Left to Python, it is a
+    # traceback, or, landing in a C extension's init, an ImportError that code may take for a missing package.
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write(INTERRUPTED + "\n"), os._exit(130)))
+
+import argparse  # noqa: E402 (after the handler above)
+import re
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -115,6 +123,14 @@ def run(args: ShardsConfig) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # one that lands while _main reports or cleans up
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     try:
         return run(args)
@@ -131,8 +147,7 @@ def main(argv=None) -> int:
         print(f"make_shards: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("make_shards: interrupted; finished shards are kept, rerun the same command to resume",
-              file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if not isinstance(args.out, str):
@@ -140,4 +155,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C unwinds: temporary files go
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is over: a Ctrl-C as the interpreter exits changes nothing
+    sys.exit(status)

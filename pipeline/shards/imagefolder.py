@@ -63,23 +63,51 @@ def keyed_entries(items: list, classes: list) -> list:
     return [Entry(path, label, key, loc) for (path, label, _, loc), key in zip(items, keys)]
 
 
-def _walk_files(root: Path):
-    """(path, inside_hidden_folder) of every file under root, in a sorted, repeatable order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        hidden = any(is_ignored(p) for p in Path(dirpath).relative_to(root).parts)
-        for name in sorted(filenames):
-            yield Path(dirpath) / name, hidden
+def _walk_files(src: Path, root: Path, seen: dict):
+    """(path, inside a hidden folder, None) for every file under `root`, in a sorted, repeatable order, and
+    (folder, _, reason) for a folder not read: one that cannot be listed, or one `seen` already ({(device, inode):
+    its path under `src`}), reached again through a link (a loop, or two links to one folder): its files are read
+    once, under one label. Links to folders elsewhere are followed (a class folder may live on another disk)."""
+    def walk(folder: Path, hidden: bool):
+        try:
+            st = folder.stat()
+            ident = (st.st_dev, st.st_ino)
+            if ident in seen:
+                yield folder, hidden, f"a link to a folder already read ({seen[ident]}): not read twice"
+                return
+            seen[ident] = folder.relative_to(src).as_posix()
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            yield folder, hidden, f"cannot read this folder ({e.strerror or e})"
+            return
+        folders = []
+        for e in entries:
+            try:
+                is_folder = e.is_dir()  # through links
+            except OSError:
+                is_folder = False  # a link that cannot be followed: a file, whose read says why
+            if is_folder:
+                folders.append(e)
+            else:
+                yield Path(e.path), hidden, None
+        for e in folders:
+            yield from walk(Path(e.path), hidden or is_ignored(e.name))
+
+    yield from walk(root, False)
 
 
-def scan_split(src: Path, split: str, classes: list, digest) -> SplitScan:
-    """Sort every file of one split into candidates, scan-time rejects and ignored files."""
+def scan_split(src: Path, split: str, classes: list, digest, seen: dict) -> SplitScan:
+    """Sort every file of one split into candidates, scan-time rejects and ignored files. A class folder of this split
+    that gives no candidate is rejected by name: its class would silently get no samples."""
     result = SplitScan(split)
     split_dir = src / split
     label_of = {c: i for i, c in enumerate(classes)}
     items, labels = [], []
-    for path, in_hidden in _walk_files(split_dir):
+    for path, in_hidden, problem in _walk_files(src, split_dir, seen):
         relpath = path.relative_to(src).as_posix()
+        if problem:
+            result.rejected.append({"split": split, "path": relpath + "/", "reason": problem})
+            continue
         add_to_fingerprint(digest, relpath, path)
         parts = path.relative_to(split_dir).parts
         if in_hidden or is_ignored(path.name):
@@ -89,6 +117,12 @@ def scan_split(src: Path, split: str, classes: list, digest) -> SplitScan:
         else:
             items.append((relpath, parts[0], "/".join(parts[1:])))
             labels.append(label_of[parts[0]])
+    read = {c for _, c, _ in items} | {Path(r["path"]).parts[1] for r in result.rejected
+                                      if len(Path(r["path"]).parts) >= 2}
+    for c in class_dirs(split_dir):
+        if c not in read:
+            result.rejected.append({"split": split, "path": f"{split}/{c}/", "reason": f"no image files: class {c} "
+                                                                                    f"gets no {split} samples"})
     keys = assign_keys(items)
     result.entries = [Entry(it[0], lab, key) for it, lab, key in zip(items, labels, keys)]
     return result
@@ -109,5 +143,6 @@ def scan(src: Path) -> Scan:
         if not per_split[s]:
             raise UsageError(f"{src / s} has no class folders (flat layout? sort files into <class>/ folders)")
     digest = hashlib.sha256("\n".join(classes).encode())
-    splits = {s: scan_split(src, s, classes, digest) for s in present}
+    seen = {}  # folders read, across the splits: a link from val/ into train/ is not read twice either
+    splits = {s: scan_split(src, s, classes, digest, seen) for s in present}
     return Scan(classes, splits, digest.hexdigest(), FileReader(src))
