@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from model import CheckpointMismatch
-from pipeline import PipelineError
+from pipeline import PipelineError, SettingsError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
 from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_model, class_count, seed_everything,
@@ -84,11 +84,7 @@ def run(cfg: TrainConfig) -> None:
             log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
             for stale in checkpoint.remove_stale_temp_files(cfg.output):  # left by a writer killed mid-save
                 log.print(f"removed {stale}, a checkpoint write that a killed process left unfinished")
-        log.write_json("config.json", cfg.to_dict())
-        log.write_json("env.json", {**environment(device, placement.world_size), **{
-            f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))
-            if loader is not None}})
-        trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)
+        trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)  # loads --pretrained
         handlers = stop_on_signals(trainer)
         if state is not None:
             trainer.load_state_dict(state, point, optimizer_steps(cfg, len(rest_loader), rest=True)
@@ -97,6 +93,11 @@ def run(cfg: TrainConfig) -> None:
                       f"(global {trainer.global_step})")
         else:
             seed_everything(cfg.seed + placement.rank, device)  # per-rank streams (drop path, ...) from here on
+        # The first files of the run folder (RunLog writes nothing before): the weights and checkpoint fit.
+        log.write_json("config.json", cfg.to_dict())
+        log.write_json("env.json", {**environment(device, placement.world_size), **{
+            f"{name}_loader": loader.describe() for name, loader in (("train", train_loader), ("val", val_loader))
+            if loader is not None}})
         log.print(f"{cfg.model} {classes} classes, {placement.world_size} x {device.name()}, {cfg.backend} input, "
                   f"{str(trainer.optim.amp_dtype).removeprefix('torch.')}, {steps_per_epoch} steps/epoch x "
                   f"{cfg.batch_size} x {placement.world_size}"
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             distributed.spawn(cfg, resolve_device(cfg.device), run)
         else:
             run(cfg)
-    except (ConfigError, DeviceError) as e:
+    except (ConfigError, DeviceError, SettingsError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except (PipelineError, CheckpointMismatch, checkpoint.CheckpointError, DaliMissingError, FileNotFoundError,

@@ -24,6 +24,7 @@ _EXPORTS = {
     "LoaderSpec": "pipeline.loader", "Loader": "pipeline.loader", "IMAGENET_CLASSES": "pipeline.loader",
     "endless": "pipeline.loader", "timed": "pipeline.loader",
     "PipelineError": "pipeline.shards.errors", "ShardError": "pipeline.shards.errors",
+    "SettingsError": "pipeline.shards.errors",
 }
 __all__ = list(_EXPORTS)
 

@@ -40,7 +40,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from pipeline.shards.errors import ShardError
+from pipeline.shards.errors import SettingsError
 from pipeline.shards.format import Shard
 
 
@@ -188,7 +188,7 @@ def rank_plan(shards: list[Shard], *, train: bool, batch_size: int, rank: int, w
     total = sum(map(len, pieces))
     steps = steps_per_epoch(total, batch_size, world_size, train, repeats)
     if train and steps == 0 and not stages:  # a resumed epoch's rest may be too short: it then ends at once
-        raise ShardError(f"{total} train samples cannot fill one batch of {batch_size} on each of {world_size} "
+        raise SettingsError(f"{total} train samples cannot fill one batch of {batch_size} on each of {world_size} "
                          f"ranks; lower --batch-size")
     if repeats > 1:  # rule 7: the rank's positions draw from U[first, last), U being a prefix of the pieces
         positions = steps * batch_size

@@ -108,11 +108,20 @@ def test_rendezvous_from_seed_flags():
         distributed.rendezvous_env(parse_config(["--backend", "synthetic", "--dist-url", "file:///x"]), {})
 
 
-def test_torchrun_environment_wins_over_rank_flags():
+def test_torchrun_places_the_process_and_disagreeing_rank_flags_are_one_line():
     cfg = parse_config(["--backend", "synthetic", "--rank", "1", "--world-size", "4", "--gpu", "3"])
     assert distributed.placement(cfg, {}) == distributed.Placement(1, 4, 3)
-    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
-    assert distributed.placement(cfg, env) == distributed.Placement(5, 8, 1)
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    # The defaults (what launch scripts pass) and agreeing values are fine; --multiprocessing-distributed counts nodes.
+    assert distributed.placement(parse_config(["--backend", "synthetic"]), env) == distributed.Placement(5, 8, 1)
+    agree = parse_config(["--backend", "synthetic", "--world-size", "8", "--rank", "5"])
+    assert distributed.placement(agree, env) == distributed.Placement(5, 8, 1)
+    nodes = parse_config(["--backend", "synthetic", "--world-size", "2", "--rank", "1", "--multiprocessing-distributed"])
+    assert distributed.placement(nodes, env) == distributed.Placement(5, 8, 1)
+    with pytest.raises(ConfigError, match=r"--world-size 4, but torchrun started 8 processes \(WORLD_SIZE=8\)"):
+        distributed.placement(cfg, env)
+    with pytest.raises(ConfigError, match=r"--rank 2, but torchrun made this process's rank 5"):
+        distributed.placement(parse_config(["--backend", "synthetic", "--world-size", "8", "--rank", "2"]), env)
     with pytest.raises(ConfigError, match="outside"):
         distributed.placement(parse_config(["--backend", "synthetic", "--rank", "2"]), {})
 

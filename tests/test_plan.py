@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from pipeline.plan import EpochPlanner, RankPlan, Stage, rank_plan, steps_per_epoch, worker_batches, worker_of
-from pipeline.shards.errors import ShardError
+from pipeline.shards.errors import SettingsError
 from pipeline.shards.format import Shard
 
 WORLD_SIZES = range(1, 65)
@@ -117,7 +117,7 @@ def test_train_batches_deal_out_each_window_of_the_rank_span(window):
 
 
 def test_train_too_small_for_one_batch_per_rank_is_a_clear_error():
-    with pytest.raises(ShardError, match="lower --batch-size"):
+    with pytest.raises(SettingsError, match="lower --batch-size"):
         rank_plan(make_shards(2), train=True, batch_size=10_000, rank=0, world_size=2, seed=0, epoch=0)
 
 
@@ -287,7 +287,7 @@ def test_repeats_refuse_an_elastic_resume_and_a_too_small_split():
         planner.plan(2)
     assert planner.plan(3).steps == len(expanded(SHARDS, 2)[1]) // 4, "the other epochs are not resumed ones"
     rank_plan(SHARDS, train=True, batch_size=4, rank=0, world_size=1, seed=7, epoch=0, stages=stages)  # a = 1: fine
-    with pytest.raises(ShardError, match="lower --batch-size"):
+    with pytest.raises(SettingsError, match="lower --batch-size"):
         rank_plan(make_shards(2), train=True, batch_size=10_000, rank=0, world_size=2, seed=0, epoch=0, aug_repeats=3)
     with pytest.raises(ValueError, match="aug_repeats=0"):
         rank_plan(SHARDS, train=True, batch_size=4, rank=0, world_size=1, seed=7, epoch=0, aug_repeats=0)

@@ -171,6 +171,36 @@ def test_a_resume_file_that_is_no_checkpoint_fails_in_one_line(tmp_path, capsys)
     assert not (tmp_path / "o").exists()  # a failed start leaves no run behind for --resume auto to find
 
 
+@pytest.mark.parametrize("flag, make", [
+    ("--resume", "another model's checkpoint"),
+    ("--pretrained", "junk"), ("--pretrained", "json"), ("--pretrained", "a tensor"),
+    ("--pretrained", "another model's checkpoint"),
+])
+def test_a_resume_or_pretrained_file_that_does_not_fit_leaves_no_run_folder(tmp_path, capsys, flag, make):
+    synthetic = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
+                 "--no-plots"]
+    path = tmp_path / "file.pth"
+    if make == "another model's checkpoint":
+        run_ok([*synthetic, "--max-steps", "1", "--output", str(tmp_path / "other"), "--model", "vit_tiny_patch16_224"])
+        path = tmp_path / "other" / "last.pth"
+    elif make == "a tensor":
+        torch.save(torch.ones(3), path)
+    else:
+        path.write_text("{}" if make == "json" else "not weights")
+    capsys.readouterr()
+    assert train.main([*synthetic, flag, str(path), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_larger_than_the_data_is_a_usage_error(sample_shards, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert train.main([*TINY, "--data_path", str(sample_shards), "--batch-size", "64", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "48 train samples cannot fill one batch of 64" in err and not out.exists()
+
+
 def test_a_bad_data_path_leaves_no_run_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert train.main([*TINY, "--data_path", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 1

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline import ShardError, build_loader
+from pipeline import PipelineError, build_loader
 from pipeline.shards import atomicio
 
 CAPTION = 14  # pixels of caption strip under each tile
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     try:
         host, host_labels = first_batch("host", args)
         dali, dali_labels = first_batch("dali", args)
-    except (ShardError, ValueError, RuntimeError) as e:  # DALI missing is a RuntimeError too (DaliMissingError)
+    except (PipelineError, ValueError, RuntimeError) as e:  # DALI missing is a RuntimeError too (DaliMissingError)
         print(f"parity_grid: error: {e}", file=sys.stderr)
         return 2
     left = block(host, host_labels, f"host ({args.split})")

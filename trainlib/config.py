@@ -123,7 +123,8 @@ class TrainConfig:
     plots: bool = knob(True, "write plots.png (loss, img/s, input wait) at the end")
     tensorboard: bool = knob(False, "also write the figures of metrics.jsonl as TensorBoard scalars to <output>/tb "
                                     "(rank 0; needs the tensorboard package: pip install -e '.[tensorboard]')")
-    # devices and launch (under torchrun its environment wins over --rank/--world-size/--addr/--dist-url)
+    # devices and launch (under torchrun its environment places the process: --addr/--dist-url are ignored, a
+    # --rank/--world-size that disagrees is an error)
     device: str = knob("auto", "auto, gpu (= cuda), cuda, npu or cpu", choices=("auto", "gpu", "cuda", "npu", "cpu"))
     gpu: int = knob(None, "device index for a single-process run (torchrun: LOCAL_RANK)")
     dist_backend: str = knob(None, "process-group backend; default nccl (cuda), hccl (npu), gloo (cpu)")

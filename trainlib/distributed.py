@@ -40,10 +40,27 @@ class Placement:
 
 def placement(cfg: TrainConfig, env=os.environ) -> Placement:
     if "RANK" in env and "WORLD_SIZE" in env:
-        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        where = Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        check_launch_flags(cfg, where, int(env.get("LOCAL_WORLD_SIZE", where.world_size)))
+        return where
     if not 0 <= cfg.rank < cfg.world_size:
         raise ConfigError(f"--rank {cfg.rank} is outside --world-size {cfg.world_size}")
     return Placement(cfg.rank, cfg.world_size, cfg.gpu or 0)
+
+
+def check_launch_flags(cfg: TrainConfig, where: Placement, per_node: int) -> None:
+    """Under torchrun its environment places the process; a --world-size or --rank given beside it (not the defaults
+    1 and 0, which launch scripts pass) that disagrees is a ConfigError rather than silently ignored. With
+    --multiprocessing-distributed they count nodes, as in the seed."""
+    nodes = cfg.multiprocessing_distributed
+    world, rank = (where.world_size // per_node, where.rank // per_node) if nodes else (where.world_size, where.rank)
+    unit = "nodes" if nodes else "processes"
+    if cfg.world_size != 1 and cfg.world_size != world:
+        raise ConfigError(f"--world-size {cfg.world_size}, but torchrun started {world} {unit} (WORLD_SIZE="
+                          f"{where.world_size}); under torchrun leave --world-size out, or launch {cfg.world_size}")
+    if cfg.rank != 0 and cfg.rank != rank:
+        raise ConfigError(f"--rank {cfg.rank}, but torchrun made this process's rank {rank} (RANK={where.rank}); "
+                          f"under torchrun leave --rank out")
 
 
 def rendezvous_env(cfg: TrainConfig, env=os.environ) -> None:

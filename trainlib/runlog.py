@@ -21,13 +21,20 @@ POSITION = ("epoch", "step", "global_step")  # where a figure was taken, not a f
 
 
 class RunLog:
+    """The run folder appears with the first file written, not before: a start that fails while the model, the
+    checkpoint or the weights are still being checked leaves no folder for a later --resume auto to find."""
+
     def __init__(self, output: Path, append: bool, tensorboard: bool = False):
-        self.output = Path(output)
+        self.output, self.append, self.tensorboard = Path(output), append, tensorboard
+        self._metrics = self._tb = None
+
+    def _open(self) -> None:
+        if self._metrics is not None:
+            return
         self.output.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the file; a fresh run in the same folder starts it over.
-        self._metrics = open(self.output / METRICS, "a" if append else "w", buffering=1)
-        self._tb = None
-        if tensorboard:
+        self._metrics = open(self.output / METRICS, "a" if self.append else "w", buffering=1)
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # only with the flag: tensorboard is an optional extra
 
             self._tb = SummaryWriter(str(self.output / TENSORBOARD))
@@ -36,6 +43,7 @@ class RunLog:
         print(line, flush=True)
 
     def record(self, kind: str, **fields) -> None:
+        self._open()
         self._metrics.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
         if self._tb is not None and "global_step" in fields:
             # The same figures as scalars "<kind>/<field>" (train/loss, eval/acc1, ...) over the global step.
@@ -44,10 +52,12 @@ class RunLog:
                     self._tb.add_scalar(f"{kind}/{name}", value, fields["global_step"])
 
     def write_json(self, name: str, obj) -> None:
+        self._open()
         atomicio.write_json(self.output / name, obj)
 
     def close(self) -> None:
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._tb is not None:
             self._tb.close()
 

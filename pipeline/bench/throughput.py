@@ -50,7 +50,7 @@ from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
 from pipeline.loader import IMAGENET_CLASSES, LoaderSpec, endless, timed
-from pipeline.shards.errors import ShardError
+from pipeline.shards.errors import PipelineError
 from pipeline.shards.format import read_manifest
 
 
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     try:
         check(cfg)
         final = decode_only(cfg) if cfg.decode_only else run(cfg)
-    except (ShardError, ValueError, OSError, ImportError, RuntimeError) as e:
+    except (PipelineError, ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"pipeline.bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,5 +14,10 @@ class SampleError(ShardError):
     """One sample that cannot be used; the message names the shard file and the sample key."""
 
 
+class SettingsError(PipelineError):
+    """Loader settings the data cannot serve (a batch larger than the split): the user changes a flag, as for any
+    impossible value (train.py exits 2)."""
+
+
 class UsageError(Exception):
     """Bad input to the shard writer that the user must fix (reported in one line, exit status 2)."""
