@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
-        print(f"train.py: {e}", file=sys.stderr)
+        if not e.quiet:
+            print(f"train.py: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED if e.signal == "SIGINT" else EXIT_PREEMPTED
     except KeyboardInterrupt:
         # Loaders and the process group were closed on the way out; the last checkpoint is intact (atomic writes).

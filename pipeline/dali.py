@@ -39,6 +39,7 @@ import inspect
 import io
 import itertools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,7 +51,7 @@ from pipeline.augment import LEVEL_DENOM, LEVEL_TO_ARG, Augment
 from pipeline.cli import knob
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import EpochPlanner
-from pipeline.processes import main_not_replayed
+from pipeline.processes import leave_stop_signals_to_the_parent, main_not_replayed
 from pipeline.shards.errors import ShardError
 from pipeline.shards.reader import ShardReader, usable_label
 from pipeline.transforms import Transform, to_model_input
@@ -111,8 +112,12 @@ class BatchSource:
     def __init__(self, planner: EpochPlanner, first_epoch: int, batches: list[int], num_classes: int | None):
         self.planner, self.first_epoch, self.batches, self.num_classes = planner, first_epoch, batches, num_classes
         self.reader = ShardReader()
+        self.signals_left_in = os.getpid()  # the trainer's process, whose stop signals stay its own
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
+        if self.signals_left_in != os.getpid():  # the first call in a DALI worker process
+            leave_stop_signals_to_the_parent()
+            self.signals_left_in = os.getpid()
         n = len(self.batches)
         epoch, index = self.first_epoch + info.iteration // n, self.batches[info.iteration % n]
         samples = self.reader.read_batch(self.planner, epoch, index)

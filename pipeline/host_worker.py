@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import signal
 import tempfile
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.plan import EpochPlanner, worker_batches
-from pipeline.processes import keep_freed_memory_in_the_heap
+from pipeline.processes import keep_freed_memory_in_the_heap, leave_stop_signals_to_the_parent
 from pipeline.shards.errors import SampleError, ShardError
 from pipeline.shards.jpeg import crop_resize
 from pipeline.shards.reader import Sample, ShardReader, usable_label
@@ -263,7 +262,7 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
 
 def worker_main(cfg: WorkerConfig, conn) -> None:
     """Process entry point. Exits quietly when the parent says stop or goes away (EOF on the pipe)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent stops us
+    leave_stop_signals_to_the_parent()  # a Ctrl-C or SIGTERM to the whole group: the trainer stops us
     os.environ.update(dict(cfg.environment))  # one thread each came with the start (pipeline.processes)
     keep_freed_memory_in_the_heap()
     shms = [shared_memory.SharedMemory(name=n) for n in cfg.slot_names]

@@ -6,10 +6,23 @@ import contextlib
 import ctypes
 import functools
 import os
+import signal
 import sys
 
 # One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+# What a scheduler or a terminal sends the whole process group to stop a job: the trainer stops at a step with a
+# checkpoint (train.py), so the loaders' worker processes must outlive it until their loader ends them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def leave_stop_signals_to_the_parent() -> None:
+    """In a worker process: ignore the stop signals. It still ends when its loader says so, or when its parent is
+    gone (the host workers: EOF on their pipe; DALI's: DALI ends them)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

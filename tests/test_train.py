@@ -438,6 +438,43 @@ def test_a_stop_signal_checkpoints_the_exact_step_and_resume_continues_there(tmp
     assert [r["global_step"] for r in resumed] == [step + 1, step + 2, step + 3]
 
 
+@pytest.fixture(scope="module")
+def long_val_shards(tmp_path_factory):
+    """48 train and 1,000 val images: an evaluation that lasts long enough to be interrupted."""
+    root = tmp_path_factory.mktemp("long-val")
+    for cmd in (["make_sample_data.py", str(root / "folder"), "--classes", "4", "--train-per-class", "12",
+                 "--val-per-class", "250", "--min-side", "40", "--max-side", "64"],
+                ["make_shards.py", "--data_path", str(root / "folder"), "--out", str(root / "shards"),
+                 "--samples-per-shard", "100", "--workers", "2"]):
+        subprocess.run([sys.executable, str(ROOT / "tools" / cmd[0]), *cmd[1:]], check=True, capture_output=True)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("backend", ["host", "dali"])
+def test_a_sigterm_to_the_process_group_while_it_evaluates_checkpoints(long_val_shards, tmp_path, backend):
+    """What Slurm and Kubernetes do: SIGTERM to every process of the job, decode workers included, here while it
+    evaluates. The workers leave it to the trainer, which finishes the evaluation, stops at the next step with a
+    checkpoint and exits 143."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-u", str(ROOT / "train.py"), *TINY, "--data_path", str(long_val_shards), "--backend",
+           backend, "--workers", "2", "--batch-size", "8", "--epochs", "3", "--output", str(out), "--no-plots",
+           "-p", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job's
+    for line in proc.stdout:
+        if line.startswith("Epoch [0][6/6]"):  # the epoch's last step: evaluation comes next
+            time.sleep(0.5)  # into it: 1,000 images take seconds here
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_PREEMPTED, err[-2000:]
+    assert "stopped by SIGTERM at global step" in err and err.strip().count("\n") == 0, err[-2000:]
+    assert checkpoint.load(out / "last.pth")["global_step"] >= 6
+    assert [r["epoch"] for r in metrics(out, "eval")] == [0]  # the evaluation it was in finished
+
+
 def test_an_elastic_resume_trains_the_rest_of_the_epoch_on_another_layout(sample_shards, tmp_path, capsys):
     # 48 train samples. 1 rank x 8 stops after 2 steps (16 samples); 2 ranks x 4 (the same global batch) go on with
     # the 32 left, 4 steps, and stop after 2; 1 rank x 4 (another global batch) trains the last 16 in 4 steps.
@@ -517,6 +554,28 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
                 and f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ)):
             return int(proc.name)
     return None
+
+
+def test_a_sigterm_to_torchrun_checkpoints_once_and_our_code_adds_no_traceback(sample_shards, tmp_path):
+    """torchrun passes a SIGTERM on to its ranks; they stop at one step with one checkpoint and one line (rank 0's).
+    torchrun itself then exits 1 with its own SignalException traceback (its code, not ours: docs/training.md)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *TINY, "--data_path", str(sample_shards), "--batch-size", "4", "--epochs", "50", "--eval-freq", "0",
+           "-p", "1", "--no-plots", "--output", str(out)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("Epoch [0][3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    ours = [line for line in err.splitlines() if line.startswith("train.py:")]
+    assert len(ours) == 1 and "stopped by SIGTERM at global step" in ours[0], err[-3000:]
+    step = int(ours[0].split("global step ")[1].split()[0])
+    assert checkpoint.load(out / "last.pth")["global_step"] == step
+    frames = [line for line in err.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if str(ROOT) in f and ".venv" not in f and "site-packages" not in f], err[-3000:]
 
 
 def test_kill_9_of_a_rank_restarts_under_torchrun_and_ends_as_an_uninterrupted_run(sample_shards, tmp_path):

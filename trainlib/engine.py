@@ -24,11 +24,12 @@ from trainlib.resume import ResumePoint, schedule_position
 
 class Preempted(Exception):
     """A stop signal arrived; the run stopped at a step boundary with a checkpoint. The message says where; `signal`
-    is the signal's name ("a signal to another rank" when a peer received it)."""
+    is the signal's name ("a signal to another rank" when a peer received it); `quiet` on ranks other than 0, which
+    stop at the same step and leave the saying to rank 0."""
 
-    def __init__(self, message: str, signal: str):
+    def __init__(self, message: str, signal: str, quiet: bool = False):
         super().__init__(message)
-        self.signal = signal
+        self.signal, self.quiet = signal, quiet
 
 
 class DivergedError(RuntimeError):
@@ -170,7 +171,8 @@ class Trainer:
         saved = (f"checkpoint written, rerun with --resume auto --output {self.cfg.output} to continue from there"
                  if self.cfg.save_checkpoints else "no checkpoint (--no-save-checkpoints)")
         raise Preempted(f"stopped by {self.stop_signal} at global step {self.global_step} (epoch "
-                        f"{self.epoch}, step {self.step_in_epoch}); {saved}", self.stop_signal)
+                        f"{self.epoch}, step {self.step_in_epoch}); {saved}", self.stop_signal,
+                        quiet=not self.placement.is_main)
 
     def reached_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
