@@ -118,6 +118,11 @@ def run(cfg: TrainConfig) -> None:
             return
         fit(cfg, trainer, train_loader, val_loader, log, rest_loader)
         summarize(cfg, trainer, log, time.perf_counter() - t_start)
+    except RuntimeError as e:
+        lost = distributed.timed_out(e, cfg, placement)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)  # as they were: a caller (a test, a notebook) keeps its own handling

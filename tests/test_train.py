@@ -578,6 +578,33 @@ def test_a_sigterm_to_torchrun_checkpoints_once_and_our_code_adds_no_traceback(s
     assert not [f for f in frames if str(ROOT) in f and ".venv" not in f and "site-packages" not in f], err[-3000:]
 
 
+def test_a_silent_peer_is_one_line_naming_the_collective_the_timeout_and_the_rank(tmp_path):
+    """Rank 1 stopped (SIGSTOP) mid-run: rank 0 gives up after --dist-timeout with one line of ours."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0", "-p", "1",
+           "--max-steps", "100000", "--no-plots", "--dist-timeout", "5", "--output", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, stopped = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if stopped is None and line.startswith("Epoch [0][3/"):
+                stopped = rank_pid(proc.pid, 1)
+                os.kill(stopped, signal.SIGSTOP)
+            if line.startswith("train.py: error:"):
+                break
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGKILL)  # torchrun would wait 30 s for a stopped process to take its SIGTERM
+    proc.communicate(timeout=120)
+    text = "".join(lines)
+    ours = [line for line in lines if line.startswith("train.py:")]
+    assert stopped and len(ours) == 1, text[-3000:]
+    assert "rank 0: " in ours[0] and "timed out after --dist-timeout 5 s: rank 1 did not answer" in ours[0]
+    assert "Traceback" not in text  # torchrun's own report comes after; ours has none
+
+
 def test_kill_9_of_a_rank_restarts_under_torchrun_and_ends_as_an_uninterrupted_run(sample_shards, tmp_path):
     # drop path draws random numbers every step: equal weights also prove each rank's streams were restored.
     common = [*TINY, "--data_path", str(sample_shards), "--epochs", "2", "--eval-freq", "0", "-p", "1",

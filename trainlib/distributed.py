@@ -11,6 +11,7 @@ import datetime
 import logging
 import math
 import os
+import traceback
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -109,6 +110,26 @@ def setup(cfg: TrainConfig, device, where: Placement) -> None:
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"rank {where.rank} of {where.world_size} could not join the process group at "
                                f"{where_to} within {cfg.dist_timeout:.0f} s ({str(e).splitlines()[0][:200]})") from None
+
+
+COLLECTIVES = ("all_reduce", "all_gather_object", "all_gather", "broadcast", "barrier", "reduce_scatter")
+
+
+def timed_out(error: BaseException, cfg: TrainConfig, where: Placement) -> DistributedError | None:
+    """A collective that gave up after --dist-timeout (gloo: "Timed out waiting ...ms for recv"; NCCL's watchdog:
+    "... timeout"), as one line naming the collective, the timeout and, where it can be known, the silent rank;
+    None for any other error. Which of several peers stopped answering, gloo and NCCL do not say."""
+    text = str(error)
+    if (where.world_size == 1 or not isinstance(error, RuntimeError) or isinstance(error, DistributedError)
+            or not ("imed out" in text or "imeout" in text)):
+        return None
+    calls = [f.name for f in traceback.extract_tb(error.__traceback__) if f.name in COLLECTIVES]
+    what = calls[-1] if calls else "the gradient all-reduce (DDP, in backward)"
+    silent = (f"rank {1 - where.rank}" if where.world_size == 2 else
+              f"one or more of the other {where.world_size - 1} ranks")
+    return DistributedError(f"rank {where.rank}: {what} timed out after --dist-timeout {cfg.dist_timeout:.0f} s: "
+                            f"{silent} did not answer (stopped, hung or lost); raise --dist-timeout if a step or "
+                            f"an evaluation can take longer")
 
 
 def teardown() -> None:
