@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import boto3
@@ -69,6 +70,18 @@ def test_make_shards_to_s3_writes_the_same_set_and_resumes(s3_env, s3_shards, sa
     assert make_shards.main(["--data_path", str(local.settings.source), "--out", s3_shards,
                              "--samples-per-shard", "10", "--workers", "1"]) == 0  # a rerun: nothing to build
     assert "resuming: 7 shards already built, 0 to build" in capsys.readouterr().out
+
+
+def test_a_failed_start_to_s3_leaves_no_staging_folder(s3_env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where make_shards makes its staging folder
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "train" / "a.JPEG").write_bytes(b"x")  # no class folders: a usage error at the scan
+    boto3.client("s3").create_bucket(Bucket="failed-start")
+    assert make_shards.main(["--data_path", str(tmp_path / "flat"), "--out", "s3://failed-start/never"]) == \
+        make_shards.EXIT_USAGE
+    assert "has no class folders" in capsys.readouterr().err
+    assert not list((tmp_path / "tmp").iterdir())
 
 
 def test_parquet_to_s3_uploads_each_window_of_shards(s3_env, sample_folder, tmp_path):

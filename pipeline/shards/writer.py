@@ -513,22 +513,21 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
     print(f"make_shards: {src} is {DESCRIPTIONS[kind]}", flush=True)
     if not storage.is_s3(out) and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    dest = Destination(out, staging)
-    previous = dest.read_json(PLAN_FILE) or {}
-    # A plan of this source in a format this version reads is what a rerun resumes; any other plan is a set that
-    # prepare_out refuses (or, with --overwrite, replaces).
-    resumable = previous.get("source") == str(src) and previous.get("format") in FORMATS
-    settings = resolve_settings(given, src, previous if resumable else {})
-    scan = scan_source(src, kind, workers)
-    if not any(s.num_files for s in scan.splits.values()):
-        raise UsageError(f"--data_path {src} holds no train or val files")
-    plan_id = make_plan_id(settings, scan)
-    if settings.format != FORMAT and plan_id != previous.get("plan_id"):  # not a resume: a new set, today's format
-        settings = dataclasses.replace(settings, format=FORMAT)
+    dest, lock = Destination(out, staging), None
+    try:  # from here a staging folder of our own exists: the finally below removes it, whatever ends the run
+        previous = dest.read_json(PLAN_FILE) or {}
+        # A plan of this source in a format this version reads is what a rerun resumes; any other plan is a set that
+        # prepare_out refuses (or, with --overwrite, replaces).
+        resumable = previous.get("source") == str(src) and previous.get("format") in FORMATS
+        settings = resolve_settings(given, src, previous if resumable else {})
+        scan = scan_source(src, kind, workers)
+        if not any(s.num_files for s in scan.splits.values()):
+            raise UsageError(f"--data_path {src} holds no train or val files")
         plan_id = make_plan_id(settings, scan)
-    dest.local.mkdir(parents=True, exist_ok=True)
-    lock = None
-    try:
+        if settings.format != FORMAT and plan_id != previous.get("plan_id"):  # not a resume: today's format
+            settings = dataclasses.replace(settings, format=FORMAT)
+            plan_id = make_plan_id(settings, scan)
+        dest.local.mkdir(parents=True, exist_ok=True)
         lock = lock_folder(dest.local, str(dest))
         present = prepare_out(dest, settings, plan_id, overwrite)
         (dest.local / PARTS_DIR).mkdir(exist_ok=True)
