@@ -39,7 +39,6 @@ import inspect
 import io
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,7 +50,7 @@ from pipeline.augment import LEVEL_DENOM, LEVEL_TO_ARG, Augment
 from pipeline.cli import knob
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import EpochPlanner
-from pipeline.processes import leave_stop_signals_to_the_parent, main_not_replayed
+from pipeline.processes import main_not_replayed, stop_signals_blocked
 from pipeline.shards.errors import ShardError
 from pipeline.shards.reader import ShardReader, usable_label
 from pipeline.transforms import Transform, to_model_input
@@ -112,12 +111,8 @@ class BatchSource:
     def __init__(self, planner: EpochPlanner, first_epoch: int, batches: list[int], num_classes: int | None):
         self.planner, self.first_epoch, self.batches, self.num_classes = planner, first_epoch, batches, num_classes
         self.reader = ShardReader()
-        self.signals_left_in = os.getpid()  # the trainer's process, whose stop signals stay its own
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
-        if self.signals_left_in != os.getpid():  # the first call in a DALI worker process
-            leave_stop_signals_to_the_parent()
-            self.signals_left_in = os.getpid()
         n = len(self.batches)
         epoch, index = self.first_epoch + info.iteration // n, self.batches[info.iteration % n]
         samples = self.reader.read_batch(self.planner, epoch, index)
@@ -499,7 +494,7 @@ class DaliLoader(ShardLoader):
                                        **conditionals)
         self._pipe = build(self.dali, source, s.transform, self.output.decoder, self.dali_normalizes, s.dtype,
                            s.channels_last, max(2, s.prefetch))
-        with main_not_replayed():  # spawned reader processes must not run the user's script again
+        with main_not_replayed(), stop_signals_blocked():  # readers: not the user's script, not the trainer's signals
             self._pipe.build()
 
     def take(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

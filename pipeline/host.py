@@ -28,7 +28,7 @@ from pipeline.host_worker import (Crashed, Release, SampleFailed, StartRun, Stop
                                   slot_nbytes, worker_main)
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import worker_of
-from pipeline.processes import main_not_replayed, one_thread_each
+from pipeline.processes import main_not_replayed, one_thread_each, stop_signals_blocked
 from pipeline.shards import storage
 from pipeline.shards.errors import PipelineError, SampleError, ShardError
 from pipeline.shards.jpeg import DECODERS, decoder_available, default_decoder, pillow_is_simd
@@ -246,6 +246,11 @@ class HostLoader(ShardLoader):
         if self.opts.start_method == "forkserver":
             # The server imports the worker module once; each worker forks from it instead of re-importing.
             ctx.set_forkserver_preload(["pipeline.host_worker"])
+        with stop_signals_blocked():  # the forkserver and resource tracker start in here, the first time
+            self._start_processes(ctx, nbytes, slots, num_classes, token)
+
+    def _start_processes(self, ctx, nbytes: int, slots: int, num_classes, token: str) -> None:
+        spec = self.spec
         for w in range(self.num_workers):
             names = []
             for k in range(slots):

@@ -8,6 +8,7 @@ import functools
 import os
 import signal
 import sys
+from multiprocessing import resource_tracker
 
 # One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -23,6 +24,23 @@ def leave_stop_signals_to_the_parent() -> None:
     gone (the host workers: EOF on their pipe; DALI's: DALI ends them)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Start processes with the stop signals blocked: a process inherits the mask through fork and exec, so the
+    helpers multiprocessing starts on the way (the forkserver, the resource tracker) and DALI's reader processes
+    never take a signal meant for the trainer, from their first instruction on. The trainer gets any that came
+    meanwhile when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # Started here if not yet: multiprocessing unblocks SIGINT and SIGTERM in this thread after starting it (it
+        # ignores those two itself), so the block is made again after.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager

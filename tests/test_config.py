@@ -116,7 +116,8 @@ def test_torchrun_places_the_process_and_disagreeing_rank_flags_are_one_line():
     assert distributed.placement(parse_config(["--backend", "synthetic"]), env) == distributed.Placement(5, 8, 1)
     agree = parse_config(["--backend", "synthetic", "--world-size", "8", "--rank", "5"])
     assert distributed.placement(agree, env) == distributed.Placement(5, 8, 1)
-    nodes = parse_config(["--backend", "synthetic", "--world-size", "2", "--rank", "1", "--multiprocessing-distributed"])
+    nodes = parse_config(["--backend", "synthetic", "--world-size", "2", "--rank", "1",
+                          "--multiprocessing-distributed"])
     assert distributed.placement(nodes, env) == distributed.Placement(5, 8, 1)
     with pytest.raises(ConfigError, match=r"--world-size 4, but torchrun started 8 processes \(WORLD_SIZE=8\)"):
         distributed.placement(cfg, env)

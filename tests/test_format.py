@@ -102,8 +102,8 @@ def test_index_round_trips_and_checks_counts(tmp_path):
     ("jpg 512 \u00b2 a.jpg cls 1536 1 a.cls", "must be byte counts"),  # a digit to str.isdigit, not to int()
     ("jpg 512 1000000000000 a.jpg cls 1536 1 a.cls", r"a\.jpg at bytes 512-1000000000512 ends past the tar's 4096 "
                                                     r"bytes"),
-    ("jpg 512 2000 a.jpg cls 1536 1 a.cls", r"a\.cls at bytes 1536-1537 overlaps the member before it \(which ends "
-                                            r"at 2512\)"),
+    ("jpg 512 2000 a.jpg cls 1536 1 a.cls", r"a\.cls at bytes 1536-1537 overlaps a\.jpg \(bytes 512-2512\)"),
+    ("cls 1536 1 a.cls jpg 512 2000 a.jpg", r"a\.cls at bytes 1536-1537 overlaps a\.jpg"),  # in any listed order
 ])
 def test_an_index_the_writer_cannot_have_written_is_one_line_naming_it(tmp_path, line, message):
     path = tmp_path / "train-000000.idx"
@@ -111,6 +111,15 @@ def test_an_index_the_writer_cannot_have_written_is_one_line_naming_it(tmp_path,
     with pytest.raises(ShardError, match=message) as e:
         read_index(path, 1, file_bytes=4096)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_index_in_another_order_than_the_tars_still_reads(tmp_path):
+    lines = [index_line("b", [("cls", 3072, 1), ("jpg", 2048, 7)]),
+             index_line("a", [("jpg", 512, 100), ("cls", 1536, 1)])]
+    path = tmp_path / "train-000000.idx"
+    path.write_text(index_text(lines))
+    assert read_index(path, 2, file_bytes=4096) == [("b", {"cls": (3072, 1), "jpg": (2048, 7)}),
+                                                    ("a", {"jpg": (512, 100), "cls": (1536, 1)})]
 
 
 @pytest.mark.parametrize("where, value, message", [

@@ -309,6 +309,34 @@ def test_corrupt_sample_raises_naming_shard_and_key(colour_shards, tmp_path, how
     assert_cleaned(pids, names)
 
 
+@pytest.mark.parametrize("backend", ["host", "dali"])
+def test_the_loaders_processes_outlive_a_stop_signal_to_the_group(colour_shards, backend):
+    """SIGTERM and SIGUSR1 to every process a loader started (what a signal to the process group does to them: its
+    workers, the forkserver, the resource tracker, DALI's readers): the loader reads on, two whole epochs."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    script = textwrap.dedent(f"""
+        import os, signal, subprocess, sys
+        from pipeline import build_loader
+        with build_loader(data_path={str(colour_shards)!r}, split="train", batch_size=4, device="cpu", workers=2,
+                          img_size=16, backend={backend!r}) as loader:
+            loader.set_epoch(0)
+            first = sum(len(y) for _, y in loader)
+            kids = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
+            assert kids, "no processes started"
+            for pid in map(int, kids):
+                for sig in (signal.SIGTERM, signal.SIGUSR1):
+                    os.kill(pid, sig)
+            loader.set_epoch(1)
+            second = sum(len(y) for _, y in loader)
+        print("epochs", first, second, "signalled", len(kids))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:3] == ["epochs", "48", "48"], proc.stdout
+
+
 def test_a_truncated_shard_is_refused_at_the_start_or_skipped_whole(colour_shards, tmp_path):
     shutil.copytree(colour_shards, tmp_path / "cut")
     shard = shard_list(tmp_path / "cut", "train")[2]

@@ -262,22 +262,27 @@ def test_link_loops_and_empty_class_folders_are_named_and_nothing_is_read_twice(
         (root / rel).write_bytes(good)
     (root / "train" / "n02" / "uploop").symlink_to("..")  # train/ again: n01's images would get n02's label
     (root / "val" / "n02").symlink_to("../train/n02")  # train images in val: read once, under train
+    (root / "val" / "n03").mkdir()
+    (root / "val" / "n03" / "v3.JPEG").write_bytes(good)
     (root / "train" / "n03").mkdir()
-    (root / "train" / "n03" / ".DS_Store").write_bytes(b"\0")  # a class folder with no image
+    (root / "train" / "n03" / "more").symlink_to("../../val/n03")  # and val's in train: read under val only
+    (root / "train" / "n04").mkdir()
+    (root / "train" / "n04" / ".DS_Store").write_bytes(b"\0")  # a class folder with no image
     dst = tmp_path / "out"
     assert _run(root, dst) == make_shards.EXIT_REJECTED
     m = json.loads((dst / "manifest.json").read_text())
     rejected = {r["path"]: r["reason"] for r in m["rejected"]}
     assert rejected == {
         "train/n02/uploop/": "a link to a folder already read (train): not read twice",
-        "train/n03/": "no image files: class n03 gets no train samples",
-        "val/n02/": "a link to a folder already read (train/n02): not read twice"}
-    assert m["splits"]["train"]["num_samples"] == 3 and m["splits"]["val"]["num_samples"] == 1
+        "train/n03/more/": "a link into val/: another split's images are not read here",
+        "train/n04/": "no image files: class n04 gets no train samples",
+        "val/n02/": "a link into train/: another split's images are not read here"}
+    assert m["splits"]["train"]["num_samples"] == 3 and m["splits"]["val"]["num_samples"] == 2
     samples = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset([str(dst / "train-000000.tar")],
                                                                    shardshuffle=False)}
     assert samples == {"n01_a": 0, "n01_b": 0, "n02_c": 1}
     out = capsys.readouterr().out
-    assert "  train/n03/: no image files: class n03 gets no train samples" in out
+    assert "  train/n04/: no image files: class n04 gets no train samples" in out
 
 
 def _without_root_powers(cmd: list) -> list:
@@ -314,8 +319,8 @@ def test_a_ctrl_c_at_any_moment_is_one_line_and_130(sample_folder, tmp_path, del
     done. The clock starts when the script imports `pipeline` (python -X importtime says so), just after its first
     lines: before them it is the interpreter's own start-up, outside the script's reach (docs/data.md)."""
     dst = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", make_shards.__file__, "--data_path", str(sample_folder),
-                             "--out", str(dst), "--samples-per-shard", "1", "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", make_shards.__file__, "--data_path",
+                             str(sample_folder), "--out", str(dst), "--samples-per-shard", "1", "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = False
     for line in proc.stderr:

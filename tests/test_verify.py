@@ -46,13 +46,7 @@ def test_an_index_that_points_elsewhere_is_named(sample_folder, copy):
     lines[1], lines[2] = lines[2], lines[1]  # two samples' lines swapped: the offsets no longer follow the tar
     (copy / "val-000000.idx").write_text("\n".join(lines) + "\n")
     found = problems(sample_folder, copy)
-    assert len(found) == 1 and found[0].startswith("val-000000.tar: ") and "val-000000.idx:3: " in found[0]
-    assert "overlaps the member before it" in found[0]  # out of tar order: no index the writer makes
-    # Lines in tar order under other names: caught by the check against the tar's own listing.
-    lines[1], lines[2] = lines[2], lines[1]
-    lines[1] = lines[1].replace(".jpg", "x.jpg", 1)
-    (copy / "val-000000.idx").write_text("\n".join(lines) + "\n")
-    assert "val-000000.idx: does not match the members of val-000000.tar" in problems(sample_folder, copy)
+    assert "val-000000.idx: does not match the members of val-000000.tar" in found
 
 
 def test_a_wrong_label_is_named_with_its_source_file(sample_folder, copy):

@@ -119,11 +119,13 @@ def timed_out(error: BaseException, cfg: TrainConfig, where: Placement) -> Distr
     """A collective that gave up after --dist-timeout (gloo: "Timed out waiting ...ms for recv"; NCCL's watchdog:
     "... timeout"), as one line naming the collective, the timeout and, where it can be known, the silent rank;
     None for any other error. Which of several peers stopped answering, gloo and NCCL do not say."""
-    text = str(error)
-    if (where.world_size == 1 or not isinstance(error, RuntimeError) or isinstance(error, DistributedError)
-            or not ("imed out" in text or "imeout" in text)):
-        return None
-    calls = [f.name for f in traceback.extract_tb(error.__traceback__) if f.name in COLLECTIVES]
+    text, frames = str(error), traceback.extract_tb(error.__traceback__)
+    in_torch = any("torch/distributed" in f.filename or "torch/nn/parallel" in f.filename or "autograd" in f.filename
+                   for f in frames)  # a collective's own wait, or DDP's all-reduce inside backward
+    if (where.world_size == 1 or type(error) is not RuntimeError and not isinstance(error, dist.DistError)
+            or not in_torch or not ("imed out" in text or "imeout" in text)):
+        return None  # not ours to rename: a shard read that timed out says so itself
+    calls = [f.name for f in frames if f.name in COLLECTIVES]
     what = calls[-1] if calls else "the gradient all-reduce (DDP, in backward)"
     silent = (f"rank {1 - where.rank}" if where.world_size == 2 else
               f"one or more of the other {where.world_size - 1} ranks")

@@ -99,7 +99,7 @@ def read_index(path: str | Path, num_samples: int | None = None,
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise ShardError(f"{path}: not a wds2idx {INDEX_VERSION} index (first line {lines[:1]})")
-    entries, end = [], 0  # end: where the previous member's data ends
+    entries, spans = [], []
     for n, line in enumerate(lines[1:], start=2):
         words = line.split()
         if not words:
@@ -113,14 +113,18 @@ def read_index(path: str | Path, num_samples: int | None = None,
                 raise ShardError(f"{path}:{n}: {name}: offset {offset!r} and size {size!r} must be byte counts; "
                                  f"remake the shards")
             offset, size = int(offset), int(size)
-            if offset < end or (file_bytes is not None and offset + size > file_bytes):
-                where = (f"overlaps the member before it (which ends at {end})" if offset < end else
-                         f"ends past the tar's {file_bytes} bytes")
-                raise ShardError(f"{path}:{n}: {name} at bytes {offset}-{offset + size} {where}; remake the shards")
-            end = offset + size
+            if file_bytes is not None and offset + size > file_bytes:
+                raise ShardError(f"{path}:{n}: {name} at bytes {offset}-{offset + size} ends past the tar's "
+                                 f"{file_bytes} bytes; remake the shards")
+            spans.append((offset, size, n, name))
             parts[ext] = (offset, size)
             key = key or name.removesuffix("." + ext)  # keys hold no dots (the writer's rule), names are <key>.<ext>
         entries.append((key, parts))
+    spans.sort()  # in any order the lines list them, no two members may share a byte
+    for (o1, s1, _, name1), (o2, s2, n2, name2) in zip(spans, spans[1:]):
+        if o2 < o1 + s1:
+            raise ShardError(f"{path}:{n2}: {name2} at bytes {o2}-{o2 + s2} overlaps {name1} (bytes {o1}-{o1 + s1}); "
+                             f"remake the shards")
     if len(entries) != int(head[1]) or (num_samples is not None and len(entries) != num_samples):
         manifest_says = f", manifest says {num_samples}" if num_samples is not None else ""
         raise ShardError(f"{path}: {len(entries)} samples listed, header says {head[1]}{manifest_says}; "

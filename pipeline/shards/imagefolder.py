@@ -63,12 +63,18 @@ def keyed_entries(items: list, classes: list) -> list:
     return [Entry(path, label, key, loc) for (path, label, _, loc), key in zip(items, keys)]
 
 
-def _walk_files(src: Path, root: Path, seen: dict):
+def _walk_files(src: Path, root: Path, seen: dict, foreign: dict):
     """(path, inside a hidden folder, None) for every file under `root`, in a sorted, repeatable order, and
     (folder, _, reason) for a folder not read: one that cannot be listed, or one `seen` already ({(device, inode):
     its path under `src`}), reached again through a link (a loop, or two links to one folder): its files are read
-    once, under one label. Links to folders elsewhere are followed (a class folder may live on another disk)."""
+    once, under one label. Links to folders elsewhere are followed (a class folder may live on another disk), but not
+    into another split's folder (`foreign`: {split: its real path}): train never reads val's images, nor val train's."""
     def walk(folder: Path, hidden: bool):
+        real = os.path.realpath(folder)
+        into = next((s for s, r in foreign.items() if real == r or real.startswith(r + os.sep)), None)
+        if into:
+            yield folder, hidden, f"a link into {into}/: another split's images are not read here"
+            return
         try:
             st = folder.stat()
             ident = (st.st_dev, st.st_ino)
@@ -96,14 +102,14 @@ def _walk_files(src: Path, root: Path, seen: dict):
     yield from walk(root, False)
 
 
-def scan_split(src: Path, split: str, classes: list, digest, seen: dict) -> SplitScan:
+def scan_split(src: Path, split: str, classes: list, digest, seen: dict, foreign: dict) -> SplitScan:
     """Sort every file of one split into candidates, scan-time rejects and ignored files. A class folder of this split
     that gives no candidate is rejected by name: its class would silently get no samples."""
     result = SplitScan(split)
     split_dir = src / split
     label_of = {c: i for i, c in enumerate(classes)}
     items, labels = [], []
-    for path, in_hidden, problem in _walk_files(src, split_dir, seen):
+    for path, in_hidden, problem in _walk_files(src, split_dir, seen, foreign):
         relpath = path.relative_to(src).as_posix()
         if problem:
             result.rejected.append({"split": split, "path": relpath + "/", "reason": problem})
@@ -143,6 +149,6 @@ def scan(src: Path) -> Scan:
         if not per_split[s]:
             raise UsageError(f"{src / s} has no class folders (flat layout? sort files into <class>/ folders)")
     digest = hashlib.sha256("\n".join(classes).encode())
-    seen = {}  # folders read, across the splits: a link from val/ into train/ is not read twice either
-    splits = {s: scan_split(src, s, classes, digest, seen) for s in present}
+    seen, real = {}, {s: os.path.realpath(src / s) for s in present}  # folders read, across the splits
+    splits = {s: scan_split(src, s, classes, digest, seen, {o: r for o, r in real.items() if o != s}) for s in present}
     return Scan(classes, splits, digest.hexdigest(), FileReader(src))

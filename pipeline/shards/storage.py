@@ -95,7 +95,14 @@ def file_sizes(root: str | Path) -> dict[str, int]:
     if not is_s3(root):
         if not Path(root).is_dir():
             return {}
-        return {e.name: e.stat().st_size for e in os.scandir(root) if e.is_file()}
+        out = {}
+        for e in os.scandir(root):
+            try:
+                if e.is_file():
+                    out[e.name] = e.stat().st_size
+            except OSError:  # gone since the listing (a writer's temporary file): not one of the set's
+                pass
+        return out
     return {name: size for name, size in sizes(str(root)).items() if "/" not in name}
 
 
