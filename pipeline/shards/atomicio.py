@@ -35,21 +35,17 @@ def remove_temp_files(folder: Path) -> list:
     return removed
 
 
-def fsync_dir(folder: Path) -> None:
-    # The rename itself lives in the directory entry; syncing the folder makes it durable.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: Path) -> None:
+    """A file's bytes, or a folder's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    fsync_file(folder)  # the rename itself lives in the directory entry; syncing the folder makes it durable
 
 
 def finish_temp(tmp: Path, path: Path, fsync: bool = True) -> None:
