@@ -89,9 +89,9 @@ def index_text(lines: list[str]) -> str:
 
 def read_index(path: str | Path, num_samples: int | None = None,
                file_bytes: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {ext: (offset, size)})] in tar order. `num_samples`, when given, must match (the manifest's count), and
-    every member must lie inside the tar's `file_bytes`. Members come in tar order and never overlap, which the
-    writer guarantees: an index that breaks that is not one of ours, or is damaged, and a ShardError names it."""
+    """[(key, {ext: (offset, size)})] in the index's order. `num_samples`, when given, must match (the manifest's
+    count), and every member must lie inside the tar's `file_bytes`. Lines may list members in any order, but no two
+    members share a byte: an index that breaks that is damaged, and a ShardError names it."""
     try:
         lines = storage.read_bytes(path).decode().splitlines()
     except (OSError, UnicodeDecodeError) as e:

@@ -108,11 +108,12 @@ def scan_split(src: Path, split: str, classes: list, digest, seen: dict, foreign
     result = SplitScan(split)
     split_dir = src / split
     label_of = {c: i for i, c in enumerate(classes)}
-    items, labels = [], []
+    items, labels, named = [], [], set()  # named: class folders a candidate or a folder problem came from
     for path, in_hidden, problem in _walk_files(src, split_dir, seen, foreign):
         relpath = path.relative_to(src).as_posix()
         if problem:
             result.rejected.append({"split": split, "path": relpath + "/", "reason": problem})
+            named.update(path.relative_to(split_dir).parts[:1])
             continue
         add_to_fingerprint(digest, relpath, path)
         parts = path.relative_to(split_dir).parts
@@ -123,10 +124,9 @@ def scan_split(src: Path, split: str, classes: list, digest, seen: dict, foreign
         else:
             items.append((relpath, parts[0], "/".join(parts[1:])))
             labels.append(label_of[parts[0]])
-    read = {c for _, c, _ in items} | {Path(r["path"]).parts[1] for r in result.rejected
-                                      if len(Path(r["path"]).parts) >= 2}
+            named.add(parts[0])
     for c in class_dirs(split_dir):
-        if c not in read:
+        if c not in named:
             result.rejected.append({"split": split, "path": f"{split}/{c}/", "reason": f"no image files: class {c} "
                                                                                     f"gets no {split} samples"})
     keys = assign_keys(items)
