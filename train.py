@@ -19,8 +19,8 @@ from model import CheckpointMismatch
 from pipeline import PipelineError, SettingsError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
-from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_model, class_count, seed_everything,
-                            train_samples)
+from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_contents, check_model, class_count,
+                            seed_everything, train_samples)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer
@@ -74,16 +74,19 @@ def run(cfg: TrainConfig) -> None:
         classes = class_count(cfg)  # reads the shards' manifest
         check_model(cfg, classes)
         state = checkpoint.load(resume_path) if resume_path is not None else None
-        loaders = build_loaders(cfg, device, placement, classes)
+        checked = check_contents(cfg, placement)  # before a loader plans with a shard that is not the manifest's
+        loaders = build_loaders(cfg, device, placement, classes, checked)
         train_loader, val_loader = loaders
         steps_per_epoch = optimizer_steps(cfg, len(train_loader)) if train_loader is not None else 1
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
-        point, rest_loader = resume_layout(cfg, state, device, placement, classes, steps_per_epoch)
+        point, rest_loader = resume_layout(cfg, state, device, placement, classes, steps_per_epoch, checked)
         loaders += (rest_loader,)
         if placement.is_main:
             log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
             for stale in checkpoint.remove_stale_temp_files(cfg.output):  # left by a writer killed mid-save
                 log.print(f"removed {stale}, a checkpoint write that a killed process left unfinished")
+        for line in checked.lines() if checked is not None else ():
+            log.print(line)
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)  # loads --pretrained
         handlers = stop_on_signals(trainer)
         if state is not None:
@@ -154,7 +157,8 @@ def check_same_resume(cfg: TrainConfig, resume_path: Path | None) -> None:
                           f"put --output on storage that every node sees, or pass --resume PATH")
 
 
-def resume_layout(cfg: TrainConfig, state: dict | None, device, placement, classes: int, steps_per_epoch: int):
+def resume_layout(cfg: TrainConfig, state: dict | None, device, placement, classes: int, steps_per_epoch: int,
+                  checked=None):
     """(ResumePoint, the train loader for the rest of its epoch when another layout ran part of it, else None) for a
     training resume from `state`; (None, None) for a fresh start or --evaluate."""
     if state is None or cfg.evaluate:
@@ -162,7 +166,7 @@ def resume_layout(cfg: TrainConfig, state: dict | None, device, placement, class
     point = resume_point(state, cfg, placement.world_size, steps_per_epoch, train_samples(cfg))
     if not point.stages:
         return point, None
-    return point, build_rest_loader(cfg, device, placement, classes, state["epoch"], point.stages)
+    return point, build_rest_loader(cfg, device, placement, classes, state["epoch"], point.stages, checked)
 
 
 def stop_on_signals(trainer: Trainer) -> dict:
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (PipelineError, CheckpointMismatch, checkpoint.CheckpointError, DaliMissingError, FileNotFoundError,
             DivergedError, distributed.DistributedError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # the same error on every rank is rank 0's to print
+            print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
         if not e.quiet:

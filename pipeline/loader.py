@@ -51,6 +51,8 @@ class LoaderSpec:
     shuffle_window: int = 4096  # train: samples permuted together (pipeline/plan.py rule 4), about 4 ImageNet shards
     aug_repeats: int = 1  # train: timm's --aug-repeats, each epoch reads ~1/N of the samples N times (plan rule 7)
     on_error: str = "raise"  # "raise": a bad sample stops the run naming shard and key; "skip": count, replace
+    shard_problems: dict[str, str] | None = None  # by shard file name: what a check of their contents found
+    # (pipeline/shards/contents.py); each is treated as a shard of the wrong size is
     num_classes: int = IMAGENET_CLASSES  # synthetic labels
     options: object = None  # the backend's own typed options (pipeline.host.HostOptions, pipeline.dali.DaliOptions);
     # None = that backend's defaults
@@ -195,7 +197,7 @@ class ShardLoader(Loader):
             raise ValueError(f"the {backend} backend reads shards: pass data_path (a folder made by "
                              f"tools/make_shards.py)")
         self.manifest: Manifest = read_manifest(spec.data_path)
-        shards = shard_list(spec.data_path, spec.split, self.manifest)
+        shards = shard_list(spec.data_path, spec.split, self.manifest, spec.shard_problems)
         unlike = [s for s in shards if s.problem]
         if unlike and spec.on_error == "raise":  # before a sample is trained on; "skip" counts each of their samples
             more = f" (and {len(unlike) - 1} more shards)" if len(unlike) > 1 else ""

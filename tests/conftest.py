@@ -5,7 +5,10 @@
 short; val: 2 shards). Treat both as read-only; copy them (shutil.copytree) before changing anything.
 Tests marked `@pytest.mark.gpu` are skipped when torch sees no CUDA device.
 """
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,14 @@ SAMPLE_ARGS = ["--classes", "4", "--train-per-class", "12", "--val-per-class", "
 
 
 def pytest_configure(config):
+    # The shard-contents cache of verified copies (pipeline/shards/contents.py) of this session's runs, subprocesses
+    # included: apart from the user's own cache, and removed at the end.
+    os.environ["VIT_FAST_SHARD_CACHE"] = tempfile.mkdtemp(prefix="vit-fast-test-cache-")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when torch.cuda.is_available() is False")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("VIT_FAST_SHARD_CACHE", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

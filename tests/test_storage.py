@@ -15,7 +15,7 @@ import torch
 
 import train
 from pipeline import ShardError, build_loader
-from pipeline.shards import repack, storage
+from pipeline.shards import contents, repack, storage
 from pipeline.shards.format import read_manifest, shard_list
 from tests.s3server import S3Server
 
@@ -115,6 +115,24 @@ def test_train_py_runs_an_epoch_from_s3(s3_env, s3_shards, tmp_path, capsys):
                        "--no-plots"]) == 0
     assert " * Acc@1 " in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["global_step"] == 6
+
+
+def test_an_object_rewritten_at_the_same_size_is_checked_again_by_its_etag(s3_env, s3_shards, tmp_path):
+    """pipeline/shards/contents.py over S3: a verified object's marker holds its ETag, which a rewrite changes."""
+    client, copy = boto3.client("s3"), f"s3://{BUCKET}/etag-copy"
+    for obj in client.list_objects_v2(Bucket=BUCKET, Prefix="sample/")["Contents"]:
+        if "/" not in obj["Key"][len("sample/"):]:
+            client.copy_object(Bucket=BUCKET, Key="etag-copy/" + obj["Key"][len("sample/"):],
+                               CopySource={"Bucket": BUCKET, "Key": obj["Key"]})
+    manifest, cache = read_manifest(copy), tmp_path / "cache"
+    first = contents.check(copy, manifest, ["train"], cache=cache)
+    assert first.problems == {} and first.shards_read == 5
+    assert contents.check(copy, manifest, ["train"], cache=cache).shards_read == 0
+    blob = bytearray(client.get_object(Bucket=BUCKET, Key="etag-copy/train-000002.tar")["Body"].read())
+    blob[3000] ^= 0xFF
+    client.put_object(Bucket=BUCKET, Key="etag-copy/train-000002.tar", Body=bytes(blob))
+    again = contents.check(copy, manifest, ["train"], cache=cache)
+    assert again.shards_read == 1 and list(again.problems) == ["train-000002.tar"]
 
 
 def test_wrong_credentials_are_one_line(server, s3_shards, monkeypatch, tmp_path, capsys):

@@ -544,6 +544,61 @@ def test_a_shard_swapped_after_a_checkpoint_is_refused_at_the_resume(sample_fold
     assert checkpoint.load(out / "last.pth")["global_step"] == 3  # nothing trained on it
 
 
+def change_a_byte(path: Path, at: int = 2000) -> None:
+    """Other bytes at the same size: a shard no size check tells from the manifest's (a byte of an image)."""
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_a_same_size_change_after_a_checkpoint_is_refused_or_skipped_at_the_resume(sample_shards, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(sample_shards, data)
+    common = [*TINY, "--data_path", str(data), "--batch-size", "8", "--eval-freq", "0", "--output", str(out),
+              "--no-plots"]
+    run_ok([*common, "--epochs", "2", "--max-steps", "3"])
+    assert "shard contents: 5 shard(s) read and hashed" in capsys.readouterr().out
+    change_a_byte(data / "train-000001.tar")
+    assert train.main([*common, "--epochs", "2", "--resume", "auto"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{data / 'train-000001.tar'}: its sha256 is " in err, err
+    assert checkpoint.load(out / "last.pth")["global_step"] == 3  # nothing trained on it
+    run_ok([*common, "--epochs", "2", "--resume", "auto", "--on-error", "skip"])
+    text = capsys.readouterr().out
+    assert "shard contents: 1 shard(s) read and hashed" in text and ", 4 verified before" in text
+    assert "shard contents: train-000001.tar: its sha256 is " in text and "its samples are skipped" in text
+    assert [r["samples"] for r in metrics(out, "skipped")] == [10, 10]  # the rest of epoch 0, and epoch 1
+
+
+def test_check_shards_sizes_trains_on_a_same_size_change(sample_shards, tmp_path, capsys):
+    """What --check-shards sizes gives up (docs/data.md): a shard of the right size is read as it is."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_shards, data)
+    change_a_byte(data / "train-000001.tar", at=40)  # in a tar header's name: the index still finds the bytes
+    run_ok([*TINY, "--data_path", str(data), "--batch-size", "8", "--epochs", "1", "--eval-freq", "0",
+            "--output", str(tmp_path / "run"), "--no-plots", "--check-shards", "sizes"])
+    assert "shard contents" not in capsys.readouterr().out
+
+
+def test_two_ranks_split_the_contents_check_and_both_refuse_what_either_found(sample_shards, tmp_path):
+    """Rank 1 reads train-000001 (every other shard from the second): rank 0 learns of it through the gather and
+    prints the one line; rank 1 is quiet."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_shards, data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *TINY, "--data_path", str(data), "--batch-size", "4", "--epochs", "1", "--eval-freq", "1", "--no-plots",
+           "--output", str(tmp_path / "run")]
+    ok = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.count("shard contents: 7 shard(s) read and hashed") == 1  # train and val, rank 0's line
+    change_a_byte(data / "train-000001.tar")
+    bad = subprocess.run([*cmd, "--resume", "auto"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ours = [line for line in bad.stderr.splitlines() if line.startswith("train.py:")]
+    assert bad.returncode != 0 and len(ours) == 1, bad.stderr[-3000:]
+    assert ours[0].startswith(f"train.py: error: {data / 'train-000001.tar'}: its sha256 is ")
+
+
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of train.py rank `rank` under a torchrun (not its loader workers, which share its environment)."""
     for proc in Path("/proc").iterdir():

@@ -12,9 +12,13 @@ from timm.utils import ModelEmaV3
 from model import build_model, flops_per_image, fp8_supported, model_defaults, use_fp8, use_pixel_input
 from pipeline.backends import build_loader, get_backend, options_from
 from pipeline.loader import IMAGENET_CLASSES
+from pipeline.shards import contents, storage
+from pipeline.shards.contents import Checked
+from pipeline.shards.errors import ShardError
 from pipeline.shards.format import num_classes, read_manifest
 from trainlib.batch_augment import BatchAugment
 from trainlib.config import ConfigError, TrainConfig
+from trainlib import distributed
 from trainlib.distributed import Placement
 from trainlib.engine import Trainer
 from trainlib.optim import OptimStep, build_loss, build_optimizer, build_scheduler
@@ -42,7 +46,32 @@ def train_samples(cfg: TrainConfig) -> int | None:
     return split.num_samples if split is not None else None
 
 
-def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int) -> dict:
+def check_contents(cfg: TrainConfig, placement: Placement) -> Checked | None:
+    """--check-shards contents: the shards this run reads, checked against the manifest's sha256 and their indexes
+    (pipeline/shards/contents.py), the unverified ones split among the ranks of each machine (each machine checks its
+    own copy of the files), the results gathered. A ShardError naming the first shard that differs, unless --on-error
+    skip, where the loaders skip those shards' samples and count them. None when there is nothing to check."""
+    if cfg.check_shards != "contents" or not cfg.data_path or not get_backend(cfg.backend).reads_shards:
+        return None
+    splits = [split for split, read in (("train", not cfg.evaluate), ("val", cfg.evaluate or cfg.eval_freq)) if read]
+    mates = distributed.node_mates(placement)
+    mine = contents.check(cfg.data_path, read_manifest(cfg.data_path), splits,
+                          (mates.index(placement.rank), len(mates)), progress=placement.is_main)
+    found = Checked()
+    for rank, theirs in enumerate(distributed.all_gather(mine)):
+        if rank in mates:
+            found.merge(theirs)
+    if found.problems and cfg.on_error == "raise":
+        name = min(found.problems)
+        more = f" (and {len(found.problems) - 1} more shards)" if len(found.problems) > 1 else ""
+        error = ShardError(f"{storage.join(cfg.data_path, name)}: {found.problems[name]}{more}")
+        error.quiet = not placement.is_main  # every rank raises it, from the same gathered results: one line
+        raise error
+    return found
+
+
+def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int,
+                checked: Checked | None = None) -> dict:
     defaults = model_defaults(cfg.model)
     # Images arrive as uint8 when the model folds normalization in (--pixel-input), else in the autocast dtype: the
     # first layer would cast them anyway, and half the bytes move.
@@ -52,23 +81,25 @@ def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int) ->
                 mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
                 on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes, aa=cfg.aa,
                 color_jitter=cfg.color_jitter, aug_repeats=max(1, cfg.aug_repeats),  # val ignores it
-                options=cfg.backend_options())
+                options=cfg.backend_options(), shard_problems=checked.problems if checked else None)
 
 
-def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: int, epoch: int, stages):
+def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: int, epoch: int, stages,
+                      checked: Checked | None = None):
     """A train loader for the rest of `epoch`, which the layouts `stages` ran part of (pipeline/plan.py rule 6).
     A backend may name another to make it (hybrid: the host workers alone, as a short rest may leave one of its
     decoders no batch)."""
-    args = loader_args(cfg, device, placement, classes)
+    args = loader_args(cfg, device, placement, classes, checked)
     instead = get_backend(cfg.backend).rest_of_epoch
     if instead:
         args.update(backend=instead, options=options_from(cfg, instead))
     return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages, **args)
 
 
-def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int):
-    """(train loader or None under --evaluate, val loader or None without evaluation) for this rank."""
-    common = loader_args(cfg, device, placement, classes)
+def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int, checked: Checked | None = None):
+    """(train loader or None under --evaluate, val loader or None without evaluation) for this rank; `checked`:
+    what check_contents found."""
+    common = loader_args(cfg, device, placement, classes, checked)
     train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size, **common)
     val = None
     if cfg.evaluate or cfg.eval_freq:

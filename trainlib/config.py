@@ -54,6 +54,9 @@ class TrainConfig:
                                f"{IMAGENET_CLASSES})")
     on_error: str = knob("raise", "a corrupt sample: raise (names shard+key) or skip (count, replace)",
                          choices=("raise", "skip"))
+    check_shards: str = knob("contents", "before training: contents (each shard's sha256 and index, read once per "
+                                         "copy of the files and remembered in a cache folder) or sizes (the "
+                                         "listing every start does)", choices=("contents", "sizes"))
     batch_size: int = knob(256, "per-rank batch (under --multiprocessing-distributed: per node, as in the seed)", "-b")
     val_batch_size: int = knob(0, "per-rank eval batch; 0 = --batch-size")
     # model

@@ -11,6 +11,7 @@ import datetime
 import logging
 import math
 import os
+import socket
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -146,6 +147,12 @@ def all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def node_mates(where: Placement) -> list[int]:
+    """The ranks (this one among them) on this machine, by host name: a collective."""
+    hosts = all_gather(socket.gethostname())
+    return [rank for rank, host in enumerate(hosts) if host == hosts[where.rank]]
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:

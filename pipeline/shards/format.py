@@ -286,10 +286,12 @@ def write_set_files(folder: Path, manifest: Manifest, classes: list[str]) -> Non
     atomicio.write_json(folder / MANIFEST, manifest.to_json())
 
 
-def shard_list(data_path: str | Path, split: str, manifest: Manifest | None = None) -> list[Shard]:
+def shard_list(data_path: str | Path, split: str, manifest: Manifest | None = None,
+               known_problems: dict[str, str] | None = None) -> list[Shard]:
     """The split's shards in manifest order, checked to exist so a missing file fails here and not in a worker, and
     to have the manifest's size: a shard replaced (by one of another set, say) or cut short gets a `problem`, which
-    the loader raises before training on it (or reports per sample, under on_error="skip")."""
+    the loader raises before training on it (or reports per sample, under on_error="skip"). `known_problems`: by
+    shard file name, what a check of their contents found (pipeline/shards/contents.py)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     manifest = manifest or read_manifest(data_path)
@@ -306,5 +308,6 @@ def shard_list(data_path: str | Path, split: str, manifest: Manifest | None = No
         problem = None if present[s.name] == s.bytes else (
             f"{present[s.name]} bytes, the manifest says {s.bytes}: not the shard this set was made with (replaced "
             f"or cut short); restore it or remake the set")
+        problem = problem or (known_problems or {}).get(s.name)
         shards.append(Shard(path, storage.join(data_path, s.index), s.num_samples, s.bytes, problem))
     return shards

@@ -92,6 +92,13 @@ def read_ranges(location: str | Path, ranges: list[tuple[int, int]]) -> list[byt
 def file_sizes(root: str | Path) -> dict[str, int]:
     """Name -> size of the files directly under `root` (a folder or an S3 prefix): one listing, not a request per
     file."""
+    return {name: size for name, (size, _) in file_stats(root).items()}
+
+
+def file_stats(root: str | Path) -> dict[str, tuple[int, str]]:
+    """Name -> (size, version) of the files directly under `root`, from one listing. The version changes whenever
+    the bytes can have: a local file's inode and ctime (no copy, `touch` or rename over it keeps both), an S3
+    object's ETag."""
     if not is_s3(root):
         if not Path(root).is_dir():
             return {}
@@ -99,22 +106,29 @@ def file_sizes(root: str | Path) -> dict[str, int]:
         for e in os.scandir(root):
             try:
                 if e.is_file():
-                    out[e.name] = e.stat().st_size
+                    st = e.stat()
+                    out[e.name] = (st.st_size, f"{st.st_ino}:{st.st_ctime_ns}")
             except OSError:  # gone since the listing (a writer's temporary file): not one of the set's
                 pass
         return out
-    return {name: size for name, size in sizes(str(root)).items() if "/" not in name}
+    return {name: found for name, found in objects(str(root)).items() if "/" not in name}
 
 
 def sizes(root: str) -> dict[str, int]:
     """Name -> size of every object under the S3 prefix `root`, sub-folders included (`.parts/x.json`)."""
+    return {name: size for name, (size, _) in objects(root).items()}
+
+
+def objects(root: str) -> dict[str, tuple[int, str]]:
+    """Name -> (size, ETag) of every object under the S3 prefix `root`, sub-folders included."""
     bucket, prefix = split_s3(root)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
 
     def listing(client):
         found = {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            found.update({obj["Key"][len(prefix):]: obj["Size"] for obj in page.get("Contents", [])})
+            found.update({obj["Key"][len(prefix):]: (obj["Size"], obj.get("ETag", "")) for obj in
+                          page.get("Contents", [])})
         return found
     return _s3_call(root, listing)
 

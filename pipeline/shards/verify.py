@@ -20,16 +20,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.shards import jpeg, storage
+from pipeline.shards.contents import index_mismatch, tar_members
 from pipeline.shards.errors import SampleError, ShardError
-from pipeline.shards.format import IMAGE, LABEL, MEMBERS, Manifest, Shard, ShardInfo, member_name, read_index
+from pipeline.shards.format import IMAGE, LABEL, MEMBERS, Manifest, Shard, ShardInfo, read_index
 from pipeline.shards.source import Scan, plan_shards
 from pipeline.shards.reader import samples_in, usable_label
-
-
-def tar_members(blob: bytes) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of every member, in tar order: tarfile's own reading, apart from the index."""
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
-        return [(m.name, m.offset_data, m.size) for m in tar]
 
 
 def same_pixels(a: bytes, b: bytes) -> bool:
@@ -54,8 +49,9 @@ def check_shard(reader, dst: str | Path, shard: ShardInfo, entries: list, split_
     if len(index) != shard.num_samples:
         problems.append(f"{name}: {len(index)} samples, manifest says {shard.num_samples}")
     # The index must point at exactly the tar's members, each sample's in the writer's order.
-    if members != [(member_name(key, m), *parts[m]) for key, parts in index for m in MEMBERS if m in parts]:
-        problems.append(f"{shard.index}: does not match the members of {name}")
+    mismatch = index_mismatch(index, members)
+    if mismatch:
+        problems.append(f"{shard.index}: does not match the members of {name} ({mismatch})")
     if any(set(parts) != set(MEMBERS) for _, parts in index):
         return problems + [f"{name}: a sample without both <key>.{IMAGE} and <key>.{LABEL}"]
     try:  # the samples as every loader reads them
