@@ -50,7 +50,7 @@ from pipeline.augment import LEVEL_DENOM, LEVEL_TO_ARG, Augment
 from pipeline.cli import knob
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import EpochPlanner
-from pipeline.processes import main_not_replayed, stop_signals_blocked
+from pipeline.processes import main_not_replayed, own_temp_folder, stop_signals_blocked
 from pipeline.shards.errors import ShardError
 from pipeline.shards.reader import ShardReader, usable_label
 from pipeline.transforms import Transform, to_model_input
@@ -494,6 +494,7 @@ class DaliLoader(ShardLoader):
                                        **conditionals)
         self._pipe = build(self.dali, source, s.transform, self.output.decoder, self.dali_normalizes, s.dtype,
                            s.channels_last, max(2, s.prefetch))
+        own_temp_folder()
         with main_not_replayed(), stop_signals_blocked():  # readers: not the user's script, not the trainer's signals
             self._pipe.build()
 

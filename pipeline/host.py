@@ -11,6 +11,7 @@ slot, and runs `to_model_input` on the device, `spec.prefetch` batches ahead on 
 from __future__ import annotations
 
 import multiprocessing as mp
+import fcntl
 import os
 import re
 import secrets
@@ -28,7 +29,7 @@ from pipeline.host_worker import (Crashed, Release, SampleFailed, StartRun, Stop
                                   slot_nbytes, worker_main)
 from pipeline.loader import LoaderSpec, ShardLoader
 from pipeline.plan import worker_of
-from pipeline.processes import main_not_replayed, one_thread_each, stop_signals_blocked
+from pipeline.processes import main_not_replayed, one_thread_each, own_temp_folder, stop_signals_blocked
 from pipeline.shards import storage
 from pipeline.shards.errors import PipelineError, SampleError, ShardError
 from pipeline.shards.jpeg import DECODERS, decoder_available, default_decoder, pillow_is_simd
@@ -36,6 +37,7 @@ from pipeline.transforms import to_model_input
 
 SHM_DIR = "/dev/shm"
 SHM_NAME = re.compile(r"vitpipe_(\d+)_[0-9a-f]{8}_\d+_\d+$")  # vitpipe_<parent pid>_<token>_<worker>_<slot>
+FRESH_SEGMENT_S = 2.0  # a slot this young is left alone by other loaders' clean-up (unlink_stale_segments)
 START_METHODS = ("forkserver", "spawn")
 
 __all__ = ["HostLoader", "HostOptions", "WorkerError", "SampleError", "pillow_flavour"]
@@ -159,7 +161,7 @@ def make_transfer(spec: LoaderSpec, depth: int):
     return SyncTransfer(spec)
 
 
-def shutdown(procs, conns, shms, views) -> None:
+def shutdown(procs, conns, shms, views, locks) -> None:
     """Stop workers (politely, then by force), close pipes, unlink shared memory. Safe to call twice; runs from
     close(), garbage collection or interpreter exit via weakref.finalize."""
     for c in conns:
@@ -184,34 +186,52 @@ def shutdown(procs, conns, shms, views) -> None:
             s.unlink()
         except FileNotFoundError:
             pass
-    procs.clear(), conns.clear(), shms.clear()
+    for fd in locks:
+        if fd is not None:
+            os.close(fd)
+    procs.clear(), conns.clear(), shms.clear(), locks.clear()
 
 
-def unlink_stale_segments() -> None:
-    """Remove slots left by loaders whose process died together with its resource tracker (say, a kill of the whole
-    process group), which nothing else would ever clean up. Only segments older than a minute go: workers attach
-    within seconds, and unlinking never disturbs a mapping that exists, so even a misjudged owner (a pid from another
-    PID namespace) loses nothing but its own final unlink."""
+def lock_segment(name: str) -> int | None:
+    """Holds a lock on the slot `name` for as long as the descriptor returned stays open (the loader's life): the
+    kernel drops it with the process, so an unlocked slot has no owner. None where slots are not files (no
+    /dev/shm)."""
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+    except OSError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a slot made an instant ago: nobody else locks it
+    return fd
+
+
+def unlink_stale_segments() -> list[str]:
+    """Remove slots of loaders that died together with their resource tracker (a kill -9 of the whole process
+    group, an out-of-memory kill), which nothing else would ever clean up: those whose owner's lock is gone
+    (`lock_segment`), which holds across PID namespaces and reused pids. A slot younger than FRESH_SEGMENT_S may be
+    between its creation and its owner's lock, and stays. Unlinking never disturbs a mapping that exists. Returns
+    the names removed."""
+    removed = []
     if not os.path.isdir(SHM_DIR):
-        return
+        return removed
     for name in os.listdir(SHM_DIR):
-        m = SHM_NAME.match(name)
-        if m is None:
+        if SHM_NAME.match(name) is None:
             continue
+        path = os.path.join(SHM_DIR, name)
         try:
-            if time.time() - os.stat(os.path.join(SHM_DIR, name)).st_mtime < 60:
+            if time.time() - os.stat(path).st_mtime < FRESH_SEGMENT_S:
                 continue
+            fd = os.open(path, os.O_RDONLY)
         except OSError:
-            continue
+            continue  # gone meanwhile
         try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
-        except PermissionError:
-            pass  # alive, another user's
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            pass  # its owner lives
+        finally:
+            os.close(fd)
+    return removed
 
 
 def check_shm_space(needed: int) -> None:
@@ -231,8 +251,9 @@ class HostLoader(ShardLoader):
         super().__init__(spec, "host")
         # Workers beyond `steps` would get no batches (pipeline/plan.py rule 5), so don't start them.
         self.num_workers = max(1, min(spec.workers, self.steps))
-        self._procs, self._conns, self._shms, self._views = [], [], [], []
-        self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views)
+        self._procs, self._conns, self._shms, self._views, self._locks = [], [], [], [], []
+        self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views,
+                                           self._locks)
         self._start_workers(self.manifest.num_classes)
         self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
 
@@ -240,6 +261,7 @@ class HostLoader(ShardLoader):
         spec, slots = self.spec, self.opts.slots_per_worker
         nbytes = slot_nbytes(spec.batch_size, spec.img_size)
         unlink_stale_segments()
+        own_temp_folder()
         check_shm_space(self.num_workers * slots * nbytes)
         token = secrets.token_hex(4)
         ctx = mp.get_context(self.opts.start_method)
@@ -257,6 +279,7 @@ class HostLoader(ShardLoader):
                 name = f"vitpipe_{os.getpid()}_{token}_{w}_{k}"
                 shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
                 self._shms.append(shm)
+                self._locks.append(lock_segment(shm.name))
                 names.append(shm.name)
             self._views.append([slot_arrays(s.buf, spec.batch_size, spec.img_size) for s in self._shms[-slots:]])
             cfg = WorkerConfig(

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
+import glob
+import multiprocessing.util
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from multiprocessing import resource_tracker
 
 # One thread per worker process: the parallelism is the processes; libraries that pool threads would oversubscribe.
@@ -24,6 +29,48 @@ def leave_stop_signals_to_the_parent() -> None:
     gone (the host workers: EOF on their pipe; DALI's: DALI ends them)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+# Marks the folder multiprocessing keeps this process's helper files in (`pymp-*`: the forkserver's socket). A kill
+# -9 skips the exit code that removes it, so the next start of a loader removes marked folders whose owner is gone.
+OWNER_MARK = "vitpipe.owner"
+_owner_lock: int | None = None  # the mark's descriptor, held (with its lock) for the life of this process
+
+
+def own_temp_folder() -> None:
+    """Marks this process's multiprocessing folder as ours, after removing the marked folders of processes that
+    died: the mark is a file locked with flock, and the kernel drops the lock with its last holder (the process, or
+    a child it forked), so a mark whose lock can be taken belongs to nobody. Unmarked `pymp-*` folders are other
+    programs' and stay."""
+    global _owner_lock
+    if _owner_lock is not None:  # done, by this process or the parent it was forked from (which holds the folder)
+        return
+    remove_stale_temp_folders()
+    folder = multiprocessing.util.get_temp_dir()
+    # Locked under a name of its own first: a cleaner never finds the mark unlocked.
+    fd = os.open(os.path.join(folder, f".{OWNER_MARK}.{os.getpid()}"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(os.path.join(folder, f".{OWNER_MARK}.{os.getpid()}"), os.path.join(folder, OWNER_MARK))
+    _owner_lock = fd
+
+
+def remove_stale_temp_folders() -> list[str]:
+    """The marked `pymp-*` folders of dead processes, removed (what a kill -9 left): their paths."""
+    removed = []
+    for mark in glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*", OWNER_MARK)):
+        try:
+            fd = os.open(mark, os.O_RDWR)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its process, or a child of it, lives
+        shutil.rmtree(os.path.dirname(mark), ignore_errors=True)
+        os.close(fd)
+        removed.append(os.path.dirname(mark))
+    return removed
 
 
 @contextlib.contextmanager

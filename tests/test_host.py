@@ -1,5 +1,6 @@
 """The host backend on tiny shard sets: batch form, labels, coverage across ranks, val padding, epochs, error policy,
 and that no worker process or shared-memory segment outlives a loader."""
+import contextlib
 import os
 import shutil
 import signal
@@ -425,6 +426,39 @@ def test_parent_interrupted_or_killed_leaves_no_orphans(colour_shards, sig):
         assert "KeyboardInterrupt" in proc.stderr and "host worker" not in proc.stderr
     # After SIGKILL nobody runs our cleanup: workers see EOF on their pipe, the resource tracker unlinks the memory.
     assert_cleaned(pids, names)
+
+
+HOLDING_PARENT = textwrap.dedent("""
+    import sys, time
+    from pipeline import build_loader
+    if __name__ == "__main__":
+        l = build_loader(data_path=sys.argv[1], split="train", backend="host", batch_size=2, device="cpu",
+                         workers=2, img_size=16)
+        next(iter(l))
+        print(" ".join(s.name for s in l._shms), flush=True)
+        time.sleep(600)
+""")
+
+
+def test_the_next_loader_removes_the_slots_of_a_killed_process_group_but_not_a_live_loaders(colour_shards):
+    """kill -9 of the whole group takes the resource tracker too, so nothing of the dead loader unlinks its slots;
+    the next loader start on the machine does, by their owner's lock (not by pid), and leaves a live one's."""
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDING_PARENT, str(colour_shards)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, start_new_session=True) for _ in range(2)]
+    try:
+        dead, alive = (proc.stdout.readline().split() for proc in procs)
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(timeout=30)
+        assert len(dead) == 4 and all(os.path.exists(f"/dev/shm/{n}") for n in dead)  # what the kill left
+        time.sleep(2.5)  # past FRESH_SEGMENT_S, the window between a slot's creation and its lock
+        with loader(colour_shards, workers=1):
+            assert not [n for n in dead if os.path.exists(f"/dev/shm/{n}")]
+            assert all(os.path.exists(f"/dev/shm/{n}") for n in alive)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def test_decoder_matches_a_reference_resize(sample_shards):

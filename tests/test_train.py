@@ -599,6 +599,36 @@ def test_two_ranks_split_the_contents_check_and_both_refuse_what_either_found(sa
     assert ours[0].startswith(f"train.py: error: {data / 'train-000001.tar'}: its sha256 is ")
 
 
+def test_a_kill_9_leaves_no_temp_folder_past_the_next_start(sample_shards, tmp_path):
+    """multiprocessing's `pymp-*` folder (the forkserver's socket) outlives a kill -9 of its process; the next start
+    removes it, and neither a live run's folder nor another program's."""
+    tmp = tmp_path / "tmp"
+    (tmp / "pymp-another-program").mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)}
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--data_path", str(sample_shards), "--batch-size", "4",
+           "--eval-freq", "0", "-p", "1", "--no-plots"]
+    proc = subprocess.Popen([*cmd, "--epochs", "50", "--output", str(tmp_path / "killed")], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("Epoch [0][2/"):
+                break
+        marked = [mark.parent for mark in tmp.glob("pymp-*/vitpipe.owner")]
+        assert len(marked) == 1, list(tmp.iterdir())
+        short = [*cmd, "--epochs", "1", "--max-steps", "2"]
+        assert subprocess.run([*short, "--output", str(tmp_path / "beside")], env=env, cwd=ROOT,
+                              capture_output=True, timeout=120).returncode == 0
+        assert marked[0].is_dir()  # its owner lives
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert marked[0].is_dir()  # what the kill left
+    assert subprocess.run([*short, "--output", str(tmp_path / "after")], env=env, cwd=ROOT, capture_output=True,
+                          timeout=120).returncode == 0
+    assert not marked[0].exists() and (tmp / "pymp-another-program").is_dir()
+    assert not list(tmp.glob("pymp-*/vitpipe.owner"))  # the runs that ended removed their own
+
+
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of train.py rank `rank` under a torchrun (not its loader workers, which share its environment)."""
     for proc in Path("/proc").iterdir():
