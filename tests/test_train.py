@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import hashlib
 import json
 import os
 import shutil
@@ -568,6 +569,23 @@ def test_a_same_size_change_after_a_checkpoint_is_refused_or_skipped_at_the_resu
     assert "shard contents: 1 shard(s) read and hashed" in text and ", 4 verified before" in text
     assert "shard contents: train-000001.tar: its sha256 is " in text and "its samples are skipped" in text
     assert [r["samples"] for r in metrics(out, "skipped")] == [10, 10]  # the rest of epoch 0, and epoch 1
+
+
+def test_a_wrong_sha256_in_the_manifest_stops_the_start_in_one_line(sample_shards, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(sample_shards, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][1]["sha256"] = "ab" * 32
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--data_path", str(data), "--batch-size", "8", "--epochs", "1", "--output", str(out),
+                       "--no-plots"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"train.py: error: {data / 'val-000001.tar'}: its sha256 is "
+                   f"{hashlib.sha256((data / 'val-000001.tar').read_bytes()).hexdigest()[:16]}..., the manifest says "
+                   f"abababababababab...: not the shard this set was made with (replaced, changed, or a manifest "
+                   f"edited); restore it or remake the set")
+    assert not out.exists()  # a failed start leaves no run folder
 
 
 def test_check_shards_sizes_trains_on_a_same_size_change(sample_shards, tmp_path, capsys):
