@@ -20,7 +20,7 @@ from pipeline import PipelineError, SettingsError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
 from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_contents, check_model, class_count,
-                            seed_everything, train_samples)
+                            compiled_graphs, seed_everything, train_samples)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer
@@ -193,6 +193,9 @@ def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
                "skipped_samples": trainer.skipped_samples}
     if trainer.ema is not None:
         summary["best_ema_acc1"] = trainer.best_ema_acc1
+    if cfg.compile:
+        summary["compiled_graphs"] = compiled_graphs()
+        log.print(f"torch.compile: {summary['compiled_graphs']} graphs (one per image side and train/eval mode)")
     log.record("summary", **summary)
     log.write_json("summary.json", summary)
     if scope == "after warm-up":

@@ -2,6 +2,7 @@
 
   ImageFolder --make_shards--> shard set   pipeline/shards/ (writer, verify, format, storage; torch-free, offline)
   shard set -> epoch plan                   pipeline/plan.py: which samples make batch i of epoch e on rank r
+  epoch -> image side                       pipeline/resolution.py: progressive resolution (--min-res; train)
   plan -> encoded samples                   pipeline/shards/reader.py: JPEG bytes + label through the .idx offsets
   samples -> uint8 batch                    pipeline/host.py + host_worker.py (Pillow processes), pipeline/dali.py
                                             (one @pipeline_def), pipeline/hybrid.py (both): the crop, resize and

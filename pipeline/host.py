@@ -130,6 +130,8 @@ class StreamTransfer:
             # prefetch+1 buffers it finished long ago, so this rarely waits.
             self.copied[k].synchronize()
         pinned_images, pinned_labels = self.staging[k]
+        if pinned_images.shape != images.shape:  # an epoch at a smaller side (pipeline/resolution.py): its first bytes
+            pinned_images = pinned_images.view(-1)[:images.size].view(images.shape)
         # numpy's copy is a plain single-threaded memcpy: torch's copy_ would wake the intra-op pool, whose threads
         # then spin on cores the decode workers need.
         np.copyto(pinned_images.numpy(), images)
@@ -254,6 +256,9 @@ class HostLoader(ShardLoader):
         self._procs, self._conns, self._shms, self._views, self._locks = [], [], [], [], []
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views,
                                            self._locks)
+        # Every side the schedule can give (a run may go on past its planned epochs): each has its views of the slots.
+        self.sides = spec.res_schedule.sizes(spec.res_schedule.end_ramp + 1) if spec.res_schedule and spec.train \
+            else [spec.img_size]
         self._start_workers(self.manifest.num_classes)
         self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
 
@@ -281,12 +286,14 @@ class HostLoader(ShardLoader):
                 self._shms.append(shm)
                 self._locks.append(lock_segment(shm.name))
                 names.append(shm.name)
-            self._views.append([slot_arrays(s.buf, spec.batch_size, spec.img_size) for s in self._shms[-slots:]])
+            self._views.append({side: [slot_arrays(s.buf, spec.batch_size, side) for s in self._shms[-slots:]]
+                                for side in self.sides})
             cfg = WorkerConfig(
                 worker=w, num_workers=self.num_workers, planner=self.planner, transform=spec.transform,
                 skip_bad=spec.on_error == "skip", num_classes=num_classes, slot_names=tuple(names),
                 environment=tuple(storage.environment().items()), batches=tuple(self.batches),
-                decoder=self.opts.resolved_decoder)
+                decoder=self.opts.resolved_decoder, schedule=spec.res_schedule if spec.train else None,
+                resized=tuple(spec.transform_at(side) for side in self.sides if side != spec.img_size))
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
             with main_not_replayed(), one_thread_each():  # no main guard needed in the user's script
@@ -336,7 +343,7 @@ class HostLoader(ShardLoader):
         """Wait for the worker's batch `step` of the run, start its transfer, give the slot back."""
         worker = worker_of(step, self.num_workers)
         slot = self._receive(worker, self.batches[step], self.run.number, self.run.epoch)
-        images, labels = self._views[worker][slot]
+        images, labels = self._views[worker][self.spec.size_at(self.run.epoch)][slot]
         pending = self.transfer.start(images, labels)
         try:
             self._conns[worker].send(Release(self.run.number, slot))

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.plan import EpochPlanner, worker_batches
 from pipeline.processes import keep_freed_memory_in_the_heap, leave_stop_signals_to_the_parent
+from pipeline.resolution import ResSchedule
 from pipeline.shards.errors import SampleError, ShardError
 from pipeline.shards.jpeg import crop_resize
 from pipeline.shards.reader import Sample, ShardReader, usable_label
@@ -82,6 +83,15 @@ class WorkerConfig:
     environment: tuple[tuple[str, str], ...] = ()  # the parent's AWS_* settings (a forkserver may predate them)
     batches: tuple[int, ...] | None = None  # the rank-local batches the loader makes (None: all; hybrid: its part)
     decoder: str = "pillow"  # pipeline/shards/jpeg.py: "region" or "pillow"
+    schedule: ResSchedule | None = None  # train: the side per epoch (pipeline/resolution.py); slots fit the largest
+    resized: tuple[Transform, ...] = ()  # the policy at each side of the schedule but `transform`'s
+
+    def transform_at(self, epoch: int) -> Transform:
+        """The policy of `epoch`'s batches: its side by the schedule."""
+        if self.schedule is None or not self.train:
+            return self.transform
+        side = self.schedule.size(epoch)
+        return next((t for t in (self.transform, *self.resized) if t.img_size == side), self.transform)
 
     @property
     def train(self) -> bool:
@@ -116,11 +126,12 @@ def slot_nbytes(batch_size: int, img_size: int) -> int:
     return batch_size * img_size * img_size * 3 + batch_size * 8
 
 
-def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray) -> None:
-    """The sample's crop box by the transform policy, decoded and resized to the output size
-    (pipeline/shards/jpeg.py), flipped, into `out` (S,S,3) uint8, then augmented there. The sample is usable
-    (`usable_label`)."""
-    t = cfg.transform
+def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray,
+           transform: Transform | None = None) -> None:
+    """The sample's crop box by the transform policy (`transform`, else the config's), decoded and resized to the
+    output size (pipeline/shards/jpeg.py), flipped, into `out` (S,S,3) uint8, then augmented there. The sample is
+    usable (`usable_label`)."""
+    t = transform or cfg.transform
     try:
         image = crop_resize(sample.jpg, functools.partial(t.crop_box, rng=rng), t.img_size,
                             PIL_RESAMPLE[t.interpolation], cfg.decoder)
@@ -180,7 +191,7 @@ class Mailbox:
 
 
 def fill_batch(cfg: WorkerConfig, samples: list[Sample | None], images, labels, rng: random.Random,
-               stats: "Stats") -> None:
+               stats: "Stats", transform: Transform | None = None) -> None:
     """Decode one batch into a slot; None entries are val padding (zeros, label -1). In skip mode a bad val sample
     becomes padding (val stays exact), a bad train sample a copy of a good sample of the same batch."""
     bad = []
@@ -191,7 +202,7 @@ def fill_batch(cfg: WorkerConfig, samples: list[Sample | None], images, labels, 
         stats.bytes_read += sample.nbytes
         try:
             labels[i] = usable_label(sample, cfg.num_classes)
-            decode(sample, cfg, rng, images[i])
+            decode(sample, cfg, rng, images[i], transform)
         except SampleError:
             if not cfg.skip_bad:
                 raise
@@ -218,7 +229,7 @@ class Stats:
 def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader,
               read_ahead: ThreadPoolExecutor) -> int:
     """Make this worker's batches of `epoch`; returns how many there were."""
-    planner, stats = cfg.planner, Stats()
+    planner, stats, transform = cfg.planner, Stats(), cfg.transform_at(epoch)
     batches = cfg.batches if cfg.batches is not None else range(planner.plan(epoch).steps)
     mine = [batches[k] for k in worker_batches(len(batches), cfg.worker, cfg.num_workers)]
     # The next batch's bytes are read on a thread while this one decodes: reading waits on the disk or the network
@@ -226,13 +237,13 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
     pending = read_ahead.submit(reader.read_batch, planner, epoch, mine[0]) if mine else None
     for k, batch_index in enumerate(mine):
         slot = mailbox.take_slot()
-        images, labels = slots[slot]
+        images, labels = slots(transform.img_size)[slot]
         samples = pending.result()
         if k + 1 < len(mine):
             pending = read_ahead.submit(reader.read_batch, planner, epoch, mine[k + 1])
         # Seeded by everything that identifies the batch: a rerun reproduces it, whichever worker makes it.
         rng = random.Random(f"{planner.seed}:{epoch}:{planner.rank}:{batch_index}")
-        fill_batch(cfg, samples, images, labels, rng, stats)
+        fill_batch(cfg, samples, images, labels, rng, stats, transform)
         mailbox.conn.send(BatchReady(mailbox.run, slot, epoch, batch_index, stats.bytes_read, stats.skipped))
         stats.bytes_read, stats.skipped = 0, {}
     return len(mine)
@@ -266,9 +277,15 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
     os.environ.update(dict(cfg.environment))  # one thread each came with the start (pipeline.processes)
     keep_freed_memory_in_the_heap()
     shms = [shared_memory.SharedMemory(name=n) for n in cfg.slot_names]
-    slots = [slot_arrays(s.buf, cfg.batch_size, cfg.img_size) for s in shms]
+    views: dict[int, list] = {}
+
+    def slots(side: int) -> list:
+        """The slots as arrays of side `side` (one per epoch's side; each fits in the largest's bytes)."""
+        if side not in views:
+            views[side] = [slot_arrays(s.buf, cfg.batch_size, side) for s in shms]
+        return views[side]
     try:
-        serve(cfg, Mailbox(conn, len(slots)), slots)
+        serve(cfg, Mailbox(conn, len(shms)), slots)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone; nothing to report to
     except BaseException as e:
@@ -278,6 +295,6 @@ def worker_main(cfg: WorkerConfig, conn) -> None:
             pass
         raise SystemExit(1)
     finally:
-        del slots
+        views.clear()
         for s in shms:
             s.close()

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from pipeline.plan import EpochPlanner, Stage, share_of
+from pipeline.resolution import ResSchedule
 from pipeline.shards.errors import ShardError
 from pipeline.shards.format import Manifest, Shard, read_manifest, shard_list
 from pipeline.augment import Augment, parse as parse_augment
@@ -35,7 +36,8 @@ class LoaderSpec:
     world_size: int = 1
     workers: int = 4  # decode processes (host) or threads (dali) per rank
     seed: int = 0
-    img_size: int = 224
+    img_size: int = 224  # the output side; with res_schedule, its largest (what buffers are sized for)
+    res_schedule: ResSchedule | None = None  # train: the side per epoch (pipeline/resolution.py)
     # The transform policy's knobs (pipeline/transforms.py says what each means; its defaults are these)
     mean: tuple[float, float, float] = Transform.mean
     std: tuple[float, float, float] = Transform.std
@@ -66,10 +68,22 @@ class LoaderSpec:
 
     @property
     def transform(self) -> Transform:
-        """The split's transform policy (pipeline/transforms.py), which every decoder follows."""
-        augment = parse_augment(self.aa, self.color_jitter, self.img_size, self.mean) if self.train else Augment()
-        return Transform(self.train, self.img_size, tuple(self.scale), tuple(self.ratio), self.hflip, self.crop_pct,
+        """The split's transform policy (pipeline/transforms.py), which every decoder follows, at img_size."""
+        return self.transform_at(self.img_size)
+
+    def transform_at(self, size: int) -> Transform:
+        """The policy at output side `size` (augmentations scale some magnitudes with it)."""
+        augment = parse_augment(self.aa, self.color_jitter, size, self.mean) if self.train else Augment()
+        return Transform(self.train, size, tuple(self.scale), tuple(self.ratio), self.hflip, self.crop_pct,
                          tuple(self.mean), tuple(self.std), augment)
+
+    def size_at(self, epoch: int) -> int:
+        """The output side of `epoch`'s batches."""
+        return self.res_schedule.size(epoch) if self.res_schedule is not None and self.train else self.img_size
+
+    def sizes(self, epochs: int) -> tuple[int, ...]:
+        """The distinct sides of epochs [0, epochs)."""
+        return tuple(sorted({self.size_at(e) for e in range(max(epochs, 1))}))
 
     def validate(self) -> None:
         if self.split not in ("train", "val"):
@@ -87,6 +101,11 @@ class LoaderSpec:
         if self.aug_repeats < 1:
             raise ValueError(f"aug_repeats must be >= 1 (1 = no repeated augmentation), got {self.aug_repeats}")
         parse_augment(self.aa, self.color_jitter, self.img_size, self.mean)  # AugmentError: one line, the flag named
+        if self.res_schedule is not None:
+            self.res_schedule.validate()
+            if self.img_size != self.res_schedule.max_res:
+                raise ValueError(f"img_size {self.img_size} must be the schedule's max_res "
+                                 f"{self.res_schedule.max_res} (buffers are sized for it)")
 
     def backend_options(self, cls):
         """This spec's options for the backend whose options class is `cls`: checked, defaults when None."""

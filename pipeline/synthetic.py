@@ -26,8 +26,11 @@ class SyntheticLoader(Loader):
         self.labels = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=g).to(spec.device)
 
     def __iter__(self):
+        side = self.spec.size_at(self.epoch)  # a schedule's smaller side: the batch's top-left corner
+        images = self.images if side == self.spec.img_size else self.images[..., :side, :side].contiguous(
+            memory_format=torch.channels_last if self.spec.channels_last else torch.contiguous_format)
         for _ in range(self.steps):
-            yield self.images, self.labels
+            yield images, self.labels
 
     def describe(self) -> str:
         return "synthetic (one random batch, resident on the device)"

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import build_loader
 from pipeline.host import HostOptions, WorkerError
+from pipeline.resolution import ResSchedule
 from pipeline.shards.errors import PipelineError, SampleError, ShardError
 from pipeline.shards.format import read_manifest, shard_list
 
@@ -459,6 +460,29 @@ def test_the_next_loader_removes_the_slots_of_a_killed_process_group_but_not_a_l
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+def test_a_schedule_changes_the_side_at_epoch_boundaries_without_new_workers(sample_shards):
+    """Each epoch's batches are those a loader fixed at that epoch's side makes (the same crops, seeded per batch),
+    from the same worker processes, running on from one epoch into the next."""
+    schedule = ResSchedule(16, 48, 0, 2, step=16)
+    args = dict(dtype=torch.uint8, aa="rand-m9-mstd0.5", workers=2)
+    with loader(sample_shards, img_size=48, res_schedule=schedule, **args) as ramp:
+        pids, got = worker_pids(ramp), {}
+        for epoch in range(3):
+            ramp.set_epoch(epoch)
+            got[epoch] = [x.clone() for x, _ in ramp]
+        assert worker_pids(ramp) == pids
+    assert [got[e][0].shape[-1] for e in range(3)] == [16, 32, 48]
+    for epoch in range(3):
+        with loader(sample_shards, img_size=schedule.size(epoch), **args) as fixed:
+            fixed.set_epoch(epoch)
+            assert all(torch.equal(a, b) for (b, _), a in zip(fixed, got[epoch], strict=True)), epoch
+
+
+def test_a_schedule_on_a_backend_that_keeps_one_size_is_one_line(sample_shards):
+    with pytest.raises(ValueError, match="the dali backend keeps one output size for a run"):
+        loader(sample_shards, backend="dali", img_size=48, res_schedule=ResSchedule(16, 48, 0, 2, step=16))
 
 
 def test_decoder_matches_a_reference_resize(sample_shards):

@@ -17,7 +17,8 @@ PACKAGES = ("pipeline", "model", "trainlib")
 LAYERS = (
     ("pipeline.shards",),
     ("pipeline.augment", "pipeline._augment"),
-    ("pipeline.plan", "pipeline.transforms", "pipeline.processes", "pipeline.cli", "pipeline._pixels"),
+    ("pipeline.plan", "pipeline.resolution", "pipeline.transforms", "pipeline.processes", "pipeline.cli",
+     "pipeline._pixels"),
     ("pipeline.loader",),
     ("pipeline.host_worker", "pipeline.host", "pipeline.dali", "pipeline.synthetic", "pipeline.hybrid"),
     ("pipeline.backends",),

@@ -3,8 +3,8 @@
 2-process torchrun like it runs alone, and fails cleanly on a missing device."""
 from __future__ import annotations
 
-import importlib.util
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import make_shards
 import train
 from pipeline.shards.format import read_index, shard_list
 from trainlib import checkpoint, devices
 from trainlib.engine import Trainer
+from trainlib.runlog import plot_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "test_vit", "--img-size", "32", "--device", "cpu", "--workers", "1", "--lr", "3e-3",
@@ -106,6 +108,51 @@ def test_resume_after_crash_continues_exactly(sample_shards, tmp_path, monkeypat
     net = timm.create_model("test_vit", num_classes=4, img_size=32, checkpoint_path=str(crashed / "last.pth"))
     saved = checkpoint.load(crashed / "last.pth")["model"]
     assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+
+
+RAMP = ["--img-size", "48", "--min-res", "16", "--max-res", "48", "--start-ramp", "0", "--end-ramp", "2"]
+
+
+def test_a_ramp_trains_each_epoch_at_its_side_and_resumes_exactly_across_a_change(sample_shards, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """test_vit's patch is 16 px: epochs at 16, 32, 48 px, a checkpoint inside epoch 1 (32 px), a crash in it, and a
+    resume that ends with the weights of the uninterrupted run; eval at the last side (48)."""
+    common = [*TINY, *RAMP, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "3",
+              "--eval-freq", "1", "-p", "1", "--drop-path", "0.1", "--no-plots"]
+    ref, crashed = run_and_crash(common, tmp_path, monkeypatch, crash_at=10, save_steps=4)
+    assert [r["img_size"] for r in metrics(ref, "train")] == [16] * 6 + [32] * 6 + [48] * 6
+    assert [r["img_size"] for r in metrics(ref, "eval")] == [48] * 3
+    with Image.open(plot_metrics(ref)) as plots:  # a fourth panel: the side per step
+        assert plots.size == (800, 1200)
+    assert "Epoch [1] train images 32 px" in capsys.readouterr().out
+    assert checkpoint.load(crashed / "last.pth")["global_step"] == 8  # epoch 1, step 2
+    run_ok([*common, "--output", str(crashed), "--resume", "auto"])
+    ours, theirs = checkpoint.load(crashed / "last.pth"), checkpoint.load(ref / "last.pth")
+    assert ours["global_step"] == theirs["global_step"] == 18
+    for name, weight in theirs["model"].items():
+        assert torch.allclose(ours["model"][name], weight, rtol=0, atol=1e-6), name
+    assert metrics(crashed, "eval")[-1]["acc1"] == metrics(ref, "eval")[-1]["acc1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-res", "16"], "--min-res 16: give --end-ramp"),
+    (["--end-ramp", "3"], "--max-res, --start-ramp and --end-ramp shape a schedule that --min-res starts"),
+    ([*RAMP[:2], "--min-res", "24", "--end-ramp", "2"], "--min-res 24 is not a multiple of 16 (the patch size)"),
+    (["--eval-img-size", "40"], "--eval-img-size 40 is not a multiple of test_vit's patch size 16"),
+    ([*RAMP, "--backend", "dali"], "--min-res: --backend dali keeps one output size for a run"),
+])
+def test_a_schedule_that_cannot_work_is_a_usage_error_naming_the_flag(sample_shards, tmp_path, capsys, argv,
+                                                                       message):
+    """Flag by flag (the parser's usage, then its line), or against the model's patch (one line): exit 2 either
+    way, and no run folder."""
+    try:
+        status = train.main([*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "3",
+                             "--output", str(tmp_path / "run"), *argv])
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_only_reproduces_best(sample_shards, tmp_path, capsys):

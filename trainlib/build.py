@@ -84,6 +84,28 @@ def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int,
                 options=cfg.backend_options(), shard_problems=checked.problems if checked else None)
 
 
+def patch_of(cfg: TrainConfig) -> int:
+    """The model's patch side (1 for a model without patches): what every image side must be a multiple of."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, num_classes=1, img_size=cfg.img_size)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return patch[0] if patch else 1
+
+
+def train_args(cfg: TrainConfig) -> dict:
+    """The train loader's side: --img-size, or the schedule and its largest side (what buffers are sized for)."""
+    schedule = cfg.res_schedule(patch_of(cfg))
+    return dict(img_size=schedule.max_res, res_schedule=schedule) if schedule else {}
+
+
+def val_args(cfg: TrainConfig) -> dict:
+    """The val loader's side and crop (--eval-img-size, --eval-crop-pct)."""
+    out = dict(img_size=cfg.eval_size(patch_of(cfg)))
+    if cfg.eval_crop_pct:
+        out["crop_pct"] = cfg.eval_crop_pct
+    return out
+
+
 def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: int, epoch: int, stages,
                       checked: Checked | None = None):
     """A train loader for the rest of `epoch`, which the layouts `stages` ran part of (pipeline/plan.py rule 6).
@@ -93,17 +115,20 @@ def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: i
     instead = get_backend(cfg.backend).rest_of_epoch
     if instead:
         args.update(backend=instead, options=options_from(cfg, instead))
-    return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages, **args)
+    return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
+                        **{**args, **train_args(cfg)})
 
 
 def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int, checked: Checked | None = None):
     """(train loader or None under --evaluate, val loader or None without evaluation) for this rank; `checked`:
     what check_contents found."""
     common = loader_args(cfg, device, placement, classes, checked)
-    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size, **common)
+    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size,
+                                                   **{**common, **train_args(cfg)})
     val = None
     if cfg.evaluate or cfg.eval_freq:
-        val = build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size, **common)
+        val = build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size,
+                           **{**common, **val_args(cfg)})
     return train, val
 
 
@@ -119,14 +144,26 @@ def check_model(cfg: TrainConfig, classes: int) -> None:
 
 def check_patch_size(cfg: TrainConfig, model: torch.nn.Module) -> None:
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch and (cfg.img_size % patch[0] or cfg.img_size % patch[1]):
-        raise ConfigError(f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {patch[0]}")
+    if not patch:
+        return
+    for flag, side in (("--img-size", cfg.img_size), ("--eval-img-size", cfg.eval_img_size)):
+        if side % patch[0] or side % patch[1]:
+            raise ConfigError(f"{flag} {side} is not a multiple of {cfg.model}'s patch size {patch[0]}")
+    cfg.res_schedule(patch[0])  # ConfigError: a --min-res/--max-res off the patch grid
+
+
+def dynamic_sides(cfg: TrainConfig) -> bool:
+    """Whether the model sees sides other than --img-size (a schedule, another eval side): then timm resamples its
+    position embedding to each input's patch grid (`dynamic_img_size`), a no-op at --img-size's own grid."""
+    step = patch_of(cfg)
+    return any(side != cfg.img_size for side in (*cfg.train_sizes(step), cfg.eval_size(step)))
 
 
 def build_model_for(cfg: TrainConfig, device, classes: int) -> torch.nn.Module:
     """The bare model on the device, with --pixel-input, --fp8 and --channels-last applied."""
+    extra = {"dynamic_img_size": True} if dynamic_sides(cfg) else {}
     model = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, pretrained=cfg.pretrained,
-                        drop_path=cfg.drop_path).to(device.device)
+                        drop_path=cfg.drop_path, **extra).to(device.device)
     check_patch_size(cfg, model)
     if cfg.pixel_input:
         defaults = model_defaults(cfg.model)
@@ -142,6 +179,28 @@ def build_model_for(cfg: TrainConfig, device, classes: int) -> torch.nn.Module:
     return model
 
 
+def compiled(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile: under several image sides (a schedule, another eval side) one static graph per side and mode
+    (`dynamic=False`), rather than dynamo's switch to a dynamic-shape graph at the second side, whose kernels are
+    generic; its recompile limit raised to hold them all."""
+    if not dynamic_sides(cfg):
+        return torch.compile(model)
+    step = patch_of(cfg)
+    graphs = 2 * len({*cfg.train_sizes(step), cfg.eval_size(step)}) + 2  # train and eval mode each, and slack
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name in newer torch, and the older one
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), graphs))
+    return torch.compile(model, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile made in this process so far (dynamo's count)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per_epoch: int,
                   classes: int) -> Trainer:
     seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
@@ -154,7 +213,7 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
         model = ddp = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids,
                                                                 find_unused_parameters=False)
     if cfg.compile:
-        model = torch.compile(model)
+        model = compiled(cfg, model)
     optimizer = build_optimizer(cfg, raw_model, device)
     defaults = model_defaults(cfg.model)
     augment = BatchAugment.from_config(cfg, num_classes=classes, mean=defaults["mean"], std=defaults["std"],
@@ -163,10 +222,12 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
                       scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=device,
                       amp_dtype=device.amp_dtype(cfg.amp), clip_grad=cfg.clip_grad, loss_fn=build_loss(cfg),
                       batch_augment=augment, no_sync=ddp.no_sync if ddp is not raw_model else None)
+    step = patch_of(cfg)
+    sides = cfg.train_sizes(step)
     try:
-        flops = flops_per_image(raw_model, cfg.img_size)
+        flops = {side: flops_per_image(raw_model, side) for side in set(sides)}
     except TypeError:
         flops = None  # not a ViT: MFU is left out
     return Trainer(cfg, raw_model=raw_model, model=model, optim=optim, device=device, log=log, placement=placement,
                    steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops,
-                   train_samples=train_samples(cfg), ema=ema)
+                   train_samples=train_samples(cfg), ema=ema, train_sides=sides, eval_side=cfg.eval_size(step))

@@ -20,6 +20,7 @@ from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
 from pipeline.loader import IMAGENET_CLASSES
+from pipeline.resolution import ResSchedule, ScheduleError
 
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
 
@@ -41,7 +42,14 @@ class TrainConfig:
     host: HostOptions = knob(help="the host backend's own options", factory=HostOptions)
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
     hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
-    img_size: int = knob(224, "train/eval resolution")
+    img_size: int = knob(224, "train/eval resolution, and the model's (its position-embedding grid)")
+    min_res: int = knob(0, "progressive resolution (FFCV's): the train side up to --start-ramp, rising linearly to "
+                           "--max-res at --end-ramp, in multiples of the patch size; 0 = --img-size throughout")
+    max_res: int = knob(0, "progressive resolution: the train side from --end-ramp on; 0 = --img-size")
+    start_ramp: int = knob(0, "progressive resolution: the last epoch at --min-res")
+    end_ramp: int = knob(0, "progressive resolution: the first epoch at --max-res")
+    eval_img_size: int = knob(0, "eval side; 0 = the last epoch's train side (--img-size without a schedule)")
+    eval_crop_pct: float = knob(0.0, "eval: resize to side / crop_pct, then the central crop; 0 = the model's")
     aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
     color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
     reprob: float = knob(0.0, "random erasing: the probability per train sample (timm's RandomErasing, on the device)")
@@ -153,7 +161,7 @@ class TrainConfig:
         for name in ("num_classes", "val_batch_size", "max_steps", "steps_per_epoch", "eval_freq", "save_steps",
                      "warmup_steps", "warmup_log_steps", "nproc_per_node", "lr", "weight_decay", "clip_grad",
                      "warmup_epochs", "drop_path", "min_lr", "dist_timeout", "mixup", "cutmix", "aug_repeats",
-                     "mixup_off_epoch"):
+                     "mixup_off_epoch", "min_res", "max_res", "start_ramp", "end_ramp", "eval_img_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         try:
@@ -169,6 +177,17 @@ class TrainConfig:
             except ValueError as e:
                 raise ConfigError(f"{name} option {e} (--{name}-* flags)") from None
         chosen = get_backend(self.backend)
+        if self.min_res:
+            if not self.end_ramp:
+                raise ConfigError(f"--min-res {self.min_res}: give --end-ramp (the first epoch at --max-res) and "
+                                  f"--start-ramp (the last at --min-res)")
+            if not chosen.follows_schedule:
+                raise ConfigError(f"--min-res: --backend {self.backend} keeps one output size for a run; use "
+                                  f"--backend {', '.join(n for n in BACKENDS if get_backend(n).follows_schedule)}")
+        elif self.max_res or self.start_ramp or self.end_ramp:
+            raise ConfigError("--max-res, --start-ramp and --end-ramp shape a schedule that --min-res starts")
+        if not 0 <= self.eval_crop_pct <= 1:
+            raise ConfigError(f"--eval-crop-pct must be in (0, 1] (0: the model's), got {self.eval_crop_pct}")
         if chosen.reads_shards and not self.data_path:
             raise ConfigError(f"--backend {self.backend} reads shards: give --data_path (or use a backend that reads "
                               f"none: {', '.join(n for n in BACKENDS if not get_backend(n).reads_shards)})")
@@ -181,6 +200,26 @@ class TrainConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
                               "(or pip install tensorboard)")
+
+    def res_schedule(self, step: int) -> ResSchedule | None:
+        """The train side per epoch (pipeline/resolution.py), in multiples of `step` (the patch size); None: a
+        fixed --img-size. ConfigError for one that cannot work."""
+        if not self.min_res:
+            return None
+        schedule = ResSchedule(self.min_res, self.max_res or self.img_size, self.start_ramp, self.end_ramp, step)
+        try:
+            schedule.validate()
+        except ScheduleError as e:
+            raise ConfigError(str(e)) from None
+        return schedule
+
+    def train_sizes(self, step: int) -> list[int]:
+        """Each epoch's train side."""
+        schedule = self.res_schedule(step)
+        return schedule.sizes(self.epochs) if schedule else [self.img_size] * self.epochs
+
+    def eval_size(self, step: int) -> int:
+        return self.eval_img_size or (self.train_sizes(step)[-1] if self.epochs else self.img_size)
 
     def validate_recipe(self) -> None:
         """The batch augmentation, EMA and optimizer-recipe flags (timm's names and ranges)."""

@@ -76,8 +76,9 @@ class Trainer:
     """One run's mutable training state (position, best Acc@1, skipped samples) and the loops that advance it."""
 
     def __init__(self, cfg: TrainConfig, *, raw_model, model, optim: OptimStep, device, log, placement,
-                 steps_per_epoch: int, num_classes: int, flops_per_image: float | None,
-                 train_samples: int | None = None, ema=None):
+                 steps_per_epoch: int, num_classes: int, flops_per_image: dict[int, float] | None,
+                 train_samples: int | None = None, ema=None, train_sides: list[int] | None = None,
+                 eval_side: int | None = None):
         # raw_model: the bare module (checkpoints); model: what runs the step and evaluation (DDP and/or compiled).
         self.cfg, self.raw_model, self.model, self.optim, self.device = cfg, raw_model, model, optim, device
         self.ema = ema  # timm's ModelEmaV3 of raw_model (--model-ema), or None
@@ -94,7 +95,10 @@ class Trainer:
         self.meter = Throughput(device, cfg.batch_size * placement.world_size * self.accum, cfg.warmup_log_steps)
         peak = device.peak_flops(optim.amp_dtype)
         self.train_flops_per_s_peak = peak * placement.world_size if peak and flops_per_image else None
-        self.train_flops_per_image = TRAIN_FLOPS_FACTOR * flops_per_image if flops_per_image else None
+        # per image side: a schedule (--min-res) trains at several
+        self.train_flops_per_image = {side: TRAIN_FLOPS_FACTOR * f for side, f in (flops_per_image or {}).items()}
+        self.train_sides = train_sides or [cfg.img_size] * max(cfg.epochs, 1)  # per epoch
+        self.eval_side = eval_side or cfg.img_size
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step; the loss, detached. The benchmarks (trainlib.bench.steps) time this call as
@@ -118,6 +122,9 @@ class Trainer:
         skipped_before = dict(loader.skipped_shards)
         if self.optim.batch_augment is not None:
             self.optim.batch_augment.set_epoch(self.epoch)  # --mixup-off-epoch
+        if self.epoch == 0 or self.train_sides[self.epoch - 1] != self.train_side or self.step_in_epoch:
+            if len(set(self.train_sides)) > 1:  # a schedule: where its side changes, and where a run resumes
+                self.log.print(f"Epoch [{self.epoch}] train images {self.train_side} px")
         batches = iter(loader)
         for _ in range(self.step_in_epoch * self.accum):
             next(batches)
@@ -174,6 +181,11 @@ class Trainer:
                         f"{self.epoch}, step {self.step_in_epoch}); {saved}", self.stop_signal,
                         quiet=not self.placement.is_main)
 
+    @property
+    def train_side(self) -> int:
+        """The current epoch's train image side (pipeline/resolution.py under --min-res)."""
+        return self.train_sides[min(self.epoch, len(self.train_sides) - 1)]
+
     def reached_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
 
@@ -181,10 +193,11 @@ class Trainer:
         m = self.meter.lap()  # closes the timed interval (synchronizes)
         loss = self.loss.mean_over_ranks()
         self.loss.check_finite(self.global_step, loss)
-        mfu = (m["img_s"] * self.train_flops_per_image / self.train_flops_per_s_peak
-               if self.train_flops_per_s_peak else None)
+        side = self.train_side
+        mfu = (m["img_s"] * self.train_flops_per_image[side] / self.train_flops_per_s_peak
+               if self.train_flops_per_s_peak and side in self.train_flops_per_image else None)
         self.log.record("train", epoch=self.epoch, step=self.step_in_epoch, global_step=self.global_step, loss=loss,
-                        lr=lr, mfu=mfu, mem_bytes=self.device.max_memory_allocated(), **m)
+                        lr=lr, mfu=mfu, mem_bytes=self.device.max_memory_allocated(), img_size=side, **m)
         line = (f"Epoch [{self.epoch}][{self.step_in_epoch}/{self.epoch_steps}] loss {loss:.4f} lr {lr:.3e} "
                 f"img/s {m['img_s']:.1f} input wait {100 * m['input_wait']:.1f}%")
         if m["img_s_mean"] is not None:
@@ -210,7 +223,7 @@ class Trainer:
             self.log.print(f"   EMA Acc@1 {ema[0]:.3f} Acc@5 {ema[1]:.3f}")
             extra = {"ema_acc1": ema[0], "ema_acc5": ema[1]}
         self.log.record("eval", epoch=self.epoch, global_step=self.global_step, acc1=acc1, acc5=acc5, samples=n,
-                        seconds=time.perf_counter() - t0, **extra)
+                        seconds=time.perf_counter() - t0, img_size=self.eval_side, **extra)
         return acc1, acc5, n
 
     def record_best(self, acc1: float) -> bool:

@@ -130,7 +130,8 @@ def _git_revision() -> str | None:
 
 
 def plot_metrics(output: Path) -> Path | None:
-    """plots.png: training loss, global img/s and input-wait share over global steps, from metrics.jsonl."""
+    """plots.png: training loss, global img/s and input-wait share over global steps, from metrics.jsonl; and the
+    train image side, when it changed during the run (--min-res)."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
@@ -140,8 +141,10 @@ def plot_metrics(output: Path) -> Path | None:
     if not train:
         return None
     steps = [r["global_step"] for r in train]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     panels = (("loss", "train loss", 1), ("img_s", "global img/s", 1), ("input_wait", "input wait (%)", 100))
+    if len({r.get("img_size") for r in train}) > 1:
+        panels += (("img_size", "train image side (px)", 1),)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3 * len(panels)), sharex=True)
     for ax, (key, label, scale) in zip(axes, panels):
         ax.plot(steps, [r[key] * scale for r in train])
         ax.set_ylabel(label)

@@ -50,6 +50,7 @@ from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
 from pipeline.loader import IMAGENET_CLASSES, LoaderSpec, endless, timed
+from pipeline.resolution import ResSchedule
 from pipeline.shards.errors import PipelineError
 from pipeline.shards.format import read_manifest
 
@@ -66,6 +67,11 @@ class BenchConfig:
     interval: float = knob(5.0, 'seconds between JSON lines')
     device: str = knob("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
     img_size: int = knob(224, 'output side in pixels')
+    min_res: int = knob(0, "replay a progressive-resolution schedule (train.py's flags): the side up to --start-ramp, "
+                           "rising to --max-res at --end-ramp in multiples of 32; 0 = --img-size throughout")
+    max_res: int = knob(0, "the schedule's last side; 0 = --img-size")
+    start_ramp: int = knob(0, "the schedule's last epoch at --min-res")
+    end_ramp: int = knob(0, "the schedule's first epoch at --max-res")
     aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
     color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
     dtype: str = knob("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
@@ -210,10 +216,18 @@ def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
     return out
 
 
+def res_schedule(cfg: BenchConfig) -> ResSchedule | None:
+    """--min-res's schedule, in multiples of 32 (ViT-B/32's patch); None without."""
+    return ResSchedule(cfg.min_res, cfg.max_res or cfg.img_size, cfg.start_ramp, cfg.end_ramp) if cfg.min_res \
+        else None
+
+
 def spec_for(cfg: BenchConfig, device: torch.device) -> dict:
+    schedule = res_schedule(cfg)
     return dict(data_path=cfg.data_path, split=cfg.split, batch_size=cfg.batch_size, device=device,
-                workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size, prefetch=cfg.prefetch,
-                dtype=getattr(torch, cfg.dtype), aa=cfg.aa, color_jitter=cfg.color_jitter)
+                workers=cfg.workers, seed=cfg.seed, img_size=schedule.max_res if schedule else cfg.img_size,
+                prefetch=cfg.prefetch, dtype=getattr(torch, cfg.dtype), aa=cfg.aa, color_jitter=cfg.color_jitter,
+                res_schedule=schedule)
 
 
 def num_classes_of(cfg: BenchConfig) -> int:
@@ -252,6 +266,8 @@ def run(cfg: BenchConfig) -> dict:
              "split": cfg.split, "img_size": cfg.img_size, "device": str(device), "model": cfg.model,
              "pillow": pillow_flavour(), "loader": describe, "restart_markers": restart_markers(cfg),
              "torch": torch.__version__, "python": platform.python_version()}
+    if res_schedule(cfg):
+        final["res_schedule"] = res_schedule(cfg).describe(cfg.end_ramp + 1)
     if cfg.baseline:
         from pipeline.bench.baseline import TorchvisionLoader
 
@@ -348,6 +364,12 @@ def check(cfg: BenchConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.seconds <= 0:
         raise ValueError(f"--seconds must be > 0, got {cfg.seconds}")
+    if cfg.min_res:
+        if cfg.split != "train":
+            raise ValueError("--min-res: a schedule changes the train side; --split val keeps --img-size")
+        res_schedule(cfg).validate()  # ScheduleError: a ValueError naming the flag
+    elif cfg.max_res or cfg.start_ramp or cfg.end_ramp:
+        raise ValueError("--max-res, --start-ramp and --end-ramp shape a schedule that --min-res starts")
     if cfg.data_path is None and (cfg.decode_only or get_backend(cfg.backend).reads_shards):
         raise ValueError("--data_path is needed (shards made by tools/make_shards.py)")
     if cfg.baseline and not cfg.decode_only and not os.path.isdir(os.path.join(cfg.baseline, cfg.split)):
