@@ -257,8 +257,8 @@ class HostLoader(ShardLoader):
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views,
                                            self._locks)
         # Every side the schedule can give (a run may go on past its planned epochs): each has its views of the slots.
-        self.sides = spec.res_schedule.sizes(spec.res_schedule.end_ramp + 1) if spec.res_schedule and spec.train \
-            else [spec.img_size]
+        self.sides = sorted(set(spec.res_schedule.sizes(spec.res_schedule.end_ramp + 1))) \
+            if spec.res_schedule and spec.train else [spec.img_size]
         self._start_workers(self.manifest.num_classes)
         self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
 

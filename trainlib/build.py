@@ -2,6 +2,7 @@
 train.py and the benchmarks (tools/bench_train.py) call the same ones, so a benchmark measures train.py's step."""
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -86,8 +87,13 @@ def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int,
 
 def patch_of(cfg: TrainConfig) -> int:
     """The model's patch side (1 for a model without patches): what every image side must be a multiple of."""
+    return _patch_side(cfg.model, cfg.img_size)
+
+
+@functools.lru_cache
+def _patch_side(name: str, img_size: int) -> int:
     with torch.device("meta"):
-        model = build_model(cfg.model, num_classes=1, img_size=cfg.img_size)
+        model = build_model(name, num_classes=1, img_size=img_size)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     return patch[0] if patch else 1
 

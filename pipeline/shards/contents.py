@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from pipeline.shards import storage
 from pipeline.shards.errors import ShardError
 from pipeline.shards.format import MEMBERS, Manifest, ShardInfo, member_name, read_index
@@ -116,8 +118,6 @@ def check(data_path: str, manifest: Manifest, splits: list[str], part: tuple[int
     """Check part `part` = (i, n) of the shards of `splits` (every n-th, from the i-th, in manifest order) that the
     cache does not know (`fresh`: all of them); `cache` None: the default folder. A shard that is missing or of
     another size is left to the loader's start, which names it."""
-    from tqdm import tqdm
-
     cache = default_cache() if cache is None else Path(cache)
     stats = storage.file_stats(data_path)
     shards = [s for split in splits if split in manifest.splits for s in manifest.splits[split].shards]
