@@ -256,9 +256,7 @@ class HostLoader(ShardLoader):
         self._procs, self._conns, self._shms, self._views, self._locks = [], [], [], [], []
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views,
                                            self._locks)
-        # Every side the schedule can give (a run may go on past its planned epochs): each has its views of the slots.
-        self.sides = sorted(set(spec.res_schedule.sizes(spec.res_schedule.end_ramp + 1))) \
-            if spec.res_schedule and spec.train else [spec.img_size]
+        self.sides = spec.sides  # each has its views of the slots
         self._start_workers(self.manifest.num_classes)
         self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
 

@@ -81,9 +81,12 @@ class LoaderSpec:
         """The output side of `epoch`'s batches."""
         return self.res_schedule.size(epoch) if self.res_schedule is not None and self.train else self.img_size
 
-    def sizes(self, epochs: int) -> tuple[int, ...]:
-        """The distinct sides of epochs [0, epochs)."""
-        return tuple(sorted({self.size_at(e) for e in range(max(epochs, 1))}))
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """Every side this loader's batches can have, in any epoch (the schedule's is max_res from end_ramp on)."""
+        if self.res_schedule is None or not self.train:
+            return (self.img_size,)
+        return tuple(sorted(set(self.res_schedule.sizes(self.res_schedule.end_ramp + 1))))
 
     def validate(self) -> None:
         if self.split not in ("train", "val"):

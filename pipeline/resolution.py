@@ -15,6 +15,32 @@ class ScheduleError(ValueError):
     """A schedule that cannot work; the message names the flag."""
 
 
+# The flags' help, for every command that takes them (train.py, python -m pipeline.bench)
+FLAG_HELP = {
+    "min_res": "progressive resolution (FFCV's): the train side up to --start-ramp, rising linearly to --max-res at "
+               "--end-ramp, in multiples of the patch size; 0 = --img-size throughout",
+    "max_res": "progressive resolution: the train side from --end-ramp on; 0 = --img-size",
+    "start_ramp": "progressive resolution: the last epoch at --min-res",
+    "end_ramp": "progressive resolution: the first epoch at --max-res",
+}
+
+
+def from_flags(min_res: int, max_res: int, start_ramp: int, end_ramp: int, img_size: int,
+               step: int) -> "ResSchedule | None":
+    """The schedule the four flags give (`max_res` 0: `img_size`), validated; None without --min-res. ScheduleError
+    for flags that cannot work, naming them."""
+    if not min_res:
+        if max_res or start_ramp or end_ramp:
+            raise ScheduleError("--max-res, --start-ramp and --end-ramp shape a schedule that --min-res starts")
+        return None
+    if not end_ramp:
+        raise ScheduleError(f"--min-res {min_res}: give --end-ramp (the first epoch at --max-res) and --start-ramp "
+                            f"(the last at --min-res)")
+    schedule = ResSchedule(min_res, max_res or img_size, start_ramp, end_ramp, step)
+    schedule.validate()
+    return schedule
+
+
 @dataclass(frozen=True)
 class ResSchedule:
     min_res: int

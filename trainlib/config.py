@@ -20,7 +20,7 @@ from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
 from pipeline.loader import IMAGENET_CLASSES
-from pipeline.resolution import ResSchedule, ScheduleError
+from pipeline.resolution import FLAG_HELP as RES_HELP, ResSchedule, ScheduleError, from_flags
 
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
 
@@ -43,11 +43,10 @@ class TrainConfig:
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
     hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
     img_size: int = knob(224, "train/eval resolution, and the model's (its position-embedding grid)")
-    min_res: int = knob(0, "progressive resolution (FFCV's): the train side up to --start-ramp, rising linearly to "
-                           "--max-res at --end-ramp, in multiples of the patch size; 0 = --img-size throughout")
-    max_res: int = knob(0, "progressive resolution: the train side from --end-ramp on; 0 = --img-size")
-    start_ramp: int = knob(0, "progressive resolution: the last epoch at --min-res")
-    end_ramp: int = knob(0, "progressive resolution: the first epoch at --max-res")
+    min_res: int = knob(0, RES_HELP["min_res"])
+    max_res: int = knob(0, RES_HELP["max_res"])
+    start_ramp: int = knob(0, RES_HELP["start_ramp"])
+    end_ramp: int = knob(0, RES_HELP["end_ramp"])
     eval_img_size: int = knob(0, "eval side; 0 = the last epoch's train side (--img-size without a schedule)")
     eval_crop_pct: float = knob(0.0, "eval: resize to side / crop_pct, then the central crop; 0 = the model's")
     aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
@@ -177,15 +176,10 @@ class TrainConfig:
             except ValueError as e:
                 raise ConfigError(f"{name} option {e} (--{name}-* flags)") from None
         chosen = get_backend(self.backend)
-        if self.min_res:
-            if not self.end_ramp:
-                raise ConfigError(f"--min-res {self.min_res}: give --end-ramp (the first epoch at --max-res) and "
-                                  f"--start-ramp (the last at --min-res)")
-            if not chosen.follows_schedule:
-                raise ConfigError(f"--min-res: --backend {self.backend} keeps one output size for a run; use "
-                                  f"--backend {', '.join(n for n in BACKENDS if get_backend(n).follows_schedule)}")
-        elif self.max_res or self.start_ramp or self.end_ramp:
-            raise ConfigError("--max-res, --start-ramp and --end-ramp shape a schedule that --min-res starts")
+        self.res_schedule(1)  # the flags among themselves; the patch grid is checked with the model
+        if self.min_res and not chosen.follows_schedule:
+            raise ConfigError(f"--min-res: --backend {self.backend} keeps one output size for a run; use "
+                              f"--backend {', '.join(n for n in BACKENDS if get_backend(n).follows_schedule)}")
         if not 0 <= self.eval_crop_pct <= 1:
             raise ConfigError(f"--eval-crop-pct must be in (0, 1] (0: the model's), got {self.eval_crop_pct}")
         if chosen.reads_shards and not self.data_path:
@@ -204,14 +198,10 @@ class TrainConfig:
     def res_schedule(self, step: int) -> ResSchedule | None:
         """The train side per epoch (pipeline/resolution.py), in multiples of `step` (the patch size); None: a
         fixed --img-size. ConfigError for one that cannot work."""
-        if not self.min_res:
-            return None
-        schedule = ResSchedule(self.min_res, self.max_res or self.img_size, self.start_ramp, self.end_ramp, step)
         try:
-            schedule.validate()
+            return from_flags(self.min_res, self.max_res, self.start_ramp, self.end_ramp, self.img_size, step)
         except ScheduleError as e:
             raise ConfigError(str(e)) from None
-        return schedule
 
     def train_sizes(self, step: int) -> list[int]:
         """Each epoch's train side."""

@@ -50,7 +50,7 @@ from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
 from pipeline.loader import IMAGENET_CLASSES, LoaderSpec, endless, timed
-from pipeline.resolution import ResSchedule
+from pipeline.resolution import FLAG_HELP as RES_HELP, ResSchedule, from_flags
 from pipeline.shards.errors import PipelineError
 from pipeline.shards.format import read_manifest
 
@@ -67,11 +67,11 @@ class BenchConfig:
     interval: float = knob(5.0, 'seconds between JSON lines')
     device: str = knob("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
     img_size: int = knob(224, 'output side in pixels')
-    min_res: int = knob(0, "replay a progressive-resolution schedule (train.py's flags): the side up to --start-ramp, "
-                           "rising to --max-res at --end-ramp in multiples of 32; 0 = --img-size throughout")
-    max_res: int = knob(0, "the schedule's last side; 0 = --img-size")
-    start_ramp: int = knob(0, "the schedule's last epoch at --min-res")
-    end_ramp: int = knob(0, "the schedule's first epoch at --max-res")
+    # a schedule replayed as train.py runs it, in multiples of 32 (ViT-B/32's patch)
+    min_res: int = knob(0, RES_HELP["min_res"])
+    max_res: int = knob(0, RES_HELP["max_res"])
+    start_ramp: int = knob(0, RES_HELP["start_ramp"])
+    end_ramp: int = knob(0, RES_HELP["end_ramp"])
     aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
     color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
     dtype: str = knob("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
@@ -217,9 +217,9 @@ def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
 
 
 def res_schedule(cfg: BenchConfig) -> ResSchedule | None:
-    """--min-res's schedule, in multiples of 32 (ViT-B/32's patch); None without."""
-    return ResSchedule(cfg.min_res, cfg.max_res or cfg.img_size, cfg.start_ramp, cfg.end_ramp) if cfg.min_res \
-        else None
+    """--min-res's schedule, in multiples of 32 (ViT-B/32's patch); None without. ScheduleError (a ValueError)
+    naming the flag for one that cannot work."""
+    return from_flags(cfg.min_res, cfg.max_res, cfg.start_ramp, cfg.end_ramp, cfg.img_size, 32)
 
 
 def spec_for(cfg: BenchConfig, device: torch.device) -> dict:
@@ -364,12 +364,8 @@ def check(cfg: BenchConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.seconds <= 0:
         raise ValueError(f"--seconds must be > 0, got {cfg.seconds}")
-    if cfg.min_res:
-        if cfg.split != "train":
-            raise ValueError("--min-res: a schedule changes the train side; --split val keeps --img-size")
-        res_schedule(cfg).validate()  # ScheduleError: a ValueError naming the flag
-    elif cfg.max_res or cfg.start_ramp or cfg.end_ramp:
-        raise ValueError("--max-res, --start-ramp and --end-ramp shape a schedule that --min-res starts")
+    if res_schedule(cfg) and cfg.split != "train":
+        raise ValueError("--min-res: a schedule changes the train side; --split val keeps --img-size")
     if cfg.data_path is None and (cfg.decode_only or get_backend(cfg.backend).reads_shards):
         raise ValueError("--data_path is needed (shards made by tools/make_shards.py)")
     if cfg.baseline and not cfg.decode_only and not os.path.isdir(os.path.join(cfg.baseline, cfg.split)):
