@@ -22,7 +22,6 @@ class Backend:
     help: str
     reads_shards: bool = True  # False: data_path is optional
     skips_bad_samples: bool = False  # supports on_error="skip"
-    follows_schedule: bool = False  # supports res_schedule: a train side per epoch (pipeline/resolution.py)
     rest_of_epoch: str | None = None  # the backend that makes the rest of a resumed epoch instead (a short rest
     # may leave a hybrid's decoder no batch)
 
@@ -34,13 +33,12 @@ class Backend:
 
 
 REGISTRY = {b.name: b for b in (
-    Backend("host", "pipeline.host", "HostLoader", "HostOptions", "Pillow worker processes", skips_bad_samples=True,
-            follows_schedule=True),
+    Backend("host", "pipeline.host", "HostLoader", "HostOptions", "Pillow worker processes", skips_bad_samples=True),
     Backend("dali", "pipeline.dali", "DaliLoader", "DaliOptions", "NVIDIA DALI (GPU decode; CPU operators elsewhere)"),
     Backend("hybrid", "pipeline.hybrid", "HybridLoader", "HybridOptions",
             "DALI and host workers, each a share of the batches", rest_of_epoch="host"),
     Backend("synthetic", "pipeline.synthetic", "SyntheticLoader", None, "one random batch resident on the device",
-            reads_shards=False, follows_schedule=True),
+            reads_shards=False),
 )}
 BACKENDS = tuple(REGISTRY)
 WITH_OPTIONS = tuple(name for name, b in REGISTRY.items() if b.options)  # the config fields holding options
@@ -71,9 +69,6 @@ def build_loader(*, data_path=None, split: str = "train", backend: str = "host",
     """A loader for one rank. `more` takes any other LoaderSpec field (dtype, mean, std, crop_pct, prefetch,
     on_error, options, ...); unknown names raise TypeError rather than being ignored."""
     chosen = get_backend(backend)
-    if more.get("res_schedule") is not None and split == "train" and not chosen.follows_schedule:
-        raise ValueError(f"the {backend} backend keeps one output size for a run; a res_schedule needs "
-                         f"{', '.join(n for n, b in REGISTRY.items() if b.follows_schedule)}")
     spec = LoaderSpec(data_path=None if data_path is None else str(data_path), split=split, batch_size=batch_size,
                       device=torch.device(device), rank=rank, world_size=world_size, workers=workers, seed=seed,
                       img_size=img_size, **more)

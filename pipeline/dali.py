@@ -104,12 +104,16 @@ def padding_jpeg() -> np.ndarray:
 
 class BatchSource:
     """DALI's parallel external source for one loader: batch g of the pipeline's run is batch batches[g % n] of epoch
-    first_epoch + g // n, n = len(batches) (plan rule 4), returned as (JPEG bytes per sample, int64 labels).
+    first_epoch + g // n, n = len(batches) (plan rule 4), returned as (JPEG bytes per sample, int64 labels, the
+    epoch's output side per sample as float32 (side, side), `LoaderSpec.size_at`). The side travels with the batch,
+    as an argument input of the resize, so a schedule changes it at the epoch boundary without a rebuild.
     Stateless per call, as DALI's workers require; it never ends, so DALI reads and decodes across epoch
     boundaries."""
 
-    def __init__(self, planner: EpochPlanner, first_epoch: int, batches: list[int], num_classes: int | None):
+    def __init__(self, planner: EpochPlanner, first_epoch: int, batches: list[int], num_classes: int | None,
+                 size_at):
         self.planner, self.first_epoch, self.batches, self.num_classes = planner, first_epoch, batches, num_classes
+        self.size_at = size_at
         self.reader = ShardReader()
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
@@ -123,7 +127,7 @@ class BatchSource:
                 continue
             labels[i] = usable_label(sample, self.num_classes)
             jpegs.append(np.frombuffer(sample.jpg, np.uint8))
-        return jpegs, labels
+        return jpegs, labels, np.full((len(samples), 2), self.size_at(epoch), np.float32)
 
 
 def dali_reason(error: Exception) -> str:
@@ -237,7 +241,7 @@ def _posterize_mask(bits) -> np.ndarray:
     return np.array(0xFF ^ (2 ** (8 - bits) - 1), np.uint8)
 
 
-def _timm_op(dali, name: str, aug: Augment, size: int):
+def _timm_op(dali, name: str, aug: Augment):
     """timm's op `name` in DALI: (its auto_aug augmentation, level -> the augmentation's parameter, None for an op
     without magnitude, whether timm's sign is random). The parameter is timm's argument (`LEVEL_TO_ARG`) at the
     level, in the form DALI's op takes."""
@@ -264,8 +268,9 @@ def _timm_op(dali, name: str, aug: Augment, size: int):
         "Brightness": (a.brightness, factor), "BrightnessIncreasing": (a.brightness, factor),
         "Sharpness": (sharpness, kernel), "SharpnessIncreasing": (sharpness, kernel),
         "ShearX": (a.shear_x, lambda f: np.float32([-f, 0])), "ShearY": (a.shear_y, lambda f: np.float32([0, -f])),
-        "TranslateXRel": (a.translate_x_no_shape, lambda pct: np.float32([-pct * size, 0])),
-        "TranslateYRel": (a.translate_y_no_shape, lambda pct: np.float32([0, -pct * size])),
+        # a share of the tile's side, which DALI's translate multiplies by the `shape` kwarg: the batch's side
+        "TranslateXRel": (a.translate_x, lambda pct: np.float32([-pct, 0])),
+        "TranslateYRel": (a.translate_y, lambda pct: np.float32([0, -pct])),
         "Desaturate": (a.color, lambda f: np.float32(min(1.0, max(0.0, 1.0 - f)))),  # as augment.py's
         "GaussianBlur": (blur, np.float32),
         "GaussianBlurRand": (blur_rand, np.float32),
@@ -278,9 +283,9 @@ def _timm_op(dali, name: str, aug: Augment, size: int):
     return base.augmentation(name=name), lambda level: to_param(level_to_arg(level, _FixedDraws(), aug)[0]), signed
 
 
-def _policy_op(dali, name: str, aug: Augment, levels: np.ndarray, size: int):
+def _policy_op(dali, name: str, aug: Augment, levels: np.ndarray):
     """timm's op for a DALI Policy: DALI's magnitude bins, each bin's parameter timm's at that level."""
-    op, param, signed = _timm_op(dali, name, aug, size)
+    op, param, signed = _timm_op(dali, name, aug)
     if param is None:
         return op
     # DALI calls mag_to_param while building: plain Python, not through AutoGraph (slow, and it warns)
@@ -288,11 +293,11 @@ def _policy_op(dali, name: str, aug: Augment, levels: np.ndarray, size: int):
                            mag_to_param=dali.do_not_convert(param))
 
 
-def _table_op(dali, name: str, aug: Augment, levels: np.ndarray, size: int):
+def _table_op(dali, name: str, aug: Augment, levels: np.ndarray):
     """timm's op for RandAugment: its parameter per sample out of a table of timm's arguments at `levels` (then at
     -levels where timm's sign is random), by the sample's `level` index and `sign`. DALI's magnitude bins would
     rebuild that table through AutoGraph at every call: seconds per op at this resolution."""
-    op, param, signed = _timm_op(dali, name, aug, size)
+    op, param, signed = _timm_op(dali, name, aug)
     if param is None:
         return op
     table = np.stack([param(v) for v in (np.concatenate([levels, -levels]) if signed else levels)])
@@ -301,7 +306,11 @@ def _table_op(dali, name: str, aug: Augment, levels: np.ndarray, size: int):
         device = data.device if op.param_device == "auto" else "cpu"
         return dali.types.Constant(table, device=device)[level + sign * len(levels) if signed else level]
 
-    if "fill_value" in inspect.signature(op.op).parameters:
+    takes = inspect.signature(op.op).parameters
+    if "shape" in takes:  # a translation: a share of each sample's side
+        def run(data, _, level, sign, shape, fill_value, interp_type):
+            return op.op(data, parameter(data, level, sign), shape, fill_value=fill_value, interp_type=interp_type)
+    elif "fill_value" in takes:
         def run(data, _, level, sign, fill_value, interp_type):
             return op.op(data, parameter(data, level, sign), fill_value=fill_value, interp_type=interp_type)
     else:
@@ -310,8 +319,12 @@ def _table_op(dali, name: str, aug: Augment, levels: np.ndarray, size: int):
     return dali.aug_core.augmentation(run, name=name)
 
 
-def _warp_kwargs(dali, aug: Augment) -> dict:
-    return dict(fill_value=float(np.mean(aug.fill)), interp_type=dali.types.INTERP_LINEAR)
+def _warp_kwargs(dali, aug: Augment, sides, ops) -> dict:
+    """The extra arguments the warps among `ops` take: fill and interpolation, and for a translation each sample's
+    (side, side). Only those some op takes: DALI's apply_auto_augment refuses the rest."""
+    offered = dict(fill_value=float(np.mean(aug.fill)), interp_type=dali.types.INTERP_LINEAR, shape=sides)
+    taken = {name for op in ops for name in inspect.signature(op.op).parameters}
+    return {name: value for name, value in offered.items() if name in taken}
 
 
 def _layer_choices(dali, aug: Augment) -> list:
@@ -342,30 +355,30 @@ def _level_index(dali, aug: Augment, magnitude: float):
     return fn.cast(dali.math.floor(level / LEVEL_STEP + 0.5), dtype=types.INT32)
 
 
-def _rand_augment(dali, images, aug: Augment, size: int):
+def _rand_augment(dali, images, aug: Augment, sides):
     fn, types = dali.fn, dali.types
     levels = np.arange(round(aug.magnitude_max / LEVEL_STEP) + 1) * LEVEL_STEP
-    ops = [dali.do_not_convert(_table_op)(dali, op.name, aug, levels, size) for op in aug.ops]  # plain Python
+    ops = [dali.do_not_convert(_table_op)(dali, op.name, aug, levels) for op in aug.ops]  # plain Python
     prob, magnitude = min(1.0, aug.ops[0].prob), aug.ops[0].magnitude  # the same for all of timm's RandAugment ops
     for index in _layer_choices(dali, aug):
         # timm applies a chosen op with probability p, which DALI's apply_rand_augment lacks: a coin per layer and
         # sample routes the sample through the op or past it
         if fn.random.coin_flip(probability=prob, dtype=types.BOOL):
             images = dali.aug_core.select(ops, index, images, level=_level_index(dali, aug, magnitude),
-                                          sign=fn.random.coin_flip(dtype=types.INT32), **_warp_kwargs(dali, aug))
+                                          sign=fn.random.coin_flip(dtype=types.INT32),
+                                          **_warp_kwargs(dali, aug, sides, ops))
     return images
 
 
-def _auto_augment(dali, images, aug: Augment, size: int):
+def _auto_augment(dali, images, aug: Augment, sides):
     levels = np.arange(int(LEVEL_DENOM) + 1)  # a Policy's magnitudes are bins: timm's integer levels 0..10
     names = sorted({op.name for sub in aug.policy for op in sub})
-    ops = {name: dali.do_not_convert(_policy_op)(dali, name, aug, levels, size) for name in names}
+    ops = {name: dali.do_not_convert(_policy_op)(dali, name, aug, levels) for name in names}
     # Ops of probability 0 never run: left out (DALI warns about them)
     sub_policies = [[(ops[op.name], op.prob, None if ops[op.name].mag_range is None else
                       int(min(op.magnitude, aug.magnitude_max))) for op in sub if op.prob > 0] for sub in aug.policy]
     policy = dali.aug_core.Policy(aug.aa, num_magnitude_bins=len(levels), sub_policies=sub_policies)
-    warps = any("fill_value" in inspect.signature(op.op).parameters for op in ops.values())
-    return dali.apply_auto_augment(policy, images, **(_warp_kwargs(dali, aug) if warps else {}))
+    return dali.apply_auto_augment(policy, images, **_warp_kwargs(dali, aug, sides, ops.values()))
 
 
 def _color_jitter(dali, images, jitter: tuple[float, float, float, float]):
@@ -389,12 +402,13 @@ def _color_jitter(dali, images, jitter: tuple[float, float, float, float]):
     return images
 
 
-def augment(dali, images, aug: Augment, size: int):
-    """`aug` on the (size, size, 3) uint8 tiles, as `Augment.apply` orders it: --aa, then color jitter."""
+def augment(dali, images, aug: Augment, sides):
+    """`aug` on the uint8 tiles, each sample's side in `sides`, as `Augment.apply` orders it: --aa, then color
+    jitter."""
     if aug.ops:
-        images = _rand_augment(dali, images, aug, size)
+        images = _rand_augment(dali, images, aug, sides)
     elif aug.policy:
-        images = _auto_augment(dali, images, aug, size)
+        images = _auto_augment(dali, images, aug, sides)
     elif aug.trivial:  # DALI ships torchvision's TrivialAugmentWide: its suite, 31 bins, torchvision's nearest + fill
         images = dali.trivial_augment_wide(images, num_magnitude_bins=31, fill_value=aug.fill[0],
                                            interp_type=dali.types.INTERP_NN)
@@ -406,12 +420,13 @@ def augment(dali, images, aug: Augment, size: int):
 def graph(dali: SimpleNamespace, source, t: Transform, decoder: dict, normalize: bool, dtype: torch.dtype,
           channels_last: bool, depth: int):
     """The whole DALI graph, as one `@pipeline_def` (DALI's own examples read the same way): the samples `source`
-    reads, the crop decoded (train: only the crop's pixels, ROI decode), one resize to the output size (+ flip), the
+    reads, the crop decoded (train: only the crop's pixels, ROI decode), one resize to the batch's side (+ flip), the
     train augmentation if any (`augment`), and, when DALI `normalize`s, layout and normalization in one pass. Returns
     images, labels and each JPEG's byte count."""
     fn, types = dali.fn, dali.types
-    jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=True,
-                                       prefetch_queue_depth=depth, dtype=[types.UINT8, types.INT64])
+    jpegs, labels, sides = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                              parallel=True, prefetch_queue_depth=depth,
+                                              dtype=[types.UINT8, types.INT64, types.FLOAT])
     # Pixels as stored, no EXIF rotation: what Pillow's Image.open (host backend) and timm's loaders see.
     decoder = dict(adjust_orientation=False, **decoder)
     if t.train:
@@ -436,9 +451,9 @@ def graph(dali: SimpleNamespace, source, t: Transform, decoder: dict, normalize:
         images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
         mirror, region = 0, dict(roi_start=start, roi_end=start + side)
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[t.interpolation]
-    images = fn.resize(images, size=(t.img_size, t.img_size), interp_type=interp, antialias=True, **region)
+    images = fn.resize(images, size=sides, interp_type=interp, antialias=True, **region)
     if augmenting(t):
-        images = augment(dali, images, t.augment, t.img_size)
+        images = augment(dali, images, t.augment, sides)
     if normalize:
         images = fn.crop_mirror_normalize(
             images, mirror=mirror, mean=[255 * m for m in t.mean], std=[255 * d for d in t.std],
@@ -481,7 +496,7 @@ class DaliLoader(ShardLoader):
         self.output.drain()
         self._pipe = None  # the old pipeline's memory goes before the new one takes its own
         s = self.spec
-        source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes)
+        source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes, s.size_at)
         # Reader processes: forked on the CPU (fast); spawned for a GPU, whose CUDA state must not be forked.
         start = "spawn" if self.output.device_id is not None else "fork"
         # DALI's conditionals (`if` on data) only where the augmentation routes samples: the plain graph stays as is
@@ -522,11 +537,11 @@ class DaliLoader(ShardLoader):
         return sorted(names) or ["(padding only)"]
 
     def _to_torch(self, images_dali, stream) -> torch.Tensor:
-        s = self.spec
+        s, tensor = self.spec, images_dali.as_tensor()
         hwc = not self.dali_normalizes or s.channels_last
-        shape = (s.batch_size, s.img_size, s.img_size, 3) if hwc else (s.batch_size, 3, s.img_size, s.img_size)
+        shape = tuple(tensor.shape())  # at the epoch's side (a schedule's), in DALI's layout
         dtype = (torch.float16 if s.dtype == torch.float16 else torch.float32) if self.dali_normalizes else torch.uint8
-        out = self.output.take(images_dali.as_tensor(), shape, dtype, stream)
+        out = self.output.take(tensor, shape, dtype, stream)
         if not self.dali_normalizes:
             return to_model_input(out, s, nhwc=True)
         out = out.permute(0, 3, 1, 2) if hwc else out

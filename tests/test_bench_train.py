@@ -104,6 +104,21 @@ def test_ours_is_train_py_step(monkeypatch):
     assert calls == [False] * 4 + [True] * 4  # (b) then (d): warm-up 1 + 3 timed steps each, both train.py's step
 
 
+def test_dynamic_from_trains_a_model_of_another_side_on_the_input_side(monkeypatch, tmp_path):
+    from trainlib.engine import Trainer
+    calls = []
+    real = Trainer.step
+    monkeypatch.setattr(Trainer, "step", lambda self, x, y: calls.append((self.cfg.img_size, x.shape[-1])) or
+                        real(self, x, y))
+    out = tmp_path / "r.jsonl"
+    summary = bench_train.main(TINY + ["--loops", "b", "--dynamic-from", "48", "--out", str(out)])
+    assert calls == [(32, 32)] * 4 + [(48, 32)] * 4  # (b), then (f): the model of 48 px fed 32 px batches
+    by_loop = {r["loop"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert by_loop["ours_dynamic"]["model_side"] == 48 and by_loop["ours_dynamic"]["img_size"] == 32
+    assert summary["dynamic_cost"] == pytest.approx(by_loop["ours_dynamic"]["img_s"] /
+                                                    by_loop["ours_synthetic"]["img_s"], rel=1e-3, abs=1e-4)
+
+
 def test_step_flags_become_train_py_config(capsys):
     from trainlib.bench.steps import StepConfig
     assert StepConfig() == StepConfig("vit_base_patch32_224", 224, 1000, 256, "bf16", False, 1.0, "auto")

@@ -19,6 +19,7 @@ from pipeline import build_loader
 from pipeline.dali import DaliMissingError, DaliOptions
 from pipeline.host import HostOptions
 from pipeline.plan import epoch_order, rank_plan, rank_span
+from pipeline.resolution import ResSchedule
 from pipeline.shards.errors import ShardError
 from pipeline.shards.format import (Manifest, Settings, ShardInfo, SplitInfo, index_line, index_text, shard_list,
                                     shard_name, write_set_files)
@@ -287,6 +288,26 @@ def test_one_pipeline_runs_across_epochs_and_rebuilds_only_on_a_jump(labelled_sh
         loader.close()
 
 
+def test_one_pipeline_follows_a_resolution_schedule(labelled_shards):
+    # 16, 32, 48 px, then 48: each epoch's side rides with its batches into the resize, the pipeline runs on
+    schedule = ResSchedule(16, 48, 0, 2, step=16)
+    loader = build_loader(data_path=labelled_shards, split="train", backend="dali", batch_size=50, device="cpu",
+                          workers=2, seed=3, img_size=48, res_schedule=schedule, dtype=torch.uint8)
+    planner = loader.planner
+    try:
+        for epoch in range(4):
+            loader.set_epoch(epoch)
+            batches = [(tuple(x.shape), y.clone()) for x, y in loader]
+            side = schedule.size(epoch)
+            assert {shape for shape, _ in batches} == {(50, 3, side, side)}, epoch
+            expected = [[int(s.path[-10:-4]) * PER_SHARD + i for s, i in planner.batch(epoch, k)]
+                        for k in range(len(loader))]
+            assert [y.tolist() for _, y in batches] == expected
+        assert loader.run.number == 1
+    finally:
+        loader.close()
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_dali_and_host_put_the_same_samples_in_the_same_batches(labelled_shards, split):
     for rank in range(2):
@@ -360,7 +381,32 @@ def test_each_op_gives_the_host_ops_tile_within_a_level(sample_shards, monkeypat
     monkeypatch.setitem(A.RAND_SETS, "one", (name,))
     plain = first_tiles(sample_shards, dtype=torch.uint8)[0]
     ours = first_tiles(sample_shards, dtype=torch.uint8, aa="rand-m9-n1-p1.0-tone")[0]
-    aug = A.parse("rand-m9-n1-p1.0-tone", None, 32, (0.5, 0.5, 0.5))
+    worst = worst_op_difference(name, ours, plain)
+    # DALI's warps treat the pixels along the fill's edge by their own rule, which weighs on a 32 px tile
+    assert worst <= (2.0 if name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate") else 1.0), \
+        (name, worst)
+
+
+@pytest.mark.parametrize("name", ["TranslateXRel", "TranslateYRel"])
+def test_a_translation_is_a_share_of_the_epochs_side_under_a_schedule(sample_shards, monkeypatch, name):
+    # Epoch 0 of a 16 -> 32 px ramp: 16 px tiles, shifted by timm's share of 16 px, not of the loader's 32
+    from pipeline import augment as A
+
+    monkeypatch.setitem(A.RAND_SETS, "one", (name,))
+    schedule = ResSchedule(16, 32, 1, 2, step=16)
+    plain = first_tiles(sample_shards, dtype=torch.uint8, res_schedule=schedule)[0]
+    ours = first_tiles(sample_shards, dtype=torch.uint8, res_schedule=schedule, aa="rand-m9-n1-p1.0-tone")[0]
+    assert ours.shape[-1] == 16 and not untouched(ours, plain).all()
+    # the fill's edge weighs twice what it does at 32 px; a shift of the wrong side's share is ~50 levels off
+    assert worst_op_difference(name, ours, plain) <= 5.0
+
+
+def worst_op_difference(name: str, ours: torch.Tensor, plain: torch.Tensor) -> float:
+    """The largest mean difference between a tile DALI gave and pipeline/augment.py's op `name` (at m9, either sign)
+    on DALI's own unaugmented tile."""
+    from pipeline import augment as A
+
+    aug = A.parse("rand-m9-n1-p1.0-tone", None, ours.shape[-1], (0.5, 0.5, 0.5))
     level_to_arg = A.LEVEL_TO_ARG[name]
     signs = [level_to_arg(9, Sign(negative), aug) for negative in (False, True)] if level_to_arg else [()]
     worst = 0.0
@@ -371,9 +417,7 @@ def test_each_op_gives_the_host_ops_tile_within_a_level(sample_shards, monkeypat
             A.run(expected, [(name, args)], aug.fill)
             diffs.append(np.abs(tile.permute(1, 2, 0).numpy().astype(int) - expected).mean())
         worst = max(worst, min(diffs))
-    # DALI's warps treat the pixels along the fill's edge by their own rule, which weighs on a 32 px tile
-    assert worst <= (2.0 if name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate") else 1.0), \
-        (name, worst)
+    return worst
 
 
 @pytest.mark.parametrize("aa", ["original", "v0r", "3a", "rand-m7-n3-tweights-mstd101", "rand-m9-t3aw-mmax12",

@@ -480,11 +480,6 @@ def test_a_schedule_changes_the_side_at_epoch_boundaries_without_new_workers(sam
             assert all(torch.equal(a, b) for (b, _), a in zip(fixed, got[epoch], strict=True)), epoch
 
 
-def test_a_schedule_on_a_backend_that_keeps_one_size_is_one_line(sample_shards):
-    with pytest.raises(ValueError, match="the dali backend keeps one output size for a run"):
-        loader(sample_shards, backend="dali", img_size=48, res_schedule=ResSchedule(16, 48, 0, 2, step=16))
-
-
 def test_decoder_matches_a_reference_resize(sample_shards):
     """Val crops equal Pillow's plain resize-then-center-crop up to resampling differences."""
     from pipeline.transforms import eval_resize

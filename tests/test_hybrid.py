@@ -10,14 +10,17 @@ import torch
 import train
 from pipeline import build_loader
 from pipeline.hybrid import HybridOptions
+from pipeline.resolution import ResSchedule
 
 pytest.importorskip("nvidia.dali")
 
 
-def batches(path, split, backend, share=0.75, rank=0, world_size=1, epochs=(0,), batch_size=4):
+def batches(path, split, backend, share=0.75, rank=0, world_size=1, epochs=(0,), batch_size=4, img_size=16,
+            res_schedule=None):
     options = HybridOptions(dali_share=share) if backend == "hybrid" else None
     with build_loader(data_path=path, split=split, backend=backend, batch_size=batch_size, device="cpu", rank=rank,
-                      world_size=world_size, workers=2, img_size=16, dtype=torch.uint8, options=options) as loader:
+                      world_size=world_size, workers=2, img_size=img_size, dtype=torch.uint8, options=options,
+                      res_schedule=res_schedule) as loader:
         out = []
         for epoch in epochs:
             loader.set_epoch(epoch)
@@ -33,6 +36,15 @@ def test_hybrid_yields_the_host_backends_samples_in_order(sample_shards, split):
         assert hybrid == host
         assert len(loader.dali) == int(0.75 * len(loader)) and len(loader.dali) + len(loader.host) == len(loader)
         assert loader.dali.run.number == 1  # epochs followed on: one DALI pipeline for all three
+
+
+def test_both_parts_follow_a_resolution_schedule(sample_shards):
+    schedule = ResSchedule(16, 48, 0, 2, step=16)
+    hybrid, loader = batches(sample_shards, "train", "hybrid", epochs=(0, 1, 2), img_size=48, res_schedule=schedule)
+    host, _ = batches(sample_shards, "train", "host", epochs=(0, 1, 2), img_size=48, res_schedule=schedule)
+    assert hybrid == host  # the same samples in the same batches, at each epoch's side
+    assert [{shape[-1] for shape, _ in epoch} for epoch in hybrid] == [{16}, {32}, {48}]
+    assert loader.dali.run.number == 1
 
 
 def test_the_share_is_spread_and_checked(sample_shards):

@@ -139,7 +139,6 @@ def test_a_ramp_trains_each_epoch_at_its_side_and_resumes_exactly_across_a_chang
     (["--end-ramp", "3"], "--max-res, --start-ramp and --end-ramp shape a schedule that --min-res starts"),
     ([*RAMP[:2], "--min-res", "24", "--end-ramp", "2"], "--min-res 24 is not a multiple of 16 (the patch size)"),
     (["--eval-img-size", "40"], "--eval-img-size 40 is not a multiple of test_vit's patch size 16"),
-    ([*RAMP, "--backend", "dali"], "--min-res: --backend dali keeps one output size for a run"),
 ])
 def test_a_schedule_that_cannot_work_is_a_usage_error_naming_the_flag(sample_shards, tmp_path, capsys, argv,
                                                                        message):
@@ -344,12 +343,13 @@ def test_fp8_trains_through_fp8_matmuls(sample_shards, tmp_path, monkeypatch):
     assert metrics(out, "eval")[-1]["acc1"] >= 50.0  # 4 classes: chance is 25%
 
 
-def test_dali_trains_and_its_options_reach_the_loader(sample_shards, tmp_path):
+def test_dali_trains_under_a_ramp_and_its_options_reach_the_loader(sample_shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "dali"
-    run_ok([*TINY, "--data_path", str(sample_shards), "--backend", "dali", "--batch-size", "8", "--epochs", "3",
+    run_ok([*TINY, *RAMP, "--data_path", str(sample_shards), "--backend", "dali", "--batch-size", "8", "--epochs", "3",
             "--eval-freq", "3", "--output", str(out), "--no-plots", "-p", "2", "--dali-readers", "1"])
-    assert len(metrics(out, "train")) >= 6 and metrics(out, "eval")[-1]["samples"] == 16
+    assert [r["img_size"] for r in metrics(out, "train")] == [16] * 3 + [32] * 3 + [48] * 3  # every 2nd step
+    assert metrics(out, "eval")[-1]["samples"] == 16 and metrics(out, "eval")[-1]["img_size"] == 48
     env = json.loads((out / "env.json").read_text())
     assert "1 reader processes" in env["train_loader"] and "1 reader processes" in env["val_loader"]
 
@@ -560,6 +560,21 @@ def test_an_elastic_resume_trains_the_rest_of_the_epoch_on_another_layout(sample
     assert [r["lr"] for r in rows] == pytest.approx([fresh[r["global_step"]] for r in rows])
     state = checkpoint.load(out / "last.pth")
     assert (state["epoch"], state["step_in_epoch"], state["epoch_stages"]) == (2, 0, [])
+
+
+def test_an_elastic_resume_inside_a_ramp_goes_on_at_the_epochs_side(sample_shards, tmp_path, capsys):
+    # 1 rank x 8 stops inside epoch 1 (32 px) after 2 of its 6 steps; 1 rank x 4 trains its other 32 samples at
+    # 32 px in 8 steps, then epoch 2 at 48 px
+    out = tmp_path / "run"
+    common = [*TINY, *RAMP, "--data_path", str(sample_shards), "--epochs", "3", "--eval-freq", "0", "-p", "1",
+              "--no-plots", "--output", str(out)]
+    run_ok([*common, "--batch-size", "8", "--max-steps", "8"])
+    capsys.readouterr()
+    run_ok([*common, "--batch-size", "4", "--resume", "auto"])
+    assert "epoch 1 goes on with the 8 steps of samples it has not trained on" in capsys.readouterr().out
+    rows = metrics(out, "train")[8:]
+    assert [(r["epoch"], r["img_size"]) for r in rows] == [(1, 32)] * 8 + [(2, 48)] * 12
+    assert [r["global_step"] for r in rows] == list(range(17, 37))  # the 64 samples trained: 16 steps of 4
 
 
 def test_an_elastic_resume_needs_the_same_data(sample_shards, tmp_path, capsys):

@@ -14,6 +14,9 @@
 #   alone   python -m pipeline.bench: each backend with no model attached, DALI and the host backend also on the
 #           shards with the source bytes (what restart markers cost or give each);
 #   profile tools/profile_step.py: kernel time by category for (a) and (b), into RESULTS_DIR/profile.json;
+#   sides   tools/bench_train.py at 128, 160 and 192 px (the steps of a --min-res schedule; 224 is the step stage's),
+#           timm's baseline and ours, synthetic and fed by DALI, and (f) the model of 224 px resampling its position
+#           embedding every forward (dynamic_cost: what train.py does under --min-res);
 #   perf    tools/train_performance_1p.sh --compile --backend dali: the launch script users run.
 # Every figure is a JSON line in RESULTS_DIR/results.jsonl; every command's output goes to RESULTS_DIR/log.txt;
 # stages that would start past BUDGET_S seconds are skipped (and say so).
@@ -145,6 +148,11 @@ stage alone_host alone host "$data/shards" "$host_workers"
 stage alone_dali_plain alone dali "$data/shards-plain" 8
 stage alone_host_plain alone host "$data/shards-plain" "$host_workers"
 stage "alone_host_max$max_side" alone host "$data/shards-max$max_side" "$host_workers"
+for side in 128 160 192; do
+  stage "side_$side" "$py" tools/bench_train.py --device "$device" --batch-size 256 --compile --img-size "$side" \
+    --dynamic-from 224 --data_path "$data/shards" --warmup 20 --steps 80 --feed dali:workers=8 "${train_args[@]}" \
+    --out "$results"
+done
 stage perf env OUTPUT_DIR=/tmp/vitbench-perf PYTHON="$py" bash tools/train_performance_1p.sh \
   --data_path="$data/shards" --device "$device" --backend dali --workers 8 --compile "${trainpy_args[@]}"
 grep -a 'Final Performance' "$log" | tail -n 1 >&2

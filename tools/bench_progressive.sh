@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Time to accuracy with progressive resolution, on a CPU: the quick start's run (the 10-class sample set of
-# tools/demo.sh, vit_tiny_patch16_224, 8 epochs) at a fixed 64 px against a ramp 32 -> 64 px (32 px up to epoch 3,
-# 48 px at 4-5, 64 px from 6; eval at 64), the same seeds, both in this one run. Each run's wall time (train.py's
-# summary: start to end, one evaluation included) and final Acc@1 go to OUT_DIR/progressive.jsonl, one line each; a
-# table with the means and their ratio follows on stdout (docs/training.md, "Progressive resolution").
+# tools/demo.sh, vit_tiny_patch16_224, 8 epochs) at a fixed 64 px against ramps to 64 px (eval at 64), the same
+# seeds, all in this one run. A ramp MIN:START:END is --min-res MIN --start-ramp START --end-ramp END; the default
+# 32:3:6 trains at 32 px up to epoch 3, 48 px at 4-5, 64 px from 6. Each run's wall time (train.py's summary: start
+# to end, one evaluation included), CPU time (user + system, its worker processes included: on a shared machine the
+# steadier figure, as time stolen by other guests is not in it) and final Acc@1 go to OUT_DIR/progressive.jsonl,
+# one line each; a table with the means and each ramp's ratios to the fixed runs follows on stdout
+# (docs/training.md, "Progressive resolution").
 #
 #   bash tools/bench_progressive.sh OUT_DIR [SEEDS]      # PYTHON=.venv/bin/python by default; SEEDS="0 1 2"
+#   RAMPS="32:3:6 48:3:6" bash tools/bench_progressive.sh OUT_DIR      # several schedules against one baseline
 #
-# Set EPOCHS, START_RAMP, END_RAMP, MIN_RES to try other schedules.
+# EPOCHS (8) sets the run's length.
 set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 [ $# -ge 1 ] || { echo "usage: bash tools/bench_progressive.sh OUT_DIR [SEEDS]" >&2; exit 2; }
 out=$1 seeds=${2:-0 1 2}
 py=${PYTHON:-.venv/bin/python}
-epochs=${EPOCHS:-8} start=${START_RAMP:-3} end=${END_RAMP:-6} min=${MIN_RES:-32}
+epochs=${EPOCHS:-8} ramps=${RAMPS:-32:3:6}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$out"
 if [ ! -f data/sample-shards/manifest.json ]; then  # what tools/demo.sh makes
@@ -26,21 +30,28 @@ common=(--data_path data/sample-shards --backend host --workers 1 --device cpu -
         --no-plots)
 : > "$out/progressive.jsonl"
 for seed in $seeds; do
-  for run in fixed ramp; do
+  for run in fixed $ramps; do
     flags=()
-    [ "$run" = ramp ] && flags=(--min-res "$min" --max-res 64 --start-ramp "$start" --end-ramp "$end")
-    dir="$out/$run-seed$seed"
+    if [ "$run" != fixed ]; then
+      IFS=: read -r min start end <<< "$run"
+      flags=(--min-res "$min" --max-res 64 --start-ramp "$start" --end-ramp "$end")
+    fi
+    dir="$out/${run//:/-}-seed$seed"
     rm -rf "$dir"
-    "$py" train.py "${common[@]}" "${flags[@]}" --seed "$seed" --output "$dir" >/dev/null
-    "$py" - "$dir" "$run" "$seed" >> "$out/progressive.jsonl" <<'EOF'
+    TIMEFORMAT='%U %S'  # bash's time: the user and system seconds of train.py and the children it waited for
+    { time "$py" train.py "${common[@]}" "${flags[@]}" --seed "$seed" --output "$dir" >/dev/null \
+        2>"$out/train.err"; } 2>"$out/cpu.txt" || { cat "$out/train.err" >&2; exit 1; }
+    read -r user sys <"$out/cpu.txt"
+    "$py" - "$dir" "$run" "$seed" "$user" "$sys" >> "$out/progressive.jsonl" <<'EOF'
 import json, sys
 from pathlib import Path
 folder, run, seed = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+cpu_s = float(sys.argv[4]) + float(sys.argv[5])
 rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 summary = json.loads((folder / "summary.json").read_text())
 train = [r for r in rows if r["kind"] == "train"]
 sides = {r["epoch"]: r["img_size"] for r in train}
-print(json.dumps({"run": run, "seed": seed, "wall_s": round(summary["wall_s"], 1),
+print(json.dumps({"run": run, "seed": seed, "wall_s": round(summary["wall_s"], 1), "cpu_s": round(cpu_s, 1),
                   "acc1": [r for r in rows if r["kind"] == "eval"][-1]["acc1"],
                   "sides": [sides[e] for e in sorted(sides)]}))
 EOF
@@ -49,15 +60,18 @@ done
 "$py" - "$out/progressive.jsonl" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-by = {run: [r for r in rows if r["run"] == run] for run in ("fixed", "ramp")}
-print("| run | sides per epoch | wall s (each seed) | mean wall s | Acc@1 (each seed) | mean Acc@1 |")
-print("|---|---|---|---|---|---|")
+by = {}
+for r in rows:
+    by.setdefault(r["run"], []).append(r)
+mean = {key: {run: statistics.mean(r[key] for r in rs) for run, rs in by.items()}
+        for key in ("wall_s", "cpu_s", "acc1")}
+print("| run (min:start:end) | sides per epoch | wall s (each seed) | CPU s (each seed) | Acc@1 (each seed) "
+      "| less wall time | less CPU time | mean Acc@1 (change) |")
+print("|---|---|---|---|---|---|---|---|")
 for run, rs in by.items():
-    walls = ", ".join(str(r["wall_s"]) for r in rs)
-    accs = ", ".join(format(r["acc1"], ".1f") for r in rs)
-    mean_wall, mean_acc = statistics.mean(r["wall_s"] for r in rs), statistics.mean(r["acc1"] for r in rs)
-    print(f"| {run} | {rs[0]['sides']} | {walls} | {mean_wall:.1f} | {accs} | {mean_acc:.2f} |")
-wall = {run: statistics.mean(r["wall_s"] for r in rs) for run, rs in by.items()}
-acc = {run: statistics.mean(r["acc1"] for r in rs) for run, rs in by.items()}
-print(f"\nramp: {wall['fixed'] / wall['ramp']:.2f}x less wall time, Acc@1 {acc['ramp'] - acc['fixed']:+.2f} points")
+    each = {key: ", ".join(format(r[key], ".1f") for r in rs) for key in ("wall_s", "cpu_s", "acc1")}
+    wall, cpu = (mean[key]["fixed"] / mean[key][run] for key in ("wall_s", "cpu_s"))
+    acc, change = mean["acc1"][run], mean["acc1"][run] - mean["acc1"]["fixed"]
+    print(f"| {run} | {rs[0]['sides']} | {each['wall_s']} | {each['cpu_s']} | {each['acc1']} | {wall:.2f}x "
+          f"| {cpu:.2f}x | {acc:.2f} ({change:+.2f}) |")
 EOF

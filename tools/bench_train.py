@@ -10,6 +10,9 @@ Measures, for one model / batch size / precision / compile setting, three traini
   (d) ours+fp8   with --fp8: (b) with the blocks' linears in FP8 (model/fp8.py; opt-in, lossy).
   (e) ours+recipe with --recipe: (b) with DeiT's per-step extras (trainlib.bench.steps.RECIPE: mixup 0.8, cutmix
                  1.0, random erasing 0.25 on the device, EMA of the weights).
+  (f) ours+dynamic with --dynamic-from S: (b) with the model built at S px and fed --img-size, as in a --min-res
+                 epoch below the model's side: timm's dynamic_img_size resamples the position embedding every
+                 forward, where (b)'s model was built at --img-size (what a resample once per size change gives).
 Each loop runs --warmup steps first (compilation and allocator warm-up: not timed), then --steps timed steps with
 one device synchronization before and one after the timed stretch; nothing inside the loop synchronizes, exactly
 as in training. Prints one JSON line per loop and a summary line:
@@ -19,6 +22,7 @@ as in training. Prints one JSON line per loop and a summary line:
                  single wait (an epoch boundary, where a backend restarts, shows up here)
   fp8_speedup  = img/s(d) / img/s(a);  fp8_vs_ours = img/s(d) / img/s(b), FP8's own effect
   recipe_cost  = img/s(e) / img/s(b): what mixup + cutmix + erasing + EMA leave of the plain step
+  dynamic_cost = img/s(f) / img/s(b): what resampling the position embedding every forward leaves of the step
 With --recheck, (b) runs again after everything else: `drift` = its second figure over its first says how steady the
 device's clocks were across the run.
 Read a ratio only within one run: the loops share the process, the device and its clocks.
@@ -85,6 +89,8 @@ class BenchTrainConfig(StepConfig):
     run_id: str | None = knob(None, "tag for this run's lines, so that tools/bench_report.py can tell runs in one "
                                     "file apart", default_help="the start time")
     recheck: bool = knob(False, "run (b) again at the end and report the drift")
+    dynamic_from: int = knob(0, "also run (f): our step with the model built at this side and fed --img-size "
+                                "(timm's dynamic_img_size, as under train.py's --min-res); 0 = no (f)")
 
 
 def parse_args(argv=None) -> tuple[BenchTrainConfig, list[dict]]:
@@ -155,8 +161,8 @@ def main(argv=None) -> dict:
     dev = resolve_device(args.device)
     loops = set(args.loops.split(","))
     meta = {"run": args.run_id or time.strftime("%Y-%m-%dT%H:%M:%S"), "device": dev.name(), "model": args.model,
-            "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile, "backend": args.backend,
-            "torch": torch.__version__}
+            "batch_size": args.batch_size, "img_size": args.img_size, "amp": args.amp, "compile": args.compile,
+            "backend": args.backend, "torch": torch.__version__}
     results = {}
 
     def report(r, **fields):
@@ -200,6 +206,9 @@ def main(argv=None) -> dict:
         if args.recipe:
             report(run_loop("ours_recipe", our_step(args, dev, recipe=True), synthetic(args, dev, torch.uint8), args,
                             dev))
+        if args.dynamic_from:
+            report(run_loop("ours_dynamic", our_step(args, dev, model_side=args.dynamic_from),
+                            synthetic(args, dev, torch.uint8), args, dev), model_side=args.dynamic_from)
         if args.recheck and "b" in loops:
             report(run_loop("ours_synthetic_end", step, synthetic(args, dev, torch.uint8), args, dev))
         del step  # the trainer and its model go before the summary
@@ -222,6 +231,9 @@ def summarize(feeds: list[dict], results: dict, report) -> dict:
     recipe = results.get("ours_recipe", {}).get("img_s")
     if ours and recipe:
         common["recipe_cost"] = round(recipe / ours["img_s"], 4)
+    dynamic = results.get("ours_dynamic", {}).get("img_s")
+    if ours and dynamic:
+        common["dynamic_cost"] = round(dynamic / ours["img_s"], 4)
     if ours and "ours_synthetic_end" in results:
         common["drift"] = round(results["ours_synthetic_end"]["img_s"] / ours["img_s"], 4)
     summaries = []

@@ -177,9 +177,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} option {e} (--{name}-* flags)") from None
         chosen = get_backend(self.backend)
         self.res_schedule(1)  # the flags among themselves; the patch grid is checked with the model
-        if self.min_res and not chosen.follows_schedule:
-            raise ConfigError(f"--min-res: --backend {self.backend} keeps one output size for a run; use "
-                              f"--backend {', '.join(n for n in BACKENDS if get_backend(n).follows_schedule)}")
         if not 0 <= self.eval_crop_pct <= 1:
             raise ConfigError(f"--eval-crop-pct must be in (0, 1] (0: the model's), got {self.eval_crop_pct}")
         if chosen.reads_shards and not self.data_path:

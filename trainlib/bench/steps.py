@@ -38,10 +38,14 @@ class StepConfig:
     clip_grad: float = knob(1.0, "ours: train.py's --clip-grad")
     device: str = knob("auto", "auto, cuda, npu or cpu (train.py's names)")
 
-    def train_config(self, fp8: bool = False, recipe: bool = False) -> TrainConfig:
+    def train_config(self, fp8: bool = False, recipe: bool = False, model_side: int = 0) -> TrainConfig:
         """train.py's validated config of (b) (with fp8: (d); with recipe: (e), `RECIPE`'s batch augmentation and
-        EMA) on synthetic input; ConfigError names a bad flag."""
-        cfg = TrainConfig(backend="synthetic", device=self.device, model=self.model, img_size=self.img_size,
+        EMA; with model_side: (f), the model built at that side and trained at img_size, epoch 0 of a --min-res
+        schedule, so timm's dynamic_img_size resamples its position embedding every forward) on synthetic input;
+        ConfigError names a bad flag."""
+        sides = dict(img_size=model_side, min_res=self.img_size, start_ramp=1, end_ramp=2) if model_side else \
+            dict(img_size=self.img_size)
+        cfg = TrainConfig(backend="synthetic", device=self.device, model=self.model, **sides,
                           batch_size=self.batch_size, num_classes=self.num_classes, amp=self.amp,
                           clip_grad=self.clip_grad, compile=self.compile, fp8=fp8, **(RECIPE if recipe else {}))
         cfg.validate()
@@ -72,10 +76,10 @@ def baseline_step(args: StepConfig, dev):
     return step
 
 
-def our_step(args: StepConfig, dev, fp8: bool = False, recipe: bool = False):
-    """(b), (d) and (e): train.py's Trainer.step itself, built by trainlib.build from train.py's config of these
-    flags."""
-    cfg = args.train_config(fp8, recipe)
+def our_step(args: StepConfig, dev, fp8: bool = False, recipe: bool = False, model_side: int = 0):
+    """(b), (d), (e) and (f): train.py's Trainer.step itself, built by trainlib.build from train.py's config of
+    these flags."""
+    cfg = args.train_config(fp8, recipe, model_side)
     # A schedule long enough never to wrap within a benchmark; its LR values do not change the step's cost.
     trainer = build_trainer(cfg, dev, distributed.placement(cfg), QuietLog(), steps_per_epoch=10**6,
                             classes=args.num_classes)
