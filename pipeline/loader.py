@@ -72,7 +72,7 @@ class LoaderSpec:
         return self.transform_at(self.img_size)
 
     def transform_at(self, size: int) -> Transform:
-        """The policy at output side `size` (augmentations scale some magnitudes with it)."""
+        """The policy at output side `size`."""
         augment = parse_augment(self.aa, self.color_jitter, size, self.mean) if self.train else Augment()
         return Transform(self.train, size, tuple(self.scale), tuple(self.ratio), self.hflip, self.crop_pct,
                          tuple(self.mean), tuple(self.std), augment)
