@@ -17,6 +17,9 @@
 #   sides   tools/bench_train.py at 128, 160 and 192 px (the steps of a --min-res schedule; 224 is the step stage's),
 #           timm's baseline and ours, synthetic and fed by DALI, and (f) the model of 224 px resampling its position
 #           embedding every forward (dynamic_cost: what train.py does under --min-res);
+#   project tools/project_schedule.py on those figures: an ImageNet run under FFCV's 88-epoch schedule shape at
+#           ViT-B/32's sides (160 px to epoch 65, 224 from 76; and from 128 px), DALI-fed and synthetic, against 224
+#           throughout;
 #   perf    tools/train_performance_1p.sh --compile --backend dali: the launch script users run.
 # Every figure is a JSON line in RESULTS_DIR/results.jsonl; every command's output goes to RESULTS_DIR/log.txt;
 # stages that would start past BUDGET_S seconds are skipped (and say so).
@@ -126,6 +129,18 @@ alone() {  # the pipeline alone: how fast each backend delivers batches with no 
   tail -n 1 "$out/alone.txt" >>"$results"
 }
 
+project() {  # the ImageNet time of a schedule from the step and sides figures (batch 256, as the sides stage)
+  local min loop
+  for min in 160 128; do
+    for loop in ours_dali ours_synthetic; do
+      "$py" tools/project_schedule.py "$results" --loop "$loop" --batch-size 256 --min-res "$min" --max-res 224 \
+        --start-ramp 65 --end-ramp 76 --epochs 88 >"$out/project.txt" || return
+      cat "$out/project.txt"
+      tail -n 1 "$out/project.txt" >>"$results"
+    done
+  done
+}
+
 stage data make_data
 [ -n "${DATA_ONLY:-}" ] && exit 0
 stage env "$py" -c "import json, torch, timm, PIL; import nvidia.dali as d; print(json.dumps({'stage': 'versions',
@@ -153,6 +168,7 @@ for side in 128 160 192; do
     --dynamic-from 224 --data_path "$data/shards" --warmup 20 --steps 80 --feed dali:workers=8 "${train_args[@]}" \
     --out "$results"
 done
+stage project project
 stage perf env OUTPUT_DIR=/tmp/vitbench-perf PYTHON="$py" bash tools/train_performance_1p.sh \
   --data_path="$data/shards" --device "$device" --backend dali --workers 8 --compile "${trainpy_args[@]}"
 grep -a 'Final Performance' "$log" | tail -n 1 >&2

@@ -64,12 +64,17 @@ def project(args: argparse.Namespace, rows: list[dict]) -> dict:
                          f"{args.results} (tools/bench_train.py --img-size SIDE measures one)")
     epoch_s = [args.images / by_side[side][1] for side in sides]
     fixed_s = args.epochs * args.images / by_side[args.img_size][1]
-    return {"model": args.model, "epochs": args.epochs, "images": args.images,
+    return {"projection": loops, "model": args.model, "epochs": args.epochs, "images": args.images,
             "schedule": schedule.describe(args.epochs) if schedule else f"{args.img_size} px",
             "img_s": {str(side): {"loop": loop, "img_s": img_s} for side, (loop, img_s) in sorted(by_side.items())
                       if side in sides or side == args.img_size},
             "epoch_s": [round(s, 1) for s in epoch_s], "schedule_s": round(sum(epoch_s), 1),
             "fixed_s": round(fixed_s, 1), "less_time": round(fixed_s / sum(epoch_s), 3)}
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
+        f"{seconds:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,9 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{result['model']}, {args.epochs} epochs of {args.images} images: {result['schedule']}")
     for side, figure in result["img_s"].items():
         print(f"  {side} px: {figure['img_s']:.1f} img/s ({figure['loop']}), "
-              f"{args.images / figure['img_s']:.1f} s per epoch")
-    print(f"schedule {result['schedule_s'] / 3600:.2f} h against {result['fixed_s'] / 3600:.2f} h at "
-          f"{args.img_size} px throughout: {result['less_time']:.2f}x less time")
+              f"{duration(args.images / figure['img_s'])} per epoch")
+    print(f"schedule {duration(result['schedule_s'])} against {duration(result['fixed_s'])} at {args.img_size} px "
+          f"throughout: {result['less_time']:.2f}x less time")
     print(json.dumps(result))
     return result
 
