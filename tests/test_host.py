@@ -405,6 +405,9 @@ DYING_PARENT = textwrap.dedent("""
     import os, signal, sys
     from pipeline import build_loader
     if __name__ == "__main__":
+        # Ctrl-C as in a terminal, even where the tests run as a shell's background job: such a job starts with SIGINT
+        # ignored, and Python keeps an inherited SIG_IGN (the signal would then be lost, and the script end well).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         l = build_loader(data_path=sys.argv[1], split="train", backend="host", batch_size=2, device="cpu",
                          workers=2, img_size=16)
         print(" ".join(map(str, (p.pid for p in l._procs))), " ".join(s.name for s in l._shms), flush=True)
@@ -420,7 +423,7 @@ DYING_PARENT = textwrap.dedent("""
 def test_parent_interrupted_or_killed_leaves_no_orphans(colour_shards, sig):
     proc = subprocess.run([sys.executable, "-c", DYING_PARENT, str(colour_shards), sig], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, proc.stderr
     first = proc.stdout.splitlines()[0].split()
     pids, names = [int(p) for p in first[:2]], first[2:]
     if sig == "SIGINT":

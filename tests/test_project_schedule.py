@@ -40,7 +40,7 @@ def test_the_first_loop_measured_at_a_side_wins_and_a_rerun_supersedes(tmp_path)
     results = rows_file(tmp_path, [
         {"loop": "ours_dynamic", "img_size": 16, "img_s": 100.0},
         {"loop": "ours_synthetic", "img_size": 16, "img_s": 999.0},  # second choice: not taken at 16
-        {"loop": "ours_synthetic", "img_size": 32, "img_s": 80.0},  # no ours_dynamic at 32 or 48: taken
+        {"loop": "ours_synthetic", "img_size": 32, "img_s": 80.0},  # no ours_dynamic at 32, nor at 48 in batch 256
         {"loop": "ours_synthetic", "img_size": 48, "img_s": 1.0},
         {"loop": "ours_synthetic", "img_size": 48, "img_s": 50.0},  # the rerun
         {"loop": "ours_dynamic", "img_size": 48, "img_s": 7.0, "batch_size": 512},  # another batch size
@@ -48,17 +48,20 @@ def test_the_first_loop_measured_at_a_side_wins_and_a_rerun_supersedes(tmp_path)
     out = project_schedule.main([results, "--model", "m", "--batch-size", "256", "--loop", "ours_dynamic",
                                  "--loop", "ours_synthetic", *RAMP])
     assert out["epoch_s"] == [10.0, 10.0, 12.5, 20.0]
-    assert out["fixed_s"] == 80.0 and out["less_time"] == round(80 / 52.5, 3)
+    assert out["fixed_s"] == 80.0 and out["less_time"] == round(80 / 52.5, 4)
     assert out["img_s"]["16"] == {"loop": "ours_dynamic", "img_s": 100.0}
 
 
 @pytest.mark.parametrize("flags, message", [
     (RAMP, "no ours_dali figure for m at 32 px in"),
+    (RAMP + ["--loop", "ours_host"], "figures at batch sizes 64, 256: choose one with --batch-size"),
     (["--min-res", "20", "--end-ramp", "2", "--epochs", "3", "--img-size", "48", "--patch", "16"],
      "--min-res 20 is not a multiple of 16"),
 ])
 def test_a_missing_side_or_a_bad_schedule_is_one_line(tmp_path, flags, message):
-    results = rows_file(tmp_path, [{"loop": "ours_dali", "img_size": s, "img_s": 10.0} for s in (16, 48)])
+    results = rows_file(tmp_path, [{"loop": "ours_dali", "img_size": s, "img_s": 10.0} for s in (16, 48)]
+                        + [{"loop": "ours_host", "img_size": s, "img_s": 10.0, "batch_size": b}
+                           for s in (16, 32, 48) for b in (64, 256)])
     run = subprocess.run([sys.executable, str(TOOL), results, "--model", "m", *flags], capture_output=True,
                          text=True)
     assert run.returncode == 1 and message in run.stderr

@@ -18,8 +18,8 @@
 #           timm's baseline and ours, synthetic and fed by DALI, and (f) the model of 224 px resampling its position
 #           embedding every forward (dynamic_cost: what train.py does under --min-res);
 #   project tools/project_schedule.py on those figures: an ImageNet run under FFCV's 88-epoch schedule shape at
-#           ViT-B/32's sides (160 px to epoch 65, 224 from 76; and from 128 px), DALI-fed and synthetic, against 224
-#           throughout;
+#           ViT-B/32's sides (160 px to epoch 65, 224 from 76; and from 128 px), DALI-fed, and with train.py's
+#           resampling model on synthetic input, against 224 throughout;
 #   perf    tools/train_performance_1p.sh --compile --backend dali: the launch script users run.
 # Every figure is a JSON line in RESULTS_DIR/results.jsonl; every command's output goes to RESULTS_DIR/log.txt;
 # stages that would start past BUDGET_S seconds are skipped (and say so).
@@ -130,15 +130,19 @@ alone() {  # the pipeline alone: how fast each backend delivers batches with no 
 }
 
 project() {  # the ImageNet time of a schedule from the step and sides figures (batch 256, as the sides stage)
-  local min loop
+  local min loops rc=0
   for min in 160 128; do
-    for loop in ours_dali ours_synthetic; do
-      "$py" tools/project_schedule.py "$results" --loop "$loop" --batch-size 256 --min-res "$min" --max-res 224 \
-        --start-ramp 65 --end-ramp 76 --epochs 88 >"$out/project.txt" || return
+    # DALI-fed with the model built at each side; then train.py's model (built at 224, resampling its position
+    # embedding: loop f) on synthetic input, ours_synthetic at 224 where f is not run
+    for loops in "--loop ours_dali" "--loop ours_dynamic --loop ours_synthetic"; do
+      # shellcheck disable=SC2086  # $loops is two or four words on purpose
+      "$py" tools/project_schedule.py "$results" $loops --batch-size 256 --min-res "$min" --max-res 224 \
+        --start-ramp 65 --end-ramp 76 --epochs 88 >"$out/project.txt" || { rc=1; continue; }
       cat "$out/project.txt"
       tail -n 1 "$out/project.txt" >>"$results"
     done
   done
+  return $rc
 }
 
 stage data make_data

@@ -32,19 +32,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=32, help="the model's patch size: every side is a multiple of it")
     p.add_argument("--images", type=int, default=IMAGENET_TRAIN, help="train images per epoch (ImageNet-1k's)")
     p.add_argument("--loop", action="append", help="bench_train.py's loop to take img/s from, in order of "
-                                                   "preference (repeatable); default: ours_dali")
+                                                   "preference (repeatable); none given = ours_dali")
     p.add_argument("--model", default="vit_base_patch32_224", help="only rows of this model")
-    p.add_argument("--batch-size", type=int, default=0, help="only rows of this batch size; 0 = any")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="only rows of this batch size; 0 = the rows' one batch size (an error if they have several)")
     return p.parse_args(argv)
 
 
 def speeds(rows: list[dict], loops: list[str], model: str, batch_size: int) -> dict[int, tuple[str, float]]:
     """side -> (loop, img/s): per side, the first of `loops` measured there, its last row (a rerun supersedes)."""
+    rows = [r for r in rows if r.get("loop") in loops and r.get("model") == model and "img_s" in r
+            and "img_size" in r and (not batch_size or r.get("batch_size") == batch_size)]
+    sizes = sorted({r.get("batch_size") or 0 for r in rows})  # 0: a row that gives none
+    if len(sizes) > 1:
+        raise ValueError(f"figures at batch sizes {', '.join(map(str, sizes))}: choose one with --batch-size")
     found: dict[tuple[str, int], float] = {}
     for r in rows:
-        if (r.get("loop") in loops and r.get("model") == model and "img_s" in r and "img_size" in r
-                and (not batch_size or r.get("batch_size") == batch_size)):
-            found[r["loop"], r["img_size"]] = r["img_s"]
+        found[r["loop"], r["img_size"]] = r["img_s"]
     by_side: dict[int, tuple[str, float]] = {}
     for (loop, side), img_s in found.items():
         if side not in by_side or loops.index(loop) < loops.index(by_side[side][0]):
@@ -69,7 +73,7 @@ def project(args: argparse.Namespace, rows: list[dict]) -> dict:
             "img_s": {str(side): {"loop": loop, "img_s": img_s} for side, (loop, img_s) in sorted(by_side.items())
                       if side in sides or side == args.img_size},
             "epoch_s": [round(s, 1) for s in epoch_s], "schedule_s": round(sum(epoch_s), 1),
-            "fixed_s": round(fixed_s, 1), "less_time": round(fixed_s / sum(epoch_s), 3)}
+            "fixed_s": round(fixed_s, 1), "less_time": round(fixed_s / sum(epoch_s), 4)}
 
 
 def duration(seconds: float) -> str:
