@@ -292,9 +292,10 @@ class AugmentError(ValueError):
     """A bad --aa or --color-jitter: its one-line message names the flag and what is allowed."""
 
 
-def parse(aa: str | None, color_jitter: str | float | tuple | None, img_size: int,
-          mean: tuple[float, float, float]) -> Augment:
-    """`--aa` and `--color-jitter` as timm reads them, for tiles of `img_size` and a model `mean` (the fill)."""
+def parse(aa: str | None, color_jitter: str | float | tuple | None, mean: tuple[float, float, float]) -> Augment:
+    """`--aa` and `--color-jitter` as timm reads them, for a model `mean` (the fill). Nothing in it depends on the
+    tile's side: timm's translations are a share of it, taken at each tile's own side (TrivialAugment's are pixels,
+    as torchvision's)."""
     jitter = parse_color_jitter(color_jitter)
     fill = tuple(min(255, round(255 * m)) for m in mean)
     common = dict(fill=fill)

@@ -116,7 +116,7 @@ class BatchSource:
         self.size_at = size_at
         self.reader = ShardReader()
 
-    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
+    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         n = len(self.batches)
         epoch, index = self.first_epoch + info.iteration // n, self.batches[info.iteration % n]
         samples = self.reader.read_batch(self.planner, epoch, index)

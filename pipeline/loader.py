@@ -73,7 +73,7 @@ class LoaderSpec:
 
     def transform_at(self, size: int) -> Transform:
         """The policy at output side `size`."""
-        augment = parse_augment(self.aa, self.color_jitter, size, self.mean) if self.train else Augment()
+        augment = parse_augment(self.aa, self.color_jitter, self.mean) if self.train else Augment()
         return Transform(self.train, size, tuple(self.scale), tuple(self.ratio), self.hflip, self.crop_pct,
                          tuple(self.mean), tuple(self.std), augment)
 
@@ -103,7 +103,7 @@ class LoaderSpec:
             raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
         if self.aug_repeats < 1:
             raise ValueError(f"aug_repeats must be >= 1 (1 = no repeated augmentation), got {self.aug_repeats}")
-        parse_augment(self.aa, self.color_jitter, self.img_size, self.mean)  # AugmentError: one line, the flag named
+        parse_augment(self.aa, self.color_jitter, self.mean)  # AugmentError: one line, the flag named
         if self.res_schedule is not None:
             self.res_schedule.validate()
             if self.img_size != self.res_schedule.max_res:

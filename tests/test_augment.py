@@ -28,21 +28,21 @@ def photo_tile(size=96, seed=0) -> np.ndarray:
 
 # -- the spec ---------------------------------------------------------------------------------------------------------
 def test_timm_randaugment_spellings():
-    a = parse("rand-m9-mstd0.5-inc1", None, 224, (0.5, 0.5, 0.5))
+    a = parse("rand-m9-mstd0.5-inc1", None, (0.5, 0.5, 0.5))
     assert [op.name for op in a.ops] == list(timm_aa._RAND_INCREASING_TRANSFORMS)
     assert {(op.prob, op.magnitude) for op in a.ops} == {(0.5, 9)}
     assert (a.num_layers, a.magnitude_std, a.weights, a.fill) == (2, 0.5, None, FILL)
-    b = parse("rand-m7-n3-p1.0-mmax12-mstd101-tweights", None, 224, (0.485, 0.456, 0.406))
+    b = parse("rand-m7-n3-p1.0-mmax12-mstd101-tweights", None, (0.485, 0.456, 0.406))
     assert b.num_layers == 3 and b.magnitude_max == 12 and b.magnitude_std == float("inf")
     assert [op.name for op in b.ops] == list(timm_aa._RAND_WEIGHTED_0) and abs(sum(b.weights) - 1) < 1e-9
     assert b.fill == (124, 116, 104)  # timm: round(255 * mean)
-    assert [op.name for op in parse("rand-m9", None, 224, (0.5,) * 3).ops] == list(timm_aa._RAND_TRANSFORMS)
-    assert parse("rand-m9-mmax0", None, 224, (0.5,) * 3).magnitude_max == 10  # timm: mmax0 is the default
+    assert [op.name for op in parse("rand-m9", None, (0.5,) * 3).ops] == list(timm_aa._RAND_TRANSFORMS)
+    assert parse("rand-m9-mmax0", None, (0.5,) * 3).magnitude_max == 10  # timm: mmax0 is the default
 
 
 @pytest.mark.parametrize("name", ["original", "originalr", "v0", "v0r", "3a"])
 def test_timm_autoaugment_policies_are_timms(name):
-    ours = parse(f"{name}-mstd0.5", None, 224, (0.5,) * 3)
+    ours = parse(f"{name}-mstd0.5", None, (0.5,) * 3)
     theirs = timm_aa.auto_augment_policy(name, dict(timm_aa._HPARAMS_DEFAULT))
     assert [[(op.name, op.prob, op.magnitude) for op in sub] for sub in ours.policy] == \
         [[(op.name, op.prob, op.magnitude) for op in sub] for sub in theirs]
@@ -58,19 +58,19 @@ def test_timm_autoaugment_policies_are_timms(name):
 ])
 def test_a_bad_spec_is_one_line_naming_the_flag(spec, words):
     with pytest.raises(AugmentError) as e:
-        parse(spec, None, 224, (0.5,) * 3)
+        parse(spec, None, (0.5,) * 3)
     assert str(e.value).startswith(f"--aa {spec}: ") and words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_color_jitter_as_timm_reads_it():
-    assert parse(None, "0.4", 224, (0.5,) * 3).color_jitter == (0.4, 0.4, 0.4, 0.0)
-    assert parse(None, "0.1,0.2,0.3,0.05", 224, (0.5,) * 3).color_jitter == (0.1, 0.2, 0.3, 0.05)
-    assert parse(None, 0.0, 224, (0.5,) * 3).active is False
-    assert parse("rand-m9", "0.4", 224, (0.5,) * 3).color_jitter is None  # timm: off under --aa ...
-    assert parse("3a", "0.4", 224, (0.5,) * 3).color_jitter == (0.4, 0.4, 0.4, 0.0)  # ... except its 3a
+    assert parse(None, "0.4", (0.5,) * 3).color_jitter == (0.4, 0.4, 0.4, 0.0)
+    assert parse(None, "0.1,0.2,0.3,0.05", (0.5,) * 3).color_jitter == (0.1, 0.2, 0.3, 0.05)
+    assert parse(None, 0.0, (0.5,) * 3).active is False
+    assert parse("rand-m9", "0.4", (0.5,) * 3).color_jitter is None  # timm: off under --aa ...
+    assert parse("3a", "0.4", (0.5,) * 3).color_jitter == (0.4, 0.4, 0.4, 0.0)  # ... except its 3a
     for bad in ("a", "0.1,0.2", "-0.4", "0.1,0.1,0.1,0.9"):
         with pytest.raises(AugmentError, match=r"^--color-jitter "):
-            parse(None, bad, 224, (0.5,) * 3)
+            parse(None, bad, (0.5,) * 3)
 
 
 # -- each op against timm's on the same tile --------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def timm_draws(spec: str, samples: int, seed=0) -> list[list[tuple[str, tuple]]]
 
 
 def our_draws(spec: str, samples: int, seed=0) -> list[list[tuple[str, tuple]]]:
-    aug, rng = parse(spec, None, 224, (0.5,) * 3), random.Random(seed)
+    aug, rng = parse(spec, None, (0.5,) * 3), random.Random(seed)
     return [aug.draw(rng) for _ in range(samples)]
 
 
@@ -197,7 +197,7 @@ def test_the_chi_square_check_tells_a_different_magnitude_spread():
 
 
 def test_a_seeded_draw_repeats_and_a_color_jitter_draws_all_factors():
-    aug = parse(None, "0.4,0.4,0.4,0.1", 224, (0.5,) * 3)
+    aug = parse(None, "0.4,0.4,0.4,0.1", (0.5,) * 3)
     assert aug.draw(random.Random(3)) == aug.draw(random.Random(3))
     steps = aug.draw(random.Random(3))
     assert sorted(name for name, _ in steps) == ["Brightness", "Color", "Contrast", "Hue"]
@@ -269,7 +269,7 @@ def test_trivial_draws_follow_torchvisions(monkeypatch):
     for _ in range(10_000):
         transform(image)
     theirs = [(trivial_name(op), round(m, 4)) for op, m in record]
-    aug, rng = parse("ta_wide", None, 224, (0.5,) * 3), random.Random(0)
+    aug, rng = parse("ta_wide", None, (0.5,) * 3), random.Random(0)
     ours = [(name, round(args[0], 4) if args else 0.0) for name, args in (aug.draw(rng)[0] for _ in range(10_000))]
     assert same_distribution([n for n, _ in ours], [n for n, _ in theirs]) > 1e-3
     for name in ("TrivialRotate", "TrivialPosterize", "TrivialSolarize"):
@@ -278,9 +278,9 @@ def test_trivial_draws_follow_torchvisions(monkeypatch):
         b = [np.sign(m) * np.digitize(abs(m), np.unique([abs(v) for n, v in theirs if n == name])[::4])
              for n, m in theirs if n == name]
         assert same_distribution(a, b) > 1e-3, name
-    assert parse("ta_wide", None, 224, (0.5,) * 3).fill == (0, 0, 0)  # torchvision's default fill
+    assert parse("ta_wide", None, (0.5,) * 3).fill == (0, 0, 0)  # torchvision's default fill
     with pytest.raises(AugmentError, match="ta_wide takes no sections"):
-        parse("ta_wide-m9", None, 224, (0.5,) * 3)
+        parse("ta_wide-m9", None, (0.5,) * 3)
 
 
 def test_the_host_loader_says_when_stock_pillow_or_no_kernels_run(sample_shards, monkeypatch):

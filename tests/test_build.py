@@ -29,4 +29,3 @@ def test_a_ramp_compiles_one_static_graph_per_side_and_mode(monkeypatch):
         for _ in range(2):
             model(torch.rand(2, 3, 48, 48))
     assert build.compiled_graphs() - before == 4  # 16, 32, 48 in train mode, 48 in eval mode
-

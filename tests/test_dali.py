@@ -406,7 +406,7 @@ def worst_op_difference(name: str, ours: torch.Tensor, plain: torch.Tensor) -> f
     on DALI's own unaugmented tile."""
     from pipeline import augment as A
 
-    aug = A.parse("rand-m9-n1-p1.0-tone", None, ours.shape[-1], (0.5, 0.5, 0.5))
+    aug = A.parse("rand-m9-n1-p1.0-tone", None, (0.5, 0.5, 0.5))
     level_to_arg = A.LEVEL_TO_ARG[name]
     signs = [level_to_arg(9, Sign(negative), aug) for negative in (False, True)] if level_to_arg else [()]
     worst = 0.0

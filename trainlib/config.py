@@ -164,7 +164,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         try:
-            parse_augment(self.aa, self.color_jitter, self.img_size, (0.5, 0.5, 0.5))
+            parse_augment(self.aa, self.color_jitter, (0.5, 0.5, 0.5))
         except AugmentError as e:
             raise ConfigError(str(e)) from None
         if not 0 <= self.label_smoothing < 1:
