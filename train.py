@@ -61,6 +61,8 @@ def run(cfg: TrainConfig) -> None:
     """One process's whole run: device, process group, loaders, model, resume, epochs, summary."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    if cfg.compile:
+        device.compile_backend()  # an npu without TorchAir: one line now, before the process group or any file
     placement = distributed.placement(cfg)
     resume_path = checkpoint.resolve_resume(cfg.resume, cfg.output)
     if cfg.evaluate and resume_path is None and not cfg.pretrained:

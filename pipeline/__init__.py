@@ -5,7 +5,8 @@
   epoch -> image side                       pipeline/resolution.py: progressive resolution (--min-res; train)
   plan -> encoded samples                   pipeline/shards/reader.py: JPEG bytes + label through the .idx offsets
   samples -> uint8 batch                    pipeline/host.py + host_worker.py (Pillow processes), pipeline/dali.py
-                                            (one @pipeline_def), pipeline/hybrid.py (both): the crop, resize and
+                                            (one @pipeline_def; its reader processes run dali_reader.py),
+                                            pipeline/hybrid.py (both): the crop, resize and
                                             flip of pipeline/transforms.py, then pipeline/augment.py's ops on the
                                             tile (--aa, --color-jitter; train)
   uint8 batch -> model input on the device  pipeline/transforms.py `to_model_input`

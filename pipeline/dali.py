@@ -6,12 +6,13 @@ On any other device DALI runs its CPU operators (`device_id=None`) and the batch
 the mode the CPU tests use.
 
 Which samples go into which batch is the rule in `pipeline/plan.py`, read by the one reader
-(`pipeline/shards/reader.py`): DALI's parallel external source runs `BatchSource` in `readers` worker processes,
-each call turning one batch of the run into its JPEG bytes and labels, so DALI sees exactly the host backend's
-samples in the same order. The pipeline
-is built once per loader and its source runs on across epoch boundaries (epoch e+1's first batches are read and
-decoded while epoch e's last steps train); it is rebuilt only when the epochs asked for stop following each other
-(a resume, a jump of set_epoch, an epoch abandoned half way).
+(`pipeline/shards/reader.py`): DALI's parallel external source runs `BatchSource` (pipeline/dali_reader.py,
+torch-free, so a spawned reader starts fast) in `readers` worker processes, each call turning one batch of the run
+into its JPEG bytes and labels, so DALI sees exactly the host backend's samples in the same order. The readers fork
+where nothing forbids it and spawn beside a GPU or an NPU (`reader_start_method`). The pipeline is built once per
+loader and its source runs on across epoch boundaries (epoch e+1's first batches are read and decoded while epoch
+e's last steps train); it is rebuilt only when the epochs asked for stop following each other (a resume, a jump of
+set_epoch, an epoch abandoned half way).
 
 Train augmentation (`Transform.augment`, pipeline/augment.py: --aa, --color-jitter) runs in the same pipeline, on
 the uint8 tiles where they are (GPU or CPU), after the crop, resize and flip and before normalization, as timm orders
@@ -34,9 +35,7 @@ Its own knobs: `DaliOptions` (docs/dali.md says what each one changed where it w
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import io
 import itertools
 import math
 from dataclasses import dataclass
@@ -48,18 +47,22 @@ import torch
 
 from pipeline.augment import LEVEL_DENOM, LEVEL_TO_ARG, Augment
 from pipeline.cli import knob
+from pipeline.dali_reader import BatchSource
 from pipeline.loader import LoaderSpec, ShardLoader
-from pipeline.plan import EpochPlanner
 from pipeline.processes import main_not_replayed, own_temp_folder, stop_signals_blocked
 from pipeline.shards.errors import ShardError
-from pipeline.shards.reader import ShardReader, usable_label
 from pipeline.transforms import Transform, to_model_input
 
 INSTALL_HINT = "the dali backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 (x86_64/aarch64 Linux)"
 NORMALIZE_IN = ("torch", "dali")
-# nvJPEG scratch sizes that fit ImageNet's largest JPEGs, so the decoder does not reallocate mid-epoch.
+START_METHODS = ("auto", "fork", "spawn")
+# nvJPEG scratch sizes that fit ImageNet's largest JPEGs, so the train decoder does not reallocate mid-epoch (DALI's
+# resnet50 example's). DALI reserves them per decoder thread: one device buffer and two pinned host buffers each,
+# so at 8 threads 1.7 GB of GPU memory and 2.25 GB of pinned host memory per pipeline (`decoder_scratch`).
 GPU_DECODER_HINTS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
                          preallocate_width_hint=5_980, preallocate_height_hint=6_430)
+# DALI's own defaults, for what the hints do not set: what a pipeline reserves without them.
+DALI_DEFAULT_PADDING = dict(device_memory_padding=16 * 2**20, host_memory_padding=8 * 2**20)
 
 
 class DaliMissingError(ImportError, RuntimeError):
@@ -72,7 +75,7 @@ def import_dali() -> SimpleNamespace:
     try:
         import nvidia.dali
         import nvidia.dali.math as dali_math
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import backend, fn, pipeline_def, types
         from nvidia.dali.auto_aug import augmentations, core
         from nvidia.dali.auto_aug.auto_augment import apply_auto_augment
         from nvidia.dali.auto_aug.trivial_augment import trivial_augment_wide
@@ -81,6 +84,7 @@ def import_dali() -> SimpleNamespace:
     except ImportError as e:
         raise DaliMissingError(f"{INSTALL_HINT} ({e})") from None
     return SimpleNamespace(fn=fn, types=types, math=dali_math, pipeline_def=pipeline_def, feed_ndarray=feed_ndarray,
+                           backend=backend,
                            aug=augmentations, aug_core=core, apply_auto_augment=apply_auto_augment,
                            trivial_augment_wide=trivial_augment_wide,
                            do_not_convert=do_not_convert,
@@ -92,42 +96,31 @@ def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
 
 
-@functools.lru_cache(maxsize=1)
-def padding_jpeg() -> np.ndarray:
-    """A small valid JPEG that stands in for val padding samples (label -1, which metrics skip)."""
-    from PIL import Image
+def accelerator_started(dali) -> str | None:
+    """What this process has started that a forked child must not inherit: the CUDA driver (DALI's own check, the
+    one that makes it refuse to fork; torch.cuda.is_available() alone starts the driver) or an NPU runtime
+    (torch_npu: a fork may deadlock in it). None when neither."""
+    if dali.backend.IsDriverInitialized():
+        return "the CUDA driver"
+    npu = getattr(torch, "npu", None)  # registered by torch_npu
+    if npu is not None and getattr(npu, "is_initialized", lambda: False)():
+        return "an NPU runtime"
+    return None
 
-    out = io.BytesIO()
-    Image.new("RGB", (16, 16), (128, 128, 128)).save(out, "JPEG")
-    return np.frombuffer(out.getvalue(), np.uint8)
 
-
-class BatchSource:
-    """DALI's parallel external source for one loader: batch g of the pipeline's run is batch batches[g % n] of epoch
-    first_epoch + g // n, n = len(batches) (plan rule 4), returned as (JPEG bytes per sample, int64 labels, the
-    epoch's output side per sample as float32 (side, side), `LoaderSpec.size_at`). The side travels with the batch,
-    as an argument input of the resize, so a schedule changes it at the epoch boundary without a rebuild.
-    Stateless per call, as DALI's workers require; it never ends, so DALI reads and decodes across epoch
-    boundaries."""
-
-    def __init__(self, planner: EpochPlanner, first_epoch: int, batches: list[int], num_classes: int | None,
-                 size_at):
-        self.planner, self.first_epoch, self.batches, self.num_classes = planner, first_epoch, batches, num_classes
-        self.size_at = size_at
-        self.reader = ShardReader()
-
-    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        n = len(self.batches)
-        epoch, index = self.first_epoch + info.iteration // n, self.batches[info.iteration % n]
-        samples = self.reader.read_batch(self.planner, epoch, index)
-        jpegs, labels = [], np.full(len(samples), -1, np.int64)
-        for i, sample in enumerate(samples):
-            if sample is None:
-                jpegs.append(padding_jpeg())
-                continue
-            labels[i] = usable_label(sample, self.num_classes)
-            jpegs.append(np.frombuffer(sample.jpg, np.uint8))
-        return jpegs, labels, np.full((len(samples), 2), self.size_at(epoch), np.float32)
+def reader_start_method(asked: str, dali, on_gpu: bool) -> str:
+    """How DALI starts its reader processes. "auto": fork where nothing forbids it (a CPU pipeline in a process that
+    has started no accelerator: the readers start in a fraction of a second), else spawn. An explicit "fork" that
+    cannot work is a one-line ValueError, not DALI's paragraph."""
+    started = accelerator_started(dali)
+    if asked == "auto":
+        # A GPU pipeline spawns even before CUDA starts: its own build starts it, and a second pipeline (val) would
+        # then fork from a CUDA process.
+        return "spawn" if on_gpu or started else "fork"
+    if asked == "fork" and (started or on_gpu):
+        raise ValueError(f"--dali-py-start-method fork: this process has started {started or 'CUDA'}, which forked "
+                         f"reader processes cannot share; use spawn (or auto)")
+    return asked
 
 
 def dali_reason(error: Exception) -> str:
@@ -153,6 +146,13 @@ class DaliOptions:
     hw_decoder_load: float = knob(0.65, "dali: share of JPEGs for the GPU's hardware JPEG decoder, the rest to "
                                         "nvJPEG's CUDA decoder (SMs); in [0, 1]")
     readers: int = knob(2, "dali: processes reading shards for DALI (its parallel external source workers)")
+    py_start_method: str = knob("auto", "dali: how the reader processes start (DALI's py_start_method): auto = fork "
+                                        "on a CPU pipeline in a process with no CUDA/NPU started, else spawn",
+                                choices=START_METHODS)
+    preallocate: bool = knob(True, "dali, GPU decode, train: reserve nvJPEG scratch for ImageNet's largest JPEG per "
+                                   "decoder thread (210 MB of GPU and 2 x 140 MB of pinned host memory each), so no "
+                                   "image reallocates mid-epoch; off = DALI's defaults (16 MB + 2 x 8 MB). Val "
+                                   "always uses DALI's defaults")
 
     def validate(self) -> None:
         if self.normalize_in not in NORMALIZE_IN:
@@ -161,17 +161,25 @@ class DaliOptions:
             raise ValueError(f"hw_decoder_load must be within [0, 1], got {self.hw_decoder_load!r}")
         if not isinstance(self.readers, int) or self.readers < 1:
             raise ValueError(f"readers must be an integer >= 1, got {self.readers!r}")
+        if self.py_start_method not in START_METHODS:
+            raise ValueError(f"py_start_method must be one of {START_METHODS}, got {self.py_start_method!r}")
 
 
 class CudaOutput:
     """DALI on the training GPU: "mixed" decode there, and each batch copied once, device to device, on torch's
     current stream, so it lives in torch's caching allocator and DALI's buffer can go back to DALI's pool."""
 
-    def __init__(self, device: torch.device, feed_ndarray, hw_decoder_load: float):
+    def __init__(self, device: torch.device, feed_ndarray, hw_decoder_load: float, preallocate: bool,
+                 threads: int):
         self.device, self.feed, self.copied = device, feed_ndarray, None  # copied: event after the latest copy
         self.device_id = device.index if device.index is not None else torch.cuda.current_device()
-        self.decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, **GPU_DECODER_HINTS)
-        self.summary = f"mixed decode on cuda:{self.device_id}, hw_decoder_load {hw_decoder_load}"
+        # Val decodes each image once per evaluation and stays up through training: the hints' memory is not
+        # worth it there (at 8 threads, 4.5 GB of pinned host memory per rank for the two pipelines).
+        self.decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load,
+                            **(GPU_DECODER_HINTS if preallocate else {}))
+        gpu, pinned = decoder_scratch(threads, preallocate)
+        self.summary = (f"mixed decode on cuda:{self.device_id}, hw_decoder_load {hw_decoder_load}, decoder scratch "
+                        f"{gpu / 2**30:.2f} GiB GPU + {pinned / 2**30:.2f} GiB pinned")
 
     def stream(self):
         return torch.cuda.current_stream(self.device)
@@ -187,6 +195,13 @@ class CudaOutput:
         if self.copied is not None:
             # Sync point, once per epoch: the last copies read DALI's memory, which goes with the pipeline.
             self.copied.synchronize()
+
+
+def decoder_scratch(threads: int, preallocate: bool) -> tuple[int, int]:
+    """(GPU bytes, pinned host bytes) that a GPU-decoding pipeline's nvJPEG reserves up front: one device buffer and
+    two pinned host buffers per decoder thread (DALI's decoders.image docs)."""
+    pad = GPU_DECODER_HINTS if preallocate else DALI_DEFAULT_PADDING
+    return threads * pad["device_memory_padding"], threads * 2 * pad["host_memory_padding"]
 
 
 class HostOutput:
@@ -470,8 +485,10 @@ class DaliLoader(ShardLoader):
                              "fails its whole batch, so it cannot count and skip one sample")
         self.opts = spec.backend_options(DaliOptions)
         super().__init__(spec, "dali")
-        self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts.hw_decoder_load)) \
+        self.output = CudaOutput(spec.device, self.dali.feed_ndarray, float(self.opts.hw_decoder_load),
+                                 self.opts.preallocate and spec.train, spec.workers) \
             if spec.device.type == "cuda" else HostOutput(spec.device, self.dali.feed_ndarray)
+        self.start_method = None  # the readers' (reader_start_method), set when a run starts
         # DALI normalizes only into float/half; uint8 output (model folds normalization in) is always "torch".
         self.dali_normalizes = self.opts.normalize_in == "dali" and spec.dtype != torch.uint8
         self._pipe = None
@@ -488,7 +505,8 @@ class DaliLoader(ShardLoader):
         norm = "dali" if self.dali_normalizes else "torch"
         return (f"dali {self.dali.version} ({self.output.summary}, {s.workers} threads, prefetch {s.prefetch}, "
                 f"normalize in {norm}), {s.split} rank {s.rank}/{s.world_size}: {self.steps} batches of "
-                f"{s.batch_size}, {len(self.planner.shards)} shards, {self.opts.readers} reader processes, augment "
+                f"{s.batch_size}, {len(self.planner.shards)} shards, {self.opts.readers} reader processes "
+                f"({self.start_method or self.opts.py_start_method}), augment "
                 f"{s.transform.augment.describe()}{s.repeats_note}")
 
     # -- the run (pipeline/loader.py ShardLoader): one pipeline, whose source runs on across epochs ----------------
@@ -496,15 +514,16 @@ class DaliLoader(ShardLoader):
         self.output.drain()
         self._pipe = None  # the old pipeline's memory goes before the new one takes its own
         s = self.spec
-        source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes, s.size_at)
-        # Reader processes: forked on the CPU (fast); spawned for a GPU, whose CUDA state must not be forked.
-        start = "spawn" if self.output.device_id is not None else "fork"
+        source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes, s.img_size,
+                             s.res_schedule if s.train else None)
+        self.start_method = reader_start_method(self.opts.py_start_method, self.dali,
+                                                on_gpu=self.output.device_id is not None)
         # DALI's conditionals (`if` on data) only where the augmentation routes samples: the plain graph stays as is
         conditionals = dict(enable_conditionals=True) if augmenting(s.transform) else {}
         build = self.dali.pipeline_def(graph, batch_size=s.batch_size, num_threads=s.workers,
                                        device_id=self.output.device_id, seed=pipeline_seed(s.seed, epoch, s.rank),
                                        prefetch_queue_depth=max(1, s.prefetch), py_num_workers=self.opts.readers,
-                                       py_start_method=start,
+                                       py_start_method=self.start_method,
                                        exec_dynamic=True,  # DALI 2.x default executor: outputs bound to torch's stream
                                        **conditionals)
         self._pipe = build(self.dali, source, s.transform, self.output.decoder, self.dali_normalizes, s.dtype,

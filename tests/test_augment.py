@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.stats import chi2_contingency
 from timm.data import auto_augment as timm_aa
 
 from pipeline import augment as A
@@ -16,6 +15,7 @@ from pipeline.augment import AugmentError, parse
 from pipeline.backends import build_loader
 
 FILL = (128, 128, 128)
+NO_SCIPY = "scipy is not installed: its chi-square test compares the draws"
 
 
 def photo_tile(size=96, seed=0) -> np.ndarray:
@@ -161,6 +161,7 @@ def our_draws(spec: str, samples: int, seed=0) -> list[list[tuple[str, tuple]]]:
 
 def same_distribution(a: list, b: list) -> float:
     """The chi-square test's p-value that two samples of labels come from one distribution."""
+    from scipy.stats import chi2_contingency  # its callers skip without scipy
     ca, cb = Counter(a), Counter(b)
     keys = sorted(set(ca) | set(cb), key=str)
     return chi2_contingency([[ca[k] for k in keys], [cb[k] for k in keys]])[1]
@@ -173,6 +174,7 @@ def binned(draws, name: str, bins: np.ndarray) -> list:
 @pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd101", "rand-m9-n2-tweights", "original",
                                   "v0r-mstd0.5", "rand-m9-mmax5-mstd1", "3a"])
 def test_op_choice_and_magnitudes_follow_timms_distribution(spec):
+    pytest.importorskip("scipy.stats", reason=NO_SCIPY)
     n = 10_000
     ours, theirs = our_draws(spec, n), timm_draws(spec, n)
     p_values = {"ops per sample": same_distribution([len(s) for s in ours], [len(s) for s in theirs]),
@@ -189,6 +191,7 @@ def test_op_choice_and_magnitudes_follow_timms_distribution(spec):
 
 
 def test_the_chi_square_check_tells_a_different_magnitude_spread():
+    pytest.importorskip("scipy.stats", reason=NO_SCIPY)
     # The power of the test above: a magnitude std of 0.5 against none is told apart.
     n = 10_000
     ours, theirs = our_draws("rand-m9-inc1", n), timm_draws("rand-m9-mstd0.5-inc1", n)
@@ -260,6 +263,7 @@ def test_each_trivial_op_matches_torchvisions_on_the_same_tile(name, magnitude, 
 
 
 def test_trivial_draws_follow_torchvisions(monkeypatch):
+    pytest.importorskip("scipy.stats", reason=NO_SCIPY)
     from torchvision.transforms import autoaugment
 
     record = []

@@ -171,3 +171,34 @@ def test_the_streams_resume_exactly_from_their_state():
 def test_nothing_is_built_when_no_flag_asks():
     assert BatchAugment.from_config(TrainConfig(), num_classes=CLASSES, mean=MEAN, std=STD, pixels=True,
                                     seed=0) is None
+
+
+def test_draws_reach_an_accelerator_from_page_locked_memory(monkeypatch):
+    """For an accelerator the draws are copied from pinned memory (from pageable memory the driver may wait for the
+    stream first); on the CPU they stay the array itself, no copy. Pinning needs an accelerator: here a stand-in
+    pin_memory records the call, and the meta device stands for one."""
+    from trainlib.batch_augment import host_source, to_device
+
+    pinned = []
+
+    def pin_memory(self):
+        pinned.append(self.data_ptr())
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    draws = np.arange(12, dtype=np.int64).reshape(3, 4)
+    on_cpu = to_device(draws, torch.device("cpu"))
+    assert pinned == [] and on_cpu.data_ptr() == draws.ctypes.data and torch.equal(on_cpu, torch.from_numpy(draws))
+    assert host_source(draws, torch.device("cuda")).data_ptr() != draws.ctypes.data  # a pinned copy
+    assert pinned == [draws.ctypes.data]
+    moved = to_device(draws, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (3, 4) and len(pinned) == 2
+
+
+@pytest.mark.gpu
+def test_draws_are_copied_from_pinned_memory_on_a_gpu():
+    from trainlib.batch_augment import host_source, to_device
+
+    draws = np.arange(12, dtype=np.int64).reshape(3, 4)
+    assert host_source(draws, torch.device("cuda")).is_pinned()
+    assert torch.equal(to_device(draws, torch.device("cuda")).cpu(), torch.from_numpy(draws))

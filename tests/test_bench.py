@@ -68,7 +68,8 @@ class PaddedLoader(Loader):
 def test_val_padding_is_not_counted_as_images():
     cfg = bench.BenchConfig(seconds=0.2, interval=1.0, warmup=0, workers=4)
     loader = PaddedLoader()
-    result = bench.measure(loader, cfg, torch.device("cpu"), lambda images, labels: None, "fake")
+    result = bench.measure(loader, cfg, torch.device("cpu"), lambda images, labels: None, "fake",
+                           time.perf_counter())
     assert result["images"] == loader.real > 0
     # The workers started, not those asked for (img_s is itself rounded, hence the tolerance).
     assert result["img_s_per_worker"] == pytest.approx(result["img_s"] / 2, abs=0.1)
@@ -79,7 +80,9 @@ def test_workers_reported_are_the_ones_started(sample_shards, capsys):
     argv = ["--data_path", str(sample_shards), "--backend", "host", "--split", "val", "--batch-size", "12",
             "--workers", "4", "--seconds", "1", "--interval", "5", "--warmup", "0", "--img-size", "32"]
     assert bench.main(argv) == 0
-    assert json_lines(capsys.readouterr().out)[-1]["workers"] == 2
+    last = json_lines(capsys.readouterr().out)[-1]
+    assert last["workers"] == 2
+    assert last["workers_pss_mb"] > 0 and last["first_batch_s"] > 0  # the two workers were up at the first batch
 
 
 class SlowStartLoader(Loader):
@@ -98,7 +101,10 @@ class SlowStartLoader(Loader):
 
 def test_epoch_boundary_waits_are_reported_apart(capsys):
     cfg = bench.BenchConfig(seconds=0.5, interval=10.0, warmup=1, step_ms=2.0)
-    result = bench.measure(SlowStartLoader(), cfg, torch.device("cpu"), bench.model_step(cfg, 4, "cpu"), "slow")
+    built_at = time.perf_counter()
+    result = bench.measure(SlowStartLoader(), cfg, torch.device("cpu"), bench.model_step(cfg, 4, "cpu"), "slow",
+                           built_at)
+    assert 0.05 <= result["first_batch_s"] <= time.perf_counter() - built_at  # the first batch's 50 ms, once
     assert result["boundary_wait_s"] >= 0.05 > 0.02 > result["batch_wait_s"]
     # Warm-up took batch 0; from there every third batch starts an epoch.
     assert result["epoch_starts"] == result["images"] // 2 // 3 + (result["images"] // 2 % 3 > 2)

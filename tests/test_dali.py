@@ -450,3 +450,82 @@ def test_gpu_augments_on_the_gpu(sample_shards, normalize_in):
         x, _ = first_tiles(sample_shards, device="cuda", options=options, **more)
         assert x.shape == (24, 3, 32, 32) and x.dtype == torch.float32
         assert not untouched(x, plain).all(), more
+
+
+# -- reader processes: how they start (pipeline/dali.py reader_start_method, pipeline/dali_reader.py) ------------------
+@pytest.fixture
+def cuda_started(monkeypatch, dali):
+    """This process as after torch.cuda.is_available() on a GPU machine: DALI's own check (the one that makes it refuse
+    to fork its readers) says the CUDA driver is initialised."""
+    import nvidia.dali.backend
+
+    monkeypatch.setattr(nvidia.dali.backend, "IsDriverInitialized", lambda: True)
+
+
+def first_batch(path, **options):
+    loader = build_loader(data_path=path, split="train", backend="dali", batch_size=16, device="cpu", workers=2,
+                          seed=3, img_size=8, dtype=torch.uint8, options=DaliOptions(**options))
+    try:
+        images, labels = next(iter(loader))
+        return images.clone(), labels.clone(), loader.start_method
+    finally:
+        loader.close()
+
+
+def test_readers_spawn_once_cuda_has_started_and_give_the_same_batch(labelled_shards):
+    forked = first_batch(labelled_shards)
+    with pytest.MonkeyPatch.context() as m:
+        import nvidia.dali.backend
+
+        m.setattr(nvidia.dali.backend, "IsDriverInitialized", lambda: True)
+        spawned = first_batch(labelled_shards)
+    assert (forked[2], spawned[2]) == ("fork", "spawn")
+    assert torch.equal(forked[0], spawned[0]) and torch.equal(forked[1], spawned[1])
+
+
+def test_readers_spawn_once_an_npu_runtime_has_started(labelled_shards, monkeypatch):
+    import types
+
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_initialized=lambda: True), raising=False)
+    assert first_batch(labelled_shards)[2] == "spawn"
+
+
+def test_forking_after_cuda_started_is_one_line(labelled_shards, cuda_started):
+    with pytest.raises(ValueError, match=r"^--dali-py-start-method fork: this process has started the CUDA driver, "
+                                         r"which forked reader processes cannot share; use spawn") as err:
+        first_batch(labelled_shards, py_start_method="fork")
+    assert "\n" not in str(err.value)
+
+
+def test_a_spawned_reader_imports_no_torch(labelled_shards, tmp_path):
+    """What a spawned reader unpickles (the source) and imports with it: not torch (seconds and ~0.4 GB a reader)."""
+    import pickle
+    import subprocess
+
+    from pipeline.dali_reader import BatchSource
+    from pipeline.loader import LoaderSpec
+    from pipeline.shards.format import shard_list as shards_of
+
+    spec = LoaderSpec(str(labelled_shards), "train", 16, torch.device("cpu"), img_size=8)
+    (tmp_path / "source.pkl").write_bytes(pickle.dumps(BatchSource(spec.planner(shards_of(labelled_shards, "train")),
+                                                                   0, [0, 1], 1000, 8)))
+    code = ("import pickle, sys, types; source = pickle.load(open(sys.argv[1], 'rb')); "
+            "jpegs, labels, sides = source(types.SimpleNamespace(iteration=1)); "
+            "print(len(jpegs), int(sides[0][0]), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "source.pkl")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["16", "8", "False"]
+
+
+# -- GPU decoder memory (pipeline/dali.py CudaOutput): set up without touching CUDA, so it is checked here ------------
+@pytest.mark.parametrize("split, preallocate, scratch", [("train", True, "1.57 GiB GPU + 2.09 GiB pinned"),
+                                                         ("train", False, "0.12 GiB GPU + 0.12 GiB pinned"),
+                                                         ("val", True, "0.12 GiB GPU + 0.12 GiB pinned")])
+def test_gpu_decoder_scratch_is_reserved_for_train_only_and_said(labelled_shards, split, preallocate, scratch):
+    """nvJPEG's scratch is per decoder thread: ImageNet-sized hints at 8 threads are 1.7 GB of GPU and 2.25 GB of
+    pinned memory a pipeline. Val (up all run, each image once an evaluation) keeps DALI's defaults."""
+    loader = build_loader(data_path=labelled_shards, split=split, backend="dali", batch_size=16, device="cuda:0",
+                          workers=8, img_size=8, options=DaliOptions(preallocate=preallocate))
+    hinted = "device_memory_padding" in loader.output.decoder
+    assert hinted == (split == "train" and preallocate)
+    assert f"decoder scratch {scratch}" in loader.describe()

@@ -9,10 +9,12 @@ import random
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data as photos
 
 from pipeline.shards.jpeg import (crop_resize, decoder_available, has_restart_markers, recode, scale_denominator)
 from pipeline.transforms import center_crop_box, random_resized_crop, rgb_into
+
+# The test images are scikit-image's photos (built into VARIANTS at import, which parametrizes the tests).
+photos = pytest.importorskip("skimage.data", reason="scikit-image is not installed: its photos are the test images")
 
 region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")

@@ -18,7 +18,7 @@ LAYERS = (
     ("pipeline.shards",),
     ("pipeline.augment", "pipeline._augment"),
     ("pipeline.plan", "pipeline.resolution", "pipeline.transforms", "pipeline.processes", "pipeline.cli",
-     "pipeline._pixels"),
+     "pipeline._pixels", "pipeline.dali_reader"),
     ("pipeline.loader",),
     ("pipeline.host_worker", "pipeline.host", "pipeline.dali", "pipeline.synthetic", "pipeline.hybrid"),
     ("pipeline.backends",),

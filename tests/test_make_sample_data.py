@@ -1,4 +1,5 @@
 import re
+import sys
 
 import make_sample_data
 import numpy as np
@@ -95,3 +96,34 @@ def test_refuses_to_overwrite_foreign_folder(tmp_path, capsys):
     assert make_sample_data.main(args) == 2
     assert make_sample_data.main(args + ["--overwrite"]) == 2
     assert (tmp_path / "train" / "mine" / "keep.txt").exists()
+
+
+def _hide(monkeypatch, *packages):
+    """Imports of `packages` fail as if they were not installed (None in sys.modules), and the photos load again."""
+    for name in packages:
+        for module in {name, *(m for m in sys.modules if m.startswith(name + "."))}:
+            monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(make_sample_data, "_PHOTOS", [])
+
+
+def test_without_scikit_image_matplotlibs_photo_serves_and_a_note_says_so(tmp_path, capsys):
+    pytest.importorskip("skimage.data", reason="scikit-image is not installed: no photos to tell the fallback from")
+    with pytest.MonkeyPatch.context() as mp:
+        _hide(mp, "skimage")
+        alone = _gen(tmp_path / "a")
+        assert _gen(tmp_path / "b") == alone  # still the same bytes for a seed
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+        assert len(make_sample_data.load_photos()) == len(make_sample_data.MATPLOTLIB_PHOTOS)
+    assert len(notes) == 2 and all("scikit-image is not installed" in line for line in notes)  # one per run
+    both = _gen(tmp_path / "c")
+    assert "note:" not in capsys.readouterr().err
+    assert alone.keys() == both.keys() and alone != both  # the same names from other photos
+
+
+def test_without_matplotlib_too_it_is_one_line_naming_both(tmp_path, capsys, monkeypatch):
+    _hide(monkeypatch, "skimage", "matplotlib")
+    assert make_sample_data.main([str(tmp_path / "x"), "--classes", "1", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "matplotlib" in err[0] and "scikit-image" in err[0] and err[0].startswith(
+        "make_sample_data: error: ")
+    assert not (tmp_path / "x").exists()  # found out before any folder is made

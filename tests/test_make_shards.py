@@ -15,7 +15,6 @@ from pathlib import Path
 
 import make_shards
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from pipeline.shards import writer
@@ -27,6 +26,12 @@ from tests.shard_runs import run_make_shards as _run
 
 region_built = pytest.mark.skipif(not decoder_available("region"),
                                   reason="the region decoder is not built (no libjpeg headers at install)")
+
+
+def _webdataset():
+    """webdataset, as the independent reader of the shards a test checks; make_shards itself never imports it, so
+    where it is not installed only the tests that read shards back with it skip."""
+    return pytest.importorskip("webdataset", reason="webdataset is not installed: it reads the shards back here")
 
 
 def _outputs(dst):
@@ -52,6 +57,7 @@ def _jpeg(mode="RGB", size=(40, 30), fmt="JPEG"):
 
 
 def test_round_trip_webdataset_and_tarfile(sample_folder, sample_shards):
+    wds = _webdataset()
     truth = _labels_by_key(sample_folder)
     for split, n in (("train", 48), ("val", 16)):
         urls = [str(p) for p in sorted(sample_shards.glob(f"{split}-*.tar"))]
@@ -80,6 +86,7 @@ def test_round_trip_webdataset_and_tarfile(sample_folder, sample_shards):
 
 
 def test_without_restart_markers_the_source_bytes_are_kept(sample_folder, tmp_path):
+    wds = _webdataset()
     dst = tmp_path / "plain"
     assert _run(sample_folder, dst, "--no-restart-markers", "--verify") == 0
     truth = _labels_by_key(sample_folder)
@@ -90,6 +97,7 @@ def test_without_restart_markers_the_source_bytes_are_kept(sample_folder, tmp_pa
 
 @region_built
 def test_a_set_made_before_restart_markers_resumes_as_it_was(sample_folder, tmp_path, capsys):
+    wds = _webdataset()
     dst = tmp_path / "old"
     assert _run(sample_folder, dst, "--no-restart-markers") == 0
     plan = json.loads((dst / ".plan.json").read_text())
@@ -230,6 +238,7 @@ def bad_folder(tmp_path):
 
 
 def test_bad_inputs_are_converted_or_rejected(bad_folder, tmp_path, capsys):
+    wds = _webdataset()
     dst = tmp_path / "out"
     assert make_shards.main(["--data_path", str(bad_folder), "--out", str(dst), "--workers", "1",
                              "--verify"]) == make_shards.EXIT_REJECTED
@@ -256,6 +265,7 @@ def test_bad_inputs_are_converted_or_rejected(bad_folder, tmp_path, capsys):
 
 
 def test_link_loops_and_empty_class_folders_are_named_and_nothing_is_read_twice(tmp_path, capsys):
+    wds = _webdataset()
     root, good = tmp_path / "links", _jpeg()
     for rel in ("train/n01/a.JPEG", "train/n01/b.JPEG", "train/n02/c.JPEG", "val/n01/v.JPEG"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +358,7 @@ def test_header_check_still_catches_cut_off_jpegs(bad_folder, tmp_path):
 
 
 def test_max_side_resizes(sample_folder, tmp_path):
+    wds = _webdataset()
     dst = tmp_path / "out"
     assert _run(sample_folder, dst, "--max-side", "70") == 0
     m = json.loads((dst / "manifest.json").read_text())
@@ -415,6 +426,7 @@ def test_make_shards_imports_no_torch():
 
 
 def test_timm_reads_the_shards(sample_shards):
+    _webdataset()  # timm's wds reader
     timm_data = pytest.importorskip("timm.data")
     ds = timm_data.create_dataset("wds/sample", root=str(sample_shards), split="validation", is_training=False)
     assert sorted(int(t) for _, t in ds) == sorted([0, 1, 2, 3] * 4)

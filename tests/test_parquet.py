@@ -4,18 +4,19 @@ import json
 import shutil
 
 import make_shards
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
 
 from pipeline.shards import parquet, repack
 from pipeline.shards.detect import detect
 from tests.shard_runs import interrupt_at_member
 from tests.shard_runs import run_make_shards as _run
 
+NO_PYARROW = "pyarrow is not installed: it writes and reads the parquet source"
+pa = pytest.importorskip("pyarrow", reason=NO_PYARROW)
+pq = pytest.importorskip("pyarrow.parquet", reason=NO_PYARROW)
 
-def samples(dst):
+
+def samples(wds, dst):
     """(split, key) -> (label, image bytes) of every sample, as webdataset reads the shards."""
     out = {}
     for split in ("train", "val"):
@@ -30,13 +31,14 @@ def hub(sample_folder, tmp_path_factory):
 
 
 def test_parquet_gives_the_imagefolders_samples(hub, sample_shards, tmp_path, capsys):
+    wds = pytest.importorskip("webdataset", reason="webdataset is not installed: it reads the shards back here")
     assert detect(hub) == "parquet"
     dst = tmp_path / "shards"
     assert _run(hub, dst, "--verify", workers=2) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith(f"make_shards: {hub} is Hugging Face parquet files")
     assert "train: 48 files = 48 in 5 shards + 0 rejected + 0 ignored" in out and "verify: OK" in out
-    assert samples(dst) == samples(sample_shards)  # same keys, labels and (recoded or kept) bytes
+    assert samples(wds, dst) == samples(wds, sample_shards)  # same keys, labels and (recoded or kept) bytes
     assert (dst / "classes.json").read_bytes() == (sample_shards / "classes.json").read_bytes()
     # The rows are in class order, yet each shard mixes classes.
     first = list(wds.WebDataset([str(dst / "train-000000.tar")], shardshuffle=False))

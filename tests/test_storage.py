@@ -8,7 +8,6 @@ import os
 import tempfile
 import time
 
-import boto3
 import make_shards
 import pytest
 import torch
@@ -18,6 +17,8 @@ from pipeline import ShardError, build_loader
 from pipeline.shards import contents, repack, storage
 from pipeline.shards.format import read_manifest, shard_list
 from tests.s3server import S3Server
+
+boto3 = pytest.importorskip("boto3", reason="boto3 is not installed: s3:// paths need it (the s3 extra)")
 
 BUCKET = "shards"
 
@@ -86,6 +87,7 @@ def test_a_failed_start_to_s3_leaves_no_staging_folder(s3_env, tmp_path, monkeyp
 
 def test_parquet_to_s3_uploads_each_window_of_shards(s3_env, sample_folder, tmp_path):
     # A parquet source builds a window of shards per job: all of them reach the bucket, equal to a local run.
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed: it writes and reads the parquet source")
     hub = repack.write_parquet(sample_folder, tmp_path / "hub")
     boto3.client("s3").create_bucket(Bucket="from-parquet")  # its own bucket: the test runs alone too
     staging, local, url = tmp_path / "staging", tmp_path / "local", "s3://from-parquet/set"

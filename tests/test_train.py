@@ -321,6 +321,21 @@ def test_npu_without_torch_npu_fails_in_one_line():
     assert proc.stderr.strip().count("\n") == 0 and "torch_npu" in proc.stderr, proc.stderr
 
 
+def test_compile_without_the_devices_backend_fails_in_one_line_before_any_file(tmp_path, capsys, monkeypatch):
+    """--compile where the device's backend cannot load (an NPU without TorchAir, trainlib.devices.compile_backend:
+    its own test in tests/test_devices.py): one line, exit 2, no run folder."""
+    def missing(kind):
+        raise devices.DeviceError(f"--compile on {kind} needs TorchAir (a stand-in for the real check)")
+
+    monkeypatch.setattr(devices, "compile_backend", missing)
+    argv = [*TINY, "--backend", "synthetic", "--num-classes", "10", "--batch-size", "4", "--eval-freq", "0",
+            "--output", str(tmp_path / "o"), "--max-steps", "1", "--compile"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compile on cpu needs TorchAir" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_devices_raise_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(devices.DeviceError, match="no CUDA GPU"):

@@ -5,12 +5,14 @@
 Layout: `OUT/train/<wnid>/<wnid>_<n>.JPEG`, `OUT/val/<wnid>/ILSVRC2012_val_<n>.JPEG`, plus
 `OUT/sample_data.json` recording the settings. Images are random crops of real photographs that ship
 inside scikit-image and matplotlib (no download), at ImageNet-like sizes with sensor-like noise and JPEG
-quality 90, so decode cost and file size are close to ImageNet's.
+quality 90, so decode cost and file size are close to ImageNet's. Without scikit-image the crops come from
+matplotlib's photo alone (a note on stderr says so): the same classes, other bytes.
 
 Each class carries a visual signature laid over the photo, chosen to survive RandomResizedCrop
 (scale 0.08-1) and horizontal flips: a colour cast (any crop keeps it) and a plaid of two gratings at
 +theta and -theta (a flip swaps them) whose period is a fraction of the image's short side. The photo is
-drawn independently of the class, so the signature is the only cue. Output is byte-identical for a seed.
+drawn independently of the class, so the signature is the only cue. Output is byte-identical for a seed
+(and the same photos).
 """
 import argparse
 import io
@@ -55,6 +57,10 @@ class UsageError(Exception):
     """A problem with the command line or the output folder: reported in one line, exit status 2."""
 
 
+class NoPhotos(Exception):
+    """matplotlib, which ships the photo every run uses, is missing: reported in one line, exit status 1."""
+
+
 def wnids(num_classes: int, seed: int) -> list:
     """Sorted WordNet-like ids (`n01234567`), so class index == ImageFolder label."""
     ids = random.Random(seed).sample(range(1_000_000, 16_000_000), num_classes)
@@ -78,15 +84,29 @@ def class_signature(label: int, seed: int) -> dict:
 _PHOTOS = []
 
 
+def has_skimage() -> bool:
+    """Whether scikit-image's photos join matplotlib's; without them the same seed gives other images."""
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_photos() -> list:
     """The source photographs as RGB PIL images (loaded once per process)."""
     if _PHOTOS:
         return _PHOTOS
-    import matplotlib.cbook
-    import skimage.data
-    for name in SKIMAGE_PHOTOS:
-        _PHOTOS.append(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
-    _PHOTOS.append(Image.fromarray(skimage.data.stereo_motorcycle()[0]).convert("RGB"))
+    try:
+        import matplotlib.cbook
+    except ImportError:
+        raise NoPhotos("matplotlib is not installed; the source photos are its own and scikit-image's: "
+                       "pip install matplotlib scikit-image") from None
+    if has_skimage():
+        import skimage.data
+        for name in SKIMAGE_PHOTOS:
+            _PHOTOS.append(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
+        _PHOTOS.append(Image.fromarray(skimage.data.stereo_motorcycle()[0]).convert("RGB"))
     for name in MATPLOTLIB_PHOTOS:
         with Image.open(matplotlib.cbook.get_sample_data(name, asfileobj=False)) as im:
             _PHOTOS.append(im.convert("RGB"))
@@ -260,10 +280,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         s = check_args(args)
+        load_photos()  # here, so that a missing package is one line before any folder is touched
+        if not has_skimage():
+            print("make_sample_data: note: scikit-image is not installed, so every image is a crop of matplotlib's "
+                  "photo (other bytes than with it for the same seed)", file=sys.stderr)
         summary = generate(s, args.out, args.workers, args.overwrite)
     except UsageError as e:
         print(f"make_sample_data: error: {e}", file=sys.stderr)
         return 2
+    except NoPhotos as e:
+        print(f"make_sample_data: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"make_sample_data: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1

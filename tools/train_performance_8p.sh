@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Images/sec on 8 devices of one node (torchrun, DDP): a short run (500 steps, no eval, no checkpoints), like the
 # ModelZoo script of that name. FPS is global: all ranks' images per second.
-#   tools/train_performance_8p.sh --data_path=SHARDS [train.py flags, e.g. --device npu --backend dali]
+#   tools/train_performance_8p.sh --data_path=SHARDS [train.py flags]
+# e.g. on GPUs --backend dali --compile; on Ascend NPUs --device npu --compile (TorchAir's backend, which
+# ships inside torch_npu; DALI is CUDA-only, so NPUs keep the host backend).
 # NPROC (8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500) set the torchrun layout.
 # Later flags override the defaults below. Log and metrics: output/vit_b32_perf_8p_<date>/ (or $OUTPUT_DIR).
 set -uo pipefail

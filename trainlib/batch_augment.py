@@ -225,8 +225,18 @@ def box_masks(boxes: torch.Tensor, height: int, width: int, corners: bool = Fals
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array of draws on the device without waiting for it (a copy queued in the current stream)."""
-    return torch.from_numpy(array).to(device, non_blocking=True)
+    """A host array of draws on the device without waiting for it (a copy queued in the current stream); on the CPU
+    the array itself."""
+    return host_source(array, device).to(device, non_blocking=True)
+
+
+def host_source(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """What `to_device` copies from: for an accelerator (cuda, npu) a page-locked copy of the array. From pageable
+    memory the driver stages a non_blocking copy itself and may first wait for the stream (a sync per step); from
+    page-locked memory it is one DMA queued behind the step. torch's caching host allocator keeps the block until
+    that copy has run, so the next step's draws never overwrite it early."""
+    source = torch.from_numpy(array)
+    return source if device.type == "cpu" else source.pin_memory()
 
 
 class BatchAugment:

@@ -3,12 +3,14 @@ train.py and the benchmarks (tools/bench_train.py) call the same ones, so a benc
 from __future__ import annotations
 
 import functools
+import inspect
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from timm.utils import ModelEmaV3
+from torch.nn.modules.batchnorm import _NormBase
 
 from model import build_model, flops_per_image, fp8_supported, model_defaults, use_fp8, use_pixel_input
 from pipeline.backends import build_loader, get_backend, options_from
@@ -185,19 +187,21 @@ def build_model_for(cfg: TrainConfig, device, classes: int) -> torch.nn.Module:
     return model
 
 
-def compiled(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile: under several image sides (a schedule, another eval side) one static graph per side and mode
-    (`dynamic=False`), rather than dynamo's switch to a dynamic-shape graph at the second side, whose kernels are
-    generic; its recompile limit raised to hold them all."""
+def compiled(cfg: TrainConfig, model: torch.nn.Module, backend=None) -> torch.nn.Module:
+    """torch.compile with `backend` (the device's, Device.compile_backend; None: torch.compile's default): under
+    several image sides (a schedule, another eval side) one static graph per side and mode (`dynamic=False`), rather
+    than dynamo's switch to a dynamic-shape graph at the second side, whose kernels are generic; its recompile limit
+    raised to hold them all."""
+    named = {} if backend is None else {"backend": backend}
     if not dynamic_sides(cfg):
-        return torch.compile(model)
+        return torch.compile(model, **named)
     step = patch_of(cfg)
     graphs = 2 * len({*cfg.train_sizes(step), cfg.eval_size(step)}) + 2  # train and eval mode each, and slack
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name in newer torch, and the older one
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), graphs))
-    return torch.compile(model, dynamic=False)
+    return torch.compile(model, dynamic=False, **named)
 
 
 def compiled_graphs() -> int:
@@ -207,19 +211,34 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def changing_buffers(model: torch.nn.Module) -> bool:
+    """Whether training changes any of the model's buffers: running statistics (BatchNorm and the other norms of
+    torch's `_NormBase` that track them). The ViT's only buffers are --pixel-input's mean/std (model/fused.py),
+    constants set at construction and so the same on every rank."""
+    return any(isinstance(m, _NormBase) and m.track_running_stats for m in model.modules())
+
+
+def data_parallel(model: torch.nn.Module, device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP over the process group. Rank 0's buffers are broadcast before every forward only where training changes
+    them: constant buffers would be one broadcast per step for nothing."""
+    ids = [device.index] if device.index is not None else None
+    # torch 2.13 renamed the switch (forward_sync_buffers, which still syncs buffers once at construction) and
+    # deprecated broadcast_buffers; older torch (the GPU image's 2.11) has only the old name.
+    ddp = torch.nn.parallel.DistributedDataParallel
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+        "broadcast_buffers"
+    return ddp(model, device_ids=ids, find_unused_parameters=False, **{name: changing_buffers(model)})
+
+
 def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per_epoch: int,
                   classes: int) -> Trainer:
     seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
     raw_model = build_model_for(cfg, device, classes)
     # Before DDP and compile wrap it: the average is of the bare module's weights, the same on every rank.
     ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
-    model = ddp = raw_model
-    if placement.world_size > 1:
-        ids = [device.index] if device.index is not None else None
-        model = ddp = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids,
-                                                                find_unused_parameters=False)
+    model = ddp = raw_model if placement.world_size == 1 else data_parallel(raw_model, device)
     if cfg.compile:
-        model = compiled(cfg, model)
+        model = compiled(cfg, model, device.compile_backend())
     optimizer = build_optimizer(cfg, raw_model, device)
     defaults = model_defaults(cfg.model)
     augment = BatchAugment.from_config(cfg, num_classes=classes, mean=defaults["mean"], std=defaults["std"],

@@ -23,6 +23,9 @@ from pipeline.loader import IMAGENET_CLASSES
 from pipeline.resolution import FLAG_HELP as RES_HELP, ResSchedule, ScheduleError, from_flags
 
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+# --workers left out: per backend. DALI feeds the H100 best with 8 threads a rank (docs/benchmarks.md: 0.869 of the
+# step rate against 0.825 with 4); hybrid's one count is also its host part's processes, so it keeps 4 with the host.
+DEFAULT_WORKERS, OTHER_WORKERS = {"dali": 8}, 4
 
 
 class ConfigError(ValueError):
@@ -38,7 +41,9 @@ class TrainConfig:
     data_path: str = knob(None, "shard folder written by tools/make_shards.py (synthetic backend: optional)",
                           "--data-path", flag="--data_path")
     backend: str = knob("host", f"input pipeline (pipeline/): {SUMMARY}", choices=BACKENDS)
-    workers: int = knob(4, "decode processes (host) or threads (dali) per rank", "-j")
+    workers: int = knob(None, "decode processes (host) or threads (dali) per rank (hybrid: both its parts); None = "
+                              f"the backend's own, {DEFAULT_WORKERS['dali']} for dali and {OTHER_WORKERS} otherwise "
+                              "(config.json holds the value used)", "-j")
     host: HostOptions = knob(help="the host backend's own options", factory=HostOptions)
     dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
     hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
@@ -153,6 +158,8 @@ class TrainConfig:
 
         if not timm.is_model(self.model):
             raise ConfigError(f"--model {self.model}: not a timm model name (e.g. vit_base_patch32_224)")
+        if self.workers is None:  # resolved here, once, so config.json and the loaders see the same number
+            self.workers = DEFAULT_WORKERS.get(self.backend, OTHER_WORKERS)
         positive = ("workers", "img_size", "batch_size", "epochs", "print_freq", "recount", "grad_accum_steps")
         for name in positive:
             if getattr(self, name) < 1:

@@ -31,6 +31,7 @@ class Device:
         self.kind = kind
         self.index: int | None = None
         self._mod = getattr(torch, kind) if kind != "cpu" else None  # torch.cuda / torch.npu (after torch_npu)
+        self._compile_backend = None
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +103,13 @@ class Device:
         name = self.name()
         return next((peak for key, peak in PEAK_FLOPS_16BIT if key in name), None)
 
+    def compile_backend(self):
+        """torch.compile's backend here (`compile_backend`), made once: train.py asks before anything is written, so
+        that a missing TorchAir is one line at start."""
+        if self._compile_backend is None:
+            self._compile_backend = compile_backend(self.kind)
+        return self._compile_backend
+
     def manual_seed(self, seed: int) -> None:
         if self._mod is not None:
             self._mod.manual_seed(seed)
@@ -112,6 +120,26 @@ class Device:
     def set_rng_state(self, state: torch.Tensor | None) -> None:
         if self._mod is not None and state is not None:
             self._mod.set_rng_state(state)
+
+
+def compile_backend(kind: str):
+    """torch.compile's backend on a device kind: "inductor" (torch's default) on cuda and the CPU. Inductor does not
+    run on an Ascend NPU (torch_npu's own inductor needs Triton-Ascend): there it is TorchAir's graph backend, the one
+    Ascend documents for torch.compile, with its default CompilerConfig. A DeviceError in one line when TorchAir
+    cannot be loaded."""
+    if kind != "npu":
+        return "inductor"
+    try:
+        # torch_npu (imported by resolve_device first, as TorchAir requires) puts its bundled TorchAir in sys.modules
+        # as a lazy module, which raises its own import failure at the first attribute: both are caught here.
+        torchair = importlib.import_module("torchair")
+        get_npu_backend, compiler_config = torchair.get_npu_backend, torchair.CompilerConfig
+    except Exception as e:  # noqa: BLE001 - ImportError, or what torch_npu's lazy torchair replays; named below
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DeviceError(f"--compile on npu needs TorchAir, which ships inside torch_npu (no package of its own); "
+                          f"it did not load here ({cause}): install a torch_npu that includes it, or drop "
+                          f"--compile") from None
+    return get_npu_backend(compiler_config=compiler_config())
 
 
 def _npu_available() -> bool:

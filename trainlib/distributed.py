@@ -117,9 +117,10 @@ COLLECTIVES = ("all_reduce", "all_gather_object", "all_gather", "broadcast", "ba
 
 
 def timed_out(error: BaseException, cfg: TrainConfig, where: Placement) -> DistributedError | None:
-    """A collective that gave up after --dist-timeout (gloo: "Timed out waiting ...ms for recv"; NCCL's watchdog:
-    "... timeout"), as one line naming the collective, the timeout and, where it can be known, the silent rank;
-    None for any other error. Which of several peers stopped answering, gloo and NCCL do not say."""
+    """A collective that gave up after --dist-timeout (gloo: "Timed out waiting ...ms for recv"), as one line naming
+    the collective, the timeout and, where it can be known, the silent rank; None for any other error. Which of
+    several peers stopped answering, gloo does not say. Under NCCL no such error reaches Python unless the user set
+    TORCH_NCCL_BLOCKING_WAIT=1: its watchdog thread takes the process down first (docs/training.md, "Faults")."""
     text, frames = str(error), traceback.extract_tb(error.__traceback__)
     in_torch = any("torch/distributed" in f.filename or "torch/nn/parallel" in f.filename or "autograd" in f.filename
                    for f in frames)  # a collective's own wait, or DDP's all-reduce inside backward

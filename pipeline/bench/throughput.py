@@ -27,6 +27,10 @@ shared with other jobs; with --baseline, `cpu_ratio` compares it (the figure to 
 the ratio of img/s is the one that counts on a dedicated host). Val padding samples (label -1) are not counted as
 images. Device work is synchronized only at reporting boundaries. On `--device cpu` without `--model` the main
 process runs torch with one thread (see run()).
+`first_batch_s` is the time from building the loader to its first batch (worker or reader processes started, first
+reads and decodes), and `workers_pss_mb` the memory of this process's child processes at that moment (proportional
+set size, Linux: shared pages counted once): what a loader costs before it delivers anything, paid again at every
+restart.
 `--decode-only` times the host worker's decode function alone on one core in this process (samples preloaded, so
 neither disk nor processes count), and with `--baseline` (any value) the torchvision transform on the same bytes.
 """
@@ -104,6 +108,17 @@ def tree_cpu_seconds() -> float | None:
     that other jobs share, where wall-clock img/s does not."""
     if not os.path.isdir("/proc"):
         return None
+    children, cpu = process_tree()
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree() -> tuple[dict[int, list[int]], dict[int, int]]:
+    """(parent pid -> child pids, pid -> user+system clock ticks) of every process in Linux /proc."""
     children, cpu = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -116,12 +131,24 @@ def tree_cpu_seconds() -> float | None:
         pid = int(entry)
         children.setdefault(int(fields[1]), []).append(pid)
         cpu[pid] = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    total, todo = 0, [os.getpid()]
+    return children, cpu
+
+
+def workers_pss_mb() -> float | None:
+    """The proportional set size of this process's descendants, in MB (Linux); None elsewhere."""
+    if not os.path.isdir("/proc"):
+        return None
+    children, _ = process_tree()
+    total, todo = 0, list(children.get(os.getpid(), []))
     while todo:
         pid = todo.pop()
-        total += cpu.get(pid, 0)
         todo += children.get(pid, [])
-    return total / os.sysconf("SC_CLK_TCK")
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)  # kB
+        except OSError:
+            continue  # exited, or not ours to read
+    return round(total / 1024, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -149,9 +176,11 @@ def model_step(cfg: BenchConfig, num_classes: int, device: torch.device):
     return step
 
 
-def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) -> dict:
-    """Run `loader` (epochs back to back) for cfg.seconds after warm-up; print interval lines; return the totals."""
-    batches, steps = endless(loader, cfg.epoch_stride), len(loader)
+def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str, built_at: float) -> dict:
+    """Run `loader` (epochs back to back) for cfg.seconds after warm-up; print interval lines; return the totals, with
+    the time from `built_at` (before the loader was built) to its first batch."""
+    started = {}
+    batches, steps = noting_the_first(endless(loader, cfg.epoch_stride), built_at, started), len(loader)
     for _ in range(cfg.warmup):
         step(*next(batches))
     sync(device)  # sync point: the clock starts with no warm-up work still queued on the device
@@ -187,7 +216,16 @@ def measure(loader, cfg: BenchConfig, device: torch.device, step, label: str) ->
             break
     bar.close()
     batches.close()
-    return rates(total, time.perf_counter() - start, loader, cfg)
+    return {**rates(total, time.perf_counter() - start, loader, cfg), **started}
+
+
+def noting_the_first(batches, built_at: float, note: dict):
+    """`batches`, noting in `note` when the first arrived (seconds since `built_at`) and the child processes' memory
+    then."""
+    first = next(batches)
+    note.update(first_batch_s=round(time.perf_counter() - built_at, 3), workers_pss_mb=workers_pss_mb())
+    yield first
+    yield from batches
 
 
 def fresh_counts(loader, device: torch.device) -> dict:
@@ -252,11 +290,12 @@ def run(cfg: BenchConfig) -> dict:
 
         importlib.import_module("torch_npu")  # registers the "npu" device with torch
     step = model_step(cfg, num_classes_of(cfg), device)
+    built_at = time.perf_counter()
     loader = build_loader(backend=cfg.backend, options=options_from(cfg, cfg.backend), **spec_for(cfg, device))
     describe = loader.describe()
     print(f"bench: {describe}", file=sys.stderr)
     try:
-        result = measure(loader, cfg, device, step, cfg.backend)
+        result = measure(loader, cfg, device, step, cfg.backend, built_at)
     finally:
         loader.close()
     from pipeline.host import pillow_flavour
@@ -272,9 +311,10 @@ def run(cfg: BenchConfig) -> dict:
         from pipeline.bench.baseline import TorchvisionLoader
 
         spec = LoaderSpec(**spec_for(cfg, device))
+        built_at = time.perf_counter()
         base = TorchvisionLoader(cfg.baseline, spec)
         try:
-            base_result = measure(base, cfg, device, step, "torchvision")
+            base_result = measure(base, cfg, device, step, "torchvision", built_at)
         except Exception as e:  # noqa: BLE001 - the baseline's own failure (e.g. timm's ops on a newer Pillow)
             # is a figure we could not take, not a failure of the measured loader: one line in the result
             final["baseline_error"] = baseline_error(e)

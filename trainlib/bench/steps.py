@@ -60,7 +60,7 @@ def baseline_step(args: StepConfig, dev):
     model.to(dev.device).train()
     kernel = {"fused": True} if dev.kind == "cuda" else {"foreach": True}  # fused AdamW is a CUDA kernel
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kernel)
-    model = torch.compile(model) if args.compile else model
+    model = torch.compile(model, backend=dev.compile_backend()) if args.compile else model  # inductor; npu: TorchAir
     dtype = AMP_DTYPES[args.amp]
     scaler = dev.grad_scaler(enabled=dtype == torch.float16)
 
