@@ -9,6 +9,7 @@ Flags: `python train.py -h` or docs/training.md (both generated from trainlib.co
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -20,12 +21,13 @@ from pipeline import PipelineError, SettingsError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
 from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_contents, check_model, class_count,
-                            compiled_graphs, seed_everything, train_samples)
+                            compiled_graphs, data_identity, seed_everything, train_samples)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer
-from trainlib.resume import resume_point
+from trainlib.resume import ResumePoint, check_data, resume_point
 from trainlib.runlog import QuietLog, RunLog, environment, final_lines, plot_metrics
+from trainlib.runlock import NoLock, RunLock
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a process killed by it would report; here the checkpoint is written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, the same checkpoint
@@ -64,29 +66,41 @@ def run(cfg: TrainConfig) -> None:
     if cfg.compile:
         device.compile_backend()  # an npu without TorchAir: one line now, before the process group or any file
     placement = distributed.placement(cfg)
-    resume_path = checkpoint.resolve_resume(cfg.resume, cfg.output)
-    if cfg.evaluate and resume_path is None and not cfg.pretrained:
-        raise ConfigError(f"--evaluate --resume {cfg.resume}: no checkpoint in {cfg.output}")
-    distributed.setup(cfg, device, placement)
-    check_same_resume(cfg, resume_path)
+    # One run per run folder (--evaluate writes into it too): rank 0 locks it before reading it (--resume auto) and
+    # holds it to the end; a run that fails to start removes the folder it made (trainlib/runlock.py).
+    lock = RunLock(cfg.output) if placement.is_main else NoLock()
+    for note in lock.notes():
+        print(note, flush=True)
     log, loaders, handlers = QuietLog(), (), {}
     try:
-        # Everything that can be checked is, before the run folder appears: a failed start leaves nothing behind
-        # that a later --resume auto could mistake for a run.
+        resume_path = checkpoint.resolve_resume(cfg.resume, cfg.output)
+        if cfg.evaluate and resume_path is None and not cfg.pretrained:
+            raise ConfigError(f"--evaluate --resume {cfg.resume}: no checkpoint in {cfg.output}")
+        distributed.setup(cfg, device, placement)
+        check_same_resume(cfg, resume_path)
+        # Everything that can be checked is, before the run's first file is written: a failed start leaves nothing
+        # behind that a later --resume auto could mistake for a run (the lock removes a folder it made).
         classes = class_count(cfg)  # reads the shards' manifest
         check_model(cfg, classes)
-        state = checkpoint.load(resume_path) if resume_path is not None else None
+        state, other_data, notes = None, False, []
+        if resume_path is not None:  # --resume auto: a last.pth that fails its checks falls back to an earlier one
+            resume_path, state, notes = checkpoint.load_resume(cfg.resume, resume_path)
+            other_data, note = check_data(state, data_identity(cfg), cfg, resume_path)
+            notes += [note] if note else []
         checked = check_contents(cfg, placement)  # before a loader plans with a shard that is not the manifest's
         loaders = build_loaders(cfg, device, placement, classes, checked)
         train_loader, val_loader = loaders
         steps_per_epoch = optimizer_steps(cfg, len(train_loader)) if train_loader is not None else 1
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
-        point, rest_loader = resume_layout(cfg, state, device, placement, classes, steps_per_epoch, checked)
+        point, rest_loader = resume_layout(cfg, state, device, placement, classes, steps_per_epoch, checked,
+                                           other_data)
         loaders += (rest_loader,)
         if placement.is_main:
             log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
             for stale in checkpoint.remove_stale_temp_files(cfg.output):  # left by a writer killed mid-save
                 log.print(f"removed {stale}, a checkpoint write that a killed process left unfinished")
+        for note in notes:
+            log.print(note)
         for line in checked.lines() if checked is not None else ():
             log.print(line)
         trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)  # loads --pretrained
@@ -96,7 +110,8 @@ def run(cfg: TrainConfig) -> None:
                                     if rest_loader is not None else steps_per_epoch)
             log.print(f"resumed {resume_path}: epoch {trainer.epoch} step {trainer.step_in_epoch} "
                       f"(global {trainer.global_step})")
-        else:
+            trainer.last_is_good = resume_path.resolve() == (Path(cfg.output) / checkpoint.LAST).resolve()
+        if state is None or other_data:
             seed_everything(cfg.seed + placement.rank, device)  # per-rank streams (drop path, ...) from here on
         # The first files of the run folder (RunLog writes nothing before): the weights and checkpoint fit.
         log.write_json("config.json", cfg.to_dict())
@@ -121,21 +136,29 @@ def run(cfg: TrainConfig) -> None:
             for line in final_lines(cfg.output) if placement.is_main else ():
                 log.print(line)  # its figures again, for the scripts that read them from this output
             return
+        if state is not None:  # the steps after the checkpoint come again: readers drop their first records
+            # (--resume-other-data counts from step 1 again: what the folder logged before is another data set's)
+            start = trainer.global_step + 1 if other_data else state["global_step"] + 1
+            log.record("resume", from_step=start, next_step=trainer.global_step + 1, epoch=state["epoch"],
+                       checkpoint=str(resume_path))
         fit(cfg, trainer, train_loader, val_loader, log, rest_loader)
         summarize(cfg, trainer, log, time.perf_counter() - t_start)
     except RuntimeError as e:
-        lost = distributed.timed_out(e, cfg, placement)
+        lost = distributed.lost_peer(e, cfg, placement)
         if lost is None:
             raise
         raise lost from None
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)  # as they were: a caller (a test, a notebook) keeps its own handling
         for loader in loaders:
             if loader is not None:
                 loader.close()
         log.close()
         distributed.teardown()
+        lock.release()
+        # Last: through the clean-up, up to the line main() prints, a SIGTERM only asks for a stop (torchrun sends one
+        # to every rank as soon as a peer dies); restored first, it would end the process silently before its line.
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)  # as they were: a caller (a test, a notebook) keeps its own handling
 
 
 def optimizer_steps(cfg: TrainConfig, batches: int, rest: bool = False) -> int:
@@ -160,11 +183,14 @@ def check_same_resume(cfg: TrainConfig, resume_path: Path | None) -> None:
 
 
 def resume_layout(cfg: TrainConfig, state: dict | None, device, placement, classes: int, steps_per_epoch: int,
-                  checked=None):
+                  checked=None, other_data: bool = False):
     """(ResumePoint, the train loader for the rest of its epoch when another layout ran part of it, else None) for a
-    training resume from `state`; (None, None) for a fresh start or --evaluate."""
+    training resume from `state`; (None, None) for a fresh start or --evaluate. `other_data`: `state` was trained on
+    another shard set (--resume-other-data), so it starts at epoch 0 of this one."""
     if state is None or cfg.evaluate:
         return None, None
+    if other_data:
+        return ResumePoint(0, exact=False, other_data=True), None
     point = resume_point(state, cfg, placement.world_size, steps_per_epoch, train_samples(cfg))
     if not point.stages:
         return point, None
@@ -215,11 +241,22 @@ def summarize(cfg: TrainConfig, trainer: Trainer, log, wall_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    if cfg.multiprocessing_distributed and "RANK" not in os.environ:
+        # Each spawned process prints its own error (run_reported); the launcher passes on the first failed status.
+        return reported(cfg, lambda: distributed.spawn(cfg, resolve_device(cfg.device), run_reported))
+    return run_reported(cfg)
+
+
+def run_reported(cfg: TrainConfig) -> int:
+    """One process's exit status: run(cfg), an error it ends with printed in one line (alone, under torchrun, or
+    spawned by --multiprocessing-distributed)."""
+    return reported(cfg, lambda: run(cfg))
+
+
+def reported(cfg: TrainConfig, work) -> int:
+    """`work()`'s exit status (what it returns, else 0); an error it raises is printed in one line and mapped to one."""
     try:
-        if cfg.multiprocessing_distributed and "RANK" not in os.environ:
-            distributed.spawn(cfg, resolve_device(cfg.device), run)
-        else:
-            run(cfg)
+        return work() or 0
     except (ConfigError, DeviceError, SettingsError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -236,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         # Loaders and the process group were closed on the way out; the last checkpoint is intact (atomic writes).
         print(f"train.py: interrupted; rerun with --resume auto --output {cfg.output} to continue", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The interpreter's shutdown would walk every object torch and timm made, looking for garbage: about 1 s of CPU
+    # (1.5-3 s on a loaded 2-core machine), and a launcher sees a rank end, and acts on it, only after that. Frozen,
+    # they are left to the OS; atexit handlers still run and open files are flushed as usual.
+    gc.freeze()
+    sys.exit(status)

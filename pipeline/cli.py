@@ -8,17 +8,68 @@ declared `shared=True` adds no flags: it takes the values of the top-level field
 backend's `dali` and `host` parts are the run's `--dali-*` and `--host-*` options). A `list[...]` field is a
 repeatable flag (None when not given). `assignments` reads `key=value,...` text by the same declarations.
 `parse_with_config_file` adds timm's `-c/--config FILE.yaml` (keys: dest names; values: defaults; flags win).
+Every command builds its parser as `CommandParser`: a usage error is two lines (a short usage, then the error), and
+a float flag takes finite numbers only (`finite_float`), on the command line, in a YAML file and in `assignments`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import fields
 
-_TYPES = {"int": int, "float": float, "str": str}
+
+class NotFinite(argparse.ArgumentTypeError):
+    """A float flag given nan or an infinity (none of ours means "no limit" by inf: each says its own off value)."""
+
+
+def finite_float(text: str) -> float:
+    """A float flag's conversion: `float(text)`, refusing nan, inf and what overflows to inf (1e999), which would
+    otherwise pass every `< 0` check and reach the run (an --lr inf diverges at step 2)."""
+    value = float(text)  # not a number at all: ValueError, argparse's own "invalid float value: 'x'"
+    if not math.isfinite(value):
+        raise NotFinite(f"takes a finite number, got {text!r}")
+    return value
+
+
+finite_float.__name__ = "float"  # the word argparse puts in "invalid float value"
+
+_TYPES = {"int": int, "float": finite_float, "str": str}
 _TAKES = {"int": "an integer", "float": "a number", "bool": "1 or 0"}  # what a value of the type looks like
 _BOOLS = {"1": True, "0": False}
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every command whose flags come from here. A usage error is `usage: PROG [-h] REQUIRED
+    [options] POSITIONALS` and `PROG: error: ...` (exit 2), not argparse's synopsis of every flag (50 lines for
+    train.py) above the one line that matters; -h prints the full help as before. An unknown flag gets difflib's
+    closest spelling."""
+
+    def short_usage(self) -> str:
+        formatter = self._get_formatter()
+        words = [self.prog] + (["[-h]"] if self.add_help else [])
+        for a in self._actions:  # what must be given: the required options, then the positionals after [options]
+            if a.required and a.option_strings:
+                words.append(f"{a.option_strings[0]} "
+                             f"{formatter._format_args(a, formatter._get_default_metavar_for_optional(a))}")
+        words.append("[options]")
+        words += [formatter._format_args(a, formatter._get_default_metavar_for_positional(a))
+                  for a in self._actions if not a.option_strings]
+        return "usage: " + " ".join(words)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            unknown = next((x.partition("=")[0] for x in extras if x.startswith("--")), "")
+            close = difflib.get_close_matches(unknown, flags, n=1) if unknown else []
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace
 
 
 def knob(default=None, help: str = "", *aliases: str, choices=None, metavar=None, hidden: bool = False,
@@ -131,6 +182,8 @@ def _convert(f: dataclasses.Field, text: str):
         value = _BOOLS[text] if type_name == "bool" else _TYPES[type_name](text)
     except (KeyError, ValueError):
         raise ValueError(f"{f.name} takes {_TAKES[type_name]}, got {text!r}") from None
+    except NotFinite:
+        raise ValueError(f"{f.name} takes a finite number, got {text!r}") from None
     if choices and value not in choices:
         raise ValueError(f"{f.name} takes one of {', '.join(map(str, choices))}, got {text!r}")
     return value
@@ -258,7 +311,8 @@ def _options_by_key(parser: argparse.ArgumentParser, skip) -> dict:
     return options
 
 
-_YAML_TAKES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings")}
+_YAML_TAKES = {int: ("an integer", "integers"), finite_float: ("a number", "numbers"),
+               str: ("a string", "strings")}
 
 
 def _yaml_value(action: argparse.Action, value, negated: bool):
@@ -290,6 +344,8 @@ def _yaml_item(action: argparse.Action, value, one: str):
         raise ValueError(f"takes {one}")
     try:
         item = action.type(str(value)) if action.type else value
+    except NotFinite:  # YAML's .nan and .inf, or a string such as "inf"
+        raise ValueError("takes a finite number") from None
     except argparse.ArgumentTypeError as e:  # the flag's own words (knob's `parse`)
         raise ValueError(str(e)) from None
     except (TypeError, ValueError):

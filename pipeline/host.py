@@ -247,6 +247,25 @@ def check_shm_space(needed: int) -> None:
                            f"give the container more (docker --shm-size) or lower batch size / workers")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def workers_note(asked: int, started: int, steps: int, cores: int) -> str | None:
+    """One line where the decode processes are not what --workers says: fewer started (an epoch of `steps`
+    batches keeps no more busy), or more than the cores. Those are started as asked, as PyTorch's DataLoader does
+    (it warns too): a user may mean it, say for shards on slow storage; the line says what it costs."""
+    said = []
+    if started < asked:
+        said.append(f"{started} decode processes started, one per batch of an epoch of {steps} (more would get "
+                    f"no batch)")
+    if started > cores:
+        said.append(f"{started} processes on {cores} core{'s' * (cores > 1)} take turns: those beyond the cores add "
+                    f"memory, not speed")
+    return f"host: --workers {asked}: " + "; ".join(said) if said else None
+
+
 class HostLoader(ShardLoader):
     def __init__(self, spec: LoaderSpec):
         self.opts = spec.backend_options(HostOptions)
@@ -318,7 +337,8 @@ class HostLoader(ShardLoader):
         if self.spec.transform.augment.active and not KERNELS_BUILT:
             notes.append("host: the augmentation kernels (pipeline/_augment.c) are not built: --aa runs through "
                          "Pillow, several times slower; a C compiler and tools/setup.sh build them")
-        return notes
+        workers = workers_note(self.spec.workers, self.num_workers, self.steps, usable_cores())
+        return notes + ([workers] if workers else [])
 
     def close(self) -> None:
         self._finalizer()

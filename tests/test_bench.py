@@ -108,3 +108,17 @@ def test_epoch_boundary_waits_are_reported_apart(capsys):
     assert result["boundary_wait_s"] >= 0.05 > 0.02 > result["batch_wait_s"]
     # Warm-up took batch 0; from there every third batch starts an epoch.
     assert result["epoch_starts"] == result["images"] // 2 // 3 + (result["images"] // 2 % 3 > 2)
+
+
+def test_a_bad_dtype_split_or_float_is_a_usage_error_before_any_worker_starts(sample_shards):
+    cases = {("--dtype", "int7"): "argument --dtype: invalid choice: 'int7' (choose from 'float32', 'bfloat16', "
+                                  "'float16', 'uint8')",
+             ("--split", "vall"): "argument --split: invalid choice: 'vall' (choose from 'train', 'val')",
+             ("--step-ms", "nan"): "argument --step-ms/--step_ms: takes a finite number, got 'nan'"}
+    procs = [(error, subprocess.Popen([sys.executable, "-m", "pipeline.bench", "--data_path", str(sample_shards),
+                                       "--backend", "host", *QUICK, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)) for argv, error in cases.items()]
+    for error, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out, err.splitlines()) == \
+            (2, "", ["usage: python -m pipeline.bench [-h] [options]", f"python -m pipeline.bench: error: {error}"])

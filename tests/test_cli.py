@@ -229,3 +229,61 @@ def test_config_file_with_train_py_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_with_config_file(build_parser(), ["-c", str(path)])
     assert capsys.readouterr().err.endswith(f"--config {path}: unknown key 'batchsize' (did you mean 'batch_size'?)\n")
+
+
+def test_float_flags_take_finite_numbers_only(tmp_path, capsys):
+    # nan passes every `< 0` check and inf every `> 0` one: refused where the text is read, whichever way it came.
+    for text in ("nan", "inf", "-inf", "1e999"):
+        with pytest.raises(SystemExit) as e:
+            parse([f"--inner-load={text}"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"x: error: argument --inner-load: takes a finite number, got {text!r}"
+        with pytest.raises(ValueError, match=f"^share takes a finite number, got {re.escape(repr(text))}$"):
+            assignments(f"share={text}", Opts)
+    for text, shown in ((".nan", "nan"), ("-.inf", "-inf"), ("'inf'", "'inf'"), ("[0.2, .inf]", "[0.2, inf]")):
+        with pytest.raises(SystemExit):
+            from_file(tmp_path, f"{'minmax' if '[' in text else 'lr'}: {text}", "--src", "a")
+        key = "minmax" if "[" in text else "lr"
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"x: error: --config {tmp_path / 'run.yaml'}: {key} takes a finite number, got {shown}"
+    assert parse(["--inner-load=-1e-3"])[1].inner.load == -0.001  # finite values keep their range checks elsewhere
+
+
+def test_every_command_built_here_answers_a_usage_error_in_two_lines(tmp_path):
+    """argparse's own errors (unknown flag, bad type, missing value, a required flag), a -c file's unknown key and a
+    command's own validation: a short usage line and the error, exit 2, not a synopsis of every flag."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "r.yaml").write_text("batchsize: 8\n")
+    cases = [
+        (["train.py", "--lr", "x"], "usage: train.py [-h] [options]",
+         "train.py: error: argument --lr/--learning-rate: invalid float value: 'x'"),
+        (["train.py", "--batchsize", "8"], "usage: train.py [-h] [options]",
+         "train.py: error: unrecognized arguments: --batchsize 8 (did you mean --batch-size?)"),
+        (["train.py", "-c", str(tmp_path / "r.yaml")], "usage: train.py [-h] [options]",
+         f"train.py: error: --config {tmp_path / 'r.yaml'}: unknown key 'batchsize' (did you mean 'batch_size'?)"),
+        (["train.py", "--backend", "host"], "usage: train.py [-h] [options]",
+         "train.py: error: --backend host reads shards: give --data_path (or use a backend that reads none: "
+         "synthetic)"),
+        (["-m", "pipeline.bench", "--workers"], "usage: python -m pipeline.bench [-h] [options]",
+         "python -m pipeline.bench: error: argument --workers: expected one argument"),
+        ([str(root / "tools" / "bench_train.py"), "--loops", "a", "--steps", "0"],
+         "usage: bench_train.py [-h] [options]", "bench_train.py: error: --steps must be >= 1 and --warmup >= 0"),
+        ([str(root / "tools" / "profile_step.py"), "--top", "1.5"], "usage: profile_step.py [-h] [options]",
+         "profile_step.py: error: argument --top: invalid int value: '1.5'"),
+        ([str(root / "tools" / "make_shards.py"), "--out", "x"],
+         "usage: make_shards.py [-h] --data_path DATA_PATH --out OUT [options]",
+         "make_shards.py: error: the following arguments are required: --data_path"),
+    ]
+    run = [(case, subprocess.Popen([sys.executable, *case[0]], cwd=root, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)) for case in cases]
+    helped = subprocess.run([sys.executable, "train.py", "-h"], cwd=root, capture_output=True, text=True, timeout=120)
+    for (argv, usage, error), proc in run:
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out, err.splitlines()) == (2, "", [usage, error]), argv
+    assert helped.returncode == 0 and "--nproc-per-node NPROC_PER_NODE" in helped.stdout  # -h: every flag, as before
+    assert len(helped.stdout.splitlines()) > 100

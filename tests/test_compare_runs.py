@@ -26,3 +26,15 @@ def test_epochs_line_up_and_losses_average(tmp_path, capsys):
 def test_a_folder_without_metrics_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         compare_runs.main([str(tmp_path)])
+
+
+def test_steps_a_resume_trained_again_count_once_with_the_resumed_values(tmp_path):
+    """A run killed after step 3, resumed from its checkpoint at step 2: metrics.jsonl holds step 3 twice, and the
+    resume marker says the first one was superseded."""
+    run = tmp_path / "resumed"
+    run.mkdir()
+    rows = [{"kind": "train", "epoch": 0, "global_step": s, "loss": v} for s, v in ((1, 4.0), (2, 3.0), (3, 9.0))]
+    rows += [{"kind": "resume", "from_step": 3, "next_step": 3, "epoch": 0, "checkpoint": "last.pth"},
+             {"kind": "train", "epoch": 0, "global_step": 3, "loss": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert compare_runs.curve(run) == {0: {"loss": 3.0}}

@@ -146,3 +146,49 @@ def test_the_recipes_in_the_repo_are_valid_config_files(recipe):
         field = {"smoothing": "label_smoothing"}.get(key, key)
         assert getattr(cfg, field) == (pytest.approx(value) if isinstance(value, float) else value), key
     assert parse_config(["--backend", "synthetic", "-c", str(recipe), "--epochs", "3"]).epochs == 3
+
+
+def test_train_py_refuses_non_finite_floats_before_a_run_folder(tmp_path):
+    """--lr inf would train (and diverge at step 2) and --lr nan end in a traceback: both are refused as the flags
+    are read, from the command line or a -c file, in two lines, and no run folder is made."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "r.yaml").write_text("lr: .inf\n")
+    tiny = ["--backend", "synthetic", "--model", "test_vit", "--img-size", "32", "--device", "cpu", "--batch-size",
+            "2", "--steps-per-epoch", "2", "--epochs", "1", "--eval-freq", "0", "--no-plots"]
+    cases = [(["--lr", "inf"], "argument --lr/--learning-rate: takes a finite number, got 'inf'"),
+             (["--lr", "nan"], "argument --lr/--learning-rate: takes a finite number, got 'nan'"),
+             (["--warmup-epochs=1e999"], "argument --warmup-epochs: takes a finite number, got '1e999'"),
+             (["-c", str(tmp_path / "r.yaml")], f"--config {tmp_path / 'r.yaml'}: lr takes a finite number, got inf")]
+    procs = [(error, tmp_path / f"run{i}", subprocess.Popen(
+        [sys.executable, "train.py", *tiny, "--output", str(tmp_path / f"run{i}"), *argv], cwd=root,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for i, (argv, error) in enumerate(cases)]
+    for error, output, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, err.splitlines()) == \
+            (2, ["usage: train.py [-h] [options]", f"train.py: error: {error}"])
+        assert not output.exists()
+
+
+def test_a_host_run_says_when_workers_outnumber_the_epochs_batches_or_the_cores(sample_shards, tmp_path):
+    """--workers 1000 on 48 train samples in batches of 16: 3 decode processes start (one per batch of the epoch), on
+    one core (the run is pinned to one): the log says both in one line, and the run trains."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("pins the run to one core: Linux only")
+    root = Path(__file__).resolve().parent.parent
+    one_core = min(os.sched_getaffinity(0))
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--model", "test_vit", "--img-size", "32", "--device", "cpu", "--data_path",
+         str(sample_shards), "--batch-size", "16", "--epochs", "1", "--max-steps", "1", "--workers", "1000",
+         "--check-shards", "sizes", "--no-plots", "--eval-freq", "0", "--output", str(tmp_path / "run")], cwd=root,
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "--workers 1000" in line]
+    assert said == ["host: --workers 1000: 3 decode processes started, one per batch of an epoch of 3 (more would get "
+                    "no batch); 3 processes on 1 core take turns: those beyond the cores add memory, not speed"]

@@ -138,3 +138,97 @@ def test_check_shards_names_each_bad_shard_in_one_line_and_exits_1(data, tmp_pat
     assert again.returncode == 0 and again.stdout.startswith("shard contents: 2 shard(s) read")
     missing = run_check_shards("--data_path", str(tmp_path / "none"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "check_shards: error: " in missing.stderr
+
+
+def test_labels_beyond_a_class_list_edited_together_with_its_manifest_are_found(data, tmp_path):
+    """manifest.json and classes.json cut to 2 classes together: the two agree, every shard is the manifest's, and
+    only the labels (0-3) tell that this class list is not the shards'. A copy checked against 4 classes is checked
+    again against 2."""
+    assert run_check_shards("--data_path", str(data)).returncode == 0
+    classes = json.loads((data / "classes.json").read_text())
+    (data / "classes.json").write_text(json.dumps(classes[:2]))
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 2}))
+    bad = run_check_shards("--data_path", str(data))
+    lines = bad.stdout.splitlines()
+    assert bad.returncode == 1 and lines[-1].startswith("shard contents: 7 shard(s) read"), bad
+    assert len(lines) > 1 and all(" has label " in line and "but the set has 2 classes (manifest.json and "
+                                  "classes.json)" in line for line in lines[:-1]), lines
+
+
+def test_check_shards_refuses_a_class_count_that_is_not_the_class_lists(data):
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 10}))
+    proc = run_check_shards("--data_path", str(data))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc
+    assert f"{data / 'manifest.json'}: num_classes is 10, but {data / 'classes.json'} lists 4 classes" in proc.stderr
+
+
+def _header(blob: bytes, listed: list, n: int) -> int:
+    """Where member n's header starts."""
+    return listed[n][1] - 512
+
+
+def _changed(blob: bytes, at: int, value: bytes) -> bytes:
+    return blob[:at] + value + blob[at + len(value):]
+
+
+def _renamed(blob: bytes, at: int) -> bytes:
+    """The header at `at` with another name and a checksum that fits it: a valid header tarfile reads."""
+    import tarfile
+
+    head = _changed(blob[at:at + 512], 0, b"X")
+    head = _changed(head, 148, b"%06o\0 " % tarfile.calc_chksums(head)[0])
+    return blob[:at] + head + blob[at + 512:]
+
+
+def test_the_header_walk_vouches_only_for_what_tarfile_lists(data, tmp_path):
+    """`contents.tar_lists` walks the writer's headers by the index's offsets instead of tarfile's per-member objects
+    (~20 us a member, 30x the hashing at small images); it may say True only where tarfile lists exactly the index's
+    members, and where it cannot tell, tarfile decides, so every check stays what tarfile's reading made it."""
+    import io
+    import tarfile  # this file's other tests need neither
+
+    blob = (data / "train-000000.tar").read_bytes()
+    index = read_index(data / "train-000000.idx")
+    listed = contents.listed_members(index)
+    assert contents.tar_members(blob) == listed and contents.tar_lists(blob, listed)
+    h1, last = _header(blob, listed, 1), listed[-1][1] + listed[-1][2]
+    cases = {
+        "a name": (_changed(blob, h1, b"X"), listed),
+        "a valid header of another name": (_renamed(blob, h1), listed),
+        "a size": (_changed(blob, h1 + 124 + 10, b"7"), listed),
+        "a checksum": (_changed(blob, h1 + 148 + 5, b"7" if blob[h1 + 153] != ord("7") else b"6"), listed),
+        "a uid": (_changed(blob, h1 + 108 + 6, b"1"), listed),
+        "a type": (_changed(blob, h1 + 156, b"5"), listed),
+        "no end block": (blob[:last], listed),
+        "a garbage end block": (_changed(blob, -(-last // 512) * 512, b"\x01"), listed),
+        "an index without its last member": (blob, listed[:-1]),
+        "an index with two members swapped": (blob, [listed[1], listed[0], *listed[2:]]),
+    }
+    for what, (tar, members) in cases.items():
+        try:
+            read = contents.tar_members(tar)
+        except tarfile.TarError:
+            read = None
+        assert not contents.tar_lists(tar, members) or read == members, what
+    renamed = _renamed(blob, h1)
+    assert contents.tar_members(renamed)[1][0] == "X" + listed[1][0][1:]  # tarfile reads it: a mismatch is named
+    assert "member 1 of the tar is X" in contents.members_mismatch(renamed, index)
+    # A tar of another writer that tarfile reads (PAX headers, names past ustar's 100 bytes): tarfile decides.
+    other, members = io.BytesIO(), []
+    with tarfile.open(fileobj=other, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key in ("k" * 120, "short"):
+            for ext, data_bytes in (("jpg", b"\xff\xd8" + bytes(700)), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data_bytes)
+                tar.addfile(info, io.BytesIO(data_bytes))
+    pax = other.getvalue()
+    members = contents.tar_members(pax)
+    pax_index = [(name.rsplit(".", 1)[0], {}) for name, _, _ in members[::2]]
+    for (name, offset, size), (_, parts) in zip(members, [e for e in pax_index for _ in (0, 1)]):
+        parts[name.rsplit(".", 1)[1]] = (offset, size)
+    assert not contents.tar_lists(pax, contents.listed_members(pax_index))
+    assert contents.members_mismatch(pax, pax_index) is None
+    assert contents.members_mismatch(blob, index) is None
+    assert "member 0 of the tar is" in contents.members_mismatch(blob, index[1:])

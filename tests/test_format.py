@@ -74,7 +74,7 @@ def test_a_foreign_manifest_fails_in_one_line_naming_it(tmp_path, text):
 def test_missing_manifest_and_missing_shard_are_named(tmp_path):
     with pytest.raises(ShardError, match="no shard manifest here"):
         read_manifest(tmp_path)
-    write_set_files(tmp_path, small_manifest(), ["a"])
+    write_set_files(tmp_path, small_manifest(), list("abcde"))  # small_manifest counts 5
     with pytest.raises(ShardError, match="train-000000.tar: listed in the manifest but missing"):
         shard_list(tmp_path, "train")
     with pytest.raises(ShardError, match="no 'val' shards"):
@@ -144,7 +144,7 @@ def test_a_manifest_with_impossible_numbers_is_one_line(tmp_path, where, value, 
 
 
 def test_a_shard_of_another_size_than_the_manifests_gets_a_problem(tmp_path):
-    write_set_files(tmp_path, small_manifest(), ["a"])
+    write_set_files(tmp_path, small_manifest(), list("abcde"))  # small_manifest counts 5
     (tmp_path / "train-000000.idx").write_text(index_text([]))
     (tmp_path / "train-000000.tar").write_bytes(bytes(4096))
     assert shard_list(tmp_path, "train")[0].problem is None
@@ -156,3 +156,18 @@ def test_a_shard_of_another_size_than_the_manifests_gets_a_problem(tmp_path):
 def test_shard_file_names():
     assert is_shard_file("train-000012.tar") and is_shard_file("val-000000.idx")
     assert not is_shard_file("train-12.tar") and not is_shard_file("test-000000.tar") and not is_shard_file("x.tar")
+
+
+def test_a_class_count_that_is_not_the_class_lists_length_is_refused_in_one_line(tmp_path):
+    """manifest.json's num_classes sizes the head, classes.json gives the labels their meaning: a set whose two
+    files disagree (one edited, or copied from another set) trained a head of the manifest's width."""
+    write_set_files(tmp_path, small_manifest(), list("abcd"))  # small_manifest counts 5
+    for read in (read_manifest, num_classes):
+        with pytest.raises(ShardError) as e:
+            read(tmp_path)
+        message = str(e.value)
+        assert "\n" not in message and f"{tmp_path / MANIFEST}: num_classes is 5, but " \
+            f"{tmp_path / 'classes.json'} lists 4 classes" in message
+    (tmp_path / "classes.json").write_text(json.dumps({"a": 0}))
+    with pytest.raises(ShardError, match="classes.json: not a list of class names"):
+        read_manifest(tmp_path)

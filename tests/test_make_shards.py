@@ -494,3 +494,89 @@ def test_an_unreadable_or_older_set_is_refused_for_what_differs_and_replaced_wit
     assert _run(sample_folder, dst) == 2
     err = capsys.readouterr().err
     assert "the source files changed" in err and "format" not in err.split("(", 1)[1]
+
+
+def _script(src, dst, *extra) -> list:
+    """A real make_shards process, as a user starts it (the same settings where the region decoder is not built)."""
+    return [sys.executable, make_shards.__file__, "--data_path", str(src), "--out", str(dst), "--samples-per-shard",
+            "20", "--workers", "1", "--no-restart-markers", *extra]
+
+
+def _env() -> dict:
+    """This tree's pipeline package, whatever an installed copy points at."""
+    return {**os.environ, "PYTHONPATH": str(Path(make_shards.__file__).resolve().parent.parent)}
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
+
+
+def test_an_out_inside_its_source_or_holding_it_is_refused_before_anything_is_written(sample_folder, tmp_path):
+    """An --out inside --data_path was accepted: its rerun was refused for a wrong reason ('the source files
+    changed': its own shards read as source), and --overwrite then made a set with a class named after the output
+    folder. Real runs; symlinks resolved."""
+    src = tmp_path / "src"
+    shutil.copytree(sample_folder, src)
+    (tmp_path / "link").symlink_to(src)
+    before = _tree(src)
+    for dst in (src / "shards", src, src / "train" / "shards", tmp_path / "link" / "shards"):
+        proc = subprocess.run(_script(src, dst), capture_output=True, text=True, timeout=120, env=_env())
+        assert proc.returncode == make_shards.EXIT_USAGE and proc.stderr.count("\n") == 1, (dst, proc.stderr)
+        assert proc.stderr.startswith(f"make_shards: error: --out {dst}") and f"is inside --data_path {src}" \
+            in proc.stderr, proc.stderr
+        assert _tree(src) == before  # nothing written, not even the folder
+    # The staging folder of an object-store output likewise, refused before any request is made.
+    proc = subprocess.run(_script(src, "s3://bucket/set", "--staging", str(src / "staging")), capture_output=True,
+                          text=True, timeout=120, env=_env())
+    assert proc.returncode == make_shards.EXIT_USAGE and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--staging {src / 'staging'} is inside --data_path {src}" in proc.stderr and _tree(src) == before
+    holder = tmp_path / "holder"  # the other way round: a source inside the output (and through a symlink)
+    shutil.copytree(sample_folder, holder / "src")
+    (tmp_path / "holder-link").symlink_to(holder)
+    for inner in (holder / "src", tmp_path / "holder-link" / "src"):
+        proc = subprocess.run(_script(inner, holder), capture_output=True, text=True, timeout=120, env=_env())
+        assert proc.returncode == make_shards.EXIT_USAGE and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"is inside --out {holder}; pick an --out that does not hold the source" in proc.stderr
+    assert sorted(p.name for p in holder.iterdir()) == ["src"]
+
+
+def test_a_run_refused_by_the_lock_removes_nothing_and_the_running_one_finishes(sample_folder, tmp_path):
+    """A second make_shards on the same --out was refused, then deleted the first run's live temporary files on its
+    way out, and the first died. Here the first is stopped (SIGSTOP) while it holds temporary files, a real second
+    run is refused, and the first, resumed, finishes a set that check_shards passes."""
+    src = tmp_path / "src"
+    shutil.copytree(sample_folder, src)
+    for image in sorted((src / "train").glob("*/*.JPEG")):  # 48 -> 960 images: a run long enough to catch
+        for i in range(19):
+            shutil.copy(image, image.with_name(f"{image.stem}_{i}.JPEG"))
+    dst = tmp_path / "out"
+
+    def temporary_files() -> list:
+        return [p for folder in (dst, dst / ".parts") if folder.is_dir() for p in folder.iterdir()
+                if writer.atomicio.is_temp_name(p.name)]
+
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(_script(src, dst), stdout=log, stderr=log, env=_env())
+    try:
+        live, deadline = [], time.monotonic() + 120
+        while not live:
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it was caught"
+            if temporary_files():
+                first.send_signal(signal.SIGSTOP)  # frozen in the middle of a write: its temporary files are live
+                live = temporary_files()
+                if not live:
+                    first.send_signal(signal.SIGCONT)
+            else:
+                time.sleep(0.002)
+        second = subprocess.run(_script(src, dst), capture_output=True, text=True, timeout=120, env=_env())
+        assert second.returncode == make_shards.EXIT_USAGE and second.stderr.count("\n") == 1, second.stderr
+        assert f"is being written by another make_shards (pid {first.pid} on " in second.stderr
+        assert all(p.exists() for p in live), "the refused run removed the running one's files"
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-2000:]
+    assert not temporary_files()
+    check = subprocess.run([sys.executable, str(Path(make_shards.__file__).with_name("check_shards.py")),
+                            "--data_path", str(dst), "--fresh"], capture_output=True, text=True, timeout=120,
+                           env=_env())
+    assert check.returncode == 0 and "shard contents: 49 shard(s) read" in check.stdout, check

@@ -725,7 +725,8 @@ def test_a_kill_9_leaves_no_temp_folder_past_the_next_start(sample_shards, tmp_p
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
-    """The pid of train.py rank `rank` under a torchrun (not its loader workers, which share its environment)."""
+    """The pid of train.py rank `rank` under the torchrun `launcher_pid` (not its loader workers, which share its
+    environment, nor a rank of another job on the same machine)."""
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
@@ -733,9 +734,21 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
         except (OSError, ValueError):
             continue
         if (proc.name.isdigit() and int(proc.name) != launcher_pid and any(a.endswith(b"train.py") for a in cmdline)
-                and f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ)):
+                and f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ)
+                and descends_from(int(proc.name), launcher_pid)):
             return int(proc.name)
     return None
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])  # the ppid
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
 
 
 def test_a_sigterm_to_torchrun_checkpoints_once_and_our_code_adds_no_traceback(sample_shards, tmp_path):

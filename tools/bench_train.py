@@ -33,7 +33,6 @@ Read a ratio only within one run: the loops share the process, the device and it
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.backends import BACKENDS, build_loader, get_backend
-from pipeline.cli import add_flags, assignments, from_args, knob
+from pipeline.cli import CommandParser, add_flags, assignments, from_args, knob
 from pipeline.loader import endless, timed
 from trainlib.devices import resolve_device
 from trainlib.bench.steps import StepConfig, baseline_step, our_step, synthetic
@@ -95,7 +94,7 @@ class BenchTrainConfig(StepConfig):
 
 def parse_args(argv=None) -> tuple[BenchTrainConfig, list[dict]]:
     """The config and its (c) loops (`parse_feeds`)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = CommandParser(description=__doc__.split("\n")[0])
     add_flags(p, BenchTrainConfig)
     args = from_args(BenchTrainConfig, vars(p.parse_args(argv)))
     if args.steps < 1 or args.warmup < 0:

@@ -12,15 +12,17 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from trainlib.runlog import read_metrics
+
 
 def curve(run: Path) -> dict[int, dict]:
-    """{epoch: {"loss", "acc1", "acc5"}} from a run folder's metrics.jsonl."""
+    """{epoch: {"loss", "acc1", "acc5"}} from a run folder's metrics.jsonl (less what a resume superseded: the records
+    of steps a resumed run trained again)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{run}: no metrics.jsonl (is it a train.py --output folder?)")
     losses, rows = defaultdict(list), defaultdict(dict)
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(run):
         if r.get("kind") == "train":
             losses[r["epoch"]].append(r["loss"])
         elif r.get("kind") == "eval":

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.cli import add_flags, from_args, knob
+from pipeline.cli import CommandParser, add_flags, from_args, knob
 from pipeline.shards import verify, writer
 from pipeline.shards.errors import ShardError, UsageError
 from pipeline.shards.format import MANIFEST, Manifest, Settings
@@ -88,7 +88,7 @@ class ShardsConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CommandParser(description=__doc__.split("\n\n")[0])
     add_flags(p, ShardsConfig)
     return p
 
@@ -149,9 +149,6 @@ def _main(argv) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if not isinstance(args.out, str):
-            writer.remove_leftovers(args.out)  # workers are gone by now (leaving the pool ends them)
 
 
 if __name__ == "__main__":

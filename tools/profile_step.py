@@ -16,7 +16,6 @@ name a new torch or cuBLAS version introduces may land in `other`: the JSON list
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.cli import add_flags, from_args, knob
+from pipeline.cli import CommandParser, add_flags, from_args, knob
 from trainlib.config import ConfigError
 from trainlib.devices import resolve_device
 from trainlib.bench.steps import StepConfig, baseline_step, our_step, synthetic
@@ -56,7 +55,7 @@ class ProfileConfig(StepConfig):
 
 
 def parse_args(argv=None) -> ProfileConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CommandParser(description=__doc__.split("\n\n")[0])
     add_flags(p, ProfileConfig)
     args = from_args(ProfileConfig, vars(p.parse_args(argv)))
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:

@@ -3,6 +3,7 @@ train.py and the benchmarks (tools/bench_train.py) call the same ones, so a benc
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import random
 from pathlib import Path
@@ -18,7 +19,7 @@ from pipeline.loader import IMAGENET_CLASSES
 from pipeline.shards import contents, storage
 from pipeline.shards.contents import Checked
 from pipeline.shards.errors import ShardError
-from pipeline.shards.format import num_classes, read_manifest
+from pipeline.shards.format import num_classes, read_classes, read_manifest
 from trainlib.batch_augment import BatchAugment
 from trainlib.config import ConfigError, TrainConfig
 from trainlib import distributed
@@ -47,6 +48,19 @@ def train_samples(cfg: TrainConfig) -> int | None:
         return None
     split = read_manifest(cfg.data_path).splits.get("train")  # a val-only set serves --evaluate
     return split.num_samples if split is not None else None
+
+
+def data_identity(cfg: TrainConfig) -> dict | None:
+    """What tells the shard set this run reads from another (None without shards), recorded in its checkpoints for a
+    resume to compare (trainlib.resume.check_data): the manifest's plan id, a digest of the train shards' sha256s
+    (the manifest's: nothing is read but it and classes.json), the class list and the train sample count."""
+    if not cfg.data_path or not get_backend(cfg.backend).reads_shards:
+        return None
+    manifest = read_manifest(cfg.data_path)
+    split = manifest.splits.get("train")  # a val-only set serves --evaluate
+    shards = hashlib.sha256(" ".join(s.sha256 for s in split.shards).encode()).hexdigest()[:16] if split else None
+    return {"plan_id": manifest.plan_id, "classes": read_classes(cfg.data_path), "train_shards": shards,
+            "train_samples": split.num_samples if split is not None else None}
 
 
 def check_contents(cfg: TrainConfig, placement: Placement) -> Checked | None:
@@ -255,4 +269,5 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
         flops = None  # not a ViT: MFU is left out
     return Trainer(cfg, raw_model=raw_model, model=model, optim=optim, device=device, log=log, placement=placement,
                    steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops,
-                   train_samples=train_samples(cfg), ema=ema, train_sides=sides, eval_side=cfg.eval_size(step))
+                   train_samples=train_samples(cfg), data=data_identity(cfg), ema=ema, train_sides=sides,
+                   eval_side=cfg.eval_size(step))

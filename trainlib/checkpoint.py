@@ -4,11 +4,17 @@ A checkpoint is a dict that `torch.load(weights_only=True)` accepts (tensors, nu
 so timm's `load_checkpoint`/`create_model(checkpoint_path=...)` can read it: the weights sit under "model" (the
 unwrapped, un-compiled module's state dict), beside "optimizer", "scaler", "scheduler", "epoch" (the epoch to run
 next, or the one in progress), "step_in_epoch" (steps of that epoch already done), "global_step", "best_acc1",
-"config" and "rng" (one entry per rank: python, numpy, torch and device generator states).
+"config" and "rng" (one entry per rank: python, numpy, torch and device generator states), "data" (the shard set it
+trained on: trainlib.build.data_identity) and "digest" (the sha256 of everything else, which `load` checks).
+
+Integrity: `load` refuses, in one line naming the file, a checkpoint whose contents no longer match its digest (bytes
+changed on disk or in transfer) or whose weights hold NaN or inf. `previous.pth` is the `last.pth` the latest save
+replaced (a hard link), so `--resume auto` has something to fall back to (`load_resume`).
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import shutil
@@ -19,7 +25,8 @@ import torch
 
 from pipeline.shards import atomicio
 
-LAST, BEST = "last.pth", "best.pth"
+LAST, BEST, PREVIOUS = "last.pth", "best.pth", "previous.pth"
+DIGEST = "digest"  # the key of the sha256 over the rest of the checkpoint (`digest`)
 
 
 def python_state(generator=random) -> list:
@@ -57,23 +64,70 @@ def set_rng_state(state: dict, device) -> None:
     device.set_rng_state(state["device"])
 
 
-def save(path: Path, state: dict) -> None:
+def save(path: Path, state: dict, previous: Path | None = None) -> None:
     """torch.save under a temporary name in the same folder, then rename: a crash mid-write leaves the previous
-    file intact. A full disk is one CheckpointError line saying how much space is there and how much is needed."""
+    file intact. The state's digest goes in with it (`DIGEST`). `previous`: first make it a hard link to the file that
+    `path` is about to replace, before the write, so the disk holds no more checkpoints at the write's peak than
+    without it. A full disk is one CheckpointError line saying how much space is there and how much is needed."""
     path = Path(path)
+    if previous is not None and path.is_file():
+        copy_as(path, previous)
     tmp = atomicio.temp_path(path)
+    state = {**{k: v for k, v in state.items() if k != DIGEST}, DIGEST: digest(state)}
     try:
-        torch.save(state, tmp)
+        # Our own file object, not a path: on an error its `with` closes the file, whereas torch's own writer keeps
+        # it open for as long as the exception's traceback lives, and an unlinked file that is still open keeps its
+        # blocks, so the free space read below would not count them.
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
         atomicio.finish_temp(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         need, free = tensor_bytes(state), shutil.disk_usage(path.parent).free
-        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not as ENOSPC.
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (isinstance(e, RuntimeError) and free < need):
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), the OSError as its context.
+        if no_space(e) or (isinstance(e, RuntimeError) and free < need):
             raise CheckpointError(f"{path}: no space left on device ({free / 2**20:.0f} MiB free there, the "
                                   f"checkpoint needs about {need / 2**20:.0f} MiB); the previous {path.name}, if "
                                   f"any, is intact") from None
         raise
+
+
+def no_space(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from or while handling, is ENOSPC."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def digest(state: dict) -> str:
+    """sha256 over a checkpoint's contents but its digest: each tensor's dtype, shape and bytes, every other value's
+    type and repr, in the dicts' order (which torch.save and torch.load keep). About 1.7 GB/s on one CPU core."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != DIGEST})
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes as they are: bf16 and fp8 too
+    elif isinstance(obj, dict):
+        h.update(f"dict {len(obj)}\n".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"list {len(obj)}\n".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        text = f"{type(obj).__name__} {obj!r}"
+        h.update(f"{len(text)} {text}\n".encode())
 
 
 def tensor_bytes(obj) -> int:
@@ -123,6 +177,8 @@ class CheckpointError(ValueError):
 
 
 def load(path: str | Path) -> dict:
+    """A training checkpoint, checked: readable, of train.py, its digest (where it has one) and finite weights; else a
+    CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here")
@@ -133,7 +189,53 @@ def load(path: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
         raise CheckpointError(f"{path}: not a training checkpoint written by train.py (no 'model'/'global_step'); "
                          f"use --pretrained for plain weights")
+    recorded = state.get(DIGEST)
+    if recorded is not None and digest(state) != recorded:
+        raise CheckpointError(f"{path}: its contents do not match the digest saved with them (changed on disk or in "
+                              f"transfer since it was written): not a checkpoint to resume or evaluate")
+    for part in ("model", "model_ema"):
+        weights = state.get(part)
+        for name, t in weights.items() if isinstance(weights, dict) else ():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t.float()).all():
+                raise CheckpointError(f"{path}: {part} weight {name} holds NaN or inf: not a checkpoint to resume "
+                                      f"or evaluate")
     return state
+
+
+def load_resume(resume: str, path: Path) -> tuple[Path, dict, list[str]]:
+    """(the file a run resumes from, its state, notes to print). --resume PATH: that file, or its CheckpointError.
+    --resume auto: `path` (<output>/last.pth), and when it fails `load`'s checks, the first of previous.pth (the
+    last.pth it replaced) and best.pth beside it that passes, with a note saying so; a CheckpointError when none
+    does."""
+    try:
+        state = load(path)
+        return path, state, unverified(path, state)
+    except CheckpointError as e:
+        if resume != "auto":
+            raise
+        failed = str(e)
+    tried = []
+    for name in (PREVIOUS, BEST):
+        other = path.with_name(name)
+        if not other.is_file():
+            tried.append(f"no {name}")
+            continue
+        try:
+            state = load(other)
+        except CheckpointError:
+            tried.append(f"{name} fails too")
+            continue
+        return other, state, [f"note: --resume auto: {failed}; resuming from {other} (epoch {state['epoch']}, "
+                              f"global step {state['global_step']}) instead", *unverified(other, state)]
+    raise CheckpointError(f"{failed}; --resume auto has no checkpoint to fall back to ({', '.join(tried)}): pass "
+                          f"--resume with a good one, or another --output to start afresh")
+
+
+def unverified(path: Path, state: dict) -> list[str]:
+    if DIGEST in state:
+        return []
+    return [f"note: {path} carries no digest (written before checkpoints had one): its bytes could not be "
+            f"verified, only that its weights are finite"]
 
 
 def resolve_resume(resume: str | None, output: str | Path) -> Path | None:

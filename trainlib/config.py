@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from pipeline.backends import BACKENDS, SUMMARY, WITH_OPTIONS, get_backend, options_from
 from pipeline.augment import AA_FLAG_HELP, COLOR_JITTER_FLAG_HELP, AugmentError, parse as parse_augment
-from pipeline.cli import add_flags, flag_names, from_args, knob, markdown_rows, parse_with_config_file, plain
+from pipeline.cli import (CommandParser, add_flags, flag_names, from_args, knob, markdown_rows,
+                          parse_with_config_file, plain)
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
@@ -131,6 +132,10 @@ class TrainConfig:
     output: str = knob("output/train", "run folder: config.json, env.json, metrics.jsonl, checkpoints, plots")
     resume: str = knob(None, "checkpoint to continue from, or 'auto' = <output>/last.pth if present",
                        metavar="PATH|auto")
+    resume_other_data: bool = knob(False, "let --resume take a checkpoint trained on another shard set (other "
+                                          "classes or train shards; refused without it): its weights, EMA and "
+                                          "optimizer state start epoch 0 of this set with a new LR schedule; for "
+                                          "weights alone, --pretrained")
     save_checkpoints: bool = knob(True, "write last.pth (every epoch) and best.pth (best Acc@1)")
     save_steps: int = knob(0, "also write last.pth every N global steps; 0 = only at epoch ends")
     print_freq: int = knob(10, "log every N steps", "-p")
@@ -255,9 +260,9 @@ def flag_name(field_name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated field by field from TrainConfig (pipeline/cli.py)."""
-    parser = argparse.ArgumentParser(prog="train.py", description="Train a timm ViT on webdataset shards "
-                                     "(single process, torchrun, or the seed's --multiprocessing-distributed).",
-                                     allow_abbrev=False)  # an abbreviation could silently bind to a new flag later
+    parser = CommandParser(prog="train.py", description="Train a timm ViT on webdataset shards "
+                           "(single process, torchrun, or the seed's --multiprocessing-distributed).",
+                           allow_abbrev=False)  # an abbreviation could silently bind to a new flag later
     add_flags(parser, TrainConfig)
     parser.add_argument("--no-amp", dest="amp", action="store_const", const="fp32", help="full fp32 (= --amp fp32)")
     return parser
@@ -265,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags (and a -c/--config YAML file of defaults, timm's form) -> a validated TrainConfig. Unknown flags, bad
-    values and an unusable file exit with argparse's usage line (status 2)."""
+    values and an unusable file exit with a short usage line and the error (status 2)."""
     parser = build_parser()
     cfg = from_args(TrainConfig, vars(parse_with_config_file(parser, argv)))
     try:

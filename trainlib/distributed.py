@@ -8,10 +8,12 @@ Precedence: when RANK and WORLD_SIZE are in the environment (torchrun, or our sp
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import math
 import os
 import socket
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -114,25 +116,35 @@ def setup(cfg: TrainConfig, device, where: Placement) -> None:
 
 
 COLLECTIVES = ("all_reduce", "all_gather_object", "all_gather", "broadcast", "barrier", "reduce_scatter")
+# What gloo (transport/tcp/pair.cc) says when a peer's connection ends under a collective: the peer exited, crashed
+# or was killed (the kernel closes its sockets at once), or its host went away.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed",
+             "Socket unexpectedly closed")
 
 
-def timed_out(error: BaseException, cfg: TrainConfig, where: Placement) -> DistributedError | None:
-    """A collective that gave up after --dist-timeout (gloo: "Timed out waiting ...ms for recv"), as one line naming
-    the collective, the timeout and, where it can be known, the silent rank; None for any other error. Which of
-    several peers stopped answering, gloo does not say. Under NCCL no such error reaches Python unless the user set
-    TORCH_NCCL_BLOCKING_WAIT=1: its watchdog thread takes the process down first (docs/training.md, "Faults")."""
+def lost_peer(error: BaseException, cfg: TrainConfig, where: Placement) -> DistributedError | None:
+    """A collective that failed for want of a peer, as one line naming the collective, what became of the peer and,
+    where it can be known, its rank; None for any other error. Silent: it gave up after --dist-timeout (gloo: "Timed
+    out waiting ...ms for recv"), the peer stopped, hung or unreachable. Gone: its connection closed (gloo:
+    "Connection reset by peer", "Connection closed by peer"), the peer exited, crashed or was killed. Which of several
+    peers, gloo does not say. Under NCCL no such error reaches Python unless the user set TORCH_NCCL_BLOCKING_WAIT=1:
+    its watchdog thread takes the process down first (docs/training.md, "Faults")."""
     text, frames = str(error), traceback.extract_tb(error.__traceback__)
     in_torch = any("torch/distributed" in f.filename or "torch/nn/parallel" in f.filename or "autograd" in f.filename
                    for f in frames)  # a collective's own wait, or DDP's all-reduce inside backward
+    gone = any(phrase in text for phrase in PEER_GONE)
     if (where.world_size == 1 or type(error) is not RuntimeError and not isinstance(error, dist.DistError)
-            or not in_torch or not ("imed out" in text or "imeout" in text)):
+            or not in_torch or not (gone or "imed out" in text or "imeout" in text)):
         return None  # not ours to rename: a shard read that timed out says so itself
     calls = [f.name for f in frames if f.name in COLLECTIVES]
     what = calls[-1] if calls else "the gradient all-reduce (DDP, in backward)"
-    silent = (f"rank {1 - where.rank}" if where.world_size == 2 else
-              f"one or more of the other {where.world_size - 1} ranks")
+    peer = (f"rank {1 - where.rank}" if where.world_size == 2 else
+            f"one or more of the other {where.world_size - 1} ranks")
+    if gone:
+        return DistributedError(f"rank {where.rank}: {what} failed: {peer} went away (its connection closed: it "
+                                f"exited, crashed or was killed; its own output or the launcher's says why)")
     return DistributedError(f"rank {where.rank}: {what} timed out after --dist-timeout {cfg.dist_timeout:.0f} s: "
-                            f"{silent} did not answer (stopped, hung or lost); raise --dist-timeout if a step or "
+                            f"{peer} did not answer (stopped, hung or lost); raise --dist-timeout if a step or "
                             f"an evaluation can take longer")
 
 
@@ -169,16 +181,34 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def spawn(cfg: TrainConfig, device, entry) -> None:
+# --multiprocessing-distributed, once a process has failed: seconds the others get to end by themselves (a live rank
+# meets the lost peer at its next collective, prints its line and exits; a checkpoint write under way finishes), then
+# as long again after a SIGTERM before a SIGKILL. torch's own spawn() gives 0, then 30 s, which a stopped process
+# (SIGSTOP) always takes in full.
+SPAWN_GRACE_S = 5
+
+
+def spawn(cfg: TrainConfig, device, entry) -> int:
     """The seed's --multiprocessing-distributed: one process per device on this node, --world-size nodes, this node
     being --rank. As in the seed, --batch-size and --workers are per node and are divided among its processes.
-    `entry(cfg)` runs in each child."""
+    `entry(cfg)` runs in each child and returns its exit status, its error (if any) printed already. Returns the
+    status of the first process that failed, 0 when none did; one ended by a signal is a DistributedError."""
     nproc = cfg.nproc_per_node or device.count()
     if cfg.batch_size % nproc:
         raise ConfigError(f"--batch-size {cfg.batch_size} is per node here (--multiprocessing-distributed) and "
                           f"must divide by its {nproc} processes")
     rendezvous_env(cfg)
-    torch.multiprocessing.spawn(_spawned, args=(cfg, nproc, entry), nprocs=nproc, join=True)
+    processes = torch.multiprocessing.start_processes(_spawned, args=(cfg, nproc, entry), nprocs=nproc, join=False,
+                                                      start_method="spawn")
+    try:
+        while not processes.join(grace_period=SPAWN_GRACE_S):
+            pass
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.signal_name is None:
+            return e.exit_code
+        raise DistributedError(f"rank {cfg.rank * nproc + e.error_index} (pid {e.error_pid}) was ended by "
+                               f"{e.signal_name}") from None
+    return 0
 
 
 def _spawned(local_rank: int, cfg: TrainConfig, nproc: int, entry) -> None:
@@ -187,4 +217,8 @@ def _spawned(local_rank: int, cfg: TrainConfig, nproc: int, entry) -> None:
     cfg.batch_size //= nproc
     cfg.val_batch_size //= nproc
     cfg.workers = max(1, math.ceil(cfg.workers / nproc))
-    entry(cfg)
+    status = entry(cfg)
+    gc.freeze()  # a prompt end, as train.py's own: the interpreter's shutdown leaves its objects to the OS
+    if status:
+        # As the exit status: an exception would reach the parent as a pickled traceback, printed a second time there.
+        sys.exit(status)

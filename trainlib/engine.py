@@ -78,7 +78,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, raw_model, model, optim: OptimStep, device, log, placement,
                  steps_per_epoch: int, num_classes: int, flops_per_image: dict[int, float] | None,
                  train_samples: int | None = None, ema=None, train_sides: list[int] | None = None,
-                 eval_side: int | None = None):
+                 eval_side: int | None = None, data: dict | None = None):
         # raw_model: the bare module (checkpoints); model: what runs the step and evaluation (DDP and/or compiled).
         self.cfg, self.raw_model, self.model, self.optim, self.device = cfg, raw_model, model, optim, device
         self.ema = ema  # timm's ModelEmaV3 of raw_model (--model-ema), or None
@@ -86,6 +86,10 @@ class Trainer:
         self.accum = cfg.grad_accum_steps  # loader batches per optimizer step
         self.log, self.placement, self.num_classes = log, placement, num_classes
         self.steps_per_epoch, self.train_samples = steps_per_epoch, train_samples
+        self.data = data  # the shard set's identity (trainlib.build.data_identity), recorded in checkpoints
+        # Whether the file at last.pth may become previous.pth when a save replaces it: one this run wrote or resumed
+        # from; not one that failed its checks (--resume auto fell back), nor another run's at a fresh start.
+        self.last_is_good = False
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
         # This epoch's steps and the layouts that ran part of it before an elastic resume (none: a whole epoch).
         self.epoch_steps, self.stages = steps_per_epoch, ()
@@ -264,11 +268,12 @@ class Trainer:
                 "best_ema_acc1": self.best_ema_acc1, "grad_accum_steps": self.accum,
                 **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}),
                 "skipped_samples": self.skipped_samples, "steps_per_epoch": self.steps_per_epoch,
-                "batch_size": self.cfg.batch_size, "train_samples": self.train_samples,
+                "batch_size": self.cfg.batch_size, "train_samples": self.train_samples, "data": self.data,
                 "epoch_stages": [[s.world_size, s.batch_size, s.steps_done] for s in self.stages]}
 
     def save_checkpoint(self, best: bool = False) -> None:
-        """last.pth (and best.pth); collective: every rank contributes its RNG state, rank 0 writes."""
+        """last.pth (previous.pth: the one it replaces; and best.pth); collective: every rank contributes its RNG
+        state, rank 0 writes."""
         if not self.cfg.save_checkpoints:
             return
         self.meter.pause()  # checkpoint writing is not training throughput
@@ -278,7 +283,10 @@ class Trainer:
                                       "batch_augment": augment.state_dict() if augment is not None else {}})
         if self.placement.is_main:
             out = Path(self.cfg.output)
-            checkpoint.save(out / checkpoint.LAST, {**self.state_dict(), "rng": rng})
+            # previous.pth: the last.pth this save replaces, for --resume auto to fall back to (checkpoint.load_resume)
+            checkpoint.save(out / checkpoint.LAST, {**self.state_dict(), "rng": rng},
+                            previous=out / checkpoint.PREVIOUS if self.last_is_good else None)
+            self.last_is_good = True
             if best:
                 checkpoint.copy_as(out / checkpoint.LAST, out / checkpoint.BEST)
         self.meter.start()
@@ -286,12 +294,17 @@ class Trainer:
     def load_state_dict(self, state: dict, point: ResumePoint | None = None, epoch_steps: int | None = None) -> None:
         """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams.
         `point` (from `trainlib.resume.resume_point`) places it in this layout, whose loader for the rest of the
-        epoch has `epoch_steps` steps; None (evaluation) takes the weights alone."""
+        epoch has `epoch_steps` steps; None (evaluation) takes the weights alone; one on another shard set
+        (--resume-other-data) the weights and optimizer state, at epoch 0 of a new LR schedule."""
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:  # another model, image size or class count
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
                                              f"(another --model, --img-size or data set?)") from None
+        if point is not None and point.other_data:  # another shard set: its position and best mean nothing here
+            self.load_ema(state)
+            self.optim.load_state_dict(state, schedule_at=0)
+            return
         self.epoch, self.global_step, self.best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
         self.best_ema_acc1 = state.get("best_ema_acc1") if self.ema is not None else None
         self.load_ema(state)

@@ -1,6 +1,7 @@
 """Where a checkpoint's run continues in this run's layout (world size x batch size): the same layout exactly at its
 step; another one (an elastic resume) with the samples of the interrupted epoch that no layout has read yet
-(pipeline/plan.py rule 6). And the step of this run's LR schedule that position stands at."""
+(pipeline/plan.py rule 6). And the step of this run's LR schedule that position stands at; and whether the
+checkpoint was trained on the shard set this run reads (`check_data`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ class ResumePoint:
     step_in_epoch: int  # steps of this layout already done in the checkpoint's epoch
     stages: tuple[Stage, ...] = ()  # layouts that ran part of that epoch before this one (pipeline/plan.py rule 6)
     exact: bool = True  # the checkpoint's layout: the same batches and random streams as an uninterrupted run
+    other_data: bool = False  # another shard set (--resume-other-data): weights and optimizer state, from epoch 0
 
 def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch: int,
                  train_samples: int | None) -> ResumePoint:
@@ -72,3 +74,51 @@ def schedule_position(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step_i
     `steps_per_epoch`), at step `step_in_epoch` of an epoch `epoch` of `epoch_steps` steps."""
     steps_left = epoch_steps - step_in_epoch + (cfg.epochs - epoch - 1) * steps_per_epoch
     return cfg.epochs * steps_per_epoch - steps_left
+
+
+def check_data(state: dict, here: dict | None, cfg: TrainConfig, path) -> tuple[bool, str | None]:
+    """(whether `state` goes on with another shard set than `here`, this run's `trainlib.build.data_identity`; a note
+    to print). A training resume compares the class lists and the train shards (their sha256s, as the manifest
+    lists them), an evaluation the class lists: another set is a CheckpointError naming both, unless
+    --resume-other-data. A checkpoint that records no set (older, or of synthetic input) goes on with a note."""
+    if here is None:  # synthetic input: no set to compare (resume_point compares what there is)
+        return False, None
+    there = state.get("data")
+    if there is None:
+        return False, (f"note: {path} records no shard set (written before checkpoints did, or on synthetic input): "
+                       f"whether --data_path {cfg.data_path} is the data it was trained on could not be checked")
+    differs = data_difference(there, here, classes_only=cfg.evaluate)
+    if differs is None:
+        return False, None
+    trained_at = state.get("config", {}).get("data_path")
+    what = (f"the checkpoint was trained on shard set {there['plan_id']} ({describe_set(there)}"
+            f"{f', at {trained_at}' if trained_at else ''}); --data_path {cfg.data_path} is set {here['plan_id']} "
+            f"({describe_set(here)}): {differs}")
+    if not cfg.resume_other_data:
+        raise checkpoint.CheckpointError(f"--resume {path}: {what}; pass --resume-other-data to "
+                                         f"{'evaluate' if cfg.evaluate else 'fine-tune'} on it on purpose")
+    if cfg.evaluate:
+        return True, f"note: --resume-other-data: {what}"
+    return True, (f"note: --resume-other-data: {what}; its weights and optimizer state start epoch 0 of this set, "
+                  f"with a new LR schedule, best Acc@1 and random streams")
+
+
+def data_difference(there: dict, here: dict, classes_only: bool = False) -> str | None:
+    """What tells two shard sets' identities apart, in words; None when a resume may treat them as the same data."""
+    a, b = there["classes"], here["classes"]
+    if len(a) != len(b):
+        return f"{len(a):,} classes there, {len(b):,} here"
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if differ:
+        i = differ[0]
+        return f"classes differ ({len(differ):,} of {len(a):,}; label {i} is {a[i]} there, {b[i]} here)"
+    if classes_only or there["train_shards"] == here["train_shards"]:
+        return None
+    return "the same classes, other train shards (another source, shuffle or shard size)"
+
+
+def describe_set(identity: dict) -> str:
+    classes, samples = identity["classes"], identity["train_samples"]
+    names = f" {classes[0]}..{classes[-1]}" if classes else ""
+    return f"{len(classes):,} classes{names}, " + (f"{samples:,} train samples" if samples is not None else
+                                                   "no train split")

@@ -1,7 +1,8 @@
 """What a run leaves in its output folder: config.json and env.json at the start, metrics.jsonl as it goes (one JSON
-object per line; "kind" is "train", "eval", "skipped" or "summary"), summary.json and plots.png at the end, and with
---tensorboard the same figures as TensorBoard scalars under tb/. Only rank 0 writes or prints; other ranks get a
-`QuietLog` whose methods do nothing."""
+object per line; "kind" is "train", "eval", "skipped", "resume" or "summary"), summary.json and plots.png at the end,
+and with --tensorboard the same figures as TensorBoard scalars under tb/. Only rank 0 writes or prints; other ranks
+get a `QuietLog` whose methods do nothing. `read_metrics` is how metrics.jsonl is read: without the records that a
+resume superseded."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline.shards import atomicio
 
 METRICS, SUMMARY, PLOTS, TENSORBOARD = "metrics.jsonl", "summary.json", "plots.png", "tb"
@@ -21,8 +20,9 @@ POSITION = ("epoch", "step", "global_step")  # where a figure was taken, not a f
 
 
 class RunLog:
-    """The run folder appears with the first file written, not before: a start that fails while the model, the
-    checkpoint or the weights are still being checked leaves no folder for a later --resume auto to find."""
+    """Writes nothing before the model, the checkpoint and the weights have been checked, so a start that fails
+    leaves no file for a later --resume auto to find (and the run lock, trainlib/runlock.py, removes the folder it
+    made for such a start)."""
 
     def __init__(self, output: Path, append: bool, tensorboard: bool = False):
         self.output, self.append, self.tensorboard = Path(output), append, tensorboard
@@ -67,7 +67,7 @@ def final_lines(output: Path) -> list[str]:
     what a resumed finished run prints, for the launch scripts that read them from its output."""
     output, lines = Path(output), []
     try:
-        evals = [r for r in map(json.loads, (output / METRICS).read_text().splitlines()) if r.get("kind") == "eval"]
+        evals = [r for r in read_metrics(output) if r.get("kind") == "eval"]
         summary = json.loads((output / SUMMARY).read_text())
     except (OSError, ValueError):
         return lines  # a run stopped by --max-steps before its end has no summary.json: nothing to repeat
@@ -77,6 +77,43 @@ def final_lines(output: Path) -> list[str]:
         scope = summary.get("fps_scope", "after warm-up")
         lines.append(f"FPS@all {summary['fps']:.3f}" + ("" if scope == "after warm-up" else f" ({scope})"))
     return lines
+
+
+def read_metrics(output: Path) -> list[dict]:
+    """metrics.jsonl's records in order, less those a resume superseded. A run resumed from a checkpoint trains the
+    steps after it again, and logs a marker {"kind": "resume", "from_step": the checkpoint's global step + 1,
+    "next_step": the first step it logs, "epoch": the checkpoint's, "checkpoint": path} first; the records the
+    interrupted run logged after that checkpoint (of global steps >= from_step, and records without a step, such as
+    "skipped", of epochs >= its epoch) come before the marker, and are dropped here: each step is read once, with
+    the values of the run that went on. The markers stay."""
+    kept: list[dict] = []
+    for line in (Path(output) / METRICS).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("kind") == "resume":
+            _drop_superseded(kept, record)
+        kept.append(record)
+    return kept
+
+
+def _drop_superseded(kept: list[dict], marker: dict) -> None:
+    """Pop off the end of `kept` what `marker`'s checkpoint precedes. Kept records run in step order (superseded ones
+    are gone), so the search stops at the first one before the checkpoint, or at an earlier marker whose run started
+    before it (all before that marker precede that run). Stopping there also keeps the records of an elastic resume's
+    earlier layout, whose global steps are counted in its own steps (docs/training.md)."""
+    first, epoch = marker["from_step"], marker.get("epoch", 0)
+    while kept:
+        last = kept[-1]
+        if last.get("kind") == "resume":
+            if first >= last.get("next_step", last["from_step"]):
+                return
+        elif "global_step" in last:
+            if last["global_step"] < first:
+                return
+        elif last.get("epoch", -1) < epoch:  # a record of an epoch's end ("skipped") before the checkpoint
+            return
+        kept.pop()
 
 
 class QuietLog:
@@ -97,6 +134,8 @@ class QuietLog:
 
 def environment(device, world_size: int) -> dict:
     """Versions and hardware that decide what a run's numbers mean."""
+    import torch  # here, not at the top: the readers of metrics.jsonl (tools/compare_runs.py) need no torch
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "host": socket.gethostname(),
             "platform": platform.platform(), "argv": sys.argv, "world_size": world_size,
             "device_kind": device.kind, "device_name": device.name(), "cuda": torch.version.cuda,
@@ -136,8 +175,7 @@ def plot_metrics(output: Path) -> Path | None:
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (Path(output) / METRICS).read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r["kind"] == "train"]
+    train = [r for r in read_metrics(output) if r["kind"] == "train"]
     if not train:
         return None
     steps = [r["global_step"] for r in train]

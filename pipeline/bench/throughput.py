@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from pipeline.augment import AA_FLAG_HELP, COLOR_JITTER_FLAG_HELP
 from pipeline.backends import BACKENDS, build_loader, get_backend, options_from
-from pipeline.cli import add_flags, from_args, knob
+from pipeline.cli import CommandParser, add_flags, from_args, knob
 from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
@@ -58,12 +58,14 @@ from pipeline.resolution import FLAG_HELP as RES_HELP, ResSchedule, from_flags
 from pipeline.shards.errors import PipelineError
 from pipeline.shards.format import read_manifest
 
+DTYPES = ("float32", "bfloat16", "float16", "uint8")  # what a loader yields (pipeline/loader.py): normalized or raw
+
 
 @dataclass
 class BenchConfig:
     data_path: str | None = knob(None, 'shard folder (tools/make_shards.py); optional for --backend synthetic')
     backend: str = knob("host", 'input pipeline', choices=BACKENDS)
-    split: str = knob("train", 'train (random crops) or val (center crops)')
+    split: str = knob("train", 'train (random crops) or val (center crops)', choices=("train", "val"))
     batch_size: int = knob(256, 'per rank')
     workers: int = knob(4, 'decode processes (host) / threads (dali)')
     seconds: float = knob(30.0, 'measured span, after warm-up')
@@ -78,7 +80,7 @@ class BenchConfig:
     end_ramp: int = knob(0, RES_HELP["end_ramp"])
     aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
     color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
-    dtype: str = knob("float32", 'float32 | bfloat16 | uint8 (raw pixels)')
+    dtype: str = knob("float32", 'the batches\' dtype; uint8: raw pixels, not normalized', choices=DTYPES)
     prefetch: int = knob(2, 'batches in flight ahead of the loop')
     seed: int = knob(0, 'shuffle and crop seed')
     baseline: str | None = knob(None, 'ImageFolder root (holding train/ and val/): also time torchvision on it')
@@ -97,7 +99,7 @@ class BenchConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags come from BenchConfig's fields, so the two cannot drift; `--batch-size` and `--batch_size` both work."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     add_flags(p, BenchConfig, underscores=True)
     return p
 
@@ -277,8 +279,8 @@ def num_classes_of(cfg: BenchConfig) -> int:
 
 
 def run(cfg: BenchConfig) -> dict:
-    if not isinstance(getattr(torch, cfg.dtype, None), torch.dtype):
-        raise ValueError(f"--dtype must name a torch dtype (float32, bfloat16, uint8), got {cfg.dtype!r}")
+    if cfg.dtype not in DTYPES:  # a BenchConfig made in code; the command line checks its choices
+        raise ValueError(f"--dtype takes one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     device = torch.device(cfg.device)
     if device.type == "cpu" and cfg.model is None:
         # The loop itself computes nothing; idle intra-op threads would spin after each small CPU normalize and take

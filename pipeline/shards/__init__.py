@@ -15,6 +15,6 @@
   jpeg.py         the lossless re-encode with restart markers, and the region decoder that uses them
   writer.py       source -> shards (parallel, resumable)
   verify.py       shards -> checked against the manifest and the source
-  contents.py     shards -> checked against the manifest's sha256 before training, once per copy of the files
+  contents.py     shards -> checked against the manifest's sha256 and class count before training, once per copy
   reader.py       (shard, sample) -> JPEG bytes and label, through the index: the one reader of both backends
 """

@@ -210,7 +210,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, obj: dict, where: str, classes) -> "Manifest":
-        """`classes()`: the class list (classes.json), read only for a vitshards-1 manifest that does not count them."""
+        """`classes(missing_ok)`: (classes.json's class list, or None where it has none and `missing_ok`; where it
+        is). The manifest's `num_classes` must be its length (a vitshards-1 manifest that does not count them takes
+        it); a set without the file has only the manifest's count to go by."""
         try:
             settings = settings_from(obj, where)
             splits = {name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
@@ -221,7 +223,14 @@ class Manifest:
             raise ShardError(f"{where}: not a manifest written by tools/make_shards.py ({type(e).__name__}: {e})") \
                 from None
         _check_counts(splits, where)
-        return cls(settings, plan_id, len(classes()) if count is None else count, splits, obj.get("converted", []),
+        names, names_where = classes(count is not None)
+        # The head's width comes from num_classes and the labels' meaning from classes.json: a set whose two files
+        # disagree (one edited, or copied from another set) would train a head of the wrong width, so it is refused.
+        if count is not None and names is not None and count != len(names):
+            raise ShardError(f"{where}: num_classes is {count!r}, but {names_where} lists {len(names)} classes; the "
+                             f"two files are not of the same shard set (one edited, or copied from another); remake "
+                             f"the set")
+        return cls(settings, plan_id, len(names) if count is None else count, splits, obj.get("converted", []),
                    obj.get("rejected", []), obj.get("ignored", []))
 
 
@@ -261,15 +270,25 @@ def read_manifest(data_path: str | Path) -> Manifest:
         raise ShardError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: not a manifest written by tools/make_shards.py")
-    return Manifest.from_json(obj, str(path), lambda: read_classes(data_path))
+    return Manifest.from_json(obj, str(path), lambda missing_ok: (read_classes(data_path, missing_ok),
+                                                                  storage.join(data_path, CLASSES)))
 
 
-def read_classes(data_path: str | Path) -> list[str]:
+def read_classes(data_path: str | Path, missing_ok: bool = False) -> list[str] | None:
+    """classes.json's class names; None where there is no such file and `missing_ok`."""
     path = storage.join(data_path, CLASSES)
     try:
-        return json.loads(storage.read_bytes(path))
+        names = json.loads(storage.read_bytes(path))
+    except FileNotFoundError as e:  # a folder or an S3 prefix alike
+        if missing_ok:
+            return None
+        raise ShardError(f"{path}: unreadable class list ({e})") from e
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable class list ({e})") from e
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ShardError(f"{path}: not a list of class names; not a class list written by tools/make_shards.py "
+                         f"(remake the set)")
+    return names
 
 
 def num_classes(data_path: str | Path) -> int:

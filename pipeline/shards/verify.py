@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.shards import jpeg, storage
-from pipeline.shards.contents import index_mismatch, tar_members
+from pipeline.shards.contents import members_mismatch
 from pipeline.shards.errors import SampleError, ShardError
 from pipeline.shards.format import IMAGE, LABEL, MEMBERS, Manifest, Shard, ShardInfo, read_index
 from pipeline.shards.source import Scan, plan_shards
@@ -42,14 +42,12 @@ def check_shard(reader, dst: str | Path, shard: ShardInfo, entries: list, split_
         return [f"{name}: size or sha256 differs from the manifest"]
     try:
         index = read_index(storage.join(dst, shard.index), file_bytes=shard.bytes)
-        members = tar_members(blob)
+        mismatch = members_mismatch(blob, index)  # the index must point at exactly the tar's members
     except (OSError, tarfile.TarError, ShardError) as e:
         return [f"{name}: {e}"]
     problems = []
     if len(index) != shard.num_samples:
         problems.append(f"{name}: {len(index)} samples, manifest says {shard.num_samples}")
-    # The index must point at exactly the tar's members, each sample's in the writer's order.
-    mismatch = index_mismatch(index, members)
     if mismatch:
         problems.append(f"{shard.index}: does not match the members of {name} ({mismatch})")
     if any(set(parts) != set(MEMBERS) for _, parts in index):

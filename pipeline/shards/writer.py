@@ -509,6 +509,7 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
         raise UsageError("--workers must be >= 1")
     if not src.is_dir():
         raise UsageError(f"--data_path {src} is not a folder")
+    refuse_nesting(src, out, staging)
     kind = detect(src)
     print(f"make_shards: {src} is {DESCRIPTIONS[kind]}", flush=True)
     if not storage.is_s3(out) and Path(out).exists() and not Path(out).is_dir():
@@ -540,7 +541,32 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
         if dest.remote and staging is None:
             shutil.rmtree(dest.local, ignore_errors=True)  # a staging folder of our own: nothing in it is needed
         if lock is not None:
+            # Only the holder of the lock may clean: a run refused by it would delete the live temporary files of the
+            # run that holds it. Workers are gone by now (build() leaves the pool before an error gets here).
+            if not dest.remote:
+                remove_leftovers(dest.local)
             lock.close()  # releases the lock (the kernel does so too when the process dies, however it dies)
+
+
+def refuse_nesting(src: Path, out: str | Path, staging: str | Path | None) -> None:
+    """A UsageError, before anything is written, when the local folder this run writes (--out, or the --staging of
+    an s3:// --out) is --data_path, lies inside it, or holds it, symlinks resolved. Shards inside the source are read
+    back as source by the next run (a phantom class named after the folder, or 'the source files changed'); a
+    source inside the output is among what --overwrite may delete."""
+    flag, folder = ("--staging", staging) if storage.is_s3(out) else ("--out", out)
+    if folder is None:
+        return  # an object store and a staging folder of our own (a fresh temporary folder) lie outside any source
+    source, written = Path(os.path.realpath(src)), Path(os.path.realpath(folder))
+
+    def shown(path, real: Path) -> str:  # the path as given, and where it leads when a symlink takes it elsewhere
+        return str(path) if os.path.abspath(path) == str(real) else f"{path} (= {real})"
+
+    if written == source or source in written.parents:
+        raise UsageError(f"{flag} {shown(folder, written)} is inside --data_path {shown(src, source)}: a rerun would "
+                         f"read the shards as source files; pick an {flag} outside it")
+    if written in source.parents:
+        raise UsageError(f"--data_path {shown(src, source)} is inside {flag} {shown(folder, written)}; pick an {flag} "
+                         f"that does not hold the source")
 
 
 def remove_leftovers(dst: Path) -> None:
