@@ -82,10 +82,11 @@ def run(cfg: TrainConfig) -> None:
         # behind that a later --resume auto could mistake for a run (the lock removes a folder it made).
         classes = class_count(cfg)  # reads the shards' manifest
         check_model(cfg, classes)
+        data = data_identity(cfg)  # what the checkpoints record of the shard set, and a resume compares
         state, other_data, notes = None, False, []
         if resume_path is not None:  # --resume auto: a last.pth that fails its checks falls back to an earlier one
             resume_path, state, notes = checkpoint.load_resume(cfg.resume, resume_path)
-            other_data, note = check_data(state, data_identity(cfg), cfg, resume_path)
+            other_data, note = check_data(state, data, cfg, resume_path)
             notes += [note] if note else []
         checked = check_contents(cfg, placement)  # before a loader plans with a shard that is not the manifest's
         loaders = build_loaders(cfg, device, placement, classes, checked)
@@ -103,7 +104,7 @@ def run(cfg: TrainConfig) -> None:
             log.print(note)
         for line in checked.lines() if checked is not None else ():
             log.print(line)
-        trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes)  # loads --pretrained
+        trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes, data)  # loads --pretrained
         handlers = stop_on_signals(trainer)
         if state is not None:
             trainer.load_state_dict(state, point, optimizer_steps(cfg, len(rest_loader), rest=True)

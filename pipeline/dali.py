@@ -118,8 +118,9 @@ def reader_start_method(asked: str, dali, on_gpu: bool) -> str:
         # then fork from a CUDA process.
         return "spawn" if on_gpu or started else "fork"
     if asked == "fork" and (started or on_gpu):
-        raise ValueError(f"--dali-py-start-method fork: this process has started {started or 'CUDA'}, which forked "
-                         f"reader processes cannot share; use spawn (or auto)")
+        why = f"this process has started {started}" if started else "a GPU pipeline starts CUDA in this process"
+        raise ValueError(f"--dali-py-start-method fork: {why}, which forked reader processes cannot share; use spawn "
+                         f"(or auto)")
     return asked
 
 

@@ -2,8 +2,8 @@
 
 Torch-free on purpose. Where DALI spawns its readers (always beside a GPU or an NPU, pipeline/dali.py
 `reader_start_method`), each reader unpickles the source and so imports the module that defines it and what that
-imports; from pipeline/dali.py that was torch, 2.5 s and about 0.5 GB per reader (docs/dali.md, "Reader processes").
-Here a reader imports numpy, Pillow (for the padding JPEG) and the shard reader.
+imports; from pipeline/dali.py that was torch, about 2 s and 0.8 GB per reader (docs/dali.md, "Reader
+processes"). Here a reader imports numpy, Pillow (for the padding JPEG) and the shard reader.
 """
 from __future__ import annotations
 

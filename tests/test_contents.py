@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,7 @@ def test_check_shards_names_each_bad_shard_in_one_line_and_exits_1(data, tmp_pat
     assert lines[0] == f"{data / 'train-000000.tar'}: missing, or not of the manifest's size"
     assert lines[1].startswith(f"{data / 'train-000004.tar'}: its sha256 is ")
     assert lines[2].startswith("shard contents: 4 shard(s) read") and ", 2 verified before" in lines[2]
+    assert re.search(r" s, \d+ MB/s, \d+\.\d\d s of CPU\), ", lines[2]), lines[2]  # the cost, wall and CPU
     assert Path(env_cache).is_dir()
     again = run_check_shards("--data_path", str(data), "--split", "val", "--fresh")
     assert again.returncode == 0 and again.stdout.startswith("shard contents: 2 shard(s) read")

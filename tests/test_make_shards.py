@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.shards import writer
-from pipeline.shards.format import Settings
+from pipeline.shards.format import LOCK_FILE, Settings
 from pipeline.shards.jpeg import decoder_available, has_restart_markers
 from pipeline.shards.verify import same_pixels
 from tests.shard_runs import interrupt_at_member
@@ -35,8 +35,10 @@ def _webdataset():
 
 
 def _outputs(dst):
-    """Every file make_shards writes (not the .parts records), name -> bytes."""
-    return {p.name: p.read_bytes() for p in sorted(Path(dst).iterdir()) if p.is_file() and p.name != ".plan.json"}
+    """Every file make_shards writes (not the .parts records, nor the lock, whose line names the run that held it:
+    pid, host, start time), name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted(Path(dst).iterdir())
+            if p.is_file() and p.name not in (".plan.json", LOCK_FILE)}
 
 
 def _labels_by_key(folder):

@@ -245,7 +245,9 @@ def data_parallel(model: torch.nn.Module, device) -> torch.nn.parallel.Distribut
 
 
 def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per_epoch: int,
-                  classes: int) -> Trainer:
+                  classes: int, data: dict | None = None) -> Trainer:
+    """`data`: the shard set's `data_identity`, which the trainer's checkpoints record (train.py reads it once, for
+    the resume's check too); None records none (the step benchmarks write no checkpoint)."""
     seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
     raw_model = build_model_for(cfg, device, classes)
     # Before DDP and compile wrap it: the average is of the bare module's weights, the same on every rank.
@@ -269,5 +271,5 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
         flops = None  # not a ViT: MFU is left out
     return Trainer(cfg, raw_model=raw_model, model=model, optim=optim, device=device, log=log, placement=placement,
                    steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops,
-                   train_samples=train_samples(cfg), data=data_identity(cfg), ema=ema, train_sides=sides,
+                   train_samples=train_samples(cfg), data=data, ema=ema, train_sides=sides,
                    eval_side=cfg.eval_size(step))

@@ -1,19 +1,18 @@
 """One run per run folder: rank 0 of a train.py run holds an advisory lock on --output from its start to its end.
 
 The lock is `flock` on <output>/train.lock, whose one line names the holder: `pid 1234 on host h (started
-2026-12-06 09:10:00)`. A second run on the folder is refused in one line naming it (exit status 2). The kernel drops
-a flock when its holder dies, kill -9 included, so a lock file whose flock can be taken is stale: the next run takes
-it over and says whose it was. A run that ends removes the file, and the folders it made if nothing else was
-written into them, so a start that fails leaves no run folder (other files in the folder, such as a launch script's
-train.log, are no concern of the lock). Other ranks get a `NoLock`."""
+2026-12-06 09:10:00)` (pipeline/shards/folderlock.py, the lock make_shards takes on its --out). A second run on the
+folder is refused in one line naming it (exit status 2). The kernel drops a flock when its holder dies, kill -9
+included, so a lock file whose flock can be taken is stale: the next run takes it over and says whose it was. A run
+that ends removes the file, and the folders it made if nothing else was written into them, so a start that fails
+leaves no run folder (other files in the folder, such as a launch script's train.log, are no concern of the lock).
+Other ranks get a `NoLock`."""
 from __future__ import annotations
 
-import fcntl
 import os
-import socket
-import time
 from pathlib import Path
 
+from pipeline.shards import folderlock
 from trainlib.config import ConfigError
 
 LOCK = "train.lock"
@@ -39,20 +38,17 @@ class RunLock:
         for _ in range(100):  # a retry per race lost to a run that ended just then: a few at most
             try:
                 self.output.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:
-                continue  # the folder went between the two calls (a run that ended removed it): make it again
             except OSError as e:
                 raise ConfigError(f"--output {self.shown}: cannot make the run folder ({e.strerror})") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read(fd) or "another run (it has not written its name yet)"
-                os.close(fd)
-                raise RunFolderInUse(f"--output {self.shown} is in use by {holder}; wait for it, or give another "
-                                     f"--output") from None
-            except OSError as e:  # a file system without flock (ENOLCK, EOPNOTSUPP)
-                os.close(fd)
+                fd, before = folderlock.take(self.path)
+            except folderlock.Held as e:
+                raise RunFolderInUse(f"--output {self.shown} is in use by "
+                                     f"{e.holder or 'another run (it has not written its name yet)'}; wait for it, or "
+                                     f"give another --output") from None
+            except FileNotFoundError:
+                continue  # the folder went between the two calls (a run that ended removed it): make it again
+            except OSError as e:  # a file system without flock (ENOLCK, EOPNOTSUPP), or one we may not write
                 raise ConfigError(f"--output {self.shown}: cannot lock {self.path} ({e.strerror}): put the run "
                                   f"folder on a file system with flock") from None
             if _same_file(fd, self.path):
@@ -60,11 +56,8 @@ class RunLock:
             os.close(fd)  # its holder removed the file between our open and our flock: lock the file there now
         else:
             raise ConfigError(f"--output {self.shown}: could not lock {self.path} (it keeps disappearing)")
-        # Our file, and ours alone: a name in it was left by a holder that died (one that ends removes the file).
-        self.stale_holder = _read(fd) or None
-        holder = f"pid {os.getpid()} on host {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (holder + "\n").encode(), 0)
+        # A line in a file we could lock was left by a holder that died (one that ends removes the file).
+        self.stale_holder = before or None
         self._fd = fd
 
     def notes(self) -> list[str]:
@@ -110,10 +103,6 @@ def _missing_folders(folder: Path) -> list[Path]:
             break
         missing.append(path)
     return missing
-
-
-def _read(fd: int) -> str:
-    return os.pread(fd, 4096, 0).decode(errors="replace").strip()
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -52,6 +52,7 @@ class Checked:
     shards_read: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's, all its threads: what the check costs on a machine shared with others
     already_verified: int = 0
     cache_note: str | None = None  # why markers could not be written (the check itself ran)
 
@@ -60,12 +61,14 @@ class Checked:
         self.shards_read += other.shards_read
         self.bytes_read += other.bytes_read
         self.seconds = max(self.seconds, other.seconds)  # parts run side by side
+        self.cpu_seconds += other.cpu_seconds
         self.already_verified += other.already_verified
         self.cache_note = self.cache_note or other.cache_note
 
     def lines(self) -> list[str]:
         """What a run prints: the cost, and each shard that differs (under --on-error skip: skipped)."""
-        rate = f", {self.bytes_read / self.seconds / 1e6:.0f} MB/s" if self.seconds > 0 and self.bytes_read else ""
+        rate = (f", {self.bytes_read / self.seconds / 1e6:.0f} MB/s, {self.cpu_seconds:.2f} s of CPU"
+                if self.seconds > 0 and self.bytes_read else "")
         out = [f"shard contents: {self.shards_read} shard(s) read and hashed ({self.bytes_read / 1e6:.1f} MB in "
                f"{self.seconds:.1f} s{rate}), {self.already_verified} verified before"]
         out += [f"shard contents: {name}: {problem}; its samples are skipped" for name, problem in
@@ -231,7 +234,7 @@ def check(data_path: str, manifest: Manifest, splits: list[str], part: tuple[int
             found.already_verified += 1
         else:
             todo.append((shard, marker))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
 
     def one(job):
         shard, marker = job
@@ -249,7 +252,7 @@ def check(data_path: str, manifest: Manifest, splits: list[str], part: tuple[int
                 found.problems[shard.name] = problem
             elif found.cache_note is None:
                 found.cache_note = _remember(marker, shard.name)
-    found.seconds = time.perf_counter() - start
+    found.seconds, found.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return found
 
 

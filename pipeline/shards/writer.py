@@ -8,13 +8,11 @@ does is a pure function of its job, so a shard's bytes depend only on the source
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
-import socket
 import sys
 import tarfile
 import tempfile
@@ -26,7 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.shards import atomicio, jpeg, storage
+from pipeline.shards import atomicio, folderlock, jpeg, storage
 from pipeline.shards.errors import ShardError, UsageError
 from pipeline.shards.format import (CLASSES, FORMAT, FORMATS, IMAGE, LABEL, LOCK_FILE, MANIFEST, PARTS_DIR, PLAN_FILE,
                                     TIMM_INFO, Manifest, Settings, ShardInfo, SplitInfo, encode_label, index_line,
@@ -365,25 +363,16 @@ class Destination:
             storage.upload(self.local / name, storage.join(self.remote, name))
 
 
-def lock_folder(folder: Path, name: str):
-    """An exclusive lock on `folder` for this run (an open file; closing it releases the lock). A second writer is
-    refused in one line naming the first: two writers would delete each other's temporary files and could leave
-    shards that disagree with the manifest. The kernel drops the lock of a process that dies, so a crash leaves
-    nothing stale."""
-    f = open(folder / LOCK_FILE, "a+")
+def lock_folder(folder: Path, name: str) -> int:
+    """An exclusive lock on `folder` for this run (a descriptor; closing it releases the lock, folderlock.py). A
+    second writer is refused in one line naming the first: two writers would delete each other's temporary files and
+    could leave shards that disagree with the manifest."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UsageError(f"{name} is being written by another make_shards ({holder}); wait for it to finish or stop "
-                         f"it") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    return f
+        fd, _ = folderlock.take(folder / LOCK_FILE)  # the line a finished run left there says nothing: replaced
+    except folderlock.Held as e:
+        raise UsageError(f"{name} is being written by another make_shards ({e.holder or 'another process'}); wait for "
+                         f"it to finish or stop it") from None
+    return fd
 
 
 def ours(name: str) -> bool:
@@ -545,7 +534,7 @@ def write_shards(src: Path, out: str | Path, given: dict, workers: int = 1, over
             # run that holds it. Workers are gone by now (build() leaves the pool before an error gets here).
             if not dest.remote:
                 remove_leftovers(dest.local)
-            lock.close()  # releases the lock (the kernel does so too when the process dies, however it dies)
+            os.close(lock)  # releases the lock (the kernel does so too when the process dies, however it dies)
 
 
 def refuse_nesting(src: Path, out: str | Path, staging: str | Path | None) -> None:
