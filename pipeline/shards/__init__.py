@@ -14,6 +14,7 @@
   repack.py       an ImageFolder written as those other forms (what the source tests and benchmark read)
   jpeg.py         the lossless re-encode with restart markers, and the region decoder that uses them
   writer.py       source -> shards (parallel, resumable)
+  folderlock.py   one process at a time in a folder (make_shards' --out, train.py's --output)
   verify.py       shards -> checked against the manifest and the source
   contents.py     shards -> checked against the manifest's sha256 and class count before training, once per copy
   reader.py       (shard, sample) -> JPEG bytes and label, through the index: the one reader of both backends
