@@ -17,46 +17,20 @@ import time
 from pathlib import Path
 
 from model import CheckpointMismatch
-from pipeline import PipelineError, SettingsError
+from pipeline import PipelineError, SettingsError, StateError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
-from trainlib.build import (build_loaders, build_rest_loader, build_trainer, check_contents, check_model, class_count,
-                            compiled_graphs, data_identity, seed_everything, train_samples)
+from trainlib.build import (build_loaders, build_trainer, check_contents, check_model, class_count, compiled_graphs,
+                            data_identity, open_data, seed_everything)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer
-from trainlib.resume import ResumePoint, check_data, resume_point
+from trainlib.resume import check_data, check_position, loader_state
 from trainlib.runlog import QuietLog, RunLog, environment, final_lines, plot_metrics
 from trainlib.runlock import NoLock, RunLock
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a process killed by it would report; here the checkpoint is written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, the same checkpoint
-
-
-def fit(cfg: TrainConfig, trainer: Trainer, train_loader, val_loader, log, rest_loader=None) -> None:
-    """Epochs from the trainer's position to --epochs (or --max-steps), evaluating and checkpointing at epoch ends.
-    `rest_loader`: the rest of an epoch resumed on another layout (trainlib.resume.resume_point)."""
-    while trainer.epoch < cfg.epochs:
-        loader = rest_loader if trainer.stages else train_loader
-        loader.set_epoch(trainer.epoch)
-        if trainer.step_in_epoch < trainer.epoch_steps:
-            trainer.train_epoch(loader)
-        if trainer.step_in_epoch < trainer.epoch_steps:  # stopped by --max-steps inside the epoch
-            trainer.save_checkpoint()
-            return
-        if loader is rest_loader:
-            rest_loader.close()  # its workers are done: the next epochs are whole ones
-        best = False
-        last_epoch = trainer.epoch + 1 == cfg.epochs
-        if val_loader is not None and ((trainer.epoch + 1) % cfg.eval_freq == 0 or last_epoch):
-            val_loader.set_epoch(trainer.epoch)
-            acc1, _, _ = trainer.evaluate(val_loader)
-            best = trainer.record_best(acc1)
-        trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
-        trainer.stages, trainer.epoch_steps = (), trainer.steps_per_epoch
-        trainer.save_checkpoint(best=best)
-        if trainer.reached_max_steps():
-            return
 
 
 def run(cfg: TrainConfig) -> None:
@@ -80,22 +54,29 @@ def run(cfg: TrainConfig) -> None:
         check_same_resume(cfg, resume_path)
         # Everything that can be checked is, before the run's first file is written: a failed start leaves nothing
         # behind that a later --resume auto could mistake for a run (the lock removes a folder it made).
-        classes = class_count(cfg)  # reads the shards' manifest
-        check_model(cfg, classes)
-        data = data_identity(cfg)  # what the checkpoints record of the shard set, and a resume compares
+        shards = open_data(cfg)  # the manifest and class list, read once for everything below
+        classes = class_count(cfg, shards)
+        shape = check_model(cfg, classes)  # the model's patch and the sides of the run, found once
+        data = data_identity(cfg, shards)  # what the checkpoints record of the shard set, and a resume compares
         state, other_data, notes = None, False, []
         if resume_path is not None:  # --resume auto: a last.pth that fails its checks falls back to an earlier one
             resume_path, state, notes = checkpoint.load_resume(cfg.resume, resume_path)
             other_data, note = check_data(state, data, cfg, resume_path)
             notes += [note] if note else []
-        checked = check_contents(cfg, placement)  # before a loader plans with a shard that is not the manifest's
-        loaders = build_loaders(cfg, device, placement, classes, checked)
+        resuming = state is not None and not cfg.evaluate and not other_data  # the run's position, not only weights
+        if resuming:
+            check_position(state, cfg, placement.world_size)
+        checked = check_contents(cfg, placement, shards)  # before a loader plans with a shard unlike the manifest's
+        loaders = build_loaders(cfg, device, placement, classes, checked, shape, shards)
         train_loader, val_loader = loaders
-        steps_per_epoch = optimizer_steps(cfg, len(train_loader)) if train_loader is not None else 1
+        steps_per_epoch = optimizer_steps(cfg, train_loader.batches_in()) if train_loader is not None else 1
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch
-        point, rest_loader = resume_layout(cfg, state, device, placement, classes, steps_per_epoch, checked,
-                                           other_data)
-        loaders += (rest_loader,)
+        if resuming:  # the loader stands where the checkpoint's run stopped, in this run's layout
+            try:
+                train_loader.load_state_dict(loader_state(state, cfg, train_loader, steps_per_epoch))
+            except StateError as e:
+                e.quiet = not placement.is_main  # every rank refuses the same state: rank 0 says it
+                raise
         if placement.is_main:
             log = RunLog(cfg.output, append=resume_path is not None, tensorboard=cfg.tensorboard)
             for stale in checkpoint.remove_stale_temp_files(cfg.output):  # left by a writer killed mid-save
@@ -104,11 +85,10 @@ def run(cfg: TrainConfig) -> None:
             log.print(note)
         for line in checked.lines() if checked is not None else ():
             log.print(line)
-        trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes, data)  # loads --pretrained
+        trainer = build_trainer(cfg, device, placement, log, steps_per_epoch, classes, data, shape)  # --pretrained
         handlers = stop_on_signals(trainer)
         if state is not None:
-            trainer.load_state_dict(state, point, optimizer_steps(cfg, len(rest_loader), rest=True)
-                                    if rest_loader is not None else steps_per_epoch)
+            trainer.load_state_dict(state, train_loader if resuming else None, other_data)
             log.print(f"resumed {resume_path}: epoch {trainer.epoch} step {trainer.step_in_epoch} "
                       f"(global {trainer.global_step})")
             trainer.last_is_good = resume_path.resolve() == (Path(cfg.output) / checkpoint.LAST).resolve()
@@ -142,7 +122,7 @@ def run(cfg: TrainConfig) -> None:
             start = trainer.global_step + 1 if other_data else state["global_step"] + 1
             log.record("resume", from_step=start, next_step=trainer.global_step + 1, epoch=state["epoch"],
                        checkpoint=str(resume_path))
-        fit(cfg, trainer, train_loader, val_loader, log, rest_loader)
+        trainer.fit(train_loader, val_loader)
         summarize(cfg, trainer, log, time.perf_counter() - t_start)
     except RuntimeError as e:
         lost = distributed.lost_peer(e, cfg, placement)
@@ -162,12 +142,11 @@ def run(cfg: TrainConfig) -> None:
             signal.signal(sig, handler)  # as they were: a caller (a test, a notebook) keeps its own handling
 
 
-def optimizer_steps(cfg: TrainConfig, batches: int, rest: bool = False) -> int:
-    """An epoch's optimizer steps: its loader batches in groups of --grad-accum-steps (fewer than that many batches
-    at its end sit it out, as samples do that cannot fill a batch). `rest`: the rest of a resumed epoch, which may
-    be empty."""
+def optimizer_steps(cfg: TrainConfig, batches: int) -> int:
+    """A whole epoch's optimizer steps: its loader batches in groups of --grad-accum-steps (fewer than that many
+    batches at its end sit it out, as samples do that cannot fill a batch)."""
     steps = batches // cfg.grad_accum_steps
-    if steps == 0 and not rest:
+    if steps == 0:
         raise ConfigError(f"--grad-accum-steps {cfg.grad_accum_steps}: an epoch has only {batches} batches of "
                           f"{cfg.batch_size} per rank; lower it or --batch-size")
     return steps
@@ -181,21 +160,6 @@ def check_same_resume(cfg: TrainConfig, resume_path: Path | None) -> None:
     if len(set(seen)) > 1:
         raise ConfigError(f"--resume {cfg.resume}: ranks found different checkpoints {sorted(set(map(str, seen)))}; "
                           f"put --output on storage that every node sees, or pass --resume PATH")
-
-
-def resume_layout(cfg: TrainConfig, state: dict | None, device, placement, classes: int, steps_per_epoch: int,
-                  checked=None, other_data: bool = False):
-    """(ResumePoint, the train loader for the rest of its epoch when another layout ran part of it, else None) for a
-    training resume from `state`; (None, None) for a fresh start or --evaluate. `other_data`: `state` was trained on
-    another shard set (--resume-other-data), so it starts at epoch 0 of this one."""
-    if state is None or cfg.evaluate:
-        return None, None
-    if other_data:
-        return ResumePoint(0, exact=False, other_data=True), None
-    point = resume_point(state, cfg, placement.world_size, steps_per_epoch, train_samples(cfg))
-    if not point.stages:
-        return point, None
-    return point, build_rest_loader(cfg, device, placement, classes, state["epoch"], point.stages, checked)
 
 
 def stop_on_signals(trainer: Trainer) -> dict:

@@ -10,8 +10,10 @@
                                             flip of pipeline/transforms.py, then pipeline/augment.py's ops on the
                                             tile (--aa, --color-jitter; train)
   uint8 batch -> model input on the device  pipeline/transforms.py `to_model_input`
-  all of it behind one loader               pipeline/loader.py (`LoaderSpec`, `Loader`), pipeline/backends.py
-                                            (`build_loader`: the registry of backends and their options)
+  all of it behind one loader               pipeline/loader.py (`LoaderSpec`, `Loader`: its epoch's position and
+                                            its state_dict), pipeline/shard_loader.py (what shard readers share),
+                                            pipeline/backends.py (`build_loader`: the registry of backends and their
+                                            options), pipeline/config.py (`DataConfig`: the knobs every command shares)
   benchmarks                                pipeline/bench/ (`python -m pipeline.bench`, the torchvision baseline)
 
 `build_loader`, `LoaderSpec` and the other names below are imported from their modules on first use, so that
@@ -24,7 +26,8 @@ import importlib
 _EXPORTS = {
     "build_loader": "pipeline.backends", "BACKENDS": "pipeline.backends", "get_backend": "pipeline.backends",
     "LoaderSpec": "pipeline.loader", "Loader": "pipeline.loader", "IMAGENET_CLASSES": "pipeline.loader",
-    "endless": "pipeline.loader", "timed": "pipeline.loader",
+    "Batch": "pipeline.loader", "StateError": "pipeline.loader", "timed": "pipeline.loader",
+    "open_shard_set": "pipeline.shards.format", "ShardSet": "pipeline.shards.format",
     "PipelineError": "pipeline.shards.errors", "ShardError": "pipeline.shards.errors",
     "SettingsError": "pipeline.shards.errors",
 }

@@ -22,8 +22,6 @@ class Backend:
     help: str
     reads_shards: bool = True  # False: data_path is optional
     skips_bad_samples: bool = False  # supports on_error="skip"
-    rest_of_epoch: str | None = None  # the backend that makes the rest of a resumed epoch instead (a short rest
-    # may leave a hybrid's decoder no batch)
 
     def loader_class(self) -> type[Loader]:
         return getattr(importlib.import_module(self.module), self.loader)
@@ -36,7 +34,7 @@ REGISTRY = {b.name: b for b in (
     Backend("host", "pipeline.host", "HostLoader", "HostOptions", "Pillow worker processes", skips_bad_samples=True),
     Backend("dali", "pipeline.dali", "DaliLoader", "DaliOptions", "NVIDIA DALI (GPU decode; CPU operators elsewhere)"),
     Backend("hybrid", "pipeline.hybrid", "HybridLoader", "HybridOptions",
-            "DALI and host workers, each a share of the batches", rest_of_epoch="host"),
+            "DALI and host workers, each a share of the batches"),
     Backend("synthetic", "pipeline.synthetic", "SyntheticLoader", None, "one random batch resident on the device",
             reads_shards=False),
 )}

@@ -48,8 +48,9 @@ import torch
 from pipeline.augment import LEVEL_DENOM, LEVEL_TO_ARG, Augment
 from pipeline.cli import knob
 from pipeline.dali_reader import BatchSource
-from pipeline.loader import LoaderSpec, ShardLoader
+from pipeline.loader import LoaderSpec
 from pipeline.processes import main_not_replayed, own_temp_folder, stop_signals_blocked
+from pipeline.shard_loader import ShardLoader
 from pipeline.shards.errors import ShardError
 from pipeline.transforms import Transform, to_model_input
 
@@ -510,13 +511,13 @@ class DaliLoader(ShardLoader):
                 f"({self.start_method or self.opts.py_start_method}), augment "
                 f"{s.transform.augment.describe()}{s.repeats_note}")
 
-    # -- the run (pipeline/loader.py ShardLoader): one pipeline, whose source runs on across epochs ----------------
-    def start_run(self, epoch: int) -> None:
+    # -- the run (pipeline/shard_loader.py): one pipeline, whose source runs on across epochs ---------------------
+    def start_run(self, position) -> None:
         self.output.drain()
         self._pipe = None  # the old pipeline's memory goes before the new one takes its own
-        s = self.spec
-        source = BatchSource(self.planner, epoch, self.batches, self.manifest.num_classes, s.img_size,
-                             s.res_schedule if s.train else None)
+        s, epoch, first = self.spec, position.epoch, self.batches_of(position.epoch, position)[position.local:]
+        source = BatchSource(self.planner_for(position), epoch, first, self.whole_batches, self.manifest.num_classes,
+                             s.img_size, s.res_schedule if s.train else None)
         self.start_method = reader_start_method(self.opts.py_start_method, self.dali,
                                                 on_gpu=self.output.device_id is not None)
         # DALI's conditionals (`if` on data) only where the augmentation routes samples: the plain graph stays as is
@@ -533,15 +534,14 @@ class DaliLoader(ShardLoader):
         with main_not_replayed(), stop_signals_blocked():  # readers: not the user's script, not the trainer's signals
             self._pipe.build()
 
-    def take(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, k: int, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         stream = self.output.stream()
-        index = self.batches[step]
         try:
             # Outputs come back ordered on torch's current stream: no host sync, the copy below waits on DALI's work.
             images_dali, labels, jpeg_shapes = self._pipe.run(stream)
         except Exception as e:  # noqa: BLE001 - DALI raises bare Exceptions for errors in its source workers
-            raise ShardError(f"DALI failed on {self.spec.split} batch {index} of epoch {self.epoch} (rank "
-                             f"{self.spec.rank}), reading {', '.join(self._suspects(step))}: {dali_reason(e)}") from e
+            raise ShardError(f"DALI failed on {self.spec.split} batch {index} of epoch {epoch} (rank {self.spec.rank}"
+                             f"), reading {', '.join(self._suspects(k, epoch))}: {dali_reason(e)}") from e
         labels = np.asarray(labels.as_array()).reshape(-1)
         self.bytes_read += int(np.asarray(jpeg_shapes.as_array()).reshape(len(labels), -1)[labels >= 0].sum())
         out = torch.from_numpy(labels)
@@ -549,11 +549,11 @@ class DaliLoader(ShardLoader):
         out = out.pin_memory().to(self.spec.device, non_blocking=True) if self.spec.device.type != "cpu" else out
         return self._to_torch(images_dali, stream), out
 
-    def _suspects(self, step: int) -> list[str]:
+    def _suspects(self, k: int, epoch: int) -> list[str]:
         """The shards the failing batch can have come from. DALI reports errors per batch, and runs its queues a few
         batches ahead, so the batches up to that depth are named."""
-        ahead = self.batches[step:step + self.spec.prefetch + 2]
-        names = {Path(ref[0].path).name for i in ahead for ref in self.planner.batch(self.epoch, i) if ref}
+        ahead = self.batches_of(epoch)[k:k + self.spec.prefetch + 2]
+        names = {Path(ref[0].path).name for i in ahead for ref in self.planner.batch(epoch, i) if ref}
         return sorted(names) or ["(padding only)"]
 
     def _to_torch(self, images_dali, stream) -> torch.Tensor:

@@ -28,26 +28,34 @@ def padding_jpeg() -> np.ndarray:
 
 
 class BatchSource:
-    """DALI's parallel external source for one loader: batch g of the pipeline's run is batch batches[g % n] of epoch
-    first_epoch + g // n, n = len(batches) (plan rule 4), returned as (JPEG bytes per sample, int64 labels, the
-    epoch's output side per sample as float32 (side, side)). The side is `schedule`'s for the epoch, or `img_size`
-    without one (val, or a train run at one side); it travels with the batch, as an argument input of the resize, so
-    a schedule changes it at the epoch boundary without a rebuild.
+    """DALI's parallel external source for one loader: the pipeline's run makes rank-local batches `first` of epoch
+    `first_epoch` (the rest of it from the loader's position), then batches `whole` of each epoch after (plan rule
+    4), each returned as (JPEG bytes per sample, int64 labels, the epoch's output side per sample as float32 (side,
+    side)). The side is `schedule`'s for the epoch, or `img_size` without one (val, or a train run at one side); it
+    travels with the batch, as an argument input of the resize, so a schedule changes it at the epoch boundary
+    without a rebuild. `planner` holds the plan of `first_epoch` (that of a resumed one, pipeline/plan.py rule 6).
     Stateless per call, as DALI's workers require; it never ends, so DALI reads and decodes across epoch
     boundaries."""
 
-    def __init__(self, planner: EpochPlanner, first_epoch: int, batches: list[int], num_classes: int | None,
-                 img_size: int, schedule: ResSchedule | None = None):
-        self.planner, self.first_epoch, self.batches, self.num_classes = planner, first_epoch, batches, num_classes
+    def __init__(self, planner: EpochPlanner, first_epoch: int, first: list[int], whole: list[int],
+                 num_classes: int | None, img_size: int, schedule: ResSchedule | None = None):
+        self.planner, self.first_epoch, self.num_classes = planner, first_epoch, num_classes
+        self.first, self.whole = first, whole
         self.img_size, self.schedule = img_size, schedule
         self.reader = ShardReader()
 
     def side(self, epoch: int) -> int:
         return self.schedule.size(epoch) if self.schedule is not None else self.img_size
 
+    def batch(self, iteration: int) -> tuple[int, int]:
+        """(epoch, rank-local batch index) of the run's `iteration`-th batch."""
+        if iteration < len(self.first):
+            return self.first_epoch, self.first[iteration]
+        later = iteration - len(self.first)
+        return self.first_epoch + 1 + later // len(self.whole), self.whole[later % len(self.whole)]
+
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        n = len(self.batches)
-        epoch, index = self.first_epoch + info.iteration // n, self.batches[info.iteration % n]
+        epoch, index = self.batch(info.iteration)
         samples = self.reader.read_batch(self.planner, epoch, index)
         jpegs, labels = [], np.full(len(samples), -1, np.int64)
         for i, sample in enumerate(samples):

@@ -27,9 +27,10 @@ from pipeline.augment import KERNELS_BUILT
 from pipeline.cli import knob
 from pipeline.host_worker import (Crashed, Release, SampleFailed, StartRun, Stop, WorkerConfig, slot_arrays,
                                   slot_nbytes, worker_main)
-from pipeline.loader import LoaderSpec, ShardLoader
+from pipeline.loader import LoaderSpec
 from pipeline.plan import worker_of
 from pipeline.processes import main_not_replayed, one_thread_each, own_temp_folder, stop_signals_blocked
+from pipeline.shard_loader import ShardLoader
 from pipeline.shards import storage
 from pipeline.shards.errors import PipelineError, SampleError, ShardError
 from pipeline.shards.jpeg import DECODERS, decoder_available, default_decoder, pillow_is_simd
@@ -275,7 +276,6 @@ class HostLoader(ShardLoader):
         self._procs, self._conns, self._shms, self._views, self._locks = [], [], [], [], []
         self._finalizer = weakref.finalize(self, shutdown, self._procs, self._conns, self._shms, self._views,
                                            self._locks)
-        self.sides = spec.sides  # each has its views of the slots
         self._start_workers(self.manifest.num_classes)
         self.transfer = make_transfer(spec, depth=max(1, spec.prefetch) + 1)
 
@@ -304,13 +304,13 @@ class HostLoader(ShardLoader):
                 self._locks.append(lock_segment(shm.name))
                 names.append(shm.name)
             self._views.append({side: [slot_arrays(s.buf, spec.batch_size, side) for s in self._shms[-slots:]]
-                                for side in self.sides})
+                                for side in spec.sides})  # each side has its views of the slots
             cfg = WorkerConfig(
                 worker=w, num_workers=self.num_workers, planner=self.planner, transform=spec.transform,
                 skip_bad=spec.on_error == "skip", num_classes=num_classes, slot_names=tuple(names),
-                environment=tuple(storage.environment().items()), batches=tuple(self.batches),
+                environment=tuple(storage.environment().items()), part=spec.part,
                 decoder=self.opts.resolved_decoder, schedule=spec.res_schedule if spec.train else None,
-                resized=tuple(spec.transform_at(side) for side in self.sides if side != spec.img_size))
+                resized=tuple(spec.transform_at(side) for side in spec.sides if side != spec.img_size))
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(cfg, child_end), name=f"host-worker-{w}", daemon=True)
             with main_not_replayed(), one_thread_each():  # no main guard needed in the user's script
@@ -349,19 +349,19 @@ class HostLoader(ShardLoader):
             raise RuntimeError("this HostLoader is closed")
         return super().__iter__()
 
-    # -- the run (pipeline/loader.py ShardLoader) -------------------------------------------------------------------
-    def start_run(self, epoch: int) -> None:
+    # -- the run (pipeline/shard_loader.py) --------------------------------------------------------------------------
+    def start_run(self, position) -> None:
         for conn in self._conns:
-            conn.send(StartRun(self.run.number, epoch))
+            conn.send(StartRun(self.run.number, position.epoch, position.local, position.stages))
 
     def ahead(self) -> int:
         return max(1, self.spec.prefetch)
 
-    def take(self, step: int):
-        """Wait for the worker's batch `step` of the run, start its transfer, give the slot back."""
-        worker = worker_of(step, self.num_workers)
-        slot = self._receive(worker, self.batches[step], self.run.number, self.run.epoch)
-        images, labels = self._views[worker][self.spec.size_at(self.run.epoch)][slot]
+    def take(self, k: int, index: int, epoch: int):
+        """Wait for batch `index` of `epoch` (this loader's k-th of it), start its transfer, give the slot back."""
+        worker = worker_of(k, self.num_workers)
+        slot = self._receive(worker, index, self.run.number, epoch)
+        images, labels = self._views[worker][self.side_at(epoch)][slot]
         pending = self.transfer.start(images, labels)
         try:
             self._conns[worker].send(Release(self.run.number, slot))

@@ -6,7 +6,7 @@ shared rule in `pipeline/plan.py`, reads their samples with the one reader (`pip
 the parent `BatchReady` ("slot k holds batch i"). A batch's crops and flips are seeded by (seed, epoch, rank, batch),
 so the batches do not depend on how many workers made them. After `StartRun` a worker runs on into the following
 epochs, as far as its free slots allow, so the next epoch's first batches are ready when it starts; a new `StartRun`
-(a new run number, `pipeline.loader.EpochRun`) restarts it elsewhere, and messages about an abandoned run are
+(a new run number, `pipeline.shard_loader.EpochRun`) restarts it elsewhere, and messages about an abandoned run are
 ignored.
 """
 from __future__ import annotations
@@ -17,13 +17,13 @@ import random
 import tempfile
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.plan import EpochPlanner, worker_batches
+from pipeline.plan import EpochPlanner, share_of, worker_batches
 from pipeline.processes import keep_freed_memory_in_the_heap, leave_stop_signals_to_the_parent
 from pipeline.resolution import ResSchedule
 from pipeline.shards.errors import SampleError, ShardError
@@ -36,6 +36,8 @@ from pipeline.transforms import PIL_RESAMPLE, Transform, rgb_into
 class StartRun(NamedTuple):
     run: int  # the parent's run number
     epoch: int  # the run's first epoch
+    start: int = 0  # of that epoch's batches (the loader's k-th), the first to make: the loader's position
+    stages: tuple = ()  # the layouts that read part of that epoch before (pipeline/plan.py rule 6)
 
 
 class Release(NamedTuple):
@@ -81,7 +83,7 @@ class WorkerConfig:
     num_classes: int | None  # labels outside [0, num_classes) are corrupt samples; None: not checked
     slot_names: tuple[str, ...]
     environment: tuple[tuple[str, str], ...] = ()  # the parent's AWS_* settings (a forkserver may predate them)
-    batches: tuple[int, ...] | None = None  # the rank-local batches the loader makes (None: all; hybrid: its part)
+    part: tuple[float, int] | None = None  # (share, part): the loader makes only that part of each epoch (hybrid)
     decoder: str = "pillow"  # pipeline/shards/jpeg.py: "region" or "pillow"
     schedule: ResSchedule | None = None  # train: the side per epoch (pipeline/resolution.py); slots fit the largest
     resized: tuple[Transform, ...] = ()  # the policy at each side of the schedule but `transform`'s
@@ -126,12 +128,10 @@ def slot_nbytes(batch_size: int, img_size: int) -> int:
     return batch_size * img_size * img_size * 3 + batch_size * 8
 
 
-def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray,
-           transform: Transform | None = None) -> None:
-    """The sample's crop box by the transform policy (`transform`, else the config's), decoded and resized to the
-    output size (pipeline/shards/jpeg.py), flipped, into `out` (S,S,3) uint8, then augmented there. The sample is
-    usable (`usable_label`)."""
-    t = transform or cfg.transform
+def decode(sample: Sample, cfg: WorkerConfig, rng: random.Random, out: np.ndarray, t: Transform) -> None:
+    """The sample's crop box by the transform policy `t` (the epoch's), decoded and resized to its output size
+    (pipeline/shards/jpeg.py), flipped, into `out` (S,S,3) uint8, then augmented there. The sample is usable
+    (`usable_label`)."""
     try:
         image = crop_resize(sample.jpg, functools.partial(t.crop_box, rng=rng), t.img_size,
                             PIL_RESAMPLE[t.interpolation], cfg.decoder)
@@ -191,7 +191,7 @@ class Mailbox:
 
 
 def fill_batch(cfg: WorkerConfig, samples: list[Sample | None], images, labels, rng: random.Random,
-               stats: "Stats", transform: Transform | None = None) -> None:
+               stats: "Stats", transform: Transform) -> None:
     """Decode one batch into a slot; None entries are val padding (zeros, label -1). In skip mode a bad val sample
     becomes padding (val stays exact), a bad train sample a copy of a good sample of the same batch."""
     bad = []
@@ -226,12 +226,14 @@ class Stats:
     skipped: dict = field(default_factory=dict)  # shard file name -> samples skipped there
 
 
-def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: ShardReader,
-              read_ahead: ThreadPoolExecutor) -> int:
-    """Make this worker's batches of `epoch`; returns how many there were."""
-    planner, stats, transform = cfg.planner, Stats(), cfg.transform_at(epoch)
-    batches = cfg.batches if cfg.batches is not None else range(planner.plan(epoch).steps)
-    mine = [batches[k] for k in worker_batches(len(batches), cfg.worker, cfg.num_workers)]
+def run_epoch(cfg: WorkerConfig, planner: EpochPlanner, epoch: int, start: int, mailbox: Mailbox, slots,
+              reader: ShardReader, read_ahead: ThreadPoolExecutor) -> int:
+    """Make this worker's batches of `epoch` from the loader's `start`-th on; returns how many the loader makes in
+    that epoch (all workers together)."""
+    stats, transform = Stats(), cfg.transform_at(epoch)
+    steps = planner.plan(epoch).steps
+    batches = share_of(steps, *cfg.part) if cfg.part is not None else range(steps)
+    mine = [batches[k] for k in worker_batches(len(batches), cfg.worker, cfg.num_workers) if k >= start]
     # The next batch's bytes are read on a thread while this one decodes: reading waits on the disk or the network
     # (object storage: round trips), decoding on the CPU, so they overlap.
     pending = read_ahead.submit(reader.read_batch, planner, epoch, mine[0]) if mine else None
@@ -246,7 +248,7 @@ def run_epoch(cfg: WorkerConfig, epoch: int, mailbox: Mailbox, slots, reader: Sh
         fill_batch(cfg, samples, images, labels, rng, stats, transform)
         mailbox.conn.send(BatchReady(mailbox.run, slot, epoch, batch_index, stats.bytes_read, stats.skipped))
         stats.bytes_read, stats.skipped = 0, {}
-    return len(mine)
+    return len(batches)
 
 
 def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
@@ -257,12 +259,16 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
             msg = mailbox.conn.recv()  # a late release for a run already over
             continue
         mailbox.start(msg.run)
-        epoch = msg.epoch
+        epoch, start = msg.epoch, msg.start
+        # An epoch that other layouts read part of has a plan of its own (pipeline/plan.py rule 6); the rest are whole
+        planner = replace(cfg.planner, resumed_epoch=epoch, stages=msg.stages) if msg.stages else \
+            cfg.planner
         try:
-            # Epoch after epoch, until a command interrupts (take_slot waits for free slots); a worker with no
-            # batches at all waits for the parent's next command instead.
-            while run_epoch(cfg, epoch, mailbox, slots, reader, read_ahead):
-                epoch += 1
+            # Epoch after epoch, until a command interrupts (take_slot waits for free slots). Only the rest of a
+            # resumed epoch may have no batch for the loader; the epochs after it have.
+            while run_epoch(cfg, planner, epoch, start, mailbox, slots, reader, read_ahead) or (
+                    epoch == msg.epoch and msg.stages):
+                epoch, start = epoch + 1, 0
             msg = mailbox.conn.recv()
         except Interrupted as stop:
             msg = stop.message

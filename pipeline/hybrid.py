@@ -9,6 +9,7 @@ other. Both parts run on across epoch boundaries, as their backends do alone.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from pipeline.cli import knob
 from pipeline.dali import DaliLoader, DaliOptions
 from pipeline.host import HostLoader, HostOptions
 from pipeline.loader import Loader, LoaderSpec
+from pipeline.plan import Position, share_of
 
 
 @dataclass(frozen=True)
@@ -42,22 +44,23 @@ class HybridLoader(Loader):
         share = self.opts.dali_share
         self.dali = DaliLoader(dataclasses.replace(spec, options=self.opts.dali, part=(share, 0)))
         try:
-            self.host = HostLoader(dataclasses.replace(spec, options=self.opts.host, part=(share, 1)))
+            self.host = HostLoader(dataclasses.replace(spec, options=self.opts.host, part=(share, 1),
+                                                       shards=self.dali.shard_set))
         except BaseException:
             self.dali.close()
             raise
-        self.steps = len(self.dali) + len(self.host)
         self.num_workers = self.host.num_workers
+        self.num_samples, self.fingerprint = self.host.num_samples, self.host.fingerprint
         if not len(self.dali) or not len(self.host):
             self.close()
-            raise ValueError(f"dali_share {share} leaves one decoder none of the {self.steps} batches an epoch; "
-                             f"use that decoder's backend alone")
-        self.dali_batches = set(self.dali.batches)
+            raise ValueError(f"dali_share {share} leaves one decoder none of the {self.batches_in()} batches an "
+                             f"epoch; use that decoder's backend alone")
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.dali.set_epoch(epoch)
-        self.host.set_epoch(epoch)
+    def batches_in(self, epoch: int | None = None) -> int:
+        # The parts stand where this loader does (_batches places them): the whole epoch is theirs together.
+        if epoch is None or epoch != self.epoch or not self.position.stages:
+            return self.dali.whole.plan(0).steps
+        return self.position.offset + self.dali.planner_for(self.position).plan(epoch).steps
 
     @property
     def bytes_read(self) -> int:
@@ -67,14 +70,21 @@ class HybridLoader(Loader):
     def skipped_shards(self) -> dict[str, int]:
         return self.host.skipped_shards  # DALI supports on_error="raise" only
 
-    def __iter__(self):
-        dali, host = iter(self.dali), iter(self.host)
-        for index in range(self.steps):
-            yield next(dali) if index in self.dali_batches else next(host)
+    def _batches(self, position: Position):
+        # Each part stands at its own count of the batches before the position; a short rest of a resumed epoch may
+        # leave one part none, which it then skips.
+        count = len(self) - position.offset  # this layout's batches of the epoch
+        mine = share_of(count, self.opts.dali_share, 0)
+        done = bisect.bisect_left(mine, position.local)
+        self.dali.position = Position(position.epoch, position.stages, position.offset + done)
+        self.host.position = Position(position.epoch, position.stages, position.batch - done)
+        dali, host, mine = iter(self.dali), iter(self.host), set(mine)
+        for index in range(position.local, count):
+            yield next(dali) if index in mine else next(host)
 
     def describe(self) -> str:
-        return (f"hybrid: {len(self.dali)} of {self.steps} batches an epoch by {self.dali.describe()}; the other "
-                f"{len(self.host)} by {self.host.describe()}")
+        return (f"hybrid: {len(self.dali)} of {self.batches_in()} batches an epoch by {self.dali.describe()}; the "
+                f"other {len(self.host)} by {self.host.describe()}")
 
     def notes(self) -> list[str]:
         return self.dali.notes() + self.host.notes()

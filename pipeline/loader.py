@@ -1,25 +1,28 @@
-"""What every backend is: built from a `LoaderSpec`, a `Loader` that yields `(images, labels)` already on
+"""What every backend is: built from a `LoaderSpec`, a `Loader` that yields `Batch(images, labels)` already on
 `spec.device`, epoch by epoch:
   images  NCHW, `spec.dtype`; normalized with the model's mean/std, or raw 0..255 when `spec.dtype` is torch.uint8
           (for a model that folds normalization into its patch embedding); the pixels follow `spec.transform`
-          (pipeline/transforms.py);
+          (pipeline/transforms.py); `Batch.side` is their side (the epoch's, under a schedule);
   labels  int64; -1 marks val padding samples that metrics must skip.
-`Loader` holds everything a caller may use (nobody probes a loader with hasattr); `ShardLoader` adds what the
-backends that read shards share: the shard list and the epoch plan, and `EpochRun`, the one rule by which a
-loader's producers run on from one epoch into the next.
+The loader owns its epoch: where it stands (`Position`: epoch, batches handed out, the layouts that read part of
+the epoch before), how many batches an epoch has, and its side. `state_dict()` / `load_state_dict()` save and
+restore that position with torchdata's `StatefulDataLoader` meaning, on another world size too (pipeline/plan.py
+rule 6), so any training loop (train.py, Lightning, Accelerate, a plain loop) resumes exactly.
+`Loader` holds everything a caller may use (nobody probes a loader with hasattr); pipeline/shard_loader.py adds
+what the backends that read shards share.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
-from pipeline.plan import EpochPlanner, Stage, share_of
+from pipeline.plan import EpochPlanner, Position, Stage, continue_epoch, share_of
 from pipeline.resolution import ResSchedule
-from pipeline.shards.errors import ShardError
-from pipeline.shards.format import Manifest, Shard, read_manifest, shard_list
+from pipeline.shards.errors import PipelineError
+from pipeline.shards.format import Shard, ShardSet
 from pipeline.augment import Augment, parse as parse_augment
 from pipeline.transforms import Transform
 
@@ -59,8 +62,7 @@ class LoaderSpec:
     options: object = None  # the backend's own typed options (pipeline.host.HostOptions, pipeline.dali.DaliOptions);
     # None = that backend's defaults
     part: tuple[float, int] | None = None  # (share, 0 or 1): make only that part of each epoch's batches (hybrid)
-    resumed_epoch: int | None = None  # train: the epoch an elastic resume continues (pipeline/plan.py rule 6); the
-    stages: tuple[Stage, ...] = ()  # layouts that ran part of it. The loader's length is that epoch's rest.
+    shards: ShardSet | None = None  # the set at data_path, opened already (open_shard_set); None: the loader opens it
 
     @property
     def train(self) -> bool:
@@ -131,20 +133,50 @@ class LoaderSpec:
     def planner(self, shards: list[Shard]) -> EpochPlanner:
         """The epoch/rank plan of this rank over `shards` (pipeline/plan.py)."""
         return EpochPlanner(tuple(shards), self.train, self.batch_size, self.rank, self.world_size, self.seed,
-                            self.shuffle_window, self.resumed_epoch, tuple(self.stages), self.aug_repeats)
+                            self.shuffle_window, aug_repeats=self.aug_repeats)
+
+    @property
+    def repeats(self) -> int:
+        return self.aug_repeats if self.train else 1  # val reads each sample once
+
+
+STATE_FORMAT = 1  # of `Loader.state_dict()`; a state of another format is refused in one line
+
+
+class StateError(PipelineError):
+    """A loader state that does not fit this loader (another shard set, seed or split); the message says what."""
+
+
+class Batch(NamedTuple):
+    """What a loader yields: unpacks as `images, labels = batch`, and says its side."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def side(self) -> int:
+        """The images' side in pixels (NCHW, square): the epoch's, under a schedule (pipeline/resolution.py)."""
+        return self.images.shape[-1]
 
 
 class Loader:
-    """The protocol every backend honours, with the defaults of a loader that reads nothing (synthetic)."""
+    """The protocol every backend honours, with the defaults of a loader that reads nothing (synthetic). A backend
+    defines `batches_in(epoch)` and `_batches(position)` (the batches of `position.epoch` from `position.batch` on);
+    iterating hands them out and moves the position."""
 
     bytes_read: int = 0  # compressed bytes read from shards, all epochs (a backend that reads adds to it)
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        self.epoch = 0
-        self.steps = 0  # batches per epoch, equal on every rank
+        self.position = Position()
         self.num_workers = spec.workers  # decode processes or threads actually used
+        self.num_samples = 0  # the split's samples (a backend sets it)
+        self.fingerprint: str | None = None  # its shards' digest (ShardSet.fingerprint); None: no shards read
         self._skipped: dict[str, int] = {}
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
 
     @property
     def skipped_shards(self) -> dict[str, int]:
@@ -152,13 +184,92 @@ class Loader:
         return self._skipped
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """The epoch the next iteration makes: the current one keeps its position (a resumed epoch goes on where it
+        stands); another starts from its beginning. Optional: an epoch iterated to its end moves on to the next."""
+        if epoch != self.position.epoch:
+            self.position = Position(epoch)
+
+    def batches_in(self, epoch: int | None = None) -> int:
+        """The batches `epoch` has in this layout, equal on every rank (None: a whole epoch, as every epoch but a
+        resumed one has; a resumed one counts the earlier layouts' too, `Position.offset`)."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
-        return self.steps
+        """The current epoch's batches, `position.batch` of them handed out. After a resume on another layout both
+        count on from the batches the earlier layouts handed out of it (`position.offset`), as StatefulDataLoader's
+        do: its length is then those and the rest of the epoch in this layout."""
+        return self.batches_in(self.position.epoch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def side_at(self, epoch: int) -> int:
+        """The side of `epoch`'s images."""
+        return self.spec.size_at(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        position = self.position
+        count = len(self)
+        made = self._batches(position) if position.batch < count else iter(())
+        for k in range(position.batch, count):
+            images, labels = next(made)
+            # Before the yield: a state taken while the consumer holds this batch counts it as handed out.
+            self.position = Position(position.epoch, position.stages, k + 1) if k + 1 < count else \
+                Position(position.epoch + 1)
+            yield Batch(images, labels)
+        if position.batch >= count:  # an empty rest of an epoch (elastic): the next epoch follows
+            self.position = Position(position.epoch + 1)
+
+    def _batches(self, position: Position) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    # -- the position as plain data: torchdata's StatefulDataLoader protocol ---------------------------------------
+
+    def state_dict(self) -> dict:
+        """Where the loader stands after the last batch it handed out, as plain data (`torch.load(...,
+        weights_only=True)` reads it): the position, the layout it was taken in, and what identifies the plan."""
+        p, s = self.position, self.spec
+        return {"format": STATE_FORMAT, "split": s.split, "epoch": p.epoch, "batch": p.batch,
+                "stages": [[st.world_size, st.batch_size, st.steps_done] for st in p.stages],
+                "world_size": s.world_size, "batch_size": s.batch_size, "repeats": s.repeats, "seed": s.seed,
+                "shuffle_window": s.shuffle_window, "samples": self.num_samples, "shards": self.fingerprint,
+                "side": self.side_at(p.epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Stand where `state` (another loader's `state_dict()`, of any world size and batch size) stood: the next
+        iteration yields the rest of its epoch, which ends where that epoch ends. On another layout that rest is
+        the epoch's samples no layout has read yet (pipeline/plan.py rule 6). StateError, in one line, for a state
+        that is not one, or (inside an epoch: at an epoch's start only the epoch counts) of another plan."""
+        keys = set(self.state_dict()) - {"side"}
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not keys <= set(state):
+            got = f"format {state.get('format')!r}" if isinstance(state, dict) else type(state).__name__
+            missing = f" without {', '.join(sorted(keys - set(state)))}" if isinstance(state, dict) else ""
+            raise StateError(f"loader state: {got}{missing}; this loader reads the state_dict() of format "
+                             f"{STATE_FORMAT}")
+        s = self.spec
+        position = Position(state["epoch"], tuple(Stage(*st) for st in state["stages"]), state["batch"])
+        inside = bool(position.batch or position.stages)
+        said = {"split": lambda a, b: f"a state of the {a} split, this loader reads {b}",
+                "seed": lambda a, b: f"taken with seed {a}, this loader's is {b}",
+                "shuffle_window": lambda a, b: f"taken with shuffle_window {a}, this loader's is {b}",
+                "shards": lambda a, b: f"taken on {f'shards {a}' if a else 'no shards (synthetic input)'}, this "
+                                       f"loader reads {f'shards {b}' if b else 'none'} (another shard set)",
+                "samples": lambda a, b: f"taken on {a} samples, this loader's split has {b}"}
+        mine = {"split": s.split, "seed": s.seed, "shuffle_window": s.shuffle_window, "shards": self.fingerprint,
+                "samples": self.num_samples}
+        for key, here in mine.items():
+            if state[key] != here and (inside or key == "split"):
+                raise StateError(f"loader state: {said[key](state[key], here)}; the rest of an epoch continues "
+                                 f"only the plan it was taken on (the same shard set, split, seed and window)")
+        then, now = (state["world_size"], state["batch_size"]), (s.world_size, s.batch_size)
+        if inside and (state["repeats"] != s.repeats or (s.repeats > 1 and then != now)):
+            raise StateError(
+                f"loader state: taken inside epoch {position.epoch} read with aug_repeats {state['repeats']} on "
+                f"{then[0]} x {then[1]} (ranks x batch); such an epoch continues only as it was read (aug_repeats "
+                f"{state['repeats']}, {then[0]} x {then[1]}): this loader is aug_repeats {s.repeats}, "
+                f"{now[0]} x {now[1]}")
+        before, self.position = self.position, continue_epoch(position, then, now)
+        if self.position.batch > len(self):  # the epoch's length in the new position
+            count, self.position = len(self), before
+            raise StateError(f"loader state: batch {position.batch} of epoch {position.epoch}, which has {count} "
+                             f"batches here")
 
     def describe(self) -> str:
         """One line for the run log: what makes the batches, and how."""
@@ -176,109 +287,6 @@ class Loader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class EpochRun:
-    """Whether a loader's producers can run on: they make epoch after epoch (the host workers, DALI's source), so
-    the next epoch's first batches are made while this one's last steps train. A run starts at an epoch and
-    counts the batches taken from it; the epoch asked for follows on when whole epochs were taken and it is the
-    next one. Val reads the same batches every epoch, so there any epoch follows on."""
-
-    def __init__(self, train: bool, steps: int):
-        self.train, self.steps = train, steps
-        self.number = 0  # numbers the runs: messages about an abandoned run are told apart by it
-        self.first_epoch: int | None = None
-        self.taken = 0
-
-    def follows(self, epoch: int) -> bool:
-        if self.first_epoch is None or not self.steps or self.taken % self.steps:
-            return False
-        return not self.train or self.first_epoch + self.taken // self.steps == epoch
-
-    def restart(self, epoch: int) -> None:
-        self.number, self.first_epoch, self.taken = self.number + 1, epoch, 0
-
-    def stop(self) -> None:
-        """The producers are gone: the next iteration starts a new run."""
-        self.first_epoch = None
-
-    @property
-    def epoch(self) -> int:
-        """The run's epoch that the next batch taken belongs to."""
-        return self.first_epoch + self.taken // self.steps
-
-
-class ShardLoader(Loader):
-    """A loader that reads shards: this rank's plan over the split, and one iteration at a time. A backend defines
-    `start_run(epoch)` (its producers begin a new run, `self.run`, at `epoch`) and `take(step)` (the next batch of
-    the run, batch `self.batches[step]` of `self.run.epoch`, moved on from the producers); iterating calls them."""
-
-    def __init__(self, spec: LoaderSpec, backend: str):
-        super().__init__(spec)
-        if spec.data_path is None:
-            raise ValueError(f"the {backend} backend reads shards: pass data_path (a folder made by "
-                             f"tools/make_shards.py)")
-        self.manifest: Manifest = read_manifest(spec.data_path)
-        shards = shard_list(spec.data_path, spec.split, self.manifest, spec.shard_problems)
-        unlike = [s for s in shards if s.problem]
-        if unlike and spec.on_error == "raise":  # before a sample is trained on; "skip" counts each of their samples
-            more = f" (and {len(unlike) - 1} more shards)" if len(unlike) > 1 else ""
-            raise ShardError(f"{unlike[0].path}: {unlike[0].problem}{more}")
-        self.planner = spec.planner(shards)
-        # All of an epoch's batches, or a hybrid's part; the first epoch's (a resumed one may be shorter). Raises
-        # when the split cannot fill one batch per rank.
-        self.batches = spec.batches(self.planner.plan(self.planner.first_epoch).steps)
-        self.steps = len(self.batches)
-        self.run = EpochRun(spec.train, self.steps)
-        self._iteration = 0
-
-    def start_run(self, epoch: int) -> None:
-        raise NotImplementedError
-
-    def take(self, step: int):
-        raise NotImplementedError
-
-    def finish(self, taken):
-        """What `take` returned, as the consumer gets it (a backend that takes ahead finishes the transfer here)."""
-        return taken
-
-    def ahead(self) -> int:
-        """Batches taken before the consumer asks for them."""
-        return 0
-
-    def __iter__(self):
-        self._iteration += 1  # a new iteration abandons any earlier one still suspended
-        iteration = self._iteration
-        if not self.run.follows(self.epoch):
-            self.run.restart(self.epoch)
-            try:
-                self.start_run(self.epoch)
-            except BaseException:
-                self.close()  # and so the run stops: the next iteration starts one anew
-                raise
-        pending, steps = [], iter(range(self.steps))
-        for _ in range(self.steps):
-            if iteration != self._iteration:  # outside the try below: the newer iteration goes on
-                raise RuntimeError(f"a newer iteration over this {type(self).__name__} replaced this one")
-            try:
-                while len(pending) <= self.ahead() and (step := next(steps, None)) is not None:
-                    pending.append(self.take(step))
-                    self.run.taken += 1
-                batch = self.finish(pending.pop(0))
-            except BaseException:
-                self.close()  # decode errors, Ctrl-C: no orphans, no leaked memory; iterating again starts anew
-                raise
-            yield batch  # a consumer that stops early: the next iteration runs on if this epoch was all taken
-
-
-def endless(loader: Loader, stride: int = 1):
-    """Batches from epoch 0, stride, 2*stride, ... back to back: for benchmarks that run by the clock, not by epochs.
-    A stride above 1 makes every epoch a jump, which a loader cannot run on into."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += stride
 
 
 def timed(batches: Iterator) -> Iterator[tuple[object, float]]:

@@ -129,6 +129,44 @@ class Stage:
     steps_done: int
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a loader stands in `epoch`: `batch` batches of it handed out, `stages` the layouts that read part of it
+    before this one (rule 6; none: the epoch is whole here). The count goes on across layouts, as torchdata's
+    StatefulDataLoader counts (and so Lightning's loop): the first `offset` batches were the earlier layouts', and
+    this layout's batch `local` of its rest of the epoch is the next."""
+
+    epoch: int = 0
+    stages: tuple[Stage, ...] = ()
+    batch: int = 0
+
+    @property
+    def offset(self) -> int:
+        return sum(stage.steps_done for stage in self.stages)
+
+    @property
+    def local(self) -> int:
+        return self.batch - self.offset
+
+
+def continue_epoch(position: Position, then: tuple[int, int], now: tuple[int, int]) -> Position:
+    """Where `position`, taken in layout `then` (world size, batch size), goes on in layout `now`: at its batch in
+    the same layout; in another (an elastic resume) at the start of what no layout has read of that epoch yet, with
+    `then` as one more stage when it read any of it (rule 6)."""
+    if then == now or not position.local:
+        return position
+    return Position(position.epoch, position.stages + (Stage(*then, position.local),), position.batch)
+
+
+def rest_samples(total: int, stages: tuple[Stage, ...]) -> int:
+    """How many of an epoch's `total` samples no stage has read (rule 6 takes `steps_done` batches from each rank):
+    the size of the sequence the next layout splits. For a loader that reads no shards (synthetic)."""
+    for stage in stages:
+        size = stage.world_size * stage.batch_size
+        total -= min(stage.steps_done, total // size) * size
+    return total
+
+
 def window_batches(shuffle_window: int, batch_size: int) -> int:
     return max(1, -(-shuffle_window // batch_size))
 
@@ -236,16 +274,11 @@ class EpochPlanner:
     seed: int
     shuffle_window: int = 1  # train: samples permuted together, rounded up to whole batches (rule 4)
     resumed_epoch: int | None = None  # an epoch resumed on another layout, and the layouts that ran part of it
-    stages: tuple[Stage, ...] = ()
+    stages: tuple[Stage, ...] = ()  # (a loader's Position of such an epoch makes its planner: shard_loader.py)
     aug_repeats: int = 1  # train: copies of each sample an epoch reads (rule 7); 1 = none
 
     def plan(self, epoch: int) -> RankPlan:
         return _cached_plan(self, epoch)
-
-    @property
-    def first_epoch(self) -> int:
-        """The epoch a loader starts with: its step count is the loader's length (a resumed one may be shorter)."""
-        return self.resumed_epoch or 0
 
     def stages_of(self, epoch: int) -> tuple[Stage, ...]:
         return self.stages if epoch == self.resumed_epoch else ()

@@ -98,8 +98,8 @@ def test_epochs_key_times_whole_epochs_and_failed_loops_are_listed(sample_shards
 def test_ours_is_train_py_step(monkeypatch):
     from trainlib.engine import Trainer
     calls = []
-    real = Trainer.step
-    monkeypatch.setattr(Trainer, "step", lambda self, x, y: calls.append(self.cfg.fp8) or real(self, x, y))
+    real = Trainer.step_on
+    monkeypatch.setattr(Trainer, "step_on", lambda self, b: calls.append(self.cfg.fp8) or real(self, b))
     bench_train.main(TINY + ["--loops", "b", "--fp8"])
     assert calls == [False] * 4 + [True] * 4  # (b) then (d): warm-up 1 + 3 timed steps each, both train.py's step
 
@@ -107,9 +107,9 @@ def test_ours_is_train_py_step(monkeypatch):
 def test_dynamic_from_trains_a_model_of_another_side_on_the_input_side(monkeypatch, tmp_path):
     from trainlib.engine import Trainer
     calls = []
-    real = Trainer.step
-    monkeypatch.setattr(Trainer, "step", lambda self, x, y: calls.append((self.cfg.img_size, x.shape[-1])) or
-                        real(self, x, y))
+    real = Trainer.step_on
+    monkeypatch.setattr(Trainer, "step_on", lambda self, b: calls.append((self.cfg.img_size, b[0][0].shape[-1])) or
+                        real(self, b))
     out = tmp_path / "r.jsonl"
     summary = bench_train.main(TINY + ["--loops", "b", "--dynamic-from", "48", "--out", str(out)])
     assert calls == [(32, 32)] * 4 + [(48, 32)] * 4  # (b), then (f): the model of 48 px fed 32 px batches

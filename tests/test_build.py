@@ -7,6 +7,7 @@ import torch
 
 from trainlib import build, devices
 from trainlib.config import TrainConfig
+from trainlib.shape import run_shape
 
 RAMP = dict(model="test_vit", img_size=48, min_res=16, start_ramp=0, end_ramp=2, epochs=3, device="cpu",
             backend="synthetic", num_classes=4)
@@ -19,7 +20,7 @@ def test_a_ramp_compiles_one_static_graph_per_side_and_mode(monkeypatch):
     torch._dynamo.reset()
     cfg = TrainConfig(**RAMP)
     cfg.validate()
-    assert build.dynamic_sides(cfg)
+    assert run_shape(cfg).dynamic
     model = build.compiled(cfg, build.build_model_for(cfg, devices.resolve_device("cpu"), classes=4))
     before = build.compiled_graphs()
     for side in (16, 16, 32, 32, 48, 48):  # two steps at each epoch's side

@@ -270,7 +270,7 @@ def test_every_command_built_here_answers_a_usage_error_in_two_lines(tmp_path):
          "train.py: error: --backend host reads shards: give --data_path (or use a backend that reads none: "
          "synthetic)"),
         (["-m", "pipeline.bench", "--workers"], "usage: python -m pipeline.bench [-h] [options]",
-         "python -m pipeline.bench: error: argument --workers: expected one argument"),
+         "python -m pipeline.bench: error: argument --workers/-j: expected one argument"),
         ([str(root / "tools" / "bench_train.py"), "--loops", "a", "--steps", "0"],
          "usage: bench_train.py [-h] [options]", "bench_train.py: error: --steps must be >= 1 and --warmup >= 0"),
         ([str(root / "tools" / "profile_step.py"), "--top", "1.5"], "usage: profile_step.py [-h] [options]",

@@ -288,6 +288,31 @@ def test_one_pipeline_runs_across_epochs_and_rebuilds_only_on_a_jump(labelled_sh
         loader.close()
 
 
+def test_a_state_round_trip_and_an_elastic_one_read_the_plans_samples(labelled_shards):
+    """A state taken mid-epoch on one rank resumes the same samples in the same batches (DALI draws its crops anew),
+    and on 2 ranks the samples that the first part did not read, each once."""
+    epoch_of = lambda loader: [y.tolist() for _, y in loader]  # noqa: E731 - label == sample
+    with build_loader(data_path=labelled_shards, split="train", backend="dali", batch_size=50, device="cpu",
+                      workers=2, seed=3, img_size=8, dtype=torch.uint8) as first:
+        first.set_epoch(1)
+        taken = [y.tolist() for _, (_, y) in zip(range(4), first)]
+        state = first.state_dict()
+        rest = epoch_of(first)
+    with build_loader(data_path=labelled_shards, split="train", backend="dali", batch_size=50, device="cpu",
+                      workers=2, seed=3, img_size=8, dtype=torch.uint8) as again:
+        again.load_state_dict(state)
+        assert epoch_of(again) == rest and again.run.number == 1  # one pipeline, started at the position
+    read = []
+    for rank in range(2):
+        with build_loader(data_path=labelled_shards, split="train", backend="dali", batch_size=30, device="cpu",
+                          rank=rank, world_size=2, workers=2, seed=3, img_size=8, dtype=torch.uint8) as half:
+            half.load_state_dict(state)
+            read += [s for batch in epoch_of(half) for s in batch]
+    first_part = {s for batch in taken for s in batch}
+    assert len(set(read)) == len(read) and not first_part & set(read)
+    assert len(read) == (1000 - 200) // 60 * 60  # the rest, but for its tail that cannot fill a batch per rank
+
+
 def test_one_pipeline_follows_a_resolution_schedule(labelled_shards):
     # 16, 32, 48 px, then 48: each epoch's side rides with its batches into the resize, the pipeline runs on
     schedule = ResSchedule(16, 48, 0, 2, step=16)
@@ -508,7 +533,7 @@ def test_a_spawned_reader_imports_no_torch(labelled_shards, tmp_path):
 
     spec = LoaderSpec(str(labelled_shards), "train", 16, torch.device("cpu"), img_size=8)
     (tmp_path / "source.pkl").write_bytes(pickle.dumps(BatchSource(spec.planner(shards_of(labelled_shards, "train")),
-                                                                   0, [0, 1], 1000, 8)))
+                                                                   0, [0, 1], [0, 1], 1000, 8)))
     code = ("import pickle, sys, types; source = pickle.load(open(sys.argv[1], 'rb')); "
             "jpegs, labels, sides = source(types.SimpleNamespace(iteration=1)); "
             "print(len(jpegs), int(sides[0][0]), 'torch' in sys.modules)")

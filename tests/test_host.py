@@ -181,22 +181,27 @@ def test_val_is_exact_with_minus_one_padding(colour_shards):
     assert Counter(labels) == Counter({0: 4, 1: 4, 2: 4, 3: 4, -1: 2})
 
 
-def test_set_epoch_reshuffles_and_an_epoch_replays_exactly(colour_shards):
+def test_epochs_follow_each_other_reshuffled_and_set_epoch_replays_one_exactly(colour_shards):
     with loader(colour_shards, dtype=torch.uint8) as l:
         first = [b[0].clone() for b in l]
-        again = [b[0].clone() for b in l]
-        l.set_epoch(1)
-        second = [b[0] for b in l]
+        assert l.epoch == 1  # an epoch iterated to its end moves on by itself
+        second = [b[0].clone() for b in l]
+        l.set_epoch(0)
+        again = [b[0] for b in l]
     assert all(torch.equal(a, b) for a, b in zip(first, again)), "same seed and epoch: same batches"
     order = lambda batches: [id_of(img) for b in batches for img in b]  # noqa: E731
     assert order(first) != order(second) and sorted(order(first)) == sorted(order(second))
 
 
-def test_an_abandoned_epoch_does_not_disturb_the_next(colour_shards):
+def test_an_abandoned_epoch_goes_on_where_it_stopped(colour_shards):
     with loader(colour_shards, dtype=torch.uint8) as l:
-        for _ in zip(range(2), l):
-            pass
-        ids, _ = ids_and_labels(l)
+        taken = [(b.images.clone(), b.labels) for _, b in zip(range(2), l)]
+        assert l.state_dict()["batch"] == 2 and len(l) == 12
+        rest = [(b.images.clone(), b.labels) for b in l]
+        with loader(colour_shards, dtype=torch.uint8) as whole:
+            expected = [b.images.clone() for b in whole]
+    assert len(rest) == 10 and all(torch.equal(a, b) for (a, _), b in zip(taken + rest, expected))
+    ids, _ = ids_and_labels(taken + rest)
     assert sorted(ids) == list(range(48))
 
 
@@ -241,14 +246,14 @@ def test_a_newer_iteration_replaces_an_older_one_and_goes_on(colour_shards):
         old = iter(l)
         next(old)
         new = iter(l)
-        first = next(new)[0].clone()  # the epoch from its start: a new run
+        first = next(new)[0].clone()  # from where the loader stands, batch 1: a new run
         with pytest.raises(RuntimeError, match="a newer iteration over this HostLoader replaced this one"):
             next(old)
         rest = [b[0].clone() for b in new]  # the newer one is unharmed
-        assert len(rest) == len(l) - 1
+        assert len(rest) == len(l) - 2
         l.set_epoch(0)
         again = [b[0].clone() for b in l]
-        assert torch.equal(again[0], first) and all(torch.equal(a, b) for a, b in zip(again[1:], rest))
+        assert torch.equal(again[1], first) and all(torch.equal(a, b) for a, b in zip(again[2:], rest))
 
 
 @pytest.mark.parametrize("backend", ["host", "dali"])
@@ -553,3 +558,66 @@ def test_a_worker_reuses_freed_memory_instead_of_fresh_pages(tmp_path):
                     with open(f"/proc/{pid}/stat") as f:
                         faults[taken] = int(f.read().rsplit(")", 1)[1].split()[7])  # minflt
     assert (faults[30] - faults[10]) / 20 < 50, faults
+
+
+# -- the loader's state (pipeline/loader.py state_dict / load_state_dict) ----------------------------------------
+
+
+def test_a_state_round_trip_resumes_the_same_batches_exactly(colour_shards, tmp_path):
+    with loader(colour_shards, dtype=torch.uint8, seed=3) as first:
+        first.set_epoch(1)
+        taken = [b.images.clone() for _, b in zip(range(5), first)]
+        torch.save(first.state_dict(), tmp_path / "state.pt")
+        rest = [b.images.clone() for b in first]
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain data
+    assert (state["epoch"], state["batch"], state["world_size"], state["batch_size"]) == (1, 5, 1, 4)
+    with loader(colour_shards, dtype=torch.uint8, seed=3) as resumed:
+        resumed.load_state_dict(state)
+        resumed.set_epoch(1)  # the saved epoch keeps the position
+        assert len(resumed) == 12 and resumed.position.batch == 5
+        again = [b.images.clone() for b in resumed]
+        assert resumed.epoch == 2  # and then the next epoch, whole
+        assert len(resumed) == 12 and len(taken) + len(again) == 12
+    assert all(torch.equal(a, b) for a, b in zip(again, rest))
+
+
+def sample_ids(loaders, steps=None) -> list[int]:
+    """The samples the ranks' loaders hand out next, `steps` batches each (None: the rest of the epoch)."""
+    ids = []
+    for l in loaders:
+        for _, b in zip(range(steps if steps is not None else len(l)), l):
+            ids += [id_of(img) for img in b.images]
+    return ids
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1), (2, 3)])
+def test_a_state_taken_on_n_ranks_goes_on_over_m_with_the_samples_not_read(colour_shards, before, after):
+    """48 samples; each rank of the first layout hands out 2 batches of 4, then the state of rank 0 goes to every
+    rank of the other layout: over them the rest of the epoch reads no sample twice, and leaves out fewer than a
+    batch per rank of the new layout (plan.py rule 3's tail)."""
+    ranks = [loader(colour_shards, dtype=torch.uint8, rank=r, world_size=before, workers=1, seed=5)
+             for r in range(before)]
+    try:
+        for l in ranks:
+            l.set_epoch(2)
+        read = sample_ids(ranks, steps=2)
+        state = ranks[0].state_dict()
+    finally:
+        for l in ranks:
+            l.close()
+    later = [loader(colour_shards, dtype=torch.uint8, rank=r, world_size=after, workers=1, seed=5)
+             for r in range(after)]
+    try:
+        for l in later:
+            l.load_state_dict(state)
+        # The count goes on from the 2 batches handed out, as StatefulDataLoader's (and Lightning's) does.
+        left = 48 - 8 * before
+        assert {(l.position.batch, len(l)) for l in later} == {(2, 2 + left // (4 * after))}
+        rest = sample_ids(later)
+        assert {l.epoch for l in later} == {3} and {len(l) for l in later} == {12 // after}  # then whole epochs
+    finally:
+        for l in later:
+            l.close()
+    assert len(read) == 8 * before and not set(read) & set(rest) and len(set(rest)) == len(rest)
+    left = 48 - len(read)
+    assert len(rest) == left - left % (4 * after)  # all but the tail that cannot fill a batch on every rank

@@ -49,7 +49,7 @@ def test_both_parts_follow_a_resolution_schedule(sample_shards):
 
 def test_the_share_is_spread_and_checked(sample_shards):
     _, loader = batches(sample_shards, "train", "hybrid", share=0.5, batch_size=2)  # 24 batches
-    assert loader.dali.batches == list(range(1, 24, 2)) and loader.host.batches == list(range(0, 24, 2))
+    assert loader.dali.batches_of(0) == list(range(1, 24, 2)) and loader.host.batches_of(0) == list(range(0, 24, 2))
     for share in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="dali_share must be between 0 and 1"):
             batches(sample_shards, "train", "hybrid", share=share)
@@ -68,3 +68,23 @@ def test_train_py_runs_the_hybrid_backend(sample_shards, tmp_path):
 def test_a_share_that_leaves_a_decoder_nothing_is_refused(sample_shards):
     with pytest.raises(ValueError, match="leaves one decoder none of the 2 batches"):
         batches(sample_shards, "val", "hybrid", share=0.4, batch_size=8)  # 16 val samples: 2 batches, DALI 0
+
+
+def test_a_state_goes_on_with_both_parts_where_the_host_backend_would(sample_shards):
+    """A state taken mid-epoch on 2 ranks loads into one hybrid loader: the rest of the epoch is the host backend's
+    rest, batch for batch (a short rest may leave a part none), and the epoch after it is whole."""
+    def rest_of(backend, state):
+        options = HybridOptions(dali_share=0.75) if backend == "hybrid" else None
+        with build_loader(data_path=sample_shards, split="train", backend=backend, batch_size=4, device="cpu",
+                          workers=2, img_size=16, dtype=torch.uint8, options=options) as loader:
+            loader.load_state_dict(state)
+            return [[y.tolist() for _, y in loader] for _ in range(2)]
+
+    with build_loader(data_path=sample_shards, split="train", backend="host", batch_size=4, device="cpu",
+                      world_size=2, workers=1, img_size=16, dtype=torch.uint8) as first:
+        first.set_epoch(1)
+        for _ in zip(range(3), first):
+            pass
+        state = first.state_dict()
+    hybrid, host = rest_of("hybrid", state), rest_of("host", state)
+    assert hybrid == host and len(hybrid[0]) == (48 - 24) // 4 and len(hybrid[1]) == 12

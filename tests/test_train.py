@@ -22,6 +22,7 @@ from PIL import Image
 
 import make_shards
 import train
+from pipeline.loader import LoaderSpec
 from pipeline.shards.format import read_index, shard_list
 from trainlib import checkpoint, devices
 from trainlib.engine import Trainer
@@ -555,7 +556,7 @@ def test_an_elastic_resume_trains_the_rest_of_the_epoch_on_another_layout(sample
     assert "epoch 0 goes on with the 4 steps of samples it has not trained on" in proc.stdout
     state = checkpoint.load(out / "last.pth")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 4)
-    assert state["epoch_stages"] == [[1, 8, 2]] and state["world_size"] == 2
+    assert state["loader"]["stages"] == [[1, 8, 2]] and state["world_size"] == 2
     # The same global batch: the schedule is the uninterrupted run's, step for step.
     lrs = {r["global_step"]: r["lr"] for r in metrics(ref, "train")}
     assert [(r["global_step"], r["lr"]) for r in metrics(out, "train")[-2:]] == [(3, lrs[3]), (4, lrs[4])]
@@ -574,7 +575,7 @@ def test_an_elastic_resume_trains_the_rest_of_the_epoch_on_another_layout(sample
     fresh = {r["global_step"]: r["lr"] for r in metrics(tmp_path / "fresh", "train")}
     assert [r["lr"] for r in rows] == pytest.approx([fresh[r["global_step"]] for r in rows])
     state = checkpoint.load(out / "last.pth")
-    assert (state["epoch"], state["step_in_epoch"], state["epoch_stages"]) == (2, 0, [])
+    assert (state["epoch"], state["step_in_epoch"], state["loader"]["stages"]) == (2, 0, [])
 
 
 def test_an_elastic_resume_inside_a_ramp_goes_on_at_the_epochs_side(sample_shards, tmp_path, capsys):
@@ -597,9 +598,9 @@ def test_an_elastic_resume_needs_the_same_data(sample_shards, tmp_path, capsys):
     common = [*TINY, "--data_path", str(sample_shards), "--epochs", "2", "--eval-freq", "0", "--output", str(out)]
     run_ok([*common, "--batch-size", "8", "--max-steps", "2"])
     state = checkpoint.load(out / "last.pth")
-    checkpoint.save(out / "last.pth", {**state, "train_samples": 47})
+    checkpoint.save(out / "last.pth", {**state, "loader": {**state["loader"], "samples": 47}})
     assert train.main([*common, "--batch-size", "4", "--resume", "auto"]) == 1
-    assert "the checkpoint's run trained on 47 samples, this one has 48: resume on the same data" in \
+    assert "taken on 47 samples, this loader's split has 48; the rest of an epoch continues only the plan" in \
         capsys.readouterr().err
     assert train.main([*common, "--batch-size", "8", "--resume", "auto"]) == 1  # its own layout: the same rule
 
@@ -645,7 +646,12 @@ def test_a_same_size_change_after_a_checkpoint_is_refused_or_skipped_at_the_resu
     text = capsys.readouterr().out
     assert "shard contents: 1 shard(s) read and hashed" in text and ", 4 verified before" in text
     assert "shard contents: train-000001.tar: its sha256 is " in text and "its samples are skipped" in text
-    assert [r["samples"] for r in metrics(out, "skipped")] == [10, 10]  # the rest of epoch 0, and epoch 1
+    # The rest of epoch 0 (the loader starts at its 4th batch: the first 3 trained before the change, and are not
+    # read again), then the whole of epoch 1.
+    planner = LoaderSpec(str(data), "train", 8, torch.device("cpu")).planner(shard_list(data, "train"))
+    rest = sum(ref is not None and ref[0].path.endswith("train-000001.tar")
+               for step in range(3, 6) for ref in planner.batch(0, step))
+    assert 0 < rest < 10 and [r["samples"] for r in metrics(out, "skipped")] == [rest, 10]
 
 
 def test_a_wrong_sha256_in_the_manifest_stops_the_start_in_one_line(sample_shards, tmp_path, capsys):
@@ -872,7 +878,7 @@ def test_the_ema_is_the_moving_average_of_the_weights():
                             steps_per_epoch=10, classes=5)
     reference = None
     for step in range(4):
-        trainer.step(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+        trainer.step_on([(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))])
         trainer.global_step += 1
         weights = {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
         # timm's rule: the first update copies the weights, then ema = d * ema + (1 - d) * weights
@@ -904,3 +910,48 @@ def test_repeats_on_fewer_ranks_than_copies_say_so(sample_shards, tmp_path, caps
     assert "--aug-repeats 2 on 1 rank(s): some copies of a sample share a rank" in capsys.readouterr().out
     # 48 samples: the first 24 of the epoch, twice each, in 6 batches of 8
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 6
+
+
+def test_a_run_opens_its_shard_set_once(sample_shards, tmp_path, monkeypatch):
+    """The manifest and class list are read once per process start (on s3:// each read is a GET), by a fresh run
+    with evaluation and by a resume alike; the loaders, the class count and the checkpoint's record share them."""
+    from collections import Counter
+
+    from pipeline.shards import storage
+
+    reads = Counter()
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda path: reads.update([Path(path).name]) or real(path))
+    common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", "2", "--output",
+              str(tmp_path / "run"), "--no-plots"]
+    for argv in ([*common, "--max-steps", "2"], [*common, "--resume", "auto", "--max-steps", "7"]):
+        reads.clear()
+        run_ok(argv)
+        assert (reads["manifest.json"], reads["classes.json"]) == (1, 1), argv
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_stop_in_an_epochs_last_step_resumes_with_its_evaluation(sample_shards, tmp_path, monkeypatch, capsys,
+                                                                   epochs):
+    """SIGTERM during the last step of epoch 0: the checkpoint's loader stands at epoch 1 already; the resume still
+    evaluates epoch 0 and writes its epoch-end checkpoint before training on (with --epochs 1: the run's end)."""
+    out = tmp_path / "run"
+    common = [*TINY, "--data_path", str(sample_shards), "--batch-size", "8", "--epochs", str(epochs), "--output",
+              str(out), "--no-plots", "-p", "1"]
+    real = Trainer.train_batch
+
+    def signalled_in_the_last_step(self, batches, wait_s):
+        if self.step_in_epoch + 1 == self.epoch_steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler: a stop at the next step boundary
+        return real(self, batches, wait_s)
+
+    monkeypatch.setattr(Trainer, "train_batch", signalled_in_the_last_step)
+    assert train.main(common) == train.EXIT_PREEMPTED
+    state = checkpoint.load(out / "last.pth")
+    assert (state["epoch"], state["step_in_epoch"], state["loader"]["epoch"], state["loader"]["batch"]) == (0, 6, 1, 0)
+    monkeypatch.setattr(Trainer, "train_batch", real)
+    capsys.readouterr()
+    run_ok([*common, "--resume", "auto"])
+    assert [(r["epoch"], r["global_step"]) for r in metrics(out, "eval")] == [(e, 6 * (e + 1)) for e in range(epochs)]
+    assert [r["global_step"] for r in metrics(out, "train")][6:] == list(range(7, 6 * epochs + 1))
+    assert checkpoint.load(out / "last.pth")["epoch"] == epochs and (out / "summary.json").is_file()

@@ -3,7 +3,7 @@
 Measures, for one model / batch size / precision / compile setting, three training loops on the same device:
   (a) baseline   timm's model as timm builds it, fused AdamW, autocast, label smoothing, synthetic input
                  (normalized float images already on the device) and `torch.compile` when --compile;
-  (b) ours       train.py's own step (`Trainer.step`, built by `trainlib.build.build_trainer` from the flags: pixel
+  (b) ours       train.py's own step (`Trainer.step_on`, built by `trainlib.build.build_trainer` from the flags: pixel
                  input with uint8 in, gradient clipping, LR schedule) on synthetic uint8 input on the device;
   (c) ours+data  the same step fed by a real backend (--backend host|dali) from shards (--data_path); --feed
                  (repeatable) measures several backends or settings against the same (b) in the same process;
@@ -43,7 +43,8 @@ import torch
 
 from pipeline.backends import BACKENDS, build_loader, get_backend
 from pipeline.cli import CommandParser, add_flags, assignments, from_args, knob
-from pipeline.loader import endless, timed
+from pipeline.bench import endless
+from pipeline.loader import timed
 from trainlib.devices import resolve_device
 from trainlib.bench.steps import StepConfig, baseline_step, our_step, synthetic
 

@@ -2,8 +2,6 @@
 train.py and the benchmarks (tools/bench_train.py) call the same ones, so a benchmark measures train.py's step."""
 from __future__ import annotations
 
-import functools
-import hashlib
 import inspect
 import random
 from pathlib import Path
@@ -14,25 +12,32 @@ from timm.utils import ModelEmaV3
 from torch.nn.modules.batchnorm import _NormBase
 
 from model import build_model, flops_per_image, fp8_supported, model_defaults, use_fp8, use_pixel_input
-from pipeline.backends import build_loader, get_backend, options_from
+from pipeline.backends import build_loader, get_backend
+from pipeline.config import loader_args
 from pipeline.loader import IMAGENET_CLASSES
 from pipeline.shards import contents, storage
 from pipeline.shards.contents import Checked
 from pipeline.shards.errors import ShardError
-from pipeline.shards.format import num_classes, read_classes, read_manifest
+from pipeline.shards.format import ShardSet, open_shard_set, read_classes
 from trainlib.batch_augment import BatchAugment
 from trainlib.config import ConfigError, TrainConfig
 from trainlib import distributed
 from trainlib.distributed import Placement
 from trainlib.engine import Trainer
 from trainlib.optim import OptimStep, build_loss, build_optimizer, build_scheduler
+from trainlib.shape import RunShape, run_shape
 
 
-def class_count(cfg: TrainConfig) -> int:
+def open_data(cfg: TrainConfig) -> ShardSet | None:
+    """The shard set at --data_path, opened once per process start and handed to everything below (None without)."""
+    return open_shard_set(cfg.data_path) if cfg.data_path else None
+
+
+def class_count(cfg: TrainConfig, shards: ShardSet | None) -> int:
     """--num-classes, else the shards' class count; synthetic input without shards stands in for ImageNet."""
     if cfg.num_classes:
         return cfg.num_classes
-    return num_classes(cfg.data_path) if cfg.data_path else IMAGENET_CLASSES
+    return shards.manifest.num_classes if shards is not None else IMAGENET_CLASSES
 
 
 def seed_everything(seed: int, device) -> None:
@@ -42,28 +47,19 @@ def seed_everything(seed: int, device) -> None:
     device.manual_seed(seed)
 
 
-def train_samples(cfg: TrainConfig) -> int | None:
-    """The train split's sample count (None without shards): an elastic resume needs the same data."""
-    if not cfg.data_path or not get_backend(cfg.backend).reads_shards:
-        return None
-    split = read_manifest(cfg.data_path).splits.get("train")  # a val-only set serves --evaluate
-    return split.num_samples if split is not None else None
-
-
-def data_identity(cfg: TrainConfig) -> dict | None:
+def data_identity(cfg: TrainConfig, shards: ShardSet | None) -> dict | None:
     """What tells the shard set this run reads from another (None without shards), recorded in its checkpoints for a
-    resume to compare (trainlib.resume.check_data): the manifest's plan id, a digest of the train shards' sha256s
-    (the manifest's: nothing is read but it and classes.json), the class list and the train sample count."""
-    if not cfg.data_path or not get_backend(cfg.backend).reads_shards:
+    resume to compare (trainlib.resume.check_data): the manifest's plan id, the train shards' fingerprint (a digest
+    of the manifest's sha256s: nothing is read but it and classes.json), the class list and the train sample count."""
+    if shards is None or not get_backend(cfg.backend).reads_shards:
         return None
-    manifest = read_manifest(cfg.data_path)
-    split = manifest.splits.get("train")  # a val-only set serves --evaluate
-    shards = hashlib.sha256(" ".join(s.sha256 for s in split.shards).encode()).hexdigest()[:16] if split else None
-    return {"plan_id": manifest.plan_id, "classes": read_classes(cfg.data_path), "train_shards": shards,
+    split = shards.manifest.splits.get("train")  # a val-only set serves --evaluate
+    classes = shards.classes if shards.classes is not None else read_classes(shards.path)  # ShardError: none
+    return {"plan_id": shards.manifest.plan_id, "classes": classes, "train_shards": shards.fingerprint("train"),
             "train_samples": split.num_samples if split is not None else None}
 
 
-def check_contents(cfg: TrainConfig, placement: Placement) -> Checked | None:
+def check_contents(cfg: TrainConfig, placement: Placement, shards: ShardSet | None) -> Checked | None:
     """--check-shards contents: the shards this run reads, checked against the manifest's sha256 and their indexes
     (pipeline/shards/contents.py), the unverified ones split among the ranks of each machine (each machine checks its
     own copy of the files), the results gathered. A ShardError naming the first shard that differs, unless --on-error
@@ -72,7 +68,7 @@ def check_contents(cfg: TrainConfig, placement: Placement) -> Checked | None:
         return None
     splits = [split for split, read in (("train", not cfg.evaluate), ("val", cfg.evaluate or cfg.eval_freq)) if read]
     mates = distributed.node_mates(placement)
-    mine = contents.check(cfg.data_path, read_manifest(cfg.data_path), splits,
+    mine = contents.check(cfg.data_path, shards.manifest, splits,
                           (mates.index(placement.rank), len(mates)), progress=placement.is_main)
     found = Checked()
     for rank, theirs in enumerate(distributed.all_gather(mine)):
@@ -87,106 +83,53 @@ def check_contents(cfg: TrainConfig, placement: Placement) -> Checked | None:
     return found
 
 
-def loader_args(cfg: TrainConfig, device, placement: Placement, classes: int,
-                checked: Checked | None = None) -> dict:
+def run_args(cfg: TrainConfig, device, placement: Placement, classes: int, checked: Checked | None = None,
+             shards: ShardSet | None = None) -> dict:
+    """The loaders' arguments beyond DataConfig's (pipeline/config.py `loader_args`): the run's device, rank, model
+    and error policy."""
     defaults = model_defaults(cfg.model)
     # Images arrive as uint8 when the model folds normalization in (--pixel-input), else in the autocast dtype: the
     # first layer would cast them anyway, and half the bytes move.
     dtype = torch.uint8 if cfg.pixel_input else device.amp_dtype(cfg.amp)
-    return dict(data_path=cfg.data_path, backend=cfg.backend, device=device.device, rank=placement.rank,
-                world_size=placement.world_size, workers=cfg.workers, seed=cfg.seed, img_size=cfg.img_size,
+    return dict(device=device.device, rank=placement.rank, world_size=placement.world_size, seed=cfg.seed,
                 mean=defaults["mean"], std=defaults["std"], crop_pct=defaults["crop_pct"], dtype=dtype,
-                on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes, aa=cfg.aa,
-                color_jitter=cfg.color_jitter, aug_repeats=max(1, cfg.aug_repeats),  # val ignores it
-                options=cfg.backend_options(), shard_problems=checked.problems if checked else None)
+                on_error=cfg.on_error, channels_last=cfg.channels_last, num_classes=classes,
+                aug_repeats=max(1, cfg.aug_repeats),  # val ignores it
+                shard_problems=checked.problems if checked else None, shards=shards)
 
 
-def patch_of(cfg: TrainConfig) -> int:
-    """The model's patch side (1 for a model without patches): what every image side must be a multiple of."""
-    return _patch_side(cfg.model, cfg.img_size)
-
-
-@functools.lru_cache
-def _patch_side(name: str, img_size: int) -> int:
-    with torch.device("meta"):
-        model = build_model(name, num_classes=1, img_size=img_size)
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    return patch[0] if patch else 1
-
-
-def train_args(cfg: TrainConfig) -> dict:
-    """The train loader's side: --img-size, or the schedule and its largest side (what buffers are sized for)."""
-    schedule = cfg.res_schedule(patch_of(cfg))
-    return dict(img_size=schedule.max_res, res_schedule=schedule) if schedule else {}
-
-
-def val_args(cfg: TrainConfig) -> dict:
-    """The val loader's side and crop (--eval-img-size, --eval-crop-pct)."""
-    out = dict(img_size=cfg.eval_size(patch_of(cfg)))
-    if cfg.eval_crop_pct:
-        out["crop_pct"] = cfg.eval_crop_pct
-    return out
-
-
-def build_rest_loader(cfg: TrainConfig, device, placement: Placement, classes: int, epoch: int, stages,
-                      checked: Checked | None = None):
-    """A train loader for the rest of `epoch`, which the layouts `stages` ran part of (pipeline/plan.py rule 6).
-    A backend may name another to make it (hybrid: the host workers alone, as a short rest may leave one of its
-    decoders no batch)."""
-    args = loader_args(cfg, device, placement, classes, checked)
-    instead = get_backend(cfg.backend).rest_of_epoch
-    if instead:
-        args.update(backend=instead, options=options_from(cfg, instead))
-    return build_loader(split="train", batch_size=cfg.batch_size, resumed_epoch=epoch, stages=stages,
-                        **{**args, **train_args(cfg)})
-
-
-def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int, checked: Checked | None = None):
+def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int, checked: Checked | None = None,
+                  shape: RunShape | None = None, shards: ShardSet | None = None):
     """(train loader or None under --evaluate, val loader or None without evaluation) for this rank; `checked`:
-    what check_contents found."""
-    common = loader_args(cfg, device, placement, classes, checked)
-    train = None if cfg.evaluate else build_loader(split="train", batch_size=cfg.batch_size,
-                                                   **{**common, **train_args(cfg)})
+    what check_contents found; `shape`: the run's sides (found here when not given); `shards`: the set, opened."""
+    shape = shape or run_shape(cfg)
+    common = run_args(cfg, device, placement, classes, checked, shards)
+    train = None
+    if not cfg.evaluate:
+        train = build_loader(**loader_args(cfg, "train", shape.schedule), batch_size=cfg.batch_size, **common)
     val = None
     if cfg.evaluate or cfg.eval_freq:
-        val = build_loader(split="val", batch_size=cfg.val_batch_size or cfg.batch_size,
-                           **{**common, **val_args(cfg)})
+        crop = dict(crop_pct=cfg.eval_crop_pct) if cfg.eval_crop_pct else {}
+        val = build_loader(**{**loader_args(cfg, "val"), "img_size": shape.eval_side},
+                           batch_size=cfg.val_batch_size or cfg.batch_size, **{**common, **crop})
     return train, val
 
 
-def check_model(cfg: TrainConfig, classes: int) -> None:
-    """The model's mistakes before anything is written: --img-size against the patch size (on the meta device, so
-    nothing is allocated) and a --pretrained file that is not there."""
+def check_model(cfg: TrainConfig, classes: int) -> RunShape:
+    """The model's mistakes before anything is written (on the meta device, so nothing is allocated): the sides
+    against its patch, and a --pretrained file that is not there. Returns the run's shape."""
     if cfg.pretrained and not Path(cfg.pretrained).is_file():
         raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such checkpoint file")
     with torch.device("meta"):
         model = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, drop_path=cfg.drop_path)
-    check_patch_size(cfg, model)
+    return run_shape(cfg, model)
 
 
-def check_patch_size(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if not patch:
-        return
-    for flag, side in (("--img-size", cfg.img_size), ("--eval-img-size", cfg.eval_img_size)):
-        if side % patch[0] or side % patch[1]:
-            raise ConfigError(f"{flag} {side} is not a multiple of {cfg.model}'s patch size {patch[0]}")
-    cfg.res_schedule(patch[0])  # ConfigError: a --min-res/--max-res off the patch grid
-
-
-def dynamic_sides(cfg: TrainConfig) -> bool:
-    """Whether the model sees sides other than --img-size (a schedule, another eval side): then timm resamples its
-    position embedding to each input's patch grid (`dynamic_img_size`), a no-op at --img-size's own grid."""
-    step = patch_of(cfg)
-    return any(side != cfg.img_size for side in (*cfg.train_sizes(step), cfg.eval_size(step)))
-
-
-def build_model_for(cfg: TrainConfig, device, classes: int) -> torch.nn.Module:
+def build_model_for(cfg: TrainConfig, device, classes: int, shape: RunShape | None = None) -> torch.nn.Module:
     """The bare model on the device, with --pixel-input, --fp8 and --channels-last applied."""
-    extra = {"dynamic_img_size": True} if dynamic_sides(cfg) else {}
+    extra = {"dynamic_img_size": True} if (shape or run_shape(cfg)).dynamic else {}
     model = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, pretrained=cfg.pretrained,
                         drop_path=cfg.drop_path, **extra).to(device.device)
-    check_patch_size(cfg, model)
     if cfg.pixel_input:
         defaults = model_defaults(cfg.model)
         model = use_pixel_input(model, defaults["mean"], defaults["std"])
@@ -201,16 +144,16 @@ def build_model_for(cfg: TrainConfig, device, classes: int) -> torch.nn.Module:
     return model
 
 
-def compiled(cfg: TrainConfig, model: torch.nn.Module, backend=None) -> torch.nn.Module:
+def compiled(cfg: TrainConfig, model: torch.nn.Module, backend=None, shape: RunShape | None = None) -> torch.nn.Module:
     """torch.compile with `backend` (the device's, Device.compile_backend; None: torch.compile's default): under
     several image sides (a schedule, another eval side) one static graph per side and mode (`dynamic=False`), rather
     than dynamo's switch to a dynamic-shape graph at the second side, whose kernels are generic; its recompile limit
     raised to hold them all."""
     named = {} if backend is None else {"backend": backend}
-    if not dynamic_sides(cfg):
+    shape = shape or run_shape(cfg)
+    if not shape.dynamic:
         return torch.compile(model, **named)
-    step = patch_of(cfg)
-    graphs = 2 * len({*cfg.train_sizes(step), cfg.eval_size(step)}) + 2  # train and eval mode each, and slack
+    graphs = 2 * len(shape.sides) + 2  # train and eval mode each, and slack
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name in newer torch, and the older one
         if hasattr(config, name):
@@ -245,16 +188,18 @@ def data_parallel(model: torch.nn.Module, device) -> torch.nn.parallel.Distribut
 
 
 def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per_epoch: int,
-                  classes: int, data: dict | None = None) -> Trainer:
+                  classes: int, data: dict | None = None, shape: RunShape | None = None) -> Trainer:
     """`data`: the shard set's `data_identity`, which the trainer's checkpoints record (train.py reads it once, for
-    the resume's check too); None records none (the step benchmarks write no checkpoint)."""
+    the resume's check too); None records none (the step benchmarks write no checkpoint). `shape`: the run's sides
+    (check_model's; found here when not given)."""
+    shape = shape or run_shape(cfg)
     seed_everything(cfg.seed, device)  # the same initial weights on every rank, whatever the world size
-    raw_model = build_model_for(cfg, device, classes)
+    raw_model = build_model_for(cfg, device, classes, shape)
     # Before DDP and compile wrap it: the average is of the bare module's weights, the same on every rank.
     ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     model = ddp = raw_model if placement.world_size == 1 else data_parallel(raw_model, device)
     if cfg.compile:
-        model = compiled(cfg, model, device.compile_backend())
+        model = compiled(cfg, model, device.compile_backend(), shape)
     optimizer = build_optimizer(cfg, raw_model, device)
     defaults = model_defaults(cfg.model)
     augment = BatchAugment.from_config(cfg, num_classes=classes, mean=defaults["mean"], std=defaults["std"],
@@ -263,13 +208,10 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
                       scheduler=build_scheduler(cfg, optimizer, steps_per_epoch), device=device,
                       amp_dtype=device.amp_dtype(cfg.amp), clip_grad=cfg.clip_grad, loss_fn=build_loss(cfg),
                       batch_augment=augment, no_sync=ddp.no_sync if ddp is not raw_model else None)
-    step = patch_of(cfg)
-    sides = cfg.train_sizes(step)
     try:
-        flops = {side: flops_per_image(raw_model, side) for side in set(sides)}
+        flops = {side: flops_per_image(raw_model, side) for side in set(shape.train_sides)}
     except TypeError:
         flops = None  # not a ViT: MFU is left out
     return Trainer(cfg, raw_model=raw_model, model=model, optim=optim, device=device, log=log, placement=placement,
-                   steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops,
-                   train_samples=train_samples(cfg), data=data, ema=ema, train_sides=sides,
-                   eval_side=cfg.eval_size(step))
+                   steps_per_epoch=steps_per_epoch, num_classes=classes, flops_per_image=flops, data=data, ema=ema,
+                   shape=shape)

@@ -13,20 +13,15 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-from pipeline.backends import BACKENDS, SUMMARY, WITH_OPTIONS, get_backend, options_from
-from pipeline.augment import AA_FLAG_HELP, COLOR_JITTER_FLAG_HELP, AugmentError, parse as parse_augment
+from pipeline.backends import BACKENDS, WITH_OPTIONS, get_backend
+from pipeline.augment import AugmentError, parse as parse_augment
 from pipeline.cli import (CommandParser, add_flags, flag_names, from_args, knob, markdown_rows,
                           parse_with_config_file, plain)
-from pipeline.dali import DaliOptions
-from pipeline.host import HostOptions
-from pipeline.hybrid import HybridOptions
+from pipeline.config import DataConfig
 from pipeline.loader import IMAGENET_CLASSES
-from pipeline.resolution import FLAG_HELP as RES_HELP, ResSchedule, ScheduleError, from_flags
+from pipeline.resolution import ResSchedule, ScheduleError
 
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
-# --workers left out: per backend. DALI feeds the H100 best with 8 threads a rank (docs/benchmarks.md: 0.869 of the
-# step rate against 0.825 with 4); hybrid's one count is also its host part's processes, so it keeps 4 with the host.
-DEFAULT_WORKERS, OTHER_WORKERS = {"dali": 8}, 4
 
 
 class ConfigError(ValueError):
@@ -34,29 +29,15 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataConfig):
+    """The data and loader knobs are pipeline/config.py's `DataConfig` (the benchmark's too); the rest follow."""
+
     config: str = knob(None, "YAML file of defaults (timm's train.py -c): its keys are the flags' names with "
                              "underscores (batch_size: 128, model_ema: true); flags on the command line win",
                        "-c", metavar="FILE")
-    # data
-    data_path: str = knob(None, "shard folder written by tools/make_shards.py (synthetic backend: optional)",
-                          "--data-path", flag="--data_path")
-    backend: str = knob("host", f"input pipeline (pipeline/): {SUMMARY}", choices=BACKENDS)
-    workers: int = knob(None, "decode processes (host) or threads (dali) per rank (hybrid: both its parts); None = "
-                              f"the backend's own, {DEFAULT_WORKERS['dali']} for dali and {OTHER_WORKERS} otherwise "
-                              "(config.json holds the value used)", "-j")
-    host: HostOptions = knob(help="the host backend's own options", factory=HostOptions)
-    dali: DaliOptions = knob(help="the dali backend's own options", factory=DaliOptions)
-    hybrid: HybridOptions = knob(help="the hybrid backend's own option", factory=HybridOptions)
-    img_size: int = knob(224, "train/eval resolution, and the model's (its position-embedding grid)")
-    min_res: int = knob(0, RES_HELP["min_res"])
-    max_res: int = knob(0, RES_HELP["max_res"])
-    start_ramp: int = knob(0, RES_HELP["start_ramp"])
-    end_ramp: int = knob(0, RES_HELP["end_ramp"])
+    # data, beyond DataConfig's
     eval_img_size: int = knob(0, "eval side; 0 = the last epoch's train side (--img-size without a schedule)")
     eval_crop_pct: float = knob(0.0, "eval: resize to side / crop_pct, then the central crop; 0 = the model's")
-    aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
-    color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
     reprob: float = knob(0.0, "random erasing: the probability per train sample (timm's RandomErasing, on the device)")
     remode: str = knob("pixel", "random erasing fill: per-pixel normal noise, a normal colour per box, or the mean "
                                 "(0 after normalization)", choices=("pixel", "rand", "const"))
@@ -163,8 +144,7 @@ class TrainConfig:
 
         if not timm.is_model(self.model):
             raise ConfigError(f"--model {self.model}: not a timm model name (e.g. vit_base_patch32_224)")
-        if self.workers is None:  # resolved here, once, so config.json and the loaders see the same number
-            self.workers = DEFAULT_WORKERS.get(self.backend, OTHER_WORKERS)
+        self.resolve_workers()
         positive = ("workers", "img_size", "batch_size", "epochs", "print_freq", "recount", "grad_accum_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -206,19 +186,11 @@ class TrainConfig:
 
     def res_schedule(self, step: int) -> ResSchedule | None:
         """The train side per epoch (pipeline/resolution.py), in multiples of `step` (the patch size); None: a
-        fixed --img-size. ConfigError for one that cannot work."""
+        fixed --img-size. ConfigError for one that cannot work. A run's is in its RunShape (trainlib/shape.py)."""
         try:
-            return from_flags(self.min_res, self.max_res, self.start_ramp, self.end_ramp, self.img_size, step)
+            return super().res_schedule(step)
         except ScheduleError as e:
             raise ConfigError(str(e)) from None
-
-    def train_sizes(self, step: int) -> list[int]:
-        """Each epoch's train side."""
-        schedule = self.res_schedule(step)
-        return schedule.sizes(self.epochs) if schedule else [self.img_size] * self.epochs
-
-    def eval_size(self, step: int) -> int:
-        return self.eval_img_size or (self.train_sizes(step)[-1] if self.epochs else self.img_size)
 
     def validate_recipe(self) -> None:
         """The batch augmentation, EMA and optimizer-recipe flags (timm's names and ranges)."""
@@ -243,10 +215,6 @@ class TrainConfig:
     def mixing(self) -> bool:
         """Mixup or cutmix is on (timm's `mixup_active`)."""
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
-
-    def backend_options(self):
-        """What `pipeline.build_loader(options=...)` takes for this run's backend."""
-        return options_from(self, self.backend)
 
     def to_dict(self) -> dict:
         """Plain values only (config.json, checkpoints: `torch.load(weights_only=True)` reads them), each once."""

@@ -14,12 +14,13 @@ import torch
 
 from model import TRAIN_FLOPS_FACTOR
 from pipeline import timed
+from pipeline.plan import Position
 from trainlib import checkpoint, distributed
 from trainlib.config import TrainConfig
 from trainlib.evaluate import exact_accuracies
 from trainlib.metrics import Throughput
 from trainlib.optim import OptimStep
-from trainlib.resume import ResumePoint, schedule_position
+from trainlib.resume import CHECKPOINT_FORMAT, schedule_position
 
 
 class Preempted(Exception):
@@ -77,22 +78,23 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, raw_model, model, optim: OptimStep, device, log, placement,
                  steps_per_epoch: int, num_classes: int, flops_per_image: dict[int, float] | None,
-                 train_samples: int | None = None, ema=None, train_sides: list[int] | None = None,
-                 eval_side: int | None = None, data: dict | None = None):
+                 shape, ema=None, data: dict | None = None):
         # raw_model: the bare module (checkpoints); model: what runs the step and evaluation (DDP and/or compiled).
         self.cfg, self.raw_model, self.model, self.optim, self.device = cfg, raw_model, model, optim, device
         self.ema = ema  # timm's ModelEmaV3 of raw_model (--model-ema), or None
         self.best_ema_acc1 = self.ema_acc1 = None
         self.accum = cfg.grad_accum_steps  # loader batches per optimizer step
         self.log, self.placement, self.num_classes = log, placement, num_classes
-        self.steps_per_epoch, self.train_samples = steps_per_epoch, train_samples
+        self.steps_per_epoch = steps_per_epoch  # a whole epoch's optimizer steps (the LR schedule's unit)
+        self.shape = shape  # the run's sides (trainlib/shape.py)
         self.data = data  # the shard set's identity (trainlib.build.data_identity), recorded in checkpoints
         # Whether the file at last.pth may become previous.pth when a save replaces it: one this run wrote or resumed
         # from; not one that failed its checks (--resume auto fell back), nor another run's at a fresh start.
         self.last_is_good = False
         self.epoch, self.step_in_epoch, self.global_step, self.best_acc1 = 0, 0, 0, None
-        # This epoch's steps and the layouts that ran part of it before an elastic resume (none: a whole epoch).
-        self.epoch_steps, self.stages = steps_per_epoch, ()
+        self.epoch_steps = steps_per_epoch  # this epoch's: fewer in the rest of one resumed on another layout
+        self.train_loader = None  # fit's: its position is the checkpoint's
+        self.side = shape.train_side(0)  # of the last batch trained on
         self.skipped_samples = 0  # --on-error skip: samples replaced, all ranks, train and val
         self.loss = LossWindow(device.device, checked=not optim.scaler.is_enabled())
         self.stop_signal: str | None = None  # set by a signal handler (train.py): stop at the next agreed boundary
@@ -101,13 +103,6 @@ class Trainer:
         self.train_flops_per_s_peak = peak * placement.world_size if peak and flops_per_image else None
         # per image side: a schedule (--min-res) trains at several
         self.train_flops_per_image = {side: TRAIN_FLOPS_FACTOR * f for side, f in (flops_per_image or {}).items()}
-        self.train_sides = train_sides or [cfg.img_size] * max(cfg.epochs, 1)  # per epoch
-        self.eval_side = eval_side or cfg.img_size
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimisation step; the loss, detached. The benchmarks (trainlib.bench.steps) time this call as
-        train.py's."""
-        return self.step_on([(images, labels)])
 
     def step_on(self, batches) -> torch.Tensor:
         """One optimizer step over --grad-accum-steps micro-batches, then the EMA's update (one fused foreach lerp
@@ -119,19 +114,51 @@ class Trainer:
 
     # -- the epoch loop ------------------------------------------------------------------------------------------
 
+    def fit(self, train_loader, val_loader) -> None:
+        """Epochs from the trainer's position (the train loader's, after a resume) to --epochs (or --max-steps),
+        evaluating and checkpointing at epoch ends."""
+        self.train_loader = train_loader
+        while self.epoch < self.cfg.epochs:
+            if train_loader.position != Position(self.epoch + 1):  # else resumed with the epoch trained, not evaluated
+                train_loader.set_epoch(self.epoch)  # the epoch a resumed loader stands in keeps its position
+                self.epoch_steps = self.steps_in(train_loader)
+                if self.step_in_epoch < self.epoch_steps:
+                    self.train_epoch(train_loader)
+                if self.step_in_epoch < self.epoch_steps:  # stopped by --max-steps inside the epoch
+                    self.save_checkpoint()
+                    return
+            best = False
+            if val_loader is not None and ((self.epoch + 1) % self.cfg.eval_freq == 0 or
+                                           self.epoch + 1 == self.cfg.epochs):
+                val_loader.set_epoch(self.epoch)
+                best = self.record_best(self.evaluate(val_loader)[0])
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            # An epoch cut short (--steps-per-epoch, batches short of a --grad-accum-steps group): the checkpoint's
+            # loader state is the next epoch's start.
+            train_loader.set_epoch(self.epoch)
+            self.save_checkpoint(best=best)
+            if self.reached_max_steps():
+                return
+
+    def steps_in(self, loader) -> int:
+        """The optimizer steps of the loader's current epoch in this layout (those done included; after an elastic
+        resume the rest of it): its batches in groups of --grad-accum-steps (fewer at its end sit it out),
+        --steps-per-epoch at most."""
+        done = loader.position.local
+        steps = done // self.accum + (len(loader) - loader.position.batch) // self.accum
+        return min(steps, self.cfg.steps_per_epoch) if self.cfg.steps_per_epoch else steps
+
     def train_epoch(self, loader) -> None:
-        """Run the current epoch from `self.step_in_epoch` to its end, or until --max-steps. A resumed epoch is
-        re-entered from its start and the finished steps are drawn and dropped: the loader yields the same batches in
-        the same order, at the cost of reading them again."""
+        """Run the current epoch from `self.step_in_epoch` to its end, or until --max-steps. The loader stands
+        where the epoch goes on (a resume positioned it): it yields the batches from there."""
         skipped_before = dict(loader.skipped_shards)
         if self.optim.batch_augment is not None:
             self.optim.batch_augment.set_epoch(self.epoch)  # --mixup-off-epoch
-        if self.epoch == 0 or self.train_sides[self.epoch - 1] != self.train_side or self.step_in_epoch:
-            if len(set(self.train_sides)) > 1:  # a schedule: where its side changes, and where a run resumes
-                self.log.print(f"Epoch [{self.epoch}] train images {self.train_side} px")
+        side = loader.side_at(self.epoch)
+        if self.epoch == 0 or loader.side_at(self.epoch - 1) != side or self.step_in_epoch:
+            if self.shape.schedule is not None:  # a schedule: where its side changes, and where a run resumes
+                self.log.print(f"Epoch [{self.epoch}] train images {side} px")
         batches = iter(loader)
-        for _ in range(self.step_in_epoch * self.accum):
-            next(batches)
         self.meter.start()
         self.loss.reset()
         waits = timed(batches)
@@ -154,6 +181,7 @@ class Trainer:
         """One step on micro-batches that took `wait_s` to arrive, counted and logged; whether it ended a log
         interval (every --print-freq steps and at the epoch's end)."""
         lr = self.optim.lr  # the rate this step uses (the scheduler moves it after)
+        self.side = batches[0].side
         self.loss.add(self.step_on(batches))
         self.meter.step(wait_s)  # after the step: an interval that counts it also times its compute
         self.step_in_epoch, self.global_step = self.step_in_epoch + 1, self.global_step + 1
@@ -185,11 +213,6 @@ class Trainer:
                         f"{self.epoch}, step {self.step_in_epoch}); {saved}", self.stop_signal,
                         quiet=not self.placement.is_main)
 
-    @property
-    def train_side(self) -> int:
-        """The current epoch's train image side (pipeline/resolution.py under --min-res)."""
-        return self.train_sides[min(self.epoch, len(self.train_sides) - 1)]
-
     def reached_max_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
 
@@ -197,7 +220,7 @@ class Trainer:
         m = self.meter.lap()  # closes the timed interval (synchronizes)
         loss = self.loss.mean_over_ranks()
         self.loss.check_finite(self.global_step, loss)
-        side = self.train_side
+        side = self.side
         mfu = (m["img_s"] * self.train_flops_per_image[side] / self.train_flops_per_s_peak
                if self.train_flops_per_s_peak and side in self.train_flops_per_image else None)
         self.log.record("train", epoch=self.epoch, step=self.step_in_epoch, global_step=self.global_step, loss=loss,
@@ -227,7 +250,7 @@ class Trainer:
             self.log.print(f"   EMA Acc@1 {ema[0]:.3f} Acc@5 {ema[1]:.3f}")
             extra = {"ema_acc1": ema[0], "ema_acc5": ema[1]}
         self.log.record("eval", epoch=self.epoch, global_step=self.global_step, acc1=acc1, acc5=acc5, samples=n,
-                        seconds=time.perf_counter() - t0, img_size=self.eval_side, **extra)
+                        seconds=time.perf_counter() - t0, img_size=self.shape.eval_side, **extra)
         return acc1, acc5, n
 
     def record_best(self, acc1: float) -> bool:
@@ -268,8 +291,8 @@ class Trainer:
                 "best_ema_acc1": self.best_ema_acc1, "grad_accum_steps": self.accum,
                 **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}),
                 "skipped_samples": self.skipped_samples, "steps_per_epoch": self.steps_per_epoch,
-                "batch_size": self.cfg.batch_size, "train_samples": self.train_samples, "data": self.data,
-                "epoch_stages": [[s.world_size, s.batch_size, s.steps_done] for s in self.stages]}
+                "batch_size": self.cfg.batch_size, "data": self.data, "format": CHECKPOINT_FORMAT,
+                "loader": self.train_loader.state_dict() if self.train_loader is not None else None}
 
     def save_checkpoint(self, best: bool = False) -> None:
         """last.pth (previous.pth: the one it replaces; and best.pth); collective: every rank contributes its RNG
@@ -291,32 +314,40 @@ class Trainer:
                 checkpoint.copy_as(out / checkpoint.LAST, out / checkpoint.BEST)
         self.meter.start()
 
-    def load_state_dict(self, state: dict, point: ResumePoint | None = None, epoch_steps: int | None = None) -> None:
-        """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams.
-        `point` (from `trainlib.resume.resume_point`) places it in this layout, whose loader for the rest of the
-        epoch has `epoch_steps` steps; None (evaluation) takes the weights alone; one on another shard set
-        (--resume-other-data) the weights and optimizer state, at epoch 0 of a new LR schedule."""
+    def load_state_dict(self, state: dict, loader=None, other_data: bool = False) -> None:
+        """Continue where `state` stopped: weights, optimizer, LR schedule, loss scale, position, RNG streams. The
+        position is `loader`'s, the train loader that loaded the checkpoint's state (trainlib.resume.loader_state):
+        None (evaluation) takes the weights alone; `other_data` (--resume-other-data, another shard set) the weights
+        and optimizer state, at epoch 0 of a new LR schedule."""
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:  # another model, image size or class count
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]} "
                                              f"(another --model, --img-size or data set?)") from None
-        if point is not None and point.other_data:  # another shard set: its position and best mean nothing here
+        if other_data:  # another shard set: its position and best mean nothing here
             self.load_ema(state)
             self.optim.load_state_dict(state, schedule_at=0)
             return
         self.epoch, self.global_step, self.best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
         self.best_ema_acc1 = state.get("best_ema_acc1") if self.ema is not None else None
         self.load_ema(state)
-        if point is None:
+        if loader is None:
             return
-        self.step_in_epoch, self.stages = point.step_in_epoch, point.stages
-        self.epoch_steps = self.steps_per_epoch if epoch_steps is None else epoch_steps
+        if loader.position == Position(self.epoch + 1) and state["step_in_epoch"]:
+            # Stopped in the epoch's last step: the loader stands at the next epoch, the epoch's evaluation and its
+            # end-of-epoch checkpoint are still to come (fit goes on with them).
+            self.step_in_epoch = self.epoch_steps = state["step_in_epoch"]
+        else:
+            self.epoch, self.step_in_epoch = loader.epoch, loader.position.local // self.accum
+            self.epoch_steps = self.steps_in(loader)
         self.skipped_samples = state.get("skipped_samples", 0)  # older checkpoints did not count
         self.global_step = schedule_position(self.cfg, self.steps_per_epoch, self.epoch, self.step_in_epoch,
                                              self.epoch_steps)
         self.resume_schedule(state)
-        self.resume_random_streams(state, point)
+        layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"], \
+            state.get("grad_accum_steps", 1)
+        self.resume_random_streams(state, exact=layout == (self.cfg.batch_size, self.placement.world_size,
+                                                           self.accum))
 
     def load_ema(self, state: dict) -> None:
         """The checkpoint's EMA weights; a checkpoint without them (--model-ema turned on at a resume) starts the
@@ -345,10 +376,10 @@ class Trainer:
                        f"{self.global_step} of it the LR is {self.optim.lr:.3e} (the checkpoint's last was "
                        f"{max(g['lr'] for g in state['optimizer']['param_groups']):.3e})")
 
-    def resume_random_streams(self, state: dict, point: ResumePoint) -> None:
-        """The checkpoint's streams for this rank on its own layout; on another (elastic) fresh ones, which cannot
-        repeat an uninterrupted run anyway."""
-        if point.exact:
+    def resume_random_streams(self, state: dict, exact: bool) -> None:
+        """The checkpoint's streams for this rank on its own layout (`exact`); on another (elastic) fresh ones, which
+        cannot repeat an uninterrupted run anyway."""
+        if exact:
             checkpoint.set_rng_state(state["rng"][self.placement.rank], self.device)
             if self.optim.batch_augment is not None:
                 self.optim.batch_augment.load_state_dict(state["rng"][self.placement.rank].get("batch_augment", {}))

@@ -1,71 +1,65 @@
-"""Where a checkpoint's run continues in this run's layout (world size x batch size): the same layout exactly at its
-step; another one (an elastic resume) with the samples of the interrupted epoch that no layout has read yet
-(pipeline/plan.py rule 6). And the step of this run's LR schedule that position stands at; and whether the
-checkpoint was trained on the shard set this run reads (`check_data`)."""
+"""Where a checkpoint's run continues: the train loader's position it holds (the loader places it in this run's
+layout, pipeline/loader.py `load_state_dict`; an older checkpoint's is made from its fields), the checks of the
+flags against it, the step of this run's LR schedule that position stands at, and whether the checkpoint was
+trained on the shard set this run reads (`check_data`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from pipeline.plan import Stage
+from pipeline.loader import STATE_FORMAT
 from trainlib import checkpoint
 from trainlib.config import TrainConfig
 
+# What train.py's checkpoints hold. 1: the position as epoch/step_in_epoch/epoch_stages fields (before the loader
+# saved its own state); 2: the train loader's state_dict() under "loader". Both resume.
+CHECKPOINT_FORMAT = 2
 
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where a checkpoint's run continues in this run's layout (world size x batch size)."""
 
-    step_in_epoch: int  # steps of this layout already done in the checkpoint's epoch
-    stages: tuple[Stage, ...] = ()  # layouts that ran part of that epoch before this one (pipeline/plan.py rule 6)
-    exact: bool = True  # the checkpoint's layout: the same batches and random streams as an uninterrupted run
-    other_data: bool = False  # another shard set (--resume-other-data): weights and optimizer state, from epoch 0
-
-def resume_point(state: dict, cfg: TrainConfig, world_size: int, steps_per_epoch: int,
-                 train_samples: int | None) -> ResumePoint:
-    """How `state` continues here, or CheckpointError. The same layout resumes exactly, at its step. Another world
-    size or batch size (an elastic resume) continues the interrupted epoch with the samples no layout has read yet
-    (pipeline/plan.py rule 6); the data must be the same. --epochs may grow, not drop below the position."""
+def check_position(state: dict, cfg: TrainConfig, world_size: int) -> None:
+    """CheckpointError for flags that cannot continue `state`: --epochs may grow, not drop below its position; a
+    --steps-per-epoch run (a performance run's capped epochs) resumes mid-epoch only on its own layout."""
+    if state.get("format", 1) > CHECKPOINT_FORMAT:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint is format {state['format']}, written by a newer version of train.py (this one reads up "
+            f"to {CHECKPOINT_FORMAT}); resume it with that version")
     needed = state["epoch"] + (state["step_in_epoch"] > 0)
     if cfg.epochs < needed:
         raise checkpoint.CheckpointError(
             f"--epochs {cfg.epochs} ends before the checkpoint's position (epoch {state['epoch']}, step "
             f"{state['step_in_epoch']}, global step {state['global_step']}); give at least --epochs {needed}")
-    stages = tuple(Stage(*s) for s in state.get("epoch_stages", ()))
-    # The layout: batch size, ranks and micro-batches per optimizer step (older checkpoints: 1).
-    accum = state.get("grad_accum_steps", 1)
-    layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"], accum
-    recorded = state.get("train_samples")  # None in checkpoints older than elastic resume, and without shards
-    same_data = recorded == train_samples if recorded is not None else state["steps_per_epoch"] == steps_per_epoch
-    same_layout = (layout == (cfg.batch_size, world_size, cfg.grad_accum_steps) and same_data and
-                   state["steps_per_epoch"] == steps_per_epoch)
-    # Rule 7 (pipeline/plan.py) has no rest-of-epoch: an epoch with repeats resumes only exactly as it was read.
-    repeats = max(1, state["config"].get("aug_repeats", 0)), max(1, cfg.aug_repeats)
-    if state["step_in_epoch"] and max(repeats) > 1 and (repeats[0] != repeats[1] or stages or not same_layout):
-        raise checkpoint.CheckpointError(
-            f"--aug-repeats {cfg.aug_repeats}: the checkpoint stopped inside an epoch read with --aug-repeats "
-            f"{state['config'].get('aug_repeats', 0)} on {layout[1]} x {layout[0]} x {accum} (ranks x batch x "
-            f"micro-batches){' after an elastic resume' if stages else ''}; such an epoch resumes only as it was "
-            f"read: resume with its --aug-repeats and layout, or from a checkpoint at an epoch's end")
-    if same_layout:
-        return ResumePoint(state["step_in_epoch"], stages)
-    if not same_data:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint's run trained on {recorded or state['steps_per_epoch']} "
-            f"{'samples' if recorded else 'steps per epoch'}, this one has {train_samples or steps_per_epoch}: "
-            f"resume on the same data, or start a new run from its weights with --pretrained")
-    if recorded is None:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint's run was {layout[1]} x {layout[0]} x {accum} (ranks x batch x micro-batches), this "
-            f"one {world_size} x {cfg.batch_size} x {cfg.grad_accum_steps}, and the checkpoint does not record its "
-            f"data (synthetic input, or an older "
-            f"checkpoint): it resumes only on its own layout")
-    if cfg.steps_per_epoch or state["config"].get("steps_per_epoch"):
+    layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"]
+    capped = cfg.steps_per_epoch or state["config"].get("steps_per_epoch")
+    if capped and state["step_in_epoch"] and layout != (cfg.batch_size, world_size):
         raise checkpoint.CheckpointError(
             "--steps-per-epoch caps epochs for performance runs; such a run resumes only on its own world size "
             "and batch size")
-    if state["step_in_epoch"]:  # the epoch goes on with the samples the layouts before did not read
-        stages += (Stage(state["world_size"], layout[0], state["step_in_epoch"] * accum),)
-    return ResumePoint(0, stages, exact=False)
+
+
+def loader_state(state: dict, cfg: TrainConfig, loader, steps_per_epoch: int) -> dict:
+    """The train loader's state that `state` holds; for a format-1 checkpoint, made from its fields. A field that
+    checkpoint did not record (its sample count and shards: older ones, synthetic input) is taken as this loader's:
+    then it resumes only on its own layout and steps per epoch, as it did."""
+    if state.get("format", 1) >= 2:
+        return state["loader"]
+    accum = state.get("grad_accum_steps", 1)
+    layout = state.get("batch_size", state["config"]["batch_size"]), state["world_size"]
+    samples = state.get("train_samples")
+    if samples is None and (state["step_in_epoch"] or state.get("epoch_stages")):
+        if layout != (cfg.batch_size, loader.spec.world_size) or accum != cfg.grad_accum_steps:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint's run was {layout[1]} x {layout[0]} x {accum} (ranks x batch x micro-batches), "
+                f"this one {loader.spec.world_size} x {cfg.batch_size} x {cfg.grad_accum_steps}, and the checkpoint "
+                f"does not record its data (synthetic input, or an older checkpoint): it resumes only on its own "
+                f"layout")
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint's run trained on {state['steps_per_epoch']} steps per epoch, this one has "
+                f"{steps_per_epoch}: resume on the same data, or start a new run from its weights with --pretrained")
+    data, stages = state.get("data") or {}, state.get("epoch_stages", [])
+    done = sum(stage[2] for stage in stages) + state["step_in_epoch"] * accum  # counted on across layouts
+    return {"format": STATE_FORMAT, "split": "train", "epoch": state["epoch"], "batch": done, "stages": stages,
+            "world_size": layout[1], "batch_size": layout[0], "repeats": max(1, state["config"].get("aug_repeats", 0)),
+            "seed": state["config"]["seed"], "shuffle_window": loader.spec.shuffle_window,  # not recorded: the same
+            "samples": loader.num_samples if samples is None else samples,
+            "shards": data.get("train_shards", loader.fingerprint), "side": loader.side_at(state["epoch"])}
 
 
 def schedule_position(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step_in_epoch: int,
@@ -81,7 +75,7 @@ def check_data(state: dict, here: dict | None, cfg: TrainConfig, path) -> tuple[
     to print). A training resume compares the class lists and the train shards (their sha256s, as the manifest
     lists them), an evaluation the class lists: another set is a CheckpointError naming both, unless
     --resume-other-data. A checkpoint that records no set (older, or of synthetic input) goes on with a note."""
-    if here is None:  # synthetic input: no set to compare (resume_point compares what there is)
+    if here is None:  # synthetic input: no set to compare (the loader state compares what there is)
         return False, None
     there = state.get("data")
     if there is None:

@@ -60,7 +60,10 @@ class TorchvisionLoader(Loader):
         super().set_epoch(epoch)
         self.generator.manual_seed(self.spec.seed + epoch)
 
-    def __iter__(self):
+    def batches_in(self, epoch: int | None = None) -> int:
+        return self.steps
+
+    def __iter__(self):  # whole epochs, as a DataLoader runs them: a benchmark's reference holds no position
         for images, labels in self.loader:
             yield (images.to(self.spec.device, non_blocking=True), labels.to(self.spec.device, non_blocking=True))
 

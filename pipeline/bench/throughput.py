@@ -37,6 +37,7 @@ neither disk nor processes count), and with `--baseline` (any value) the torchvi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,39 +48,31 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import AA_FLAG_HELP, COLOR_JITTER_FLAG_HELP
-from pipeline.backends import BACKENDS, build_loader, get_backend, options_from
+from pipeline.backends import build_loader, get_backend
+from pipeline.bench import endless
+from pipeline.bench.memory import tree_cpu_seconds, workers_pss_mb
 from pipeline.cli import CommandParser, add_flags, from_args, knob
-from pipeline.dali import DaliOptions
-from pipeline.host import HostOptions
-from pipeline.hybrid import HybridOptions
-from pipeline.loader import IMAGENET_CLASSES, LoaderSpec, endless, timed
-from pipeline.resolution import FLAG_HELP as RES_HELP, ResSchedule, from_flags
+from pipeline.config import DataConfig, loader_args
+from pipeline.loader import IMAGENET_CLASSES, LoaderSpec, timed
+from pipeline.resolution import ResSchedule
 from pipeline.shards.errors import PipelineError
-from pipeline.shards.format import read_manifest
+from pipeline.shards.format import ShardSet, open_shard_set
 
 DTYPES = ("float32", "bfloat16", "float16", "uint8")  # what a loader yields (pipeline/loader.py): normalized or raw
 
 
 @dataclass
-class BenchConfig:
-    data_path: str | None = knob(None, 'shard folder (tools/make_shards.py); optional for --backend synthetic')
-    backend: str = knob("host", 'input pipeline', choices=BACKENDS)
+class BenchConfig(DataConfig):
+    """The data and loader knobs are train.py's (pipeline/config.py `DataConfig`); the benchmark's own follow."""
+
     split: str = knob("train", 'train (random crops) or val (center crops)', choices=("train", "val"))
     batch_size: int = knob(256, 'per rank')
-    workers: int = knob(4, 'decode processes (host) / threads (dali)')
     seconds: float = knob(30.0, 'measured span, after warm-up')
     warmup: int = knob(5, 'batches consumed before the clock starts')
     interval: float = knob(5.0, 'seconds between JSON lines')
     device: str = knob("cpu", 'cpu | cuda | npu (npu imports torch_npu)')
-    img_size: int = knob(224, 'output side in pixels')
-    # a schedule replayed as train.py runs it, in multiples of 32 (ViT-B/32's patch)
-    min_res: int = knob(0, RES_HELP["min_res"])
-    max_res: int = knob(0, RES_HELP["max_res"])
-    start_ramp: int = knob(0, RES_HELP["start_ramp"])
-    end_ramp: int = knob(0, RES_HELP["end_ramp"])
-    aa: str = knob(None, AA_FLAG_HELP, metavar="SPEC")
-    color_jitter: str = knob(None, COLOR_JITTER_FLAG_HELP, metavar="X")
+    patch: int = knob(32, "the model's patch side (ViT-B/32: 32): a --min-res schedule's sides are multiples of it, "
+                          "as train.py's are of its model's")
     dtype: str = knob("float32", 'the batches\' dtype; uint8: raw pixels, not normalized', choices=DTYPES)
     prefetch: int = knob(2, 'batches in flight ahead of the loop')
     seed: int = knob(0, 'shuffle and crop seed')
@@ -90,11 +83,6 @@ class BenchConfig:
                                "can run ahead (and boundary_wait_s shows whether it does across epoch boundaries)")
     epoch_stride: int = knob(1, "epochs go 0, stride, 2*stride, ...: 2 makes each epoch a jump, so the loader "
                                 "restarts at every epoch start (what running on saves)")
-    host: HostOptions = knob(help="the host backend's own options (--host-decoder region|pillow, ...)",
-                             factory=HostOptions)
-    dali: DaliOptions = knob(help="the dali backend's own options (--dali-normalize-in torch|dali, ...)",
-                             factory=DaliOptions)
-    hybrid: HybridOptions = knob(help="the hybrid backend's own option (--hybrid-dali-share)", factory=HybridOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,55 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
     add_flags(p, BenchConfig, underscores=True)
     return p
-
-
-def tree_cpu_seconds() -> float | None:
-    """User+system CPU seconds so far of this process and its live descendants (decode workers, DataLoader workers,
-    a forkserver's children), from Linux /proc; None elsewhere. Images per CPU-second stays meaningful on a machine
-    that other jobs share, where wall-clock img/s does not."""
-    if not os.path.isdir("/proc"):
-        return None
-    children, cpu = process_tree()
-    total, todo = 0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        total += cpu.get(pid, 0)
-        todo += children.get(pid, [])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree() -> tuple[dict[int, list[int]], dict[int, int]]:
-    """(parent pid -> child pids, pid -> user+system clock ticks) of every process in Linux /proc."""
-    children, cpu = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
-        except OSError:
-            continue  # exited while we looked
-        pid = int(entry)
-        children.setdefault(int(fields[1]), []).append(pid)
-        cpu[pid] = int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return children, cpu
-
-
-def workers_pss_mb() -> float | None:
-    """The proportional set size of this process's descendants, in MB (Linux); None elsewhere."""
-    if not os.path.isdir("/proc"):
-        return None
-    children, _ = process_tree()
-    total, todo = 0, list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)  # kB
-        except OSError:
-            continue  # exited, or not ours to read
-    return round(total / 1024, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -257,25 +196,29 @@ def rates(acc: dict, seconds: float, loader, cfg: BenchConfig) -> dict:
 
 
 def res_schedule(cfg: BenchConfig) -> ResSchedule | None:
-    """--min-res's schedule, in multiples of 32 (ViT-B/32's patch); None without. ScheduleError (a ValueError)
-    naming the flag for one that cannot work."""
-    return from_flags(cfg.min_res, cfg.max_res, cfg.start_ramp, cfg.end_ramp, cfg.img_size, 32)
+    """--min-res's schedule, in multiples of --patch; None without. ScheduleError (a ValueError) naming the flag for
+    one that cannot work."""
+    return cfg.res_schedule(cfg.patch)
 
 
-def spec_for(cfg: BenchConfig, device: torch.device) -> dict:
-    schedule = res_schedule(cfg)
-    return dict(data_path=cfg.data_path, split=cfg.split, batch_size=cfg.batch_size, device=device,
-                workers=cfg.workers, seed=cfg.seed, img_size=schedule.max_res if schedule else cfg.img_size,
-                prefetch=cfg.prefetch, dtype=getattr(torch, cfg.dtype), aa=cfg.aa, color_jitter=cfg.color_jitter,
-                res_schedule=schedule)
+def spec_for(cfg: BenchConfig, device: torch.device, shards: ShardSet | None = None) -> dict:
+    """`build_loader`'s arguments: train.py's from the shared DataConfig, and the benchmark's own. `shards`: the
+    set, opened once (`open_data`)."""
+    return dict(**loader_args(cfg, cfg.split, res_schedule(cfg)), batch_size=cfg.batch_size, device=device,
+                seed=cfg.seed, prefetch=cfg.prefetch, dtype=getattr(torch, cfg.dtype), shards=shards)
 
 
-def num_classes_of(cfg: BenchConfig) -> int:
-    if cfg.data_path is None:
-        return IMAGENET_CLASSES
-    from pipeline.shards.format import num_classes
+def open_data(cfg: BenchConfig) -> ShardSet | None:
+    """The shard set at --data_path, opened once per run (None without one)."""
+    return open_shard_set(cfg.data_path) if cfg.data_path else None
 
-    return num_classes(cfg.data_path)
+
+def loader_spec(cfg: BenchConfig, device: torch.device) -> LoaderSpec:
+    """The LoaderSpec `build_loader(**spec_for(...))` makes (for the baseline and the decode path, which follow the
+    same transform policy)."""
+    args = spec_for(cfg, device)
+    del args["backend"]
+    return LoaderSpec(**args)
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -291,9 +234,10 @@ def run(cfg: BenchConfig) -> dict:
         import importlib
 
         importlib.import_module("torch_npu")  # registers the "npu" device with torch
-    step = model_step(cfg, num_classes_of(cfg), device)
+    shards = open_data(cfg)
+    step = model_step(cfg, shards.manifest.num_classes if shards else IMAGENET_CLASSES, device)
     built_at = time.perf_counter()
-    loader = build_loader(backend=cfg.backend, options=options_from(cfg, cfg.backend), **spec_for(cfg, device))
+    loader = build_loader(**spec_for(cfg, device, shards))
     describe = loader.describe()
     print(f"bench: {describe}", file=sys.stderr)
     try:
@@ -305,14 +249,14 @@ def run(cfg: BenchConfig) -> dict:
     final = {"final": True, **result, "backend": cfg.backend, "workers": loader.num_workers,
              "batch_size": cfg.batch_size,
              "split": cfg.split, "img_size": cfg.img_size, "device": str(device), "model": cfg.model,
-             "pillow": pillow_flavour(), "loader": describe, "restart_markers": restart_markers(cfg),
+             "pillow": pillow_flavour(), "loader": describe, "restart_markers": restart_markers(shards),
              "torch": torch.__version__, "python": platform.python_version()}
     if res_schedule(cfg):
         final["res_schedule"] = res_schedule(cfg).describe(cfg.end_ramp + 1)
     if cfg.baseline:
         from pipeline.bench.baseline import TorchvisionLoader
 
-        spec = LoaderSpec(**spec_for(cfg, device))
+        spec = loader_spec(cfg, device)
         built_at = time.perf_counter()
         base = TorchvisionLoader(cfg.baseline, spec)
         try:
@@ -337,9 +281,9 @@ def baseline_error(e: Exception) -> str:
     return lines[-1] if lines and ":" in lines[-1] else f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
-def restart_markers(cfg: BenchConfig) -> bool | None:
+def restart_markers(shards: ShardSet | None) -> bool | None:
     """Whether the shards were made with restart markers (what the region decoder can skip by); None: no shards."""
-    return read_manifest(cfg.data_path).settings.restart_markers if cfg.data_path else None
+    return shards.manifest.settings.restart_markers if shards is not None else None
 
 
 def time_single_core(fn, items: list, seconds: float) -> float:
@@ -372,21 +316,21 @@ def decode_only(cfg: BenchConfig) -> dict:
 
     cfg.host.validate()  # a decoder asked for and not built is an error, not a silent fallback
     torch.set_num_threads(1)  # the torchvision path's ToTensor/Normalize would otherwise use every core
-    spec = LoaderSpec(**spec_for(cfg, torch.device("cpu")))
+    spec = loader_spec(cfg, torch.device("cpu"))
     samples, reader = [], ShardReader()
     for shard in shard_list(cfg.data_path, cfg.split):
         if len(samples) >= 2000:  # enough variety; keeps memory small on a full ImageNet shard set
             break
         samples += reader.read_all(shard)
-    worker = WorkerConfig(worker=0, num_workers=1, planner=LoaderSpec(**{**spec_for(cfg, spec.device),
-                                                                         "batch_size": 1}).planner([]),
+    worker = WorkerConfig(worker=0, num_workers=1, planner=dataclasses.replace(spec, batch_size=1).planner([]),
                           transform=spec.transform, skip_bad=False, num_classes=None, slot_names=(),
                           decoder=cfg.host.resolved_decoder)
     out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
     result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
-              "pillow": pillow_flavour(), "decoder": worker.decoder, "restart_markers": restart_markers(cfg),
+              "pillow": pillow_flavour(), "decoder": worker.decoder, "restart_markers": restart_markers(open_data(cfg)),
               "samples": len(samples),
-              "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out), samples, cfg.seconds), 1)}
+              "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out, spec.transform), samples,
+                                              cfg.seconds), 1)}
     if cfg.baseline:
         transform = baseline_transform(spec.transform)
         try:
@@ -401,6 +345,7 @@ def decode_only(cfg: BenchConfig) -> dict:
 
 def check(cfg: BenchConfig) -> None:
     """Mistakes caught before any worker starts or a minute of measuring is spent."""
+    cfg.resolve_workers()
     for name in ("batch_size", "workers", "img_size", "epoch_stride"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

@@ -9,6 +9,7 @@ S3 prefix (`s3://bucket/prefix`): every read goes through `pipeline/shards/stora
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -260,7 +261,38 @@ def _check_counts(splits: dict, where: str) -> None:
                       split.num_samples)
 
 
-def read_manifest(data_path: str | Path) -> Manifest:
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard set opened once per process start (its manifest and class list read once: on s3:// each read is a
+    GET), then handed to whatever needs them: the loaders, the class count, a checkpoint's record of the data."""
+
+    path: str
+    manifest: Manifest
+    classes: list[str] | None  # classes.json's names; None for an older set without the file
+
+    def fingerprint(self, split: str) -> str | None:
+        """A digest of the split's shards' sha256s (the manifest's): equal for the same shards in the same order."""
+        entry = self.manifest.splits.get(split)
+        if entry is None:
+            return None
+        return hashlib.sha256(" ".join(s.sha256 for s in entry.shards).encode()).hexdigest()[:16]
+
+
+def open_shard_set(data_path: str | Path) -> ShardSet:
+    """The set at `data_path`, its manifest and class list each read once (ShardError for one that is not a set)."""
+    read: dict = {}
+
+    def classes(missing_ok: bool):
+        if "names" not in read:
+            read["names"] = read_classes(data_path, missing_ok)
+        return read["names"], storage.join(data_path, CLASSES)
+
+    manifest = read_manifest(data_path, classes)
+    return ShardSet(str(data_path), manifest, read.get("names"))
+
+
+def read_manifest(data_path: str | Path, classes=None) -> Manifest:
+    """`classes(missing_ok)`: how the class list is read (Manifest.from_json); default: from the set's file."""
     path = storage.join(data_path, MANIFEST)
     try:
         obj = json.loads(storage.read_bytes(path))
@@ -270,8 +302,8 @@ def read_manifest(data_path: str | Path) -> Manifest:
         raise ShardError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: not a manifest written by tools/make_shards.py")
-    return Manifest.from_json(obj, str(path), lambda missing_ok: (read_classes(data_path, missing_ok),
-                                                                  storage.join(data_path, CLASSES)))
+    return Manifest.from_json(obj, str(path), classes or (lambda missing_ok: (read_classes(data_path, missing_ok),
+                                                                             storage.join(data_path, CLASSES))))
 
 
 def read_classes(data_path: str | Path, missing_ok: bool = False) -> list[str] | None:

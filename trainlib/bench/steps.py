@@ -1,7 +1,8 @@
 """The training steps the benchmarks compare, built once here so that tools/bench_train.py and tools/profile_step.py
 measure the same things:
   (a) `baseline_step`: timm's model as timm builds it and the textbook step (fused AdamW, autocast, label smoothing);
-  (b) `our_step`: train.py's own `Trainer.step`, built by `trainlib.build` from the TrainConfig of the same flags.
+  (b) `our_step`: train.py's own step (`Trainer.step_on`), built by `trainlib.build` from the TrainConfig of the same
+      flags.
 Both take a `StepConfig` (a benchmark's config subclasses it, so its parser carries these flags: pipeline/cli.py).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline
-from pipeline import endless
+from pipeline.bench import endless
 from pipeline.cli import knob
 from trainlib import distributed
 from trainlib.build import build_trainer
@@ -77,13 +78,17 @@ def baseline_step(args: StepConfig, dev):
 
 
 def our_step(args: StepConfig, dev, fp8: bool = False, recipe: bool = False, model_side: int = 0):
-    """(b), (d), (e) and (f): train.py's Trainer.step itself, built by trainlib.build from train.py's config of
+    """(b), (d), (e) and (f): train.py's Trainer.step_on itself, built by trainlib.build from train.py's config of
     these flags."""
     cfg = args.train_config(fp8, recipe, model_side)
     # A schedule long enough never to wrap within a benchmark; its LR values do not change the step's cost.
     trainer = build_trainer(cfg, dev, distributed.placement(cfg), QuietLog(), steps_per_epoch=10**6,
                             classes=args.num_classes)
-    return trainer.step
+
+    def step(images, labels):
+        return trainer.step_on([(images, labels)])  # one optimizer step, as train.py's loop takes it
+
+    return step
 
 
 def synthetic(args: StepConfig, dev, dtype):
