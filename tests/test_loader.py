@@ -178,3 +178,16 @@ def test_a_state_inside_a_resolution_ramp_goes_on_at_its_epochs_side():
         sides = [b.side for b in one]
         assert len(sides) == (64 - 3 * 8) // 4 and set(sides) == {16}  # the rest of epoch 1, at its side
         assert {b.side for b in one} == {24} and one.epoch == 3
+
+
+def test_a_synthetic_state_round_trip_yields_the_rest_of_the_epoch(tmp_path):
+    with synthetic() as first:
+        first.num_samples = 40  # 10 batches an epoch
+        for _ in zip(range(3), first):
+            pass
+        torch.save(first.state_dict(), tmp_path / "state.pt")
+    with synthetic() as again:
+        again.num_samples = 40
+        again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        assert (again.position, len(again)) == (Position(0, (), 3), 10)
+        assert len(list(again)) == 7 and again.position == Position(1) and len(list(again)) == 10
