@@ -21,7 +21,7 @@ from pipeline import PipelineError, SettingsError, StateError
 from pipeline.dali import DaliMissingError
 from trainlib import checkpoint, distributed
 from trainlib.build import (build_loaders, build_trainer, check_contents, check_model, class_count, compiled_graphs,
-                            data_identity, open_data, seed_everything)
+                            data_identity, seed_everything)
 from trainlib.config import ConfigError, TrainConfig, parse_config
 from trainlib.devices import DeviceError, resolve_device
 from trainlib.engine import DivergedError, Preempted, Trainer
@@ -54,7 +54,7 @@ def run(cfg: TrainConfig) -> None:
         check_same_resume(cfg, resume_path)
         # Everything that can be checked is, before the run's first file is written: a failed start leaves nothing
         # behind that a later --resume auto could mistake for a run (the lock removes a folder it made).
-        shards = open_data(cfg)  # the manifest and class list, read once for everything below
+        shards = cfg.open_data()  # the manifest and class list, read once for everything below
         classes = class_count(cfg, shards)
         shape = check_model(cfg, classes)  # the model's patch and the sides of the run, found once
         data = data_identity(cfg, shards)  # what the checkpoints record of the shard set, and a resume compares
@@ -67,7 +67,7 @@ def run(cfg: TrainConfig) -> None:
         if resuming:
             check_position(state, cfg, placement.world_size)
         checked = check_contents(cfg, placement, shards)  # before a loader plans with a shard unlike the manifest's
-        loaders = build_loaders(cfg, device, placement, classes, checked, shape, shards)
+        loaders = build_loaders(cfg, device, placement, classes, shape, checked, shards)
         train_loader, val_loader = loaders
         steps_per_epoch = optimizer_steps(cfg, train_loader.batches_in()) if train_loader is not None else 1
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps_per_epoch

@@ -12,6 +12,7 @@ from pipeline.dali import DaliOptions
 from pipeline.host import HostOptions
 from pipeline.hybrid import HybridOptions
 from pipeline.resolution import FLAG_HELP as RES_HELP, ResSchedule, from_flags
+from pipeline.shards.format import ShardSet, open_shard_set
 
 # --workers left out: per backend. DALI feeds the H100 best with 8 threads a rank (docs/benchmarks.md: 0.869 of the
 # step rate against 0.825 with 4); hybrid's one count is also its host part's processes, so it keeps 4 with the host.
@@ -47,6 +48,11 @@ class DataConfig:
         """The train side per epoch (pipeline/resolution.py), in multiples of `step` (the model's patch side); None:
         a fixed --img-size. ScheduleError (a ValueError) naming the flag for one that cannot work."""
         return from_flags(self.min_res, self.max_res, self.start_ramp, self.end_ramp, self.img_size, step)
+
+    def open_data(self) -> ShardSet | None:
+        """The shard set at --data_path, opened once per process start and handed to everything that needs it (None
+        without one)."""
+        return open_shard_set(self.data_path) if self.data_path else None
 
     def backend_options(self):
         """What `build_loader(options=...)` takes for this config's backend."""

@@ -17,7 +17,7 @@ import random
 import tempfile
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import NamedTuple
 
@@ -261,8 +261,7 @@ def serve(cfg: WorkerConfig, mailbox: Mailbox, slots) -> None:
         mailbox.start(msg.run)
         epoch, start = msg.epoch, msg.start
         # An epoch that other layouts read part of has a plan of its own (pipeline/plan.py rule 6); the rest are whole
-        planner = replace(cfg.planner, resumed_epoch=epoch, stages=msg.stages) if msg.stages else \
-            cfg.planner
+        planner = cfg.planner.at(epoch, msg.stages)
         try:
             # Epoch after epoch, until a command interrupts (take_slot waits for free slots). Only the rest of a
             # resumed epoch may have no batch for the loader; the epochs after it have.

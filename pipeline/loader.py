@@ -205,17 +205,17 @@ class Loader:
         return self.spec.size_at(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
-        position = self.position
-        count = len(self)
-        made = self._batches(position) if position.batch < count else iter(())
+        position, count = self.position, len(self)
+        if position.batch >= count:  # an empty rest of an epoch (elastic): the next epoch follows
+            self.position = Position(position.epoch + 1)
+            return
+        made = self._batches(position)
         for k in range(position.batch, count):
             images, labels = next(made)
             # Before the yield: a state taken while the consumer holds this batch counts it as handed out.
             self.position = Position(position.epoch, position.stages, k + 1) if k + 1 < count else \
                 Position(position.epoch + 1)
             yield Batch(images, labels)
-        if position.batch >= count:  # an empty rest of an epoch (elastic): the next epoch follows
-            self.position = Position(position.epoch + 1)
 
     def _batches(self, position: Position) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError

@@ -38,7 +38,7 @@ import functools
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.shards.errors import SettingsError
 from pipeline.shards.format import Shard
@@ -274,11 +274,16 @@ class EpochPlanner:
     seed: int
     shuffle_window: int = 1  # train: samples permuted together, rounded up to whole batches (rule 4)
     resumed_epoch: int | None = None  # an epoch resumed on another layout, and the layouts that ran part of it
-    stages: tuple[Stage, ...] = ()  # (a loader's Position of such an epoch makes its planner: shard_loader.py)
+    stages: tuple[Stage, ...] = ()  # (`at` makes such a planner)
     aug_repeats: int = 1  # train: copies of each sample an epoch reads (rule 7); 1 = none
 
     def plan(self, epoch: int) -> RankPlan:
         return _cached_plan(self, epoch)
+
+    def at(self, epoch: int, stages: tuple[Stage, ...]) -> "EpochPlanner":
+        """This plan with `epoch` the rest of an epoch that the layouts `stages` read part of (rule 6); itself when
+        none did."""
+        return replace(self, resumed_epoch=epoch, stages=stages) if stages else self
 
     def stages_of(self, epoch: int) -> tuple[Stage, ...]:
         return self.stages if epoch == self.resumed_epoch else ()

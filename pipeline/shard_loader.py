@@ -3,8 +3,6 @@ iteration at a time, and `EpochRun`, the one rule by which a loader's producers 
 run on from one epoch into the next. The protocol itself, the position and its state are pipeline/loader.py's."""
 from __future__ import annotations
 
-import dataclasses
-
 from pipeline.loader import Loader, LoaderSpec
 from pipeline.plan import EpochPlanner, Position
 from pipeline.shards.errors import ShardError
@@ -60,7 +58,7 @@ class ShardLoader(Loader):
         self.whole = spec.planner(shards)  # the plan of every epoch no other layout read part of
         self.num_samples = sum(s.num_samples for s in shards)
         self.fingerprint = self.shard_set.fingerprint(spec.split)
-        self._rest: EpochPlanner | None = None  # the plan of an epoch resumed on another layout (rule 6)
+        self._rest: EpochPlanner | None = None  # the plan of the position's epoch (rule 6 after an elastic resume)
         self.steps = len(self.whole_batches)  # a whole epoch's; raises when the split cannot fill a batch per rank
         self.run = EpochRun(spec.train)
         self._iteration = 0
@@ -68,11 +66,9 @@ class ShardLoader(Loader):
     def planner_for(self, position: Position) -> EpochPlanner:
         """The plan `position`'s epoch follows: with the stages that read part of it before, and the same object for
         the same stages (the plan caches key on it)."""
-        if not position.stages:
-            return self.whole
         rest = self._rest
         if rest is None or (rest.resumed_epoch, rest.stages) != (position.epoch, position.stages):
-            self._rest = rest = dataclasses.replace(self.whole, resumed_epoch=position.epoch, stages=position.stages)
+            self._rest = rest = self.whole.at(position.epoch, position.stages)
         return rest
 
     @property

@@ -20,8 +20,9 @@ def test_a_ramp_compiles_one_static_graph_per_side_and_mode(monkeypatch):
     torch._dynamo.reset()
     cfg = TrainConfig(**RAMP)
     cfg.validate()
-    assert run_shape(cfg).dynamic
-    model = build.compiled(cfg, build.build_model_for(cfg, devices.resolve_device("cpu"), classes=4))
+    shape = run_shape(cfg)
+    assert shape.dynamic
+    model = build.compiled(build.build_model_for(cfg, devices.resolve_device("cpu"), 4, shape), shape)
     before = build.compiled_graphs()
     for side in (16, 16, 32, 32, 48, 48):  # two steps at each epoch's side
         model(torch.rand(2, 3, side, side)).sum().backward()
@@ -40,12 +41,12 @@ def test_compile_names_the_devices_backend_and_leaves_torchs_default_alone(monke
     cfg.validate()
     model = torch.nn.Linear(2, 2)
     npu_backend = object()
-    assert build.compiled(cfg, model, npu_backend) is model and seen[-1] == {"backend": npu_backend}
-    build.compiled(cfg, model)
+    assert build.compiled(model, run_shape(cfg), npu_backend) is model and seen[-1] == {"backend": npu_backend}
+    build.compiled(model, run_shape(cfg))
     assert seen[-1] == {}
     ramp = TrainConfig(**RAMP)
     ramp.validate()
-    build.compiled(ramp, model, npu_backend)  # several sides: static graphs, with the backend all the same
+    build.compiled(model, run_shape(ramp), npu_backend)  # several sides: static graphs, with the backend all the same
     assert seen[-1] == {"dynamic": False, "backend": npu_backend}
 
 
@@ -60,7 +61,7 @@ def test_ddp_broadcasts_buffers_only_where_training_changes_them():
     cpu = devices.resolve_device("cpu")
     cfg = TrainConfig(model="test_vit", img_size=32, device="cpu", backend="synthetic", num_classes=4)
     cfg.validate()
-    vit = build.build_model_for(cfg, cpu, classes=4)
+    vit = build.build_model_for(cfg, cpu, 4, run_shape(cfg))
     assert [name for name, _ in vit.named_buffers()], "a ViT with pixel input has its mean/std buffers"
     with_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
     with socket.socket() as s:
@@ -91,5 +92,5 @@ def test_workers_default_to_the_backends_own_and_reach_the_loader_spec(monkeypat
         cfg = parse_config(["--data_path", "/no/such/shards", "--backend", backend, "--model", "test_vit",
                             "--img-size", "32", "--device", "cpu", *flags])
         assert cfg.to_dict()["workers"] == want, (flags, backend)
-        train, val = build.build_loaders(cfg, cpu, Placement(0, 1, 0), classes=4)
+        train, val = build.build_loaders(cfg, cpu, Placement(0, 1, 0), 4, run_shape(cfg))
         assert (train.workers, val.workers) == (want, want), (flags, backend)

@@ -166,7 +166,7 @@ def test_check_shards_refuses_a_class_count_that_is_not_the_class_lists(data):
     assert f"{data / 'manifest.json'}: num_classes is 10, but {data / 'classes.json'} lists 4 classes" in proc.stderr
 
 
-def _header(blob: bytes, listed: list, n: int) -> int:
+def _header(listed: list, n: int) -> int:
     """Where member n's header starts."""
     return listed[n][1] - 512
 
@@ -195,7 +195,7 @@ def test_the_header_walk_vouches_only_for_what_tarfile_lists(data, tmp_path):
     index = read_index(data / "train-000000.idx")
     listed = contents.listed_members(index)
     assert contents.tar_members(blob) == listed and contents.tar_lists(blob, listed)
-    h1, last = _header(blob, listed, 1), listed[-1][1] + listed[-1][2]
+    h1, last = _header(listed, 1), listed[-1][1] + listed[-1][2]
     cases = {
         "a name": (_changed(blob, h1, b"X"), listed),
         "a valid header of another name": (_renamed(blob, h1), listed),

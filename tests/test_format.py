@@ -40,6 +40,9 @@ def test_a_vitshards_1_manifest_is_read_by_its_own_rule(tmp_path):
     manifest = read_manifest(tmp_path)
     assert manifest.num_classes == 2 and num_classes(tmp_path) == 2  # classes.json's count
     assert manifest.settings.restart_markers is False and manifest.settings.format == "vitshards-1"
+    (tmp_path / "classes.json").unlink()  # then the count has nowhere to come from
+    with pytest.raises(ShardError, match=r"classes.json: no class list, which this manifest's class count is taken"):
+        read_manifest(tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [

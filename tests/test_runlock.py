@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import compare_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +123,7 @@ def test_a_resume_after_a_kill_9_is_marked_and_readers_see_each_step_once_with_t
     train = [r for r in read_metrics(out) if r["kind"] == "train"]
     assert [r["global_step"] for r in train] == list(range(1, 13))  # each step once
     ours = {r["global_step"]: r for r in raw[markers[0]:] if r["kind"] == "train"}
-    assert all(r is not None and r == ours[r["global_step"]] for r in train[saved:])  # the resumed run's records
+    assert train[saved:] == [ours.get(step) for step in range(saved + 1, 13)]  # the resumed run's records
     assert all(r["time"] < marker["time"] for r in train[:saved])
     # The tools read it the same way: compare_runs' mean loss is over the 12 steps read, each once.
     mean = compare_runs.curve(out)[0]["loss"]
@@ -150,3 +152,22 @@ def test_markers_drop_what_their_checkpoint_precedes_through_chained_and_elastic
     assert kept == [("train", 1, 1.0), ("train", 2, 1.0), ("train", 3, 1.0), ("train", 4, 1.0), ("skipped", None, None),
                     ("resume", None, None), ("resume", None, None), ("train", 5, 3.0), ("train", 6, 3.0),
                     ("resume", None, None), ("resume", None, None), ("train", 4, 5.0), ("train", 5, 5.0)]
+
+
+def test_a_file_system_without_flock_is_one_line_and_leaves_no_run_folder(tmp_path, monkeypatch):
+    """flock refused (ENOLCK, as some network file systems answer): the start fails in words, and the folders and
+    lock file it made go again, as for any failed start. The refusal is stood in for: no such file system here."""
+    import errno
+    import fcntl
+
+    from trainlib.config import ConfigError
+    from trainlib.runlock import RunLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "runs" / "a"
+    with pytest.raises(ConfigError, match=r"cannot lock .*train.lock \(No locks available\): put the run folder on"):
+        RunLock(out)
+    assert not (tmp_path / "runs").exists()

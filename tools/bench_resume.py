@@ -86,7 +86,7 @@ def header(args, repo: Path, shards: Path) -> dict:
     return {"repo": str(repo), "commit": git("rev-parse", "HEAD"),
             "modified_files": None if status is None else len(status.splitlines()),
             "diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "settings": vars(args),
             "data": json.loads((shards.parent / "data.json").read_text()),
             "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                         "python": platform.python_version(), "platform": platform.platform(),
@@ -104,34 +104,8 @@ def mb(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
-MEMORY_ROWS = (("rest of epoch: rss peak", "rest_rss_peak"), ("rest of epoch: pss peak", "rest_pss_peak"),
-               ("rest of epoch: shm peak (allocated)", "rest_shm_peak"),
-               ("rest of epoch: shm peak (created)", "rest_shm_apparent_peak"),
-               ("rest of epoch: rss mean", "rest_rss_mean"), ("rest of epoch: pss mean", "rest_pss_mean"),
-               ("rest of epoch: pss anon+shmem peak", "rest_pss_anon_peak"),
-               ("rest of epoch: pss anon+shmem mean", "rest_pss_anon_mean"),
-               ("rest of epoch: shm mean", "rest_shm_mean"), ("  main process rss mean", "rest_main_rss_mean"),
-               ("  main process pss anon+shm mean", "rest_main_pss_anon_mean"),
-               ("  decode workers rss mean", "rest_worker_rss_mean"),
-               ("  decode workers pss mean", "rest_worker_pss_mean"),
-               ("  decode workers pss anon+shm mean", "rest_worker_pss_anon_mean"),
-               ("  forkserver+tracker rss mean", "rest_helper_rss_mean"),
-               ("  forkserver+tracker pss anon+shm", "rest_helper_pss_anon_mean"),
-               ("workers at the rest's rss peak", "workers_at_peak"), ("workers max", "workers_max"),
-               ("vitpipe files max", "shm_files_max"), ("whole resume: rss peak", "rss_peak"),
-               ("whole resume: pss peak", "pss_peak"), ("rest of epoch (s)", "rest_s"),
-               ("resume wall (s)", "resume_s"), ("sampler cpu (s)", "sampler_cpu_s"))
-COUNTS = {"workers_at_peak", "workers_max", "shm_files_max", "rest_s", "resume_s", "sampler_cpu_s"}  # not bytes
-LOADER_ROWS = (("state_dict() mid-epoch (us/call)", "state_dict_us"),
-               ("  after a resume (us/call)", "resumed_state_dict_us"),
-               ("  after an elastic resume (us/call)", "elastic_state_dict_us"),
-               ("fresh first batch (s)", "fresh_first_batch_s"), ("resumed first batch (s)", "resumed_first_batch_s"),
-               ("elastic first batch (s)", "elastic_first_batch_s"),
-               ("  fresh: set_epoch -> batch (s)", "fresh_after_build_s"),
-               ("  resumed: load -> batch (s)", "resumed_after_build_s"),
-               ("  elastic: load -> batch (s)", "elastic_after_build_s"),
-               ("load_state_dict (us)", "resumed_load_state_dict_us"),
-               ("load_state_dict, elastic (us)", "elastic_load_state_dict_us"))
+# The table's rows are the named figures of resume.MEMORY_FIGURES / LOADER_FIGURES; these memory ones are no bytes.
+COUNTS = {"workers_at_peak", "workers_max", "shm_files_max", "rest_s", "resume_s", "sampler_cpu_s"}
 
 
 def table(result: dict) -> str:
@@ -149,11 +123,11 @@ def table(result: dict) -> str:
            f"{' (+%d modified)' % result['modified_files'] if result['modified_files'] else ''}, "
            f"{len(result['runs'])} repetitions, median [min, max]"]
     if result["mode"] == "memory":
-        out += [row(name, key, num if key in COUNTS else size) for name, key in MEMORY_ROWS]
+        out += [row(name, key, num if key in COUNTS else size) for name, key in resume.MEMORY_FIGURES if name]
     else:
         out.append(f"  state_dict(): {result['state_dict_calls']} calls per figure, "
                    f"{result['state_dict_pickled_bytes']} bytes pickled")
-        out += [row(name, key, num) for name, key in LOADER_ROWS]
+        out += [row(name, key, num) for name, key in resume.LOADER_FIGURES if name]
         out.append(f"  resumed first batch = the batch after the state: {result['resumed_first_batch_matches']}")
     foreign = sorted({n for r in result["runs"] for n in r.get("foreign_vitpipe_files", ())})
     if foreign:

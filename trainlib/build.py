@@ -18,7 +18,7 @@ from pipeline.loader import IMAGENET_CLASSES
 from pipeline.shards import contents, storage
 from pipeline.shards.contents import Checked
 from pipeline.shards.errors import ShardError
-from pipeline.shards.format import ShardSet, open_shard_set, read_classes
+from pipeline.shards.format import CLASSES, ShardSet
 from trainlib.batch_augment import BatchAugment
 from trainlib.config import ConfigError, TrainConfig
 from trainlib import distributed
@@ -26,11 +26,6 @@ from trainlib.distributed import Placement
 from trainlib.engine import Trainer
 from trainlib.optim import OptimStep, build_loss, build_optimizer, build_scheduler
 from trainlib.shape import RunShape, run_shape
-
-
-def open_data(cfg: TrainConfig) -> ShardSet | None:
-    """The shard set at --data_path, opened once per process start and handed to everything below (None without)."""
-    return open_shard_set(cfg.data_path) if cfg.data_path else None
 
 
 def class_count(cfg: TrainConfig, shards: ShardSet | None) -> int:
@@ -54,8 +49,10 @@ def data_identity(cfg: TrainConfig, shards: ShardSet | None) -> dict | None:
     if shards is None or not get_backend(cfg.backend).reads_shards:
         return None
     split = shards.manifest.splits.get("train")  # a val-only set serves --evaluate
-    classes = shards.classes if shards.classes is not None else read_classes(shards.path)  # ShardError: none
-    return {"plan_id": shards.manifest.plan_id, "classes": classes, "train_shards": shards.fingerprint("train"),
+    if shards.classes is None:  # a set made before classes.json: nothing a resume could compare classes with
+        raise ShardError(f"{storage.join(shards.path, CLASSES)}: no class list here; remake the set with "
+                         f"tools/make_shards.py")
+    return {"plan_id": shards.manifest.plan_id, "classes": shards.classes, "train_shards": shards.fingerprint("train"),
             "train_samples": split.num_samples if split is not None else None}
 
 
@@ -98,11 +95,10 @@ def run_args(cfg: TrainConfig, device, placement: Placement, classes: int, check
                 shard_problems=checked.problems if checked else None, shards=shards)
 
 
-def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int, checked: Checked | None = None,
-                  shape: RunShape | None = None, shards: ShardSet | None = None):
-    """(train loader or None under --evaluate, val loader or None without evaluation) for this rank; `checked`:
-    what check_contents found; `shape`: the run's sides (found here when not given); `shards`: the set, opened."""
-    shape = shape or run_shape(cfg)
+def build_loaders(cfg: TrainConfig, device, placement: Placement, classes: int, shape: RunShape,
+                  checked: Checked | None = None, shards: ShardSet | None = None):
+    """(train loader or None under --evaluate, val loader or None without evaluation) for this rank; `shape`: the
+    run's sides; `checked`: what check_contents found; `shards`: the set, opened."""
     common = run_args(cfg, device, placement, classes, checked, shards)
     train = None
     if not cfg.evaluate:
@@ -125,9 +121,9 @@ def check_model(cfg: TrainConfig, classes: int) -> RunShape:
     return run_shape(cfg, model)
 
 
-def build_model_for(cfg: TrainConfig, device, classes: int, shape: RunShape | None = None) -> torch.nn.Module:
+def build_model_for(cfg: TrainConfig, device, classes: int, shape: RunShape) -> torch.nn.Module:
     """The bare model on the device, with --pixel-input, --fp8 and --channels-last applied."""
-    extra = {"dynamic_img_size": True} if (shape or run_shape(cfg)).dynamic else {}
+    extra = {"dynamic_img_size": True} if shape.dynamic else {}
     model = build_model(cfg.model, num_classes=classes, img_size=cfg.img_size, pretrained=cfg.pretrained,
                         drop_path=cfg.drop_path, **extra).to(device.device)
     if cfg.pixel_input:
@@ -144,13 +140,12 @@ def build_model_for(cfg: TrainConfig, device, classes: int, shape: RunShape | No
     return model
 
 
-def compiled(cfg: TrainConfig, model: torch.nn.Module, backend=None, shape: RunShape | None = None) -> torch.nn.Module:
+def compiled(model: torch.nn.Module, shape: RunShape, backend=None) -> torch.nn.Module:
     """torch.compile with `backend` (the device's, Device.compile_backend; None: torch.compile's default): under
     several image sides (a schedule, another eval side) one static graph per side and mode (`dynamic=False`), rather
     than dynamo's switch to a dynamic-shape graph at the second side, whose kernels are generic; its recompile limit
     raised to hold them all."""
     named = {} if backend is None else {"backend": backend}
-    shape = shape or run_shape(cfg)
     if not shape.dynamic:
         return torch.compile(model, **named)
     graphs = 2 * len(shape.sides) + 2  # train and eval mode each, and slack
@@ -199,7 +194,7 @@ def build_trainer(cfg: TrainConfig, device, placement: Placement, log, steps_per
     ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     model = ddp = raw_model if placement.world_size == 1 else data_parallel(raw_model, device)
     if cfg.compile:
-        model = compiled(cfg, model, device.compile_backend(), shape)
+        model = compiled(model, shape, device.compile_backend())
     optimizer = build_optimizer(cfg, raw_model, device)
     defaults = model_defaults(cfg.model)
     augment = BatchAugment.from_config(cfg, num_classes=classes, mean=defaults["mean"], std=defaults["std"],

@@ -73,7 +73,9 @@ def save(path: Path, state: dict, previous: Path | None = None) -> None:
     if previous is not None and path.is_file():
         copy_as(path, previous)
     tmp = atomicio.temp_path(path)
-    state = {**{k: v for k, v in state.items() if k != DIGEST}, DIGEST: digest(state)}
+    # One copy from the device: the digest and the write both read it (each would copy a device tensor again).
+    state = on_cpu({k: v for k, v in state.items() if k != DIGEST})
+    state[DIGEST] = digest(state)
     try:
         # Our own file object, not a path: on an error its `with` closes the file, whereas torch's own writer keeps
         # it open for as long as the exception's traceback lives, and an unlinked file that is still open keeps its
@@ -90,6 +92,17 @@ def save(path: Path, state: dict, previous: Path | None = None) -> None:
                                   f"checkpoint needs about {need / 2**20:.0f} MiB); the previous {path.name}, if "
                                   f"any, is intact") from None
         raise
+
+
+def on_cpu(obj):
+    """A (nested) checkpoint dict with its tensors copied to the CPU, detached; other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [on_cpu(value) for value in obj] if isinstance(obj, list) else tuple(on_cpu(v) for v in obj)
+    return obj
 
 
 def no_space(error: BaseException | None) -> bool:

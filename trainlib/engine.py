@@ -14,7 +14,6 @@ import torch
 
 from model import TRAIN_FLOPS_FACTOR
 from pipeline import timed
-from pipeline.plan import Position
 from trainlib import checkpoint, distributed
 from trainlib.config import TrainConfig
 from trainlib.evaluate import exact_accuracies
@@ -119,8 +118,9 @@ class Trainer:
         evaluating and checkpointing at epoch ends."""
         self.train_loader = train_loader
         while self.epoch < self.cfg.epochs:
-            if train_loader.position != Position(self.epoch + 1):  # else resumed with the epoch trained, not evaluated
-                train_loader.set_epoch(self.epoch)  # the epoch a resumed loader stands in keeps its position
+            # The loader stands in the trainer's epoch; one step ahead only where a resume found it trained to its end
+            # and not yet evaluated (load_state_dict).
+            if train_loader.epoch == self.epoch:
                 self.epoch_steps = self.steps_in(train_loader)
                 if self.step_in_epoch < self.epoch_steps:
                     self.train_epoch(train_loader)
@@ -333,13 +333,11 @@ class Trainer:
         self.load_ema(state)
         if loader is None:
             return
-        if loader.position == Position(self.epoch + 1) and state["step_in_epoch"]:
-            # Stopped in the epoch's last step: the loader stands at the next epoch, the epoch's evaluation and its
-            # end-of-epoch checkpoint are still to come (fit goes on with them).
+        if loader.epoch == self.epoch:
+            self.step_in_epoch, self.epoch_steps = loader.position.local // self.accum, self.steps_in(loader)
+        else:  # stopped in the epoch's last step: the loader stands at the next epoch's start, and the epoch's
+            # evaluation and end-of-epoch checkpoint are still to come (fit goes on with them)
             self.step_in_epoch = self.epoch_steps = state["step_in_epoch"]
-        else:
-            self.epoch, self.step_in_epoch = loader.epoch, loader.position.local // self.accum
-            self.epoch_steps = self.steps_in(loader)
         self.skipped_samples = state.get("skipped_samples", 0)  # older checkpoints did not count
         self.global_step = schedule_position(self.cfg, self.steps_per_epoch, self.epoch, self.step_in_epoch,
                                              self.epoch_steps)

@@ -49,6 +49,7 @@ class RunLock:
             except FileNotFoundError:
                 continue  # the folder went between the two calls (a run that ended removed it): make it again
             except OSError as e:  # a file system without flock (ENOLCK, EOPNOTSUPP), or one we may not write
+                self._remove_made(self.path)  # a failed start leaves no run folder
                 raise ConfigError(f"--output {self.shown}: cannot lock {self.path} ({e.strerror}): put the run "
                                   f"folder on a file system with flock") from None
             if _same_file(fd, self.path):
@@ -77,6 +78,13 @@ class RunLock:
             self.path.unlink()
         os.close(self._fd)  # the flock goes with the last descriptor of the file
         self._fd = None
+        self._remove_made()
+
+    def _remove_made(self, lock_file: Path | None = None) -> None:
+        """The folders this start made, deepest first, while they hold nothing else (`lock_file`, where it made one
+        it could not lock, goes first)."""
+        if lock_file is not None and self._made:
+            lock_file.unlink(missing_ok=True)
         for folder in self._made:
             try:
                 folder.rmdir()

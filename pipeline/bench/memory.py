@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 SHM = Path("/dev/shm")
-SHM_OWNER = re.compile(r"vitpipe_(\d+)_")  # vitpipe_<creating pid>_...: the pid that made the slot
+# A batch slot's name, vitpipe_<creating pid>_<token>_<worker>_<slot>: a copy of pipeline/host.py's SHM_NAME (keep
+# the two alike), not imported from there because pipeline.host loads torch.
+SHM_NAME = re.compile(r"vitpipe_(\d+)_[0-9a-f]{8}_\d+_\d+$")
 ROLES = ("main", "worker", "helper")
 
 
@@ -128,35 +130,18 @@ def role_of(pid: int, parent: int, root: int, root_cmdline: bytes | None) -> str
     return "worker"
 
 
-def mapped_shm(pids) -> set[str]:
-    names = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps", "rb") as f:
-                names |= {line.rsplit(b"/", 1)[1].strip().decode() for line in f if b"/dev/shm/vitpipe" in line}
-        except OSError:
-            continue
-    return names
-
-
-def shm_of(seen_pids: set[int], pids) -> tuple[int, int, int, set[str]]:
+def shm_of(seen_pids: set[int]) -> tuple[int, int, int, set[str]]:
     """(allocated bytes, apparent bytes, files) of the tree's /dev/shm/vitpipe_* slots, and the names of other
-    vitpipe files. A slot is the tree's when the pid in its name is one of `seen_pids`, or, for a name without one,
-    when one of `pids` maps it."""
+    vitpipe files. A slot is the tree's when the pid in its name (SHM_NAME) is one of `seen_pids`."""
     alloc = apparent = files = 0
-    others, mapped = set(), None
+    others = set()
     for entry in os.scandir(SHM):
         if not entry.name.startswith("vitpipe"):
             continue
-        m = SHM_OWNER.match(entry.name)
-        if m and int(m.group(1)) not in seen_pids:
+        m = SHM_NAME.match(entry.name)
+        if m is None or int(m.group(1)) not in seen_pids:
             others.add(entry.name)
             continue
-        if not m:
-            mapped = mapped_shm(pids) if mapped is None else mapped
-            if entry.name not in mapped:
-                others.add(entry.name)
-                continue
         try:
             st = entry.stat()
         except OSError:
@@ -216,7 +201,7 @@ class Sampler(threading.Thread):
                 else:
                     pss[role] += p[0]
                     anon[role] += p[1]
-        alloc, apparent, files, others = shm_of(self.seen, list(tree))
+        alloc, apparent, files, others = shm_of(self.seen)
         self.foreign.update(others)
         out = {"t": round(t, 3), "rss": sum(rss.values()), "pss": None if pss is None else sum(pss.values()),
                "shm": alloc, "shm_apparent": apparent, "shm_files": files, "workers": workers, "procs": procs,

@@ -52,18 +52,42 @@ from pathlib import Path
 
 from pipeline.bench.memory import Sampler
 
-MEMORY_KEYS = ("rss_peak", "pss_peak", "shm_peak", "shm_apparent_peak", "rest_rss_peak", "rest_pss_peak",
-               "rest_shm_peak", "rest_shm_apparent_peak", "rest_rss_mean", "rest_pss_mean", "rest_shm_mean",
-               "rest_pss_anon_peak", "rest_pss_anon_mean", "rest_main_rss_mean", "rest_main_pss_anon_mean",
-               "rest_worker_rss_mean", "rest_worker_pss_mean", "rest_worker_pss_anon_mean", "rest_helper_rss_mean",
-               "rest_helper_pss_anon_mean", "rest_worker_rss_peak", "rest_worker_pss_peak",
-               "rest_worker_pss_anon_peak", "workers_at_peak", "workers_max", "shm_files_max", "forks_seen", "rest_s",
-               "resume_s", "first_run_s", "sampler_cpu_s")
-LOADER_KEYS = ("state_dict_us", "fresh_first_batch_s", "resumed_first_batch_s", "elastic_first_batch_s",
-               "fresh_after_build_s", "resumed_after_build_s", "elastic_after_build_s",
-               "resumed_load_state_dict_us", "elastic_load_state_dict_us", "fresh_state_dict_us",
-               "resumed_state_dict_us", "elastic_state_dict_us")
-
+# The figures each summary holds (median [min, max] over the repetitions), as (the row's name in the table that
+# tools/bench_resume.py prints, or None: in the JSON only; the key). The keys are MEMORY_KEYS and LOADER_KEYS.
+MEMORY_FIGURES = (
+    ("rest of epoch: rss peak", "rest_rss_peak"), ("rest of epoch: pss peak", "rest_pss_peak"),
+    ("rest of epoch: shm peak (allocated)", "rest_shm_peak"),
+    ("rest of epoch: shm peak (created)", "rest_shm_apparent_peak"),
+    ("rest of epoch: rss mean", "rest_rss_mean"), ("rest of epoch: pss mean", "rest_pss_mean"),
+    ("rest of epoch: pss anon+shmem peak", "rest_pss_anon_peak"),
+    ("rest of epoch: pss anon+shmem mean", "rest_pss_anon_mean"),
+    ("rest of epoch: shm mean", "rest_shm_mean"), ("  main process rss mean", "rest_main_rss_mean"),
+    ("  main process pss anon+shm mean", "rest_main_pss_anon_mean"),
+    ("  decode workers rss mean", "rest_worker_rss_mean"),
+    ("  decode workers pss mean", "rest_worker_pss_mean"),
+    ("  decode workers pss anon+shm mean", "rest_worker_pss_anon_mean"),
+    ("  forkserver+tracker rss mean", "rest_helper_rss_mean"),
+    ("  forkserver+tracker pss anon+shm", "rest_helper_pss_anon_mean"),
+    ("workers at the rest's rss peak", "workers_at_peak"), ("workers max", "workers_max"),
+    ("vitpipe files max", "shm_files_max"), ("whole resume: rss peak", "rss_peak"),
+    ("whole resume: pss peak", "pss_peak"), ("rest of epoch (s)", "rest_s"),
+    ("resume wall (s)", "resume_s"), ("sampler cpu (s)", "sampler_cpu_s"),
+    (None, "shm_peak"), (None, "shm_apparent_peak"), (None, "rest_worker_rss_peak"), (None, "rest_worker_pss_peak"),
+    (None, "rest_worker_pss_anon_peak"), (None, "forks_seen"), (None, "first_run_s"))
+LOADER_FIGURES = (
+    ("state_dict() mid-epoch (us/call)", "state_dict_us"),
+    ("  after a resume (us/call)", "resumed_state_dict_us"),
+    ("  after an elastic resume (us/call)", "elastic_state_dict_us"),
+    ("fresh first batch (s)", "fresh_first_batch_s"), ("resumed first batch (s)", "resumed_first_batch_s"),
+    ("elastic first batch (s)", "elastic_first_batch_s"),
+    ("  fresh: set_epoch -> batch (s)", "fresh_after_build_s"),
+    ("  resumed: load -> batch (s)", "resumed_after_build_s"),
+    ("  elastic: load -> batch (s)", "elastic_after_build_s"),
+    ("load_state_dict (us)", "resumed_load_state_dict_us"),
+    ("load_state_dict, elastic (us)", "elastic_load_state_dict_us"),
+    (None, "fresh_state_dict_us"))
+MEMORY_KEYS = tuple(key for _, key in MEMORY_FIGURES)
+LOADER_KEYS = tuple(key for _, key in LOADER_FIGURES)
 
 class BenchError(RuntimeError):
     """A step of the benchmark failed: the message says which and ends with what it printed."""
@@ -108,27 +132,34 @@ def resume_once(args, repo: Path, shards: Path, rep: int) -> dict:
     first_s = time.perf_counter() - t0
 
     lines: list[tuple[float, str]] = []
+    err: list[str] = []
     t0 = time.perf_counter()
+    # A session of its own, so that a kill reaches its decode workers and helpers too (the process group).
     proc = subprocess.Popen([sys.executable, str(repo / "train.py"), *flags, "--resume", "auto"], env=env, cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     sampler = Sampler(proc.pid, args.interval_ms / 1000, args.pss_every)
-    sampler.start_time = time.monotonic()
     sampler.start()
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
-    reader.start()
-    try:
+
+    def read_stdout() -> None:
         for line in proc.stdout:
             lines.append((time.monotonic() - sampler.start_time, line.rstrip("\n")))
+
+    readers = [threading.Thread(target=read_stdout, daemon=True),
+               threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
         proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         raise BenchError(f"the resume ran past --timeout {args.timeout} s") from None
-    finally:
+    finally:  # the timeout, Ctrl-C or any other error here: no train.py or decode worker left running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         sampler.done.set()
         sampler.join()
-        reader.join(timeout=5)
+        for reader in readers:  # what train.py wrote before it exited is in the pipes; a worker may hold them open
+            reader.join(timeout=5)
     resume_s = time.perf_counter() - t0
     text = "\n".join(line for _, line in lines)
     if proc.returncode != 0:
@@ -162,10 +193,10 @@ def resume_once(args, repo: Path, shards: Path, rep: int) -> dict:
         "procs_at_peak": rest_peak["procs"], "rest_pss_peak": max_of(rest, "pss"), "rest_shm_peak": max_of(rest, "shm"),
         "rest_shm_apparent_peak": max_of(rest, "shm_apparent"),
     }
-    for key in ("rss", "pss", "pss_anon", "shm", "shm_apparent", "workers", "main_rss", "worker_rss", "helper_rss",
-                "main_pss", "worker_pss", "helper_pss", "main_pss_anon", "worker_pss_anon", "helper_pss_anon"):
+    for key in ("rss", "pss", "pss_anon", "shm", "main_rss", "worker_rss", "helper_rss", "worker_pss",
+                "main_pss_anon", "worker_pss_anon", "helper_pss_anon"):
         result[f"rest_{key}_mean"] = mean_of(rest, key)
-    for key in ("pss_anon", "worker_rss", "worker_pss", "worker_pss_anon", "helper_rss", "main_rss"):
+    for key in ("pss_anon", "worker_rss", "worker_pss", "worker_pss_anon"):
         result[f"rest_{key}_peak"] = max_of(rest, key)
     result["foreign_vitpipe_files"] = sorted(sampler.foreign)[:10]
     if args.series:
@@ -200,8 +231,9 @@ def loader_figures(shards: Path, *, batch_size: int, workers: int, img_size: int
         return build_loader(data_path=str(shards), split="train", backend="host", batch_size=batch_size,
                             device="cpu", rank=rank, world_size=world, seed=0, workers=workers, img_size=img_size)
 
-    def mid_state(rank: int, world: int) -> tuple[dict, object, int, int]:
-        """(state after half of epoch 0's batches, labels of the batch after it, batches taken, epoch length)."""
+    def mid_state(rank: int, world: int, timings: int = 0) -> tuple[dict, object, int, int, list[float]]:
+        """(state after half of epoch 0's batches, labels of the batch after it, batches taken, epoch length, and
+        `timings` figures of `time_state_dict` on that loader where it stands, its decode workers running)."""
         loader = make(rank, world)
         try:
             loader.set_epoch(0)
@@ -210,9 +242,10 @@ def loader_figures(shards: Path, *, batch_size: int, workers: int, img_size: int
             it = iter(loader)
             for _ in range(taken):
                 next(it)
+            state_us = [time_state_dict(loader) for _ in range(timings)]
             state = loader.state_dict()
             _, after = next(it)
-            return state, after.clone(), taken, total
+            return state, after.clone(), taken, total, state_us
         finally:
             loader.close()
 
@@ -247,20 +280,8 @@ def loader_figures(shards: Path, *, batch_size: int, workers: int, img_size: int
         finally:
             loader.close()
 
-    loader = make()  # state_dict() on a live loader read to the middle of epoch 0, its decode workers running
-    try:
-        loader.set_epoch(0)
-        epoch_len = len(loader)
-        it = iter(loader)
-        for _ in range(epoch_len // 2):
-            next(it)
-        state_us = [time_state_dict(loader) for _ in range(repeats)]
-        sample_state = loader.state_dict()
-    finally:
-        loader.close()
-
-    resumed_state, resumed_next, resumed_taken, _ = mid_state(0, 1)
-    elastic_state, _, elastic_taken, elastic_total = mid_state(0, 2)
+    resumed_state, resumed_next, resumed_taken, epoch_len, state_us = mid_state(0, 1, timings=repeats)
+    elastic_state, _, elastic_taken, elastic_total, _ = mid_state(0, 2)
     kinds = {"fresh": None, "resumed": resumed_state, "elastic": elastic_state}
     order = list(kinds)
     reps, mismatches = [], []
@@ -278,8 +299,7 @@ def loader_figures(shards: Path, *, batch_size: int, workers: int, img_size: int
                 mismatches.append(rep)
         reps.append(row)
     return {"epoch_batches": epoch_len, "state_dict_calls": calls,
-            "state_dict_pickled_bytes": len(pickle.dumps(sample_state)), "state_dict_sample": sample_state,
-            "state_dict_keys": sorted(sample_state) if isinstance(sample_state, dict) else repr(type(sample_state)),
+            "state_dict_pickled_bytes": len(pickle.dumps(resumed_state)), "state_dict_sample": resumed_state,
             "resumed_from_batch": resumed_taken,
             "elastic_from": {"world_size": 2, "rank": 0, "batches": elastic_taken, "of": elastic_total},
             "resumed_first_batch_matches": not mismatches, "mismatched_reps": mismatches,

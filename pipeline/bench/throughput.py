@@ -203,14 +203,9 @@ def res_schedule(cfg: BenchConfig) -> ResSchedule | None:
 
 def spec_for(cfg: BenchConfig, device: torch.device, shards: ShardSet | None = None) -> dict:
     """`build_loader`'s arguments: train.py's from the shared DataConfig, and the benchmark's own. `shards`: the
-    set, opened once (`open_data`)."""
+    set, opened once (`DataConfig.open_data`)."""
     return dict(**loader_args(cfg, cfg.split, res_schedule(cfg)), batch_size=cfg.batch_size, device=device,
                 seed=cfg.seed, prefetch=cfg.prefetch, dtype=getattr(torch, cfg.dtype), shards=shards)
-
-
-def open_data(cfg: BenchConfig) -> ShardSet | None:
-    """The shard set at --data_path, opened once per run (None without one)."""
-    return open_shard_set(cfg.data_path) if cfg.data_path else None
 
 
 def loader_spec(cfg: BenchConfig, device: torch.device) -> LoaderSpec:
@@ -234,7 +229,7 @@ def run(cfg: BenchConfig) -> dict:
         import importlib
 
         importlib.import_module("torch_npu")  # registers the "npu" device with torch
-    shards = open_data(cfg)
+    shards = cfg.open_data()
     step = model_step(cfg, shards.manifest.num_classes if shards else IMAGENET_CLASSES, device)
     built_at = time.perf_counter()
     loader = build_loader(**spec_for(cfg, device, shards))
@@ -317,8 +312,9 @@ def decode_only(cfg: BenchConfig) -> dict:
     cfg.host.validate()  # a decoder asked for and not built is an error, not a silent fallback
     torch.set_num_threads(1)  # the torchvision path's ToTensor/Normalize would otherwise use every core
     spec = loader_spec(cfg, torch.device("cpu"))
+    shards = open_shard_set(cfg.data_path)  # the manifest read once, for the shard list and restart_markers
     samples, reader = [], ShardReader()
-    for shard in shard_list(cfg.data_path, cfg.split):
+    for shard in shard_list(shards.path, cfg.split, shards.manifest):
         if len(samples) >= 2000:  # enough variety; keeps memory small on a full ImageNet shard set
             break
         samples += reader.read_all(shard)
@@ -327,7 +323,7 @@ def decode_only(cfg: BenchConfig) -> dict:
                           decoder=cfg.host.resolved_decoder)
     out, rng = np.empty((cfg.img_size, cfg.img_size, 3), np.uint8), random.Random(cfg.seed)
     result = {"final": True, "decode_only": True, "split": cfg.split, "img_size": cfg.img_size,
-              "pillow": pillow_flavour(), "decoder": worker.decoder, "restart_markers": restart_markers(open_data(cfg)),
+              "pillow": pillow_flavour(), "decoder": worker.decoder, "restart_markers": restart_markers(shards),
               "samples": len(samples),
               "img_s": round(time_single_core(lambda s: decode(s, worker, rng, out, spec.transform), samples,
                                               cfg.seconds), 1)}

@@ -210,10 +210,10 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict, where: str, classes) -> "Manifest":
-        """`classes(missing_ok)`: (classes.json's class list, or None where it has none and `missing_ok`; where it
-        is). The manifest's `num_classes` must be its length (a vitshards-1 manifest that does not count them takes
-        it); a set without the file has only the manifest's count to go by."""
+    def from_json(cls, obj: dict, where: str, names: list[str] | None, names_where: str) -> "Manifest":
+        """`names`: the set's class list (classes.json, at `names_where`), None where it has none. The manifest's
+        `num_classes` must be its length (a vitshards-1 manifest that does not count them takes it); a set without
+        the file has only the manifest's count to go by."""
         try:
             settings = settings_from(obj, where)
             splits = {name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
@@ -224,7 +224,9 @@ class Manifest:
             raise ShardError(f"{where}: not a manifest written by tools/make_shards.py ({type(e).__name__}: {e})") \
                 from None
         _check_counts(splits, where)
-        names, names_where = classes(count is not None)
+        if count is None and names is None:
+            raise ShardError(f"{names_where}: no class list, which this manifest's class count is taken from; remake "
+                             f"the set")
         # The head's width comes from num_classes and the labels' meaning from classes.json: a set whose two files
         # disagree (one edited, or copied from another set) would train a head of the wrong width, so it is refused.
         if count is not None and names is not None and count != len(names):
@@ -280,19 +282,6 @@ class ShardSet:
 
 def open_shard_set(data_path: str | Path) -> ShardSet:
     """The set at `data_path`, its manifest and class list each read once (ShardError for one that is not a set)."""
-    read: dict = {}
-
-    def classes(missing_ok: bool):
-        if "names" not in read:
-            read["names"] = read_classes(data_path, missing_ok)
-        return read["names"], storage.join(data_path, CLASSES)
-
-    manifest = read_manifest(data_path, classes)
-    return ShardSet(str(data_path), manifest, read.get("names"))
-
-
-def read_manifest(data_path: str | Path, classes=None) -> Manifest:
-    """`classes(missing_ok)`: how the class list is read (Manifest.from_json); default: from the set's file."""
     path = storage.join(data_path, MANIFEST)
     try:
         obj = json.loads(storage.read_bytes(path))
@@ -302,8 +291,13 @@ def read_manifest(data_path: str | Path, classes=None) -> Manifest:
         raise ShardError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: not a manifest written by tools/make_shards.py")
-    return Manifest.from_json(obj, str(path), classes or (lambda missing_ok: (read_classes(data_path, missing_ok),
-                                                                             storage.join(data_path, CLASSES))))
+    names = read_classes(data_path, missing_ok=True)
+    return ShardSet(str(data_path), Manifest.from_json(obj, str(path), names, storage.join(data_path, CLASSES)),
+                    names)
+
+
+def read_manifest(data_path: str | Path) -> Manifest:
+    return open_shard_set(data_path).manifest
 
 
 def read_classes(data_path: str | Path, missing_ok: bool = False) -> list[str] | None:
